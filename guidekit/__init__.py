@@ -1,0 +1,52 @@
+"""guidekit: composable diffusion guidance compiled to one batched forward per step.
+
+    >>> from guidekit import CFG, Autoguidance, APG, compile
+    >>> g = CFG(7) + Autoguidance(1.5) | APG(eta=0)
+"""
+
+from guidekit.branch import Branch
+from guidekit.combinators import (
+    APG,
+    CADS,
+    APGProjection,
+    APGState,
+    CADSAnnealing,
+    CFGRescale,
+    Gated,
+    Piped,
+    Pipeline,
+    Rescale,
+)
+from guidekit.compile import compile
+from guidekit.errors import GuidanceError, GuidanceTypeError, GuidanceValueError, ParseError
+from guidekit.expr import Expr, Scaled, Sum
+from guidekit.plan import CallRecord, ForwardGroup, Plan
+from guidekit.runner import Guided, guide
+from guidekit.spaces import Noise, convert
+from guidekit.split import AutoSplit, FixedSplit
+from guidekit.state import State
+from guidekit.terms import (
+    CFG,
+    TCFG,
+    Autoguidance,
+    AutoguidanceTerm,
+    CFGTerm,
+    CFGZeroStar,
+    CFGZeroStarTerm,
+    Cond,
+    CondTerm,
+    TCFGTerm,
+    Uncond,
+    UncondTerm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APG", "APGProjection", "APGState", "AutoSplit", "Autoguidance", "AutoguidanceTerm",
+    "Branch", "CADS", "CADSAnnealing", "CFG", "CFGRescale", "CFGTerm", "CFGZeroStar",
+    "CFGZeroStarTerm", "CallRecord", "Cond", "CondTerm", "Expr", "FixedSplit", "ForwardGroup",
+    "Gated", "GuidanceError", "GuidanceTypeError", "GuidanceValueError", "Guided", "Noise",
+    "ParseError", "Piped", "Pipeline", "Plan", "Rescale", "Scaled", "State", "Sum", "TCFG",
+    "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide",
+]

@@ -1,0 +1,110 @@
+"""Adaptive projected guidance (APG), https://arxiv.org/abs/2410.02416, Algorithm 1.
+
+In x0 space, with ``c``, ``u`` the conditional and unconditional predictions and scale ``w``:
+
+1. ``D = c - u``
+2. momentum ``beta`` (may be negative): ``m <- D + beta m``; ``D <- m``
+3. norm threshold ``r``: ``D <- D min(1, r / ||D||)`` (norm over all non-batch dims)
+4. ``D_par = (<D, c> / <c, c>) c``, ``D_perp = D - D_par`` (in float64)
+5. ``out = c + (w - 1) (D_perp + eta D_par)``
+
+guidekit reads any prediction ``y`` on the left of ``|`` in CFG form ``y = u + w (X - u)``:
+``w = 1 - alpha_u`` from the coefficient ``alpha_u`` of the unconditional branch and
+``X = (y - alpha_u u) / w``. For ``CFG(w)`` alone ``X = c`` and this is Algorithm 1 exactly;
+for ``CFG(w) + s (c - n)`` it is APG applied to the guided conditional ``X = c + (s / w)(c - n)``
+(EMAG's ``c'``), which is how the EMAG paper combines EMAG and APG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import torch
+
+from guidekit.branch import uncond
+from guidekit.combinators.base import Processor
+from guidekit.errors import GuidanceTypeError
+from guidekit.expr import Expr
+from guidekit.terms.base import Branch, NonlinearPrediction, finite, positive_or_none, to_float
+
+if TYPE_CHECKING:
+    from guidekit.context import StepContext
+
+
+@attrs.frozen
+class APGState:
+    """APG's momentum buffer (x0 space, float64), ``None`` before the first step."""
+
+    momentum: torch.Tensor | None = attrs.field(default=None, eq=False)
+
+
+def _dims(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.ndim))
+
+
+@attrs.frozen(repr=False)
+class APGProjection(Processor):
+    """``APG(eta, norm_threshold, momentum)``: Algorithm 1 of the APG paper, in x0 space.
+
+    Defaults are neutral in the threshold and momentum (``norm_threshold=None``,
+    ``momentum=0``) because ``r`` depends on the data's scale; the paper's DiT-XL/2 setting
+    is ``APG(eta=0, norm_threshold=5, momentum=-0.5)``.
+    """
+
+    eta: float = attrs.field(default=0.0, converter=to_float, validator=finite)
+    norm_threshold: float | None = attrs.field(
+        default=None, converter=to_float, validator=positive_or_none
+    )
+    momentum: float = attrs.field(default=0.0, converter=to_float, validator=finite)
+    space: ClassVar[str] = "x0"
+    _name: ClassVar[str] = "APG"
+    _example: ClassVar[str] = "APG(eta=0)"
+
+    def check(self, left: Expr) -> None:
+        atoms = [e.atom for e in left.entries()]
+        nonlinear = [a for a in atoms if isinstance(a, NonlinearPrediction)]
+        if nonlinear:
+            raise GuidanceTypeError(
+                f"{left!r} | {self!r}: APG reads its left side in CFG form u + w (X - u), which "
+                f"needs a linear left side; {nonlinear[0]!r} is not linear. Use CFG(w) instead"
+            )
+        if uncond() not in atoms:
+            raise GuidanceTypeError(
+                f"{left!r} | {self!r}: APG projects the CFG update c - u, but {left!r} has no "
+                f"unconditional branch, so APG would change nothing. Write CFG(w) + ... | {self!r}"
+            )
+
+    def init_state(self) -> APGState:
+        return APGState()
+
+    def apply(self, y: torch.Tensor, ctx: StepContext, state: Any) -> tuple[torch.Tensor, Any]:
+        alpha_u = ctx.coefs.get(uncond(), 0.0)
+        w = 1.0 - alpha_u
+        if alpha_u == 0.0 or w == 0.0:
+            return y, state  # no CFG update at this noise level: nothing to project
+        dtype = y.dtype
+        u = ctx.value(uncond(), self.space).double()
+        y64 = y.double()
+        cond_like = (y64 - alpha_u * u) / w  # X: c for plain CFG
+        diff = cond_like - u
+        new_state = state
+        if self.momentum != 0.0:
+            m = diff if state.momentum is None else diff + self.momentum * state.momentum
+            new_state = APGState(m.detach())
+            diff = m
+        if self.norm_threshold is not None:
+            norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
+            diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
+        unit = cond_like / cond_like.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
+        parallel = (diff * unit).sum(_dims(diff), keepdim=True) * unit
+        orthogonal = diff - parallel
+        out = cond_like + (w - 1.0) * (orthogonal + self.eta * parallel)
+        return out.to(dtype), new_state
+
+    def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:
+        return ()
+
+
+APG = APGProjection

@@ -1,0 +1,115 @@
+"""``compile(expr) -> Plan``: turn an expression into batched forwards plus a combine program."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+
+from guidekit.branch import COND, MAIN, UNCOND, Branch
+from guidekit.combinators.base import InputModifier, Processor
+from guidekit.combinators.pipe import Piped, Pipeline
+from guidekit.errors import GuidanceTypeError
+from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
+from guidekit.plan import ForwardGroup, Plan
+from guidekit.spaces import as_noise, check_prediction
+from guidekit.split import make_splitter
+
+_COND_RANK = {COND: 0, UNCOND: 1}
+
+
+def compile(
+    expr: Any,
+    *,
+    prediction: str = "eps",
+    noise: Any = "ve",
+    max_rows: int | str | None = None,
+) -> Plan:
+    """Compile a guidance expression for a model that predicts ``prediction``.
+
+    Args:
+        expr: a prediction, optionally piped (``CFG(7) + PAG(3) | APG(eta=0)``).
+        prediction: the model's output space: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
+        noise: the sampler's noise convention, ``"ve"`` (k-diffusion), ``"vp"`` (DDPM) or
+            ``"flow"`` (rectified flow), or a :class:`guidekit.Noise`.
+        max_rows: ``None`` runs each forward group as one call; an int is a row budget (the
+            fewest calls of at most that many rows); ``"auto"`` times the splits and keeps
+            the faster (see :mod:`guidekit.split`).
+
+    Returns:
+        A :class:`~guidekit.plan.Plan`. ``print(plan)`` shows its groups and programs.
+    """
+    if isinstance(expr, type):
+        raise GuidanceTypeError(class_instead_of_instance(expr))
+    if isinstance(expr, (Processor, Pipeline)):
+        raise GuidanceTypeError(
+            f"compile({expr!r}): a post-processor needs a prediction on its left, "
+            f"e.g. CFG(7) | {expr!r}"
+        )
+    if not isinstance(expr, Expr):
+        raise GuidanceTypeError(
+            f"compile() takes a guidance expression such as CFG(7) + PAG(3), got {expr!r}; "
+            f"for text use guidekit.parse(...) first"
+        )
+    left, steps = (expr.expr, expr.steps) if isinstance(expr, Piped) else (expr, ())
+    if left.weight != 1:
+        raise GuidanceTypeError(
+            f"compile({expr!r}): a plan computes a prediction, but {left!r} is a direction. "
+            f"Add it to a prediction, e.g. CFG(7) + {left!r} or Cond() + {left!r}"
+        )
+    prediction = check_prediction(prediction)
+    make_splitter(max_rows)  # validates
+    entries = _merge(left.entries())
+    post = tuple(s for s in steps if not isinstance(s, InputModifier))
+    modifiers = tuple(s for s in steps if isinstance(s, InputModifier))
+    breakpoints = sorted(
+        {b for e in entries for b in (e.lo, e.hi) if math.isfinite(b) and b > 0}
+    )
+    plan = Plan(
+        expr=expr,
+        left=left,
+        post=post,
+        modifiers=modifiers,
+        prediction=prediction,
+        noise=as_noise(noise),
+        max_rows=max_rows,
+        entries=entries,
+        groups=_groups(entries, post),
+        breakpoints=tuple(breakpoints),
+    )
+    # Drop branches no interval ever runs (0 * d, cancelled terms): they need no model.
+    used = {b for _, _, prog in plan.regions() for b in prog.branches}
+    groups = tuple(
+        ForwardGroup(g.model, tuple(b for b in g.branches if b in used)) for g in plan.groups
+    )
+    return attrs.evolve(plan, groups=tuple(g for g in groups if g.branches), programs={})
+
+
+def _merge(entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
+    """Sum the coefficients of equal (atom, interval) entries, keeping first-appearance order."""
+    merged: dict[tuple[Any, float, float], float] = {}
+    for e in entries:
+        key = (e.atom, e.lo, e.hi)
+        merged[key] = merged.get(key, 0.0) + e.coef
+    return tuple(Entry(a, c, lo, hi) for (a, lo, hi), c in merged.items())
+
+
+def _groups(entries: tuple[Entry, ...], post: tuple[Any, ...]) -> tuple[ForwardGroup, ...]:
+    order: dict[Branch, int] = {}
+    for e in entries:
+        for b in atom_branches(e.atom):
+            order.setdefault(b, len(order))
+    for proc in post:
+        for b in proc.branches():
+            order.setdefault(b, len(order))
+    models = [MAIN] if any(b.model == MAIN for b in order) else []
+    models += [m for m in dict.fromkeys(b.model for b in order) if m != MAIN]
+
+    def key(b: Branch) -> tuple[int, int, int]:
+        return (b.perturbation is not None, _COND_RANK.get(b.cond, 2), order[b])
+
+    return tuple(
+        ForwardGroup(m, tuple(sorted((b for b in order if b.model == m), key=key)))
+        for m in models
+    )

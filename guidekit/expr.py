@@ -1,0 +1,381 @@
+"""The guidance expression tree: predictions, directions, sums, scalings, gates and pipes.
+
+Every expression is *affine* in the model's predictions. Its ``weight`` is the sum of its
+branch coefficients: 1 for a **prediction** (``Cond()``, ``CFG(7)``), 0 for a **direction**
+(``PAG(3)`` is ``3 (c - p)``). The operators keep expressions in those two kinds:
+
+* prediction + direction -> prediction, direction + direction -> direction
+* scalar * direction -> direction, prediction - prediction -> direction
+* prediction + prediction and scalar * prediction raise, saying what was probably meant.
+
+Operators are thin: ``__add__`` forwards to :func:`add` and so on. Sums are n-ary and flatten
+their *left* operand only, so the tree mirrors how Python (and :func:`guidekit.parse`) read
+the text and ``parse(str(e)) == e`` holds exactly. ``repr`` prints the parsed structure with
+the fewest parentheses Python's precedence allows (``*`` > ``+``/``-`` > ``|``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+from guidekit.branch import Branch
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+
+if TYPE_CHECKING:
+    from guidekit.combinators.interval import Gated
+    from guidekit.combinators.pipe import Piped
+
+# Printing precedence levels, loosest first.
+PIPE, SUM, PRODUCT, ATOM = 0, 1, 2, 3
+INF = math.inf
+
+
+@attrs.frozen
+class Entry:
+    """One term of an expression's linear form: ``coef * atom`` while ``lo < sigma <= hi``.
+
+    ``atom`` is a :class:`~guidekit.branch.Branch` or a nonlinear prediction term (such as
+    ``CFGZeroStar``) that the plan evaluates from its own branches.
+    """
+
+    atom: Any
+    coef: float
+    lo: float = -INF
+    hi: float = INF
+
+    def active(self, sigma: float) -> bool:
+        return self.lo < sigma <= self.hi
+
+
+def fmt_number(value: float) -> str:
+    """Shortest text that reads back to the same float: ``7`` not ``7.0``, ``inf``, ``0.1``."""
+    value = float(value)
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def is_number(value: Any) -> bool:
+    """A real Python or NumPy number; booleans and tensors are not numbers here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_tensor(value)
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith(("torch", "numpy")) and hasattr(value, "shape")
+
+
+def display_name(cls: type) -> str:
+    return str(getattr(cls, "_name", cls.__name__))
+
+
+class _AlgebraMeta(type):
+    """Metaclass of terms and post-processors: using the class where an instance belongs
+    (``CFG | APG``, ``CFG(7) + PAG``) raises a clear error instead of building a
+    ``types.UnionType`` or failing deep inside an operator."""
+
+    def _misuse(cls, *_: Any) -> Any:
+        raise GuidanceTypeError(class_instead_of_instance(cls))
+
+    __or__ = __ror__ = __add__ = __radd__ = _misuse
+    __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _misuse
+
+
+def class_instead_of_instance(cls: type) -> str:
+    name = display_name(cls)
+    example = getattr(cls, "_example", f"{name}()")
+    return (
+        f"{name} is a term class, not a term: call it to make a value, e.g. {example}"
+    )
+
+
+class Expr(metaclass=_AlgebraMeta):
+    """Base of every guidance expression node.
+
+    Subclasses define ``weight`` (1 prediction, 0 direction), ``entries()`` (the linear form)
+    and ``_fmt()`` (text at their own ``level``).
+    """
+
+    __slots__ = ()
+    level: ClassVar[int] = ATOM
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def weight(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def is_prediction(self) -> bool:
+        return self.weight == 1
+
+    @property
+    def is_direction(self) -> bool:
+        return self.weight == 0
+
+    def entries(self) -> tuple[Entry, ...]:
+        raise NotImplementedError
+
+    def children(self) -> tuple[Expr, ...]:
+        return ()
+
+    def branches(self) -> tuple[Branch, ...]:
+        """Distinct branches this expression reads, in order of first appearance."""
+        seen: dict[Branch, None] = {}
+        for entry in self.entries():
+            for branch in atom_branches(entry.atom):
+                seen.setdefault(branch, None)
+        return tuple(seen)
+
+    # -- text ------------------------------------------------------------------------------
+    def _fmt(self) -> str:
+        raise NotImplementedError
+
+    def fmt_at(self, level: int) -> str:
+        text = self._fmt()
+        return f"({text})" if self.level < level else text
+
+    def __repr__(self) -> str:
+        return self._fmt()
+
+    __str__ = __repr__
+
+    # -- operators: thin, forwarding to named functions ------------------------------------
+    def __add__(self, other: Any) -> Expr:
+        return add(self, other)
+
+    def __radd__(self, other: Any) -> Expr:
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self  # lets sum([...]) work on directions
+        return add(other, self)
+
+    def __sub__(self, other: Any) -> Expr:
+        return sub(self, other)
+
+    def __rsub__(self, other: Any) -> Expr:
+        return sub(other, self)
+
+    def __mul__(self, other: Any) -> Expr:
+        return scale(other, self)
+
+    def __rmul__(self, other: Any) -> Expr:
+        return scale(other, self)
+
+    def __truediv__(self, other: Any) -> Expr:
+        if not is_number(other) or other == 0:
+            raise GuidanceTypeError(
+                f"{self!r} / {other!r}: divide a direction by a nonzero number only"
+            )
+        return scale(1.0 / float(other), self)
+
+    def __neg__(self) -> Expr:
+        return scale(-1.0, self)
+
+    def __pos__(self) -> Expr:
+        return self
+
+    def __or__(self, other: Any) -> Piped:
+        from guidekit.combinators.pipe import pipe
+
+        return pipe(self, other)
+
+    def __ror__(self, other: Any) -> Any:
+        raise GuidanceTypeError(
+            f"{other!r} | {self!r}: the right side of | must be a post-processor such as "
+            f"APG(...) or Rescale(...); {self!r} is a guidance term: combine terms with +"
+        )
+
+    def __bool__(self) -> bool:
+        raise GuidanceTypeError(
+            f"{self!r} has no truth value: compare expressions with == or test `is None`"
+        )
+
+    def between(self, lo: float, hi: float) -> Gated:
+        """Restrict this expression to noise levels ``lo < sigma <= hi``.
+
+        A gated direction contributes zero outside the interval (and its branches are not
+        computed there); a gated prediction falls back to the plain conditional ``Cond()``,
+        which is the guidance-interval paper's "no guidance" (arXiv 2404.07724).
+        """
+        from guidekit.combinators.interval import gate
+
+        return gate(self, lo, hi)
+
+
+def atom_branches(atom: Any) -> tuple[Branch, ...]:
+    if isinstance(atom, Branch):
+        return (atom,)
+    return tuple(atom.atom_branches())
+
+
+# -- the two structural nodes ------------------------------------------------------------
+
+
+@attrs.frozen(repr=False)
+class Sum(Expr):
+    """``terms[0] + terms[1] + ...``; a negative ``Scaled`` term prints as subtraction."""
+
+    terms: tuple[Expr, ...]
+    level: ClassVar[int] = SUM
+
+    @property
+    def weight(self) -> int:
+        return sum(t.weight for t in self.terms)
+
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(e for t in self.terms for e in t.entries())
+
+    def children(self) -> tuple[Expr, ...]:
+        return self.terms
+
+    def _fmt(self) -> str:
+        parts = [self.terms[0].fmt_at(SUM)]
+        for term in self.terms[1:]:
+            if isinstance(term, Scaled) and term.factor < 0:
+                k = -term.factor
+                inner = term.expr.fmt_at(PRODUCT) if k == 1 else (
+                    f"{fmt_number(k)} * {term.expr.fmt_at(ATOM)}"
+                )
+                parts.append(f"- {inner}")
+            else:
+                parts.append(f"+ {term.fmt_at(SUM + 1)}")
+        return " ".join(parts)
+
+
+@attrs.frozen(repr=False)
+class Scaled(Expr):
+    """``factor * expr``; never nested and never with factor 1 (see :func:`scale`)."""
+
+    factor: float
+    expr: Expr
+    level: ClassVar[int] = PRODUCT
+
+    @property
+    def weight(self) -> int:
+        w = self.expr.weight
+        return 0 if w == 0 else round(self.factor * w)
+
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(attrs.evolve(e, coef=self.factor * e.coef) for e in self.expr.entries())
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.expr,)
+
+    def _fmt(self) -> str:
+        if self.factor == -1:
+            return f"-{self.expr.fmt_at(ATOM)}"
+        return f"{fmt_number(self.factor)} * {self.expr.fmt_at(ATOM)}"
+
+
+# -- named operations -----------------------------------------------------------------------
+
+
+def operand(value: Any, op: str, other: Any) -> Expr:
+    """Check one side of an arithmetic operator and say what to write instead."""
+    from guidekit.combinators.base import Processor
+    from guidekit.combinators.pipe import Piped, Pipeline
+
+    if isinstance(value, Piped):
+        raise GuidanceTypeError(
+            f"({value!r}) {op} ...: a pipe applies last. Write the sum first and pipe it, "
+            f"e.g. (a + b) | P; Python already reads a + b | P that way"
+        )
+    if isinstance(value, Expr):
+        return value
+    if isinstance(value, type):
+        raise GuidanceTypeError(class_instead_of_instance(value))
+    if isinstance(value, (Processor, Pipeline)):
+        raise GuidanceTypeError(
+            f"{value!r} is a post-processor: it goes after |, e.g. CFG(7) | {value!r}, "
+            f"not {op}"
+        )
+    if _is_tensor(value):
+        raise GuidanceTypeError(
+            f"cannot use a tensor with {op} in a guidance expression: scales are Python numbers"
+        )
+    if is_number(value):
+        raise GuidanceTypeError(
+            f"cannot {op} the number {value!r} and {other!r}: numbers only scale directions, "
+            f"e.g. 2 * PAG(3)"
+        )
+    raise GuidanceTypeError(
+        f"cannot {op} {value!r} ({type(value).__name__}) and a guidance expression"
+    )
+
+
+def _two_predictions(a: Expr, b: Expr) -> GuidanceTypeError:
+    return GuidanceTypeError(
+        f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a direction. "
+        f"A sum holds one prediction plus directions. Probably meant: {a!r} + ({b!r} - Cond()) "
+        f"to add {b!r}'s guidance direction, or 0.5 * ({a!r} - {b!r}) + {b!r} to average them"
+    )
+
+
+def add(a: Any, b: Any) -> Expr:
+    """``a + b``: at most one of them may be a prediction."""
+    a = operand(a, "add", b)
+    b = operand(b, "add", a)
+    if a.weight + b.weight not in (0, 1):
+        raise _two_predictions(a, b)
+    left = a.terms if isinstance(a, Sum) else (a,)
+    return Sum(left + (b,))
+
+
+def sub(a: Any, b: Any) -> Expr:
+    """``a - b``: prediction - prediction and direction - direction are directions."""
+    a = operand(a, "subtract", b)
+    b = operand(b, "subtract", a)
+    if a.weight - b.weight not in (0, 1):
+        raise GuidanceTypeError(
+            f"{a!r} - {b!r} subtracts a prediction from a direction: the result is neither a "
+            f"prediction nor a direction. Probably meant: {b!r} - ({a!r}) reversed, or "
+            f"a prediction minus a prediction"
+        )
+    left = a.terms if isinstance(a, Sum) else (a,)
+    return Sum(left + (scaled(-1.0, b),))
+
+
+def scale(k: Any, e: Any) -> Expr:
+    """``k * e`` for a finite number ``k`` and a direction ``e``."""
+    if not is_number(k):
+        if isinstance(k, Expr):
+            raise GuidanceTypeError(
+                f"cannot multiply {k!r} by {e!r}: only a number may scale an expression"
+            )
+        operand(k, "multiply", e)  # raises a specific message for classes, tensors, ...
+    e = operand(e, "multiply", k)
+    k = float(k)
+    if not math.isfinite(k):
+        raise GuidanceValueError(f"{fmt_number(k)} * {e!r}: the scale must be finite")
+    if e.weight != 0 and k != 1:
+        raise GuidanceTypeError(
+            f"{fmt_number(k)} * {e!r} scales a prediction, which is not a prediction any more. "
+            f"Probably meant a guidance scale on a direction, e.g. CFG({fmt_number(k)}) or "
+            f"{fmt_number(k)} * ({e!r} - Cond())"
+        )
+    return scaled(k, e)
+
+
+def scaled(k: float, e: Expr) -> Expr:
+    """Build ``k * e`` in normal form (no nesting, no factor 1) without kind checks."""
+    if isinstance(e, Scaled):
+        k, e = k * e.factor, e.expr
+    if k == 1:
+        return e
+    return Scaled(float(k), e)
+
+
+def total(exprs: Iterable[Any]) -> Expr:
+    """Sum of several expressions, left to right."""
+    items = list(exprs)
+    if not items:
+        raise GuidanceValueError("total() of no expressions")
+    result = operand(items[0], "add", None)
+    for item in items[1:]:
+        result = add(result, item)
+    return result

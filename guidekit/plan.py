@@ -1,0 +1,455 @@
+"""A compiled guidance plan: forward groups, row layout, per-step programs and the combine.
+
+Row layout (fixed and documented): forward groups in the order ``main`` first, then other
+models by first appearance in the expression. Within a group, the branches that run at a
+step are laid out unperturbed first -- ``cond``, then ``uncond``, then other conditionings --
+then perturbed ones, each class in order of first appearance; every branch is a block of
+``B`` rows (the sampler's batch), so a group runs ``active_branches x B`` rows.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from guidekit.branch import Branch
+from guidekit.context import StepContext
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.expr import Entry, Expr, atom_branches, fmt_number
+from guidekit.spaces import Noise, check_prediction
+from guidekit.split import FixedSplit, Splitter, calls_for, make_splitter, now, sync
+from guidekit.state import State, new_state
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+@attrs.frozen
+class ForwardGroup:
+    """The branches of one model that run together as one batched call."""
+
+    model: str
+    branches: tuple[Branch, ...]
+
+    @property
+    def labels(self) -> str:
+        return " ".join(b.label for b in self.branches)
+
+
+@attrs.frozen
+class CallRecord:
+    """One model call made by ``Plan.step``: for tests, logs and benchmarks."""
+
+    model: str
+    rows: int
+    branches: tuple[str, ...]
+    sigma: float
+    step: int
+
+
+@attrs.frozen(eq=False)
+class Program:
+    """What runs for noise levels in one interval: active atoms and forward groups."""
+
+    coefs: tuple[tuple[Any, float], ...]
+    groups: tuple[ForwardGroup, ...]
+    formula: str
+
+    @property
+    def coef_map(self) -> dict[Any, float]:
+        return dict(self.coefs)
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        return tuple(b for g in self.groups for b in g.branches)
+
+
+def _term(coef: float, label: str, first: bool) -> str:
+    sign = "-" if coef < 0 else "+"
+    mag = abs(coef)
+    body = label if mag == 1 else f"{fmt_number(mag)}·{label}"
+    if first:
+        return body if sign == "+" else f"-{body}"
+    return f"{sign} {body}"
+
+
+def _atom_label(atom: Any) -> str:
+    return atom.label if isinstance(atom, Branch) else repr(atom)
+
+
+@attrs.define(eq=False)
+class Plan:
+    """The result of :func:`guidekit.compile`. Immutable apart from an internal cache.
+
+    Use it functionally (``state = plan.init(); y, state = plan.step(state, ...)``) or through
+    :func:`guidekit.guide`, which owns the state of one run.
+    """
+
+    expr: Expr
+    left: Expr
+    post: tuple[Any, ...]
+    modifiers: tuple[Any, ...]
+    prediction: str
+    noise: Noise
+    max_rows: Any
+    entries: tuple[Entry, ...]
+    groups: tuple[ForwardGroup, ...]
+    breakpoints: tuple[float, ...]
+    _programs: dict[int, Program] = attrs.field(factory=dict, repr=False)
+
+    # -- structure ------------------------------------------------------------------------------
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """Every distinct branch the plan may run, in layout order."""
+        return tuple(b for g in self.groups for b in g.branches)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(g.model for g in self.groups)
+
+    @property
+    def conditionings(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.cond for b in self.branches))
+
+    @property
+    def components(self) -> tuple[tuple[str, Any], ...]:
+        """Stateful parts (post-processors and modifiers), named ``index:repr``."""
+        parts = self.post + self.modifiers
+        return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
+
+    def region(self, sigma: float) -> int:
+        return bisect.bisect_left(self.breakpoints, sigma)
+
+    def program(self, sigma: float) -> Program:
+        """The program for noise level ``sigma`` (cached per interval between breakpoints)."""
+        key = self.region(sigma)
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._build_program(sigma)
+            self._programs[key] = prog
+        return prog
+
+    def _build_program(self, sigma: float) -> Program:
+        coefs: dict[Any, float] = {}
+        for e in self.entries:
+            if e.active(sigma):
+                coefs[e.atom] = coefs.get(e.atom, 0.0) + e.coef
+        coefs = {a: c for a, c in coefs.items() if c != 0.0}
+        needed: dict[Branch, None] = {}
+        for atom in coefs:
+            needed.update(dict.fromkeys(atom_branches(atom)))
+        for proc in self.post:
+            needed.update(dict.fromkeys(proc.requires(coefs)))
+        groups = []
+        for g in self.groups:
+            active = tuple(b for b in g.branches if b in needed)
+            if active:
+                groups.append(ForwardGroup(g.model, active))
+        parts = [_term(c, _atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
+        formula = "out = " + " ".join(parts)
+        if self.post or self.modifiers:
+            formula += " | " + " | ".join(repr(p) for p in self.post + self.modifiers)
+        return Program(tuple(coefs.items()), tuple(groups), formula)
+
+    def regions(self) -> list[tuple[float, float, Program]]:
+        """``(lo, hi, program)`` for each interval ``lo < sigma <= hi``, noisiest first."""
+        bounds = [0.0, *self.breakpoints, float("inf")]
+        out = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            rep = hi if hi != float("inf") else lo * 2 + 1.0
+            out.append((lo, hi, self.program(rep)))
+        return out[::-1]
+
+    # -- counting -------------------------------------------------------------------------------
+    def rows(self, sigma: float, batch: int = 1) -> int:
+        """Model rows per step at ``sigma`` for a sampler batch of ``batch``."""
+        return sum(len(g.branches) for g in self.program(sigma).groups) * batch
+
+    def nfe(self, sigma: float, batch: int = 1) -> int:
+        """Model calls per step at ``sigma`` under the plan's fixed row budget."""
+        split = make_splitter(None if self.max_rows == "auto" else self.max_rows)
+        return sum(
+            calls_for(r, split.chunk(g.model, r, batch))
+            for g in self.program(sigma).groups
+            for r in [len(g.branches) * batch]
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    def init(self, seed: int = 0, sigmas: Sequence[float] | torch.Tensor | None = None) -> State:
+        """Fresh state for one sampling run. ``sigmas`` (the sampler's schedule) lets the
+        plan tell a sampler's extra in-step calls from new steps (see :mod:`guidekit.state`)."""
+        if isinstance(sigmas, torch.Tensor):
+            sigmas = sigmas.detach().flatten().tolist()
+        return new_state(seed, self.components, sigmas)
+
+    def splitter(self) -> Splitter:
+        """A fresh splitter for the plan's ``max_rows`` policy (one per run)."""
+        return make_splitter(self.max_rows)  # type: ignore[no-any-return]
+
+    def step(
+        self,
+        state: State,
+        x: torch.Tensor,
+        sigma: Any,
+        conds: Mapping[str, Mapping[str, Any]],
+        models: Mapping[str, ModelFn],
+        *,
+        splitter: Splitter | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
+        output: str | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        """One guided prediction at ``(x, sigma)``; returns it and the next state.
+
+        ``models[name](x_rows, sigma_rows, **cond_rows)`` is called once per forward group
+        (more only under a row budget) with ``active_branches x B`` rows: ``x`` repeated,
+        ``sigma`` as a ``[rows]`` tensor and each conditioning's tensors concatenated along
+        the batch axis in layout order.
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim < 1:
+            raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
+        s = self._sigma(sigma, x)
+        kind = state.classify(s)
+        level = state.level_for(kind)
+        inputs = state.inputs(kind)
+        prog = self.program(s)
+        ctx = StepContext(
+            x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
+            noise=self.noise, coefs=prog.coef_map, native={},
+        )
+        if self.modifiers:
+            for mod in self.modifiers:
+                conds = mod.modify(conds, ctx)
+        split = splitter if splitter is not None else self.splitter()
+        ctx.native = self._forward(prog, x, s, conds, models, split, on_call, level)
+        y = self._combine(prog, ctx)
+        results = list(inputs)
+        space = self.prediction
+        for i, proc in enumerate(self.post):
+            target = ctx.space_of(proc.space)
+            y = ctx.convert(y, space, target)
+            space = target
+            y, results[i] = proc.apply(y, ctx, inputs[i])
+        out_space = self.prediction if output is None else check_prediction(output, "output")
+        y = ctx.convert(y, space, out_space)
+        return y, state.after(kind, s, tuple(results))
+
+    def _sigma(self, sigma: Any, x: torch.Tensor) -> float:
+        batch = x.shape[0]
+        if isinstance(sigma, torch.Tensor):
+            if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] not in (1, batch)):
+                raise GuidanceValueError(
+                    f"sigma has shape {list(sigma.shape)}; it must be a number, a 0-d tensor or a "
+                    f"[B] tensor with B = x.shape[0] = {batch}"
+                )
+            values = sigma.detach().flatten().tolist()
+            if not values:
+                raise GuidanceValueError("sigma is an empty tensor")
+            if any(v != values[0] for v in values):
+                raise GuidanceValueError(
+                    f"sigma holds different noise levels {values[:4]}...: guidekit needs one noise "
+                    f"level per call (every sample at the same step); call once per level"
+                )
+            s = float(values[0])
+        elif isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+            s = float(sigma)
+        else:
+            raise GuidanceTypeError(f"sigma must be a number or a tensor, got {sigma!r}")
+        self.noise.check_sigma(s)
+        return s
+
+    def _forward(
+        self,
+        prog: Program,
+        x: torch.Tensor,
+        sigma: float,
+        conds: Mapping[str, Mapping[str, Any]],
+        models: Mapping[str, ModelFn],
+        split: Splitter,
+        on_call: Callable[[CallRecord], None] | None,
+        level: int,
+    ) -> dict[Branch, torch.Tensor]:
+        batch = x.shape[0]
+        native: dict[Branch, torch.Tensor] = {}
+        for group in prog.groups:
+            model = models.get(group.model)
+            if model is None:
+                raise GuidanceValueError(
+                    f"the plan needs a model named {group.model!r} (for "
+                    f"{', '.join(b.label for b in group.branches)}): pass "
+                    f"models={{{group.model!r}: ...}}"
+                )
+            k = len(group.branches)
+            rows = k * batch
+            x_rows = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
+            dtype = x.dtype if x.is_floating_point() else torch.float32
+            sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
+            cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
+            chunk = split.chunk(group.model, rows, batch)
+            start = now() if split.timing else 0.0
+            outs = []
+            for lo in range(0, rows, chunk):
+                hi = min(lo + chunk, rows)
+                sub = cond_rows if (lo, hi) == (0, rows) else slice_conds(cond_rows, lo, hi)
+                xs = x_rows if (lo, hi) == (0, rows) else x_rows[lo:hi]
+                out = model(xs, sig_rows[lo:hi], **sub)
+                _check_output(out, group.model, hi - lo, xs)
+                outs.append(out)
+                if on_call is not None:
+                    labels = tuple(
+                        group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
+                    )
+                    on_call(CallRecord(group.model, hi - lo, labels, sigma, level))
+            full = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if split.timing:
+                sync(full)
+                split.observe(group.model, rows, batch, chunk, now() - start)
+            for i, branch in enumerate(group.branches):
+                native[branch] = full[i * batch : (i + 1) * batch]
+        return native
+
+    def _combine(self, prog: Program, ctx: StepContext) -> torch.Tensor:
+        y: torch.Tensor | None = None
+        for atom, coef in prog.coefs:
+            if isinstance(atom, Branch):
+                v = ctx.native[atom]
+            else:
+                values = {b: ctx.value(b, atom.space) for b in atom.atom_branches()}
+                v = ctx.convert(atom.evaluate(values, ctx), atom.space, "native")
+            if y is None:
+                y = v * coef if coef != 1.0 else v.clone()
+            else:
+                y = y.add(v, alpha=coef)
+        assert y is not None  # a prediction always has a nonzero coefficient
+        return y
+
+    # -- text -----------------------------------------------------------------------------------
+    def _budget(self) -> str:
+        if self.max_rows is None:
+            return "one call per forward group"
+        if self.max_rows == "auto":
+            return "auto (times one call vs one call per branch, keeps the faster)"
+        return f"at most {self.max_rows} rows per call"
+
+    def __str__(self) -> str:
+        lines = [
+            f"Plan for {self.expr!r}",
+            f"  model predicts {self.prediction} (noise {self.noise.kind}); "
+            f"row budget: {self._budget()}",
+            "  forward groups: "
+            + "; ".join(f"{g.model} [{g.labels}]" for g in self.groups),
+        ]
+        for lo, hi, prog in self.regions():
+            where = "all sigma" if not self.breakpoints else (
+                f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
+            )
+            calls = "; ".join(f"{g.model} [{g.labels}] {len(g.branches)}xB rows" for g in prog.groups)
+            lines.append(f"  {where}: {calls}; NFE {len(prog.groups)}; {prog.formula}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Plan {self.expr!r}: {len(self.branches)} branches in {len(self.groups)} group(s)>"
+
+    def explain(self, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
+        """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""
+        if isinstance(sigmas, torch.Tensor):
+            sigmas = sigmas.detach().flatten().tolist()
+        levels = [float(s) for s in sigmas if float(s) > 0]
+        split = FixedSplit(None if self.max_rows in (None, "auto") else self.max_rows)
+        rows_total = calls_total = 0
+        lines = [str(self).splitlines()[0], f"  batch B = {batch}; {self._budget()}"]
+        header = f"  {'steps':<9} {'sigma':<18} {'model calls (rows)':<44} {'NFE':>3}  combine"
+        lines.append(header)
+        i = 0
+        while i < len(levels):
+            prog = self.program(levels[i])
+            j = i
+            while j + 1 < len(levels) and self.program(levels[j + 1]) is prog:
+                j += 1
+            calls = []
+            nfe = 0
+            for g in prog.groups:
+                r = len(g.branches) * batch
+                n = calls_for(r, split.chunk(g.model, r, batch))
+                nfe += n
+                calls.append(f"{g.model}[{g.labels}] {n}x ({len(g.branches)}x{batch}={r})")
+                rows_total += r * (j - i + 1)
+            calls_total += nfe * (j - i + 1)
+            steps = f"{i}" if i == j else f"{i}-{j}"
+            sig = fmt_number(round(levels[i], 4)) if i == j else (
+                f"{round(levels[i], 4):g} .. {round(levels[j], 4):g}"
+            )
+            lines.append(f"  {steps:<9} {sig:<18} {'; '.join(calls):<44} {nfe:>3}  {prog.formula}")
+            i = j + 1
+        lines.append(
+            f"  total: {len(levels)} steps, {calls_total} model calls, {rows_total} rows"
+            + (" (auto split may use more calls)" if self.max_rows == "auto" else "")
+        )
+        return "\n".join(lines)
+
+
+def concat_conds(
+    names: Sequence[str], conds: Mapping[str, Mapping[str, Any]], batch: int
+) -> dict[str, Any]:
+    """Concatenate each named conditioning's tensors along the batch axis, in order."""
+    dicts = []
+    for n in names:
+        if n not in conds:
+            raise GuidanceValueError(
+                f"the plan needs the conditioning {n!r} but got only "
+                f"{', '.join(map(repr, conds)) or 'none'}: pass {n}=... (a dict of tensors)"
+            )
+        dicts.append(conds[n])
+    first_name, first = names[0], dicts[0]
+    for n, d in zip(names[1:], dicts[1:]):
+        if d.keys() != first.keys():
+            raise GuidanceValueError(
+                f"conditionings {first_name!r} and {n!r} have different keys "
+                f"({sorted(first)} vs {sorted(d)}): they must match so their rows share a batch"
+            )
+    out: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            for n, d in zip(names, dicts):
+                v = d[key]
+                if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != batch:
+                    got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                    raise GuidanceValueError(
+                        f"conditioning {n!r} key {key!r} has shape {got}: its first axis must "
+                        f"be the batch, B = x.shape[0] = {batch}"
+                    )
+                if v.shape[1:] != value.shape[1:]:
+                    raise GuidanceValueError(
+                        f"conditionings {first_name!r} and {n!r} differ at key {key!r}: shape "
+                        f"{list(value.shape)} vs {list(v.shape)}; pad or mask them to the same "
+                        f"shape so their rows share one batch"
+                    )
+            out[key] = value if len(dicts) == 1 else torch.cat([d[key] for d in dicts])
+        else:
+            for n, d in zip(names[1:], dicts[1:]):
+                if d[key] is not value and d[key] != value:
+                    raise GuidanceValueError(
+                        f"conditionings {first_name!r} and {n!r} differ at non-tensor key "
+                        f"{key!r}; only tensors may differ between rows"
+                    )
+            out[key] = value
+    return out
+
+
+def slice_conds(cond_rows: Mapping[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    return {k: v[lo:hi] if isinstance(v, torch.Tensor) else v for k, v in cond_rows.items()}
+
+
+def _check_output(out: Any, model: str, rows: int, x_rows: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise GuidanceTypeError(
+            f"model {model!r} returned {type(out).__name__}; the custom-sampler API needs a "
+            f"tensor (wrap the model, e.g. lambda *a, **k: model(*a, **k).sample)"
+        )
+    if out.shape != x_rows.shape:
+        raise GuidanceValueError(
+            f"model {model!r} returned shape {list(out.shape)} for {rows} rows; expected "
+            f"{list(x_rows.shape)} (the shape of its input x)"
+        )

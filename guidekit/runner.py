@@ -1,0 +1,101 @@
+"""The custom-sampler API: a guided model callable ``(x, sigma) -> prediction`` for one run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from guidekit.branch import COND, MAIN, UNCOND
+from guidekit.errors import GuidanceValueError
+from guidekit.plan import CallRecord, ModelFn, Plan
+from guidekit.state import State
+
+
+class Guided:
+    """Owns one run's state around a :class:`Plan`: call it like a denoiser.
+
+    ``guided(x, sigma)`` runs every forward group of the active branches (one model call
+    each, unless a row budget splits it), combines the rows and returns the guided
+    prediction in ``output`` space (default: the model's own). ``calls`` records every model
+    call; ``reset()`` starts a new run with fresh state.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: ModelFn,
+        *,
+        cond: Mapping[str, Any],
+        uncond: Mapping[str, Any] | None = None,
+        conds: Mapping[str, Mapping[str, Any]] | None = None,
+        models: Mapping[str, ModelFn] | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        seed: int = 0,
+        output: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
+        named: dict[str, Mapping[str, Any]] = {COND: cond}
+        if uncond is not None:
+            named[UNCOND] = uncond
+        named.update(conds or {})
+        self.conds = named
+        self.output = output
+        missing = [m for m in plan.models if m not in self.models]
+        if missing:
+            users = [b.label for b in plan.branches if b.model in missing]
+            raise GuidanceValueError(
+                f"{plan.expr!r} needs model(s) {', '.join(map(repr, missing))} (for "
+                f"{', '.join(users)}): pass models={{{missing[0]!r}: weak_model}}"
+            )
+        absent = [c for c in plan.conditionings if c not in named]
+        if absent:
+            raise GuidanceValueError(
+                f"{plan.expr!r} needs the conditioning(s) {', '.join(map(repr, absent))}: "
+                f"pass {absent[0]}={{...}} (a dict of tensors, batch first)"
+            )
+        self._sigmas = sigmas
+        self._seed = seed
+        self.calls: list[CallRecord] = []
+        self.reset()
+
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        """Start a new run: fresh state (and a fresh auto-split timing table)."""
+        if seed is not None:
+            self._seed = seed
+        if sigmas is not ...:
+            self._sigmas = sigmas
+        self.state: State = self.plan.init(self._seed, self._sigmas)
+        self.splitter = self.plan.splitter()
+        self.calls = []
+
+    def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        y, self.state = self.plan.step(
+            self.state, x, sigma, self.conds, self.models,
+            splitter=self.splitter, on_call=self.calls.append, output=self.output,
+        )
+        return y
+
+    @property
+    def steps(self) -> int:
+        """Sampler steps seen in this run."""
+        return self.state.steps
+
+
+def guide(
+    plan: Plan,
+    model: ModelFn | Callable[..., torch.Tensor],
+    *,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Guided:
+    """Wrap ``model(x, sigma, **cond) -> prediction`` for a hand-written sampler loop.
+
+    ``cond`` and ``uncond`` are dicts of tensors (batch first) passed to the model as keyword
+    arguments; ``models`` names extra models (``{"weak": ...}`` for Autoguidance); ``sigmas``
+    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS.
+    """
+    return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)

@@ -1,0 +1,13 @@
+"""Guidance terms: the leaves of an expression."""
+
+from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
+from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
+from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
+from guidekit.terms.tcfg import TCFG, TCFGTerm
+from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
+
+__all__ = [
+    "CFG", "CFGTerm", "CFGZeroStar", "CFGZeroStarTerm", "Cond", "CondTerm", "DirectionTerm",
+    "LinearTerm", "NonlinearPrediction", "TCFG", "TCFGTerm", "Term", "Uncond", "UncondTerm",
+    "Autoguidance", "AutoguidanceTerm",
+]
