@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import attrs
@@ -48,6 +49,19 @@ class CallRecord:
     branches: tuple[str, ...]
     sigma: float
     step: int
+
+
+@attrs.frozen
+class RowLayout:
+    """Which rows of one model call belong to which branch: ``(branch, start, stop)`` blocks.
+
+    Passed to ``around_call`` so that code running inside the forward (an attention
+    engine, for example) can treat each branch's rows differently.
+    """
+
+    model: str
+    rows: int
+    blocks: tuple[tuple[Branch, int, int], ...]
 
 
 @attrs.frozen(eq=False)
@@ -200,13 +214,15 @@ class Plan:
         splitter: Splitter | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
         output: str | None = None,
+        around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """One guided prediction at ``(x, sigma)``; returns it and the next state.
 
         ``models[name](x_rows, sigma_rows, **cond_rows)`` is called once per forward group
         (more only under a row budget) with ``active_branches x B`` rows: ``x`` repeated,
         ``sigma`` as a ``[rows]`` tensor and each conditioning's tensors concatenated along
-        the batch axis in layout order.
+        the batch axis in layout order. ``around_call(layout)``, if given, is a context
+        manager entered around each model call with that call's :class:`RowLayout`.
         """
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
@@ -223,7 +239,9 @@ class Plan:
             for mod in self.modifiers:
                 conds = mod.modify(conds, ctx)
         split = splitter if splitter is not None else self.splitter()
-        ctx.native = self._forward(prog, x, s, conds, models, split, on_call, level)
+        ctx.native = self._forward(
+            prog, x, s, conds, models, split, on_call, level, around_call
+        )
         y = self._combine(prog, ctx)
         results = list(inputs)
         space = self.prediction
@@ -270,6 +288,7 @@ class Plan:
         split: Splitter,
         on_call: Callable[[CallRecord], None] | None,
         level: int,
+        around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
     ) -> dict[Branch, torch.Tensor]:
         batch = x.shape[0]
         native: dict[Branch, torch.Tensor] = {}
@@ -294,7 +313,11 @@ class Plan:
                 hi = min(lo + chunk, rows)
                 sub = cond_rows if (lo, hi) == (0, rows) else slice_conds(cond_rows, lo, hi)
                 xs = x_rows if (lo, hi) == (0, rows) else x_rows[lo:hi]
-                out = model(xs, sig_rows[lo:hi], **sub)
+                if around_call is None:
+                    out = model(xs, sig_rows[lo:hi], **sub)
+                else:
+                    with around_call(_layout(group, batch, lo, hi)):
+                        out = model(xs, sig_rows[lo:hi], **sub)
                 _check_output(out, group.model, hi - lo, xs)
                 outs.append(out)
                 if on_call is not None:
@@ -388,6 +411,15 @@ class Plan:
             + (" (auto split may use more calls)" if self.max_rows == "auto" else "")
         )
         return "\n".join(lines)
+
+
+def _layout(group: ForwardGroup, batch: int, lo: int, hi: int) -> RowLayout:
+    blocks = []
+    for i, branch in enumerate(group.branches):
+        start, stop = max(i * batch, lo), min((i + 1) * batch, hi)
+        if start < stop:
+            blocks.append((branch, start - lo, stop - lo))
+    return RowLayout(group.model, hi - lo, tuple(blocks))
 
 
 def concat_conds(

@@ -34,6 +34,7 @@ class Guided:
         sigmas: Sequence[float] | torch.Tensor | None = None,
         seed: int = 0,
         output: str | None = None,
+        around_call: Any = None,
     ) -> None:
         self.plan = plan
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
@@ -43,6 +44,7 @@ class Guided:
         named.update(conds or {})
         self.conds = named
         self.output = output
+        self.around_call = around_call
         missing = [m for m in plan.models if m not in self.models]
         if missing:
             users = [b.label for b in plan.branches if b.model in missing]
@@ -75,6 +77,7 @@ class Guided:
         y, self.state = self.plan.step(
             self.state, x, sigma, self.conds, self.models,
             splitter=self.splitter, on_call=self.calls.append, output=self.output,
+            around_call=self.around_call,
         )
         return y
 

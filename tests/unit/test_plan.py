@@ -138,3 +138,22 @@ def test_plan_needs_prediction_and_valid_space():
         gk.compile(Autoguidance(1))
     with pytest.raises(gk.GuidanceValueError, match="unknown prediction space 'noise'"):
         gk.compile(CFG(3), prediction="noise")
+
+
+def test_around_call_sees_each_calls_row_layout():
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def around(layout):
+        seen.append((layout.model, layout.rows, [(b.label, s, e) for b, s, e in layout.blocks]))
+        yield
+
+    plan = gk.compile(CFG(3) + Autoguidance(1), max_rows=4)
+    run(plan, around_call=around)
+    assert seen == [
+        ("main", 4, [("c", 0, 3), ("u", 3, 4)]),
+        ("main", 2, [("u", 0, 2)]),
+        ("weak", 3, [("c@weak", 0, 3)]),
+    ]
