@@ -20,6 +20,7 @@ from guidekit.combinators import (
 from guidekit.compile import compile
 from guidekit.errors import GuidanceError, GuidanceTypeError, GuidanceValueError, ParseError
 from guidekit.expr import Expr, Scaled, Sum
+from guidekit.parse import parse
 from guidekit.plan import CallRecord, ForwardGroup, Plan
 from guidekit.runner import Guided, guide
 from guidekit.spaces import Noise, convert
@@ -48,5 +49,5 @@ __all__ = [
     "CFGZeroStarTerm", "CallRecord", "Cond", "CondTerm", "Expr", "FixedSplit", "ForwardGroup",
     "Gated", "GuidanceError", "GuidanceTypeError", "GuidanceValueError", "Guided", "Noise",
     "ParseError", "Piped", "Pipeline", "Plan", "Rescale", "Scaled", "State", "Sum", "TCFG",
-    "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide",
+    "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide", "parse",
 ]

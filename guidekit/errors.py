@@ -21,5 +21,8 @@ class ParseError(GuidanceValueError):
     def __init__(self, message: str, text: str, position: int) -> None:
         self.text = text
         self.position = position
-        pointer = " " * position + "^"
-        super().__init__(f"{message} at position {position}:\n  {text}\n  {pointer}")
+        start = text.rfind("\n", 0, position) + 1
+        end = text.find("\n", position)
+        line = text[start:] if end < 0 else text[start:end]
+        pointer = " " * (position - start) + "^"
+        super().__init__(f"{message} at position {position}:\n  {line}\n  {pointer}")

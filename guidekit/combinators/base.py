@@ -76,13 +76,14 @@ class Processor(metaclass=_AlgebraMeta):
 
         return pipe(other, self)
 
-    def _no_arithmetic(self, other: Any) -> Any:
+    def _no_arithmetic(self, *_: Any) -> Any:
         raise GuidanceTypeError(
             f"{self!r} is a post-processor: it applies to a whole prediction with |, e.g. "
             f"CFG(7) | {self!r}; it cannot be added or scaled"
         )
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_arithmetic
+    __truediv__ = __neg__ = __pos__ = _no_arithmetic
 
     def __bool__(self) -> bool:
         raise GuidanceTypeError(f"{self!r} has no truth value")

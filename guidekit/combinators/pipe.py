@@ -40,6 +40,15 @@ class Pipeline:
     def __bool__(self) -> bool:
         raise GuidanceTypeError(f"{self!r} has no truth value")
 
+    def _no_arithmetic(self, *_: Any) -> Any:
+        raise GuidanceTypeError(
+            f"{self!r} is a pipeline of post-processors: it applies to a whole prediction "
+            f"with |, e.g. CFG(7) | {self!r}; it cannot be added or scaled"
+        )
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _no_arithmetic
+    __truediv__ = __neg__ = __pos__ = _no_arithmetic
+
 
 @attrs.frozen(repr=False)
 class Piped(Expr):
