@@ -296,12 +296,13 @@ def operand(value: Any, op: str, other: Any) -> Expr:
         )
     if _is_tensor(value):
         raise GuidanceTypeError(
-            f"cannot use a tensor with {op} in a guidance expression: scales are Python numbers"
+            f"cannot {op} a tensor and {other!r}: scales in a guidance expression are Python "
+            f"numbers; use float(t) for a one-element tensor"
         )
     if is_number(value):
         raise GuidanceTypeError(
             f"cannot {op} the number {value!r} and {other!r}: numbers only scale directions, "
-            f"e.g. 2 * PAG(3)"
+            f"e.g. 2 * Autoguidance(1)"
         )
     raise GuidanceTypeError(
         f"cannot {op} {value!r} ({type(value).__name__}) and a guidance expression"

@@ -369,7 +369,10 @@ class Plan:
                 f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
             )
             calls = "; ".join(f"{g.model} [{g.labels}] {len(g.branches)}xB rows" for g in prog.groups)
-            lines.append(f"  {where}: {calls}; NFE {len(prog.groups)}; {prog.formula}")
+            nfe = f"NFE {len(prog.groups)}" + (
+                " before the row budget" if self.max_rows is not None else ""
+            )
+            lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

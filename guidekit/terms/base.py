@@ -68,7 +68,9 @@ def number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
             + ("; use float(t) for a tensor" if hasattr(value, "shape") else "")
         )
     if math.isnan(value):
-        raise GuidanceValueError(f"{_where(instance, attribute)}: {attribute.name} is NaN")
+        raise GuidanceValueError(
+            f"{_where(instance, attribute)}: {attribute.name} is NaN; it must be a finite number"
+        )
 
 
 def finite(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
