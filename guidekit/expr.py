@@ -310,6 +310,14 @@ def operand(value: Any, op: str, other: Any) -> Expr:
 
 
 def _two_predictions(a: Expr, b: Expr) -> GuidanceTypeError:
+    from guidekit.terms.base import LinearTerm
+
+    if isinstance(b, LinearTerm) and len(b.coefficients()) == 1:
+        return GuidanceTypeError(
+            f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a "
+            f"direction. {b!r} is a plain model prediction. Probably meant a direction instead, "
+            f"e.g. {a!r} + Autoguidance(1) or {a!r} + 0.5 * (Cond() - Uncond())"
+        )
     return GuidanceTypeError(
         f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a direction. "
         f"A sum holds one prediction plus directions. Probably meant: {a!r} + ({b!r} - Cond()) "

@@ -78,7 +78,9 @@ class Noise:
         return 1.0 - sigma, sigma
 
     def check_sigma(self, sigma: float) -> None:
-        if sigma < 0 or math.isnan(sigma):
+        if math.isnan(sigma):
+            raise GuidanceValueError("noise level sigma is NaN; it must be a number >= 0")
+        if sigma < 0:
             raise GuidanceValueError(f"noise level sigma={sigma} must be >= 0")
         if self.kind == "flow" and sigma > 1 + 1e-6:
             raise GuidanceValueError(

@@ -12,8 +12,8 @@ guidekit advances state once per **noise level of the schedule**:
   its corrector used) recomputes from the previous step's state and replaces the commit:
   the last evaluation at a level wins;
 * when the schedule ``sigmas`` is given to ``plan.init``, a call at a level that is not in
-  it (the midpoints of DPM-2, DPM++ 2S, DPM++ SDE, or Euler's churned sigma) reads the current
-  step's state and commits nothing.
+  it (the midpoints of DPM-2, DPM++ 2S, DPM++ SDE, or Euler's churned sigma) reads the state
+  as committed by the current step (after it, not before) and commits nothing.
 
 Without a schedule every new noise level is a step. A level above the current one means a
 new run was started on old state, which raises: call ``plan.init`` (or ``Guided.reset``).

@@ -109,14 +109,20 @@ class CADSAnnealing(InputModifier):
         out: dict[str, dict[str, Any]] = {}
         for cname, mapping in conds.items():
             mapping = dict(mapping)
-            if gamma < 1.0 and (self.conds is None or cname in self.conds):
-                self._modify_one(cname, mapping, gamma, ctx)
+            if self.conds is None or cname in self.conds:
+                # keys are checked at every step, so a wrong key fails at the first call,
+                # not at the first step where the noise starts
+                keys = self._keys(cname, mapping)
+                if gamma < 1.0:
+                    for key in keys:
+                        value = mapping[key]
+                        mapping[key] = self.anneal(
+                            value, gamma, self.noise_for(ctx, cname, key, value)
+                        )
             out[cname] = mapping
         return out
 
-    def _modify_one(
-        self, cname: str, mapping: dict[str, Any], gamma: float, ctx: StepContext
-    ) -> None:
+    def _keys(self, cname: str, mapping: dict[str, Any]) -> tuple[str, ...]:
         keys = self.keys
         if keys is None:
             keys = tuple(
@@ -137,7 +143,7 @@ class CADSAnnealing(InputModifier):
                     f"{'missing' if value is None else type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}; "
                     f"CADS needs a floating-point embedding tensor there"
                 )
-            mapping[key] = self.anneal(value, gamma, self.noise_for(ctx, cname, key, value))
+        return keys
 
 
 CADS = CADSAnnealing

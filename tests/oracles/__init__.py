@@ -1,0 +1,1 @@
+"""Oracle tests: guidekit through its plan vs. independent numpy float64 implementations."""
