@@ -28,6 +28,7 @@ from guidekit.split import AutoSplit, FixedSplit
 from guidekit.state import State
 from guidekit.terms import (
     CFG,
+    PAG,
     TCFG,
     Autoguidance,
     AutoguidanceTerm,
@@ -36,6 +37,7 @@ from guidekit.terms import (
     CFGZeroStarTerm,
     Cond,
     CondTerm,
+    PAGTerm,
     TCFGTerm,
     Uncond,
     UncondTerm,
@@ -50,4 +52,5 @@ __all__ = [
     "Gated", "GuidanceError", "GuidanceTypeError", "GuidanceValueError", "Guided", "Noise",
     "ParseError", "Piped", "Pipeline", "Plan", "Rescale", "Scaled", "State", "Sum", "TCFG",
     "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide", "parse",
+    "PAG", "PAGTerm",
 ]

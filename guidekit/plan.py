@@ -231,6 +231,14 @@ class Plan:
         level = state.level_for(kind)
         inputs = state.inputs(kind)
         prog = self.program(s)
+        if around_call is None and any(b.perturbation is not None for b in prog.branches):
+            perturbed = ", ".join(b.label for b in prog.branches if b.perturbation is not None)
+            raise GuidanceValueError(
+                f"{self.expr!r} needs branches perturbed inside the forward ({perturbed}), but "
+                f"no around_call was given, so they would equal the unperturbed ones: use "
+                f"`with guidekit.attention.install(model, plan) as around_call:` and pass "
+                f"around_call=around_call to guide() or plan.step()"
+            )
         ctx = StepContext(
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={},

@@ -3,6 +3,7 @@
 from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
+from guidekit.terms.pag import PAG, PAGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
 
@@ -10,4 +11,5 @@ __all__ = [
     "CFG", "CFGTerm", "CFGZeroStar", "CFGZeroStarTerm", "Cond", "CondTerm", "DirectionTerm",
     "LinearTerm", "NonlinearPrediction", "TCFG", "TCFGTerm", "Term", "Uncond", "UncondTerm",
     "Autoguidance", "AutoguidanceTerm",
+    "PAG", "PAGTerm",
 ]

@@ -1,0 +1,17 @@
+"""Attention-space guidance: perturbed branches computed inside the same batched forward.
+
+``install(model, plan)`` hooks the attention layers that a plan's perturbed branches target
+and yields the ``around_call`` to pass to :func:`guidekit.guide` (see
+:mod:`guidekit.attention.engine`); layers are addressed as in
+:mod:`guidekit.attention.layers`; the perturbations themselves are in
+:mod:`guidekit.attention.ops`.
+"""
+
+from guidekit.attention.engine import AttentionEngine, Route, install, perturbed_self_attention
+from guidekit.attention.layers import LayerTable, layer_table, resolve_layers
+from guidekit.attention.ops import AttentionPerturbation, IdentityAttention, identity_attention
+
+__all__ = [
+    "AttentionEngine", "AttentionPerturbation", "IdentityAttention", "LayerTable", "Route",
+    "identity_attention", "install", "layer_table", "perturbed_self_attention", "resolve_layers",
+]

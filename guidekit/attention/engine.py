@@ -1,0 +1,612 @@
+"""The per-row attention engine: perturbed branches ride in the same batched forward.
+
+``install(model, plan)`` is a context manager. On enter it hooks every attention layer that a
+perturbed branch of ``plan`` targets and yields ``around_call``, the function to pass to
+:func:`guidekit.guide` (or ``Plan.step``); on exit -- normal, exception or
+``KeyboardInterrupt`` -- it puts back the exact objects it replaced::
+
+    plan = guidekit.compile(CFG(3) + PAG(2, layers=-1))
+    with guidekit.attention.install(transformer, plan) as around_call:
+        guided = guidekit.guide(plan, model_fn, cond=..., uncond=..., around_call=around_call)
+        ...  # sample
+
+While one model call runs, ``around_call`` holds its :class:`~guidekit.plan.RowLayout`. A
+hooked layer then sends the rows of the branches whose perturbation targets it through the
+perturbed attention, and ALL other rows (cond, uncond, branches perturbed elsewhere) through
+the layer's own attention, unchanged and in one call, then puts the rows back in order.
+Outside a guided call (no layout) a hooked layer behaves exactly as before.
+
+How a layer is hooked (chosen per module, documented protocol):
+
+* **diffusers ``Attention`` modules** (``attn1`` of DiT, PixArt, UNet): the module's processor
+  is replaced, through ``get_processor()`` / ``set_processor()``, by a row-aware processor
+  holding the original. Unperturbed rows go through the ORIGINAL processor object -- the
+  fused ``AttnProcessor2_0`` or any custom processor the user installed -- with the same
+  arguments (the wrapper advertises the original's call signature, so diffusers forwards
+  the same ``cross_attention_kwargs``). Perturbed rows are computed by guidekit following
+  ``AttnProcessor2_0``'s structure with the module's own layers: spatial norm, group norm,
+  ``to_q``/``to_k``/``to_v``, q/k norms, the perturbed attention, ``to_out``, the residual
+  connection and ``rescale_output_factor``. A custom processor's own changes to attention
+  therefore do not reach perturbed rows (their linear layers, LoRA included, do). If the
+  original processor is an ``nn.Module`` the wrapper is one too and takes its slot, so module
+  order and ``state_dict`` keys are unchanged after exit (during the run the original's
+  parameters appear under ``processor.original``). Do not change processors while installed:
+  exit restores the ones found on entry.
+* **plain PyTorch modules** (named by path, or listed by ``attention_class``): the module's
+  ``forward`` is wrapped (an instance attribute, deleted again on exit). While it runs,
+  every call of ``torch.nn.functional.scaled_dot_product_attention`` it makes -- directly or
+  in its children, however the function was imported -- is intercepted by a
+  ``TorchFunctionMode``. The protocol: ``query``, ``key`` and ``value`` have the model call's
+  rows as their FIRST axis (``[rows, heads, tokens, dim]`` or ``[rows, tokens, dim]``), as
+  they do when a module splits heads without folding them into the batch. A hooked module
+  whose forward makes no such call while perturbed rows are present raises instead of
+  silently leaving the branch unperturbed.
+
+Layers are resolved when the engine is built (before anything is hooked): unknown or
+out-of-range layers, cross-attention layers, joint text-image attention and overlapping
+layers raise :class:`~guidekit.errors.GuidanceValueError` and leave the model untouched. One
+engine serves one sampling run at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from guidekit.attention.layers import (
+    LayerTable,
+    check_disjoint,
+    diffusers_attention_class,
+    is_cross_attention,
+    is_joint_attention,
+    layer_table,
+    resolve_layers,
+)
+from guidekit.attention.ops import AttentionPerturbation, perturbations_in
+from guidekit.branch import MAIN
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.plan import Plan, RowLayout
+
+#: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
+ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+Segment = tuple[int, int, AttentionPerturbation | None]
+
+
+@attrs.frozen
+class Route:
+    """How one hooked layer treats the rows of one model call.
+
+    ``segments`` cover ``0..rows`` in order; a segment with a perturbation is computed by it,
+    the others (``None``) go through the layer's own attention together.
+    """
+
+    rows: int
+    segments: tuple[Segment, ...]
+    #: the unperturbed row ranges, in order (derived from ``segments``)
+    plain: tuple[tuple[int, int], ...] = attrs.field(init=False)
+
+    @plain.default
+    def _plain(self) -> tuple[tuple[int, int], ...]:
+        return tuple((a, b) for a, b, op in self.segments if op is None)
+
+
+def take(t: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Rows ``ranges`` of ``t`` along axis 0 (a view when it is one range)."""
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return t if (a, b) == (0, t.shape[0]) else t[a:b]
+    return torch.cat([t[a:b] for a, b in ranges])
+
+
+def assemble(
+    route: Route,
+    plain: Callable[[tuple[tuple[int, int], ...]], torch.Tensor],
+    perturbed: Callable[[AttentionPerturbation, int, int], torch.Tensor],
+) -> torch.Tensor:
+    """Run the plain rows in one call and each perturbed segment on its own; rows in order."""
+    ranges = route.plain
+    plain_out = plain(ranges) if ranges else None
+    pieces = []
+    offset = 0
+    for a, b, op in route.segments:
+        if op is None:
+            assert plain_out is not None
+            pieces.append(plain_out[offset : offset + b - a])
+            offset += b - a
+        else:
+            pieces.append(perturbed(op, a, b))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _rows_of(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
+
+
+def _row_slice(value: Any, rows: int, a: int, b: int) -> Any:
+    """``value[a:b]`` for a tensor of the call's rows; anything else unchanged."""
+    return value[a:b] if _rows_of(value, rows) else value
+
+
+def _slice_kwargs(kwargs: dict[str, Any], rows: int, ranges: tuple[tuple[int, int], ...],
+                  names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        k: take(v, ranges) if k in names and _rows_of(v, rows) else v for k, v in kwargs.items()
+    }
+
+
+# -- diffusers Attention: perturbed rows computed with the module's own layers ----------------
+
+
+def perturbed_self_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    op: AttentionPerturbation,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-attention of a diffusers ``Attention`` module with ``op`` as the attention core.
+
+    Follows the module's own structure (as ``AttnProcessor2_0`` applies it): spatial norm,
+    4-D input flattened to tokens, group norm, projections, q/k norms, then ``op``, the
+    output projection and dropout, the residual connection and ``rescale_output_factor``.
+    """
+    residual = hidden_states
+    h = hidden_states
+    if attn.spatial_norm is not None:
+        h = attn.spatial_norm(h, temb)
+    image_shape = None
+    if h.ndim == 4:
+        image_shape = h.shape
+        b, ch, height, width = h.shape
+        h = h.view(b, ch, height * width).transpose(1, 2)
+    b, n, _ = h.shape
+    if attn.group_norm is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    heads = attn.heads
+    value = attn.to_v(h)
+    head_dim = value.shape[-1] // heads
+    value = value.view(b, -1, heads, head_dim).transpose(1, 2)
+    query = key = mask = None
+    if op.needs_qk:
+        query = attn.to_q(h).view(b, -1, heads, head_dim).transpose(1, 2)
+        key = attn.to_k(h).view(b, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, n, b)
+            mask = mask.view(b, heads, -1, mask.shape[-1])
+    out = op.attend(query, key, value, mask=mask)
+    out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(value.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if image_shape is not None:
+        out = out.transpose(-1, -2).reshape(image_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def _signature_of(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class _RowAware:
+    """Shared body of the row-aware processor (plain object or ``nn.Module``)."""
+
+    engine: AttentionEngine
+    path: str
+
+    def _setup(self, engine: AttentionEngine, path: str, original: Any) -> None:
+        self.engine = engine
+        self.path = path
+        self.original = original
+        # diffusers reads inspect.signature(processor.__call__) to decide which
+        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive.
+        sig = _signature_of(original.__call__)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return type(self).__call__(self, *args, **kwargs)
+
+        if sig is not None:
+            call.__signature__ = sig  # type: ignore[attr-defined]
+        self.__dict__["__call__"] = call
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        route = self.engine.route(self.path)
+        if route is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        rows = route.rows
+        if hidden_states.shape[0] != rows:
+            raise GuidanceValueError(
+                f"layer {self.path!r} received {hidden_states.shape[0]} rows in a model call of "
+                f"{rows}: the model changes the batch before this layer, so guidekit cannot "
+                f"tell which rows are perturbed"
+            )
+        ehs = kwargs.get("encoder_hidden_states")
+        if ehs is not None:
+            raise GuidanceValueError(
+                f"layer {self.path!r} was called with encoder_hidden_states (cross-attention); "
+                f"the perturbations here are defined for self-attention only"
+            )
+
+        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+            hs = take(hidden_states, ranges)
+            kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
+            out = self.original(attn, hs, *args, **kw)
+            if not isinstance(out, torch.Tensor):
+                raise GuidanceTypeError(
+                    f"the processor of {self.path!r} returned {type(out).__name__}; the engine "
+                    f"handles attention that returns one tensor"
+                )
+            return out
+
+        def perturbed(op: AttentionPerturbation, a: int, b: int) -> torch.Tensor:
+            return perturbed_self_attention(
+                attn, hidden_states[a:b], op,
+                attention_mask=_row_slice(kwargs.get("attention_mask"), rows, a, b),
+                temb=_row_slice(kwargs.get("temb"), rows, a, b),
+            )
+
+        return assemble(route, plain, perturbed)
+
+
+class RowAwareProcessor(_RowAware):
+    """Takes the place of a diffusers attention processor while the engine is installed."""
+
+    def __init__(self, engine: AttentionEngine, path: str, original: Any) -> None:
+        self._setup(engine, path, original)
+
+    def __repr__(self) -> str:
+        return f"RowAwareProcessor({self.path!r}, original={self.original!r})"
+
+
+class RowAwareModuleProcessor(_RowAware, torch.nn.Module):
+    """The same, for an original processor that is an ``nn.Module`` (kept as a child, so
+    its parameters still move with ``.to()``)."""
+
+    def __init__(self, engine: AttentionEngine, path: str, original: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)
+        self._setup(engine, path, original)
+
+    __call__ = _RowAware.__call__
+
+
+# -- plain modules: intercept scaled_dot_product_attention ---------------------------------------
+
+
+class _SdpaMode(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` calls made inside a hooked forward."""
+
+    def __init__(self, engine: AttentionEngine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.engine._frames:
+            return self.engine._sdpa(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@attrs.define(eq=False)
+class _Frame:
+    path: str
+    route: Route
+    calls: int = 0
+
+
+@attrs.define(eq=False)
+class _Hook:
+    """One installed hook and what restores it."""
+
+    path: str
+    module: torch.nn.Module
+    kind: str  # "processor" or "forward"
+    original: Any = None
+    had_forward: bool = False
+
+
+class AttentionEngine:
+    """Hooks the attention layers a plan's perturbed branches target (see module docstring).
+
+    Use it as a context manager (``with install(model, plan) as around_call``). ``layers``
+    maps each perturbation to the module paths it targets (resolved from the model);
+    ``table`` is the model's named layer list.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Plan,
+        *,
+        model_name: str = MAIN,
+        attention_class: type | tuple[type, ...] | None = None,
+    ) -> None:
+        if not isinstance(plan, Plan):
+            raise GuidanceTypeError(
+                f"install(model, plan) takes a compiled plan (guidekit.compile(...)), got "
+                f"{type(plan).__name__}"
+            )
+        self.model = model
+        self.plan = plan
+        self.model_name = model_name
+        perts = perturbations_in(plan.branches)
+        for p in perts:
+            if not isinstance(p, AttentionPerturbation):
+                raise GuidanceValueError(
+                    f"the plan's perturbation {p!r} is not an attention perturbation; the "
+                    f"attention engine cannot apply it (its rows would silently equal c)"
+                )
+        for b in plan.branches:
+            if b.perturbation is not None and b.model != model_name:
+                raise GuidanceValueError(
+                    f"branch {b.label} perturbs model {b.model!r}, but this engine is installed "
+                    f"on {model_name!r}"
+                )
+        mine = tuple(p for p in perts if isinstance(p, AttentionPerturbation))
+        self.table: LayerTable | None = None
+        self.layers: dict[AttentionPerturbation, tuple[str, ...]] = {}
+        if mine:
+            self.table = layer_table(model, attention_class=attention_class)
+            for p in mine:
+                self.layers[p] = resolve_layers(model, self.table, p.layers, what=repr(p))
+        paths = tuple(dict.fromkeys(p for ps in self.layers.values() for p in ps))
+        check_disjoint(paths)
+        self._hooks = [self._plan_hook(path) for path in paths]
+        self._targets: dict[str, frozenset[AttentionPerturbation]] = {
+            path: frozenset(p for p, ps in self.layers.items() if path in ps) for path in paths
+        }
+        self._routes: dict[RowLayout, dict[str, Route]] = {}
+        self._active: dict[str, Route] | None = None
+        self._frames: list[_Frame] = []
+        self._installed = False
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _plan_hook(self, path: str) -> _Hook:
+        module = self.model.get_submodule(path)
+        users = [p for p, ps in self.layers.items() if path in ps]
+        if is_joint_attention(module):
+            raise GuidanceValueError(
+                f"layer {path!r} ({type(module).__name__}) is a joint text-image attention, "
+                f"which the attention engine does not perturb yet"
+            )
+        if is_cross_attention(module) and any(p.self_only for p in users):
+            raise GuidanceValueError(
+                f"layer {path!r} is a cross-attention layer; {users[0]!r} is defined for "
+                f"self-attention only"
+            )
+        attention_cls = diffusers_attention_class()
+        if attention_cls is not None and isinstance(module, attention_cls):
+            if getattr(module, "to_out", None) is None:
+                raise GuidanceValueError(f"layer {path!r} has no output projection (to_out)")
+            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
+            if isinstance(current, _RowAware):
+                raise GuidanceValueError(
+                    f"layer {path!r} is already hooked by another guidekit attention engine"
+                )
+            return _Hook(path, module, "processor", current)
+        if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
+            raise GuidanceValueError(
+                f"layer {path!r} is a {type(module).__name__}, an attention class the engine "
+                f"does not support yet"
+            )
+        if getattr(module.forward, "_guidekit_engine", None) is not None:
+            raise GuidanceValueError(
+                f"layer {path!r} is already hooked by another guidekit attention engine"
+            )
+        return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__)
+
+    def _install(self, hook: _Hook) -> None:
+        if hook.kind == "processor":
+            if isinstance(hook.original, torch.nn.Module):
+                wrapper: Any = RowAwareModuleProcessor(self, hook.path, hook.original)
+            else:
+                wrapper = RowAwareProcessor(self, hook.path, hook.original)
+            hook.module.set_processor(wrapper)  # type: ignore[operator]
+        else:
+            hook.module.forward = self._forward_wrapper(hook)  # type: ignore[method-assign]
+
+    def _restore(self, hook: _Hook) -> None:
+        module = hook.module
+        if hook.kind == "processor":
+            module.set_processor(hook.original)  # type: ignore[operator]
+        elif hook.had_forward:
+            module.forward = hook.original  # type: ignore[method-assign]
+        else:
+            module.__dict__.pop("forward", None)
+
+    def _forward_wrapper(self, hook: _Hook) -> Callable[..., Any]:
+        original, path = hook.original, hook.path
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            route = self.route(path)
+            if route is None:
+                return original(*args, **kwargs)
+            frame = _Frame(path, route)
+            outermost = not self._frames
+            self._frames.append(frame)
+            try:
+                if outermost:
+                    with _SdpaMode(self):
+                        out = original(*args, **kwargs)
+                else:
+                    out = original(*args, **kwargs)
+            finally:
+                self._frames.pop()
+            if frame.calls == 0:
+                raise GuidanceValueError(
+                    f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
+                    f"call, so its perturbed rows would equal the unperturbed ones; hook the "
+                    f"module that calls it (see guidekit.attention.engine)"
+                )
+            return out
+
+        forward._guidekit_engine = self  # type: ignore[attr-defined]
+        return forward
+
+    # -- context manager ---------------------------------------------------------------------------
+    def __enter__(self) -> Callable[[RowLayout], contextlib.AbstractContextManager[None]]:
+        if self._installed:
+            raise GuidanceValueError("this attention engine is already installed")
+        done: list[_Hook] = []
+        try:
+            for hook in self._hooks:
+                self._install(hook)
+                done.append(hook)
+        except BaseException:
+            for hook in reversed(done):
+                self._restore(hook)
+            raise
+        self._installed = True
+        return self.around_call
+
+    def __exit__(self, *exc: Any) -> None:
+        self._installed = False
+        self._active = None
+        self._frames.clear()
+        errors: list[BaseException] = []
+        for hook in reversed(self._hooks):
+            try:
+                self._restore(hook)
+            except Exception as err:  # restore every other hook before reporting
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+    # -- per call ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def around_call(self, layout: RowLayout) -> Iterator[None]:
+        """Context manager entered around one model call (pass it as ``around_call``)."""
+        if not self._installed:
+            raise GuidanceValueError(
+                "around_call used while the attention engine is not installed: call the model "
+                "inside `with guidekit.attention.install(model, plan) as around_call:`"
+            )
+        routes = self._routes.get(layout)
+        if routes is None:
+            routes = self._routes_for(layout)
+            self._routes[layout] = routes
+        previous = self._active
+        self._active = routes
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def _routes_for(self, layout: RowLayout) -> dict[str, Route]:
+        for branch, _, _ in layout.blocks:
+            p = branch.perturbation
+            if p is None:
+                continue
+            if layout.model != self.model_name or p not in self.layers:
+                raise GuidanceValueError(
+                    f"model call of {layout.model!r} has rows of {branch.label}, which this "
+                    f"engine (installed for {self.plan.expr!r} on {self.model_name!r}) does "
+                    f"not apply: install the engine with the plan you sample with"
+                )
+        routes: dict[str, Route] = {}
+        for path, targets in self._targets.items():
+            segments: list[Segment] = []
+            for branch, start, stop in layout.blocks:
+                op = branch.perturbation if branch.perturbation in targets else None
+                if segments and segments[-1][2] == op and segments[-1][1] == start:
+                    segments[-1] = (segments[-1][0], stop, op)
+                else:
+                    segments.append((start, stop, op))
+            if any(op is not None for _, _, op in segments):
+                routes[path] = Route(layout.rows, tuple(segments))
+        return routes
+
+    def route(self, path: str) -> Route | None:
+        """The current call's route for layer ``path`` (``None``: leave the layer alone)."""
+        active = self._active
+        return None if active is None else active.get(path)
+
+    def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        frame = self._frames[-1]
+        frame.calls += 1
+        bound = dict(zip(_SDPA_ARGS, args))
+        bound.update(kwargs)
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        route = frame.route
+        rows = route.rows
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.shape[0] != rows:
+                raise GuidanceValueError(
+                    f"layer {frame.path!r}: scaled_dot_product_attention got {name} with "
+                    f"{t.shape[0]} rows in a model call of {rows}; the plain-module protocol "
+                    f"needs the call's rows as the first axis (see guidekit.attention.engine)"
+                )
+        mask: Any = bound.get("attn_mask")
+        # a mask with the rows as its first axis is split with them; a broadcast one is shared
+        row_mask = isinstance(mask, torch.Tensor) and mask.ndim == query.ndim and (
+            mask.shape[0] == rows
+        )
+
+        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+            sub = dict(bound)
+            sub["query"], sub["key"], sub["value"] = (take(t, ranges) for t in (query, key, value))
+            if row_mask:
+                sub["attn_mask"] = take(mask, ranges)
+            return func(**sub)  # type: ignore[no-any-return]
+
+        def perturbed(op: AttentionPerturbation, a: int, b: int) -> torch.Tensor:
+            if op.self_only and query.shape[-2] != key.shape[-2]:
+                raise GuidanceValueError(
+                    f"layer {frame.path!r}: {op!r} needs self-attention, but the call has "
+                    f"{query.shape[-2]} queries and {key.shape[-2]} keys"
+                )
+            m = mask[a:b] if row_mask else mask
+            return op.attend(query[a:b], key[a:b], value[a:b], mask=m)
+
+        return assemble(route, plain, perturbed)
+
+    # -- text ----------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Each perturbation and the layers it targets."""
+        lines = [f"attention engine on {type(self.model).__name__} ({self.model_name!r})"]
+        for p, paths in self.layers.items():
+            lines.append(f"  {p!r}: {', '.join(paths)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<AttentionEngine {len(self._hooks)} layer(s), installed={self._installed}>"
+
+
+def install(
+    model: torch.nn.Module,
+    plan: Plan,
+    *,
+    model_name: str = MAIN,
+    attention_class: type | tuple[type, ...] | None = None,
+) -> AttentionEngine:
+    """Prepare the attention hooks for ``plan`` on ``model``; use it with ``with``.
+
+    Args:
+        model: the network whose attention is perturbed (DiT / PixArt transformer, UNet, or a
+            plain ``nn.Module``), not a wrapper function around it.
+        plan: the compiled plan to sample with; its perturbed branches name the layers.
+        model_name: the plan's name for this model (``"main"``).
+        attention_class: for a plain module, the class (or classes) of its attention
+            modules; the named layer list is every instance, in ``named_modules()`` order.
+
+    Returns:
+        An :class:`AttentionEngine`; entering it hooks the layers and gives ``around_call``.
+        Layer errors are raised here, before anything is changed.
+    """
+    return AttentionEngine(model, plan, model_name=model_name, attention_class=attention_class)

@@ -1,0 +1,52 @@
+"""Perturbed-attention guidance (PAG).
+
+https://arxiv.org/abs/2403.17377 -- ``u + w (c - u) + s (c - p)``, where ``p`` is the
+conditional prediction of the same model with the self-attention map of the chosen layers
+replaced by the identity (each token attends only to itself, so attention returns ``V``).
+In guidekit ``PAG(s)`` is the direction ``s (c - p)``: the paper's prediction is
+``CFG(w) + PAG(s)``, PAG alone is ``Cond() + PAG(s)``.
+
+The perturbed branch rides in the same batched call as ``c`` and ``u``; it needs the
+attention engine installed on the model (:func:`guidekit.attention.install`), which also
+resolves the layers. ``layers=None`` (the default) means the architecture's documented
+default (:mod:`guidekit.attention.layers`: the last block of DiT and PixArt, the middle
+block of a UNet); defaults are starting points that must be measured per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+from guidekit.attention.ops import IdentityAttention, Layers, check_layers, to_layers
+from guidekit.branch import COND, MAIN, Branch
+from guidekit.terms.base import DirectionTerm, finite, to_float
+
+
+@attrs.frozen(repr=False)
+class PAGTerm(DirectionTerm):
+    """``scale * (c - p)``, ``p`` = ``c`` with identity self-attention in ``layers``.
+
+    ``layers``: one int, a module path, or a list / tuple / range of them (stored as a
+    tuple, printed as ``(7, 8, 9)``); ints index the model's named layer list, negative
+    from the end. ``None`` is the architecture's default, resolved when the engine is
+    installed. Unknown or out-of-range layers raise then, listing the valid ones.
+    """
+
+    scale: float = attrs.field(converter=to_float, validator=finite)
+    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    _name: ClassVar[str] = "PAG"
+    _positional: ClassVar[tuple[str, ...]] = ("scale",)
+    _example: ClassVar[str] = "PAG(3, layers=(7, 8, 9))"
+
+    @property
+    def perturbation(self) -> Any:
+        """The frozen perturbation value of the negative branch."""
+        return IdentityAttention(self.layers)
+
+    def negative(self) -> Branch:
+        return Branch(model=MAIN, cond=COND, perturbation=self.perturbation)
+
+
+PAG = PAGTerm
