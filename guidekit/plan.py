@@ -215,6 +215,7 @@ class Plan:
         on_call: Callable[[CallRecord], None] | None = None,
         output: str | None = None,
         around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
+        native: Mapping[Branch, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """One guided prediction at ``(x, sigma)``; returns it and the next state.
 
@@ -223,6 +224,10 @@ class Plan:
         ``sigma`` as a ``[rows]`` tensor and each conditioning's tensors concatenated along
         the batch axis in layout order. ``around_call(layout)``, if given, is a context
         manager entered around each model call with that call's :class:`RowLayout`.
+
+        ``native`` lets a caller that ran the branches itself (a guider inside someone else's
+        denoising loop) pass their outputs, keyed by branch, in the model's own space; no
+        model is called then and ``models`` may be empty.
         """
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
@@ -231,7 +236,7 @@ class Plan:
         level = state.level_for(kind)
         inputs = state.inputs(kind)
         prog = self.program(s)
-        if around_call is None and any(b.perturbation is not None for b in prog.branches):
+        if native is None and around_call is None and any(b.perturbation is not None for b in prog.branches):
             perturbed = ", ".join(b.label for b in prog.branches if b.perturbation is not None)
             raise GuidanceValueError(
                 f"{self.expr!r} needs branches perturbed inside the forward ({perturbed}), but "
@@ -243,13 +248,20 @@ class Plan:
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={},
         )
-        if self.modifiers:
-            for mod in self.modifiers:
-                conds = mod.modify(conds, ctx)
-        split = splitter if splitter is not None else self.splitter()
-        ctx.native = self._forward(
-            prog, x, s, conds, models, split, on_call, level, around_call
-        )
+        if native is not None:
+            missing = [b.label for b in prog.branches if b not in native]
+            if missing:
+                raise GuidanceValueError(
+                    f"native= lacks the branch(es) {', '.join(missing)} that {self.expr!r} "
+                    f"needs at sigma={s:g}; plan.program(sigma).branches lists them"
+                )
+            ctx.native = dict(native)
+        else:
+            conds = self._modified(conds, ctx)
+            split = splitter if splitter is not None else self.splitter()
+            ctx.native = self._forward(
+                prog, x, s, conds, models, split, on_call, level, around_call
+            )
         y = self._combine(prog, ctx)
         results = list(inputs)
         space = self.prediction
@@ -261,6 +273,27 @@ class Plan:
         out_space = self.prediction if output is None else check_prediction(output, "output")
         y = ctx.convert(y, space, out_space)
         return y, state.after(kind, s, tuple(results))
+
+    def modify(
+        self, state: State, x: torch.Tensor, sigma: Any, conds: Mapping[str, Mapping[str, Any]]
+    ) -> Mapping[str, Mapping[str, Any]]:
+        """The conditionings as the model sees them at ``(x, sigma)``: after the plan's input
+        modifiers (CADS), for the step that ``state`` says this call belongs to."""
+        s = self._sigma(sigma, x)
+        kind = state.classify(s)
+        ctx = StepContext(
+            x=x, sigma=s, level=state.level_for(kind), seed=state.seed,
+            prediction=self.prediction, noise=self.noise, coefs=self.program(s).coef_map,
+            native={},
+        )
+        return self._modified(conds, ctx)
+
+    def _modified(
+        self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
+    ) -> Mapping[str, Mapping[str, Any]]:
+        for mod in self.modifiers:
+            conds = mod.modify(conds, ctx)
+        return conds
 
     def _sigma(self, sigma: Any, x: torch.Tensor) -> float:
         batch = x.shape[0]

@@ -1,0 +1,398 @@
+"""``GuidekitGuidance``: a guidekit expression as a diffusers ``guider=`` component.
+
+diffusers' modular pipelines run their denoise loop against the ``BaseGuidance`` contract:
+
+1. ``guider.set_state(step, num_inference_steps, timestep)`` once per step;
+2. ``batches = guider.prepare_inputs({"name": (cond_value, uncond_value), ...})``;
+3. for each batch: ``guider.prepare_models(model)``; ``batch.noise_pred = model(...)``;
+   ``guider.cleanup_models(model)``;
+4. ``guider(batches)`` -> ``GuiderOutput(pred, pred_cond, pred_uncond)``.
+
+This guider answers that contract from a compiled plan: one batch per branch the plan needs
+at this noise level (``cond``, ``uncond``, a weak model's ``cond`` ...), or, with
+``batched=True``, one batch per forward group with the branches' rows concatenated (for
+loops that pass the latents through the guider, as the SD3 blocks do). Batches of another
+model (Autoguidance's weak model) run on that model: ``prepare_models`` points the loop's
+denoiser at it for that batch and ``cleanup_models`` undoes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict, register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+
+from guidekit import GuidanceTypeError, GuidanceValueError, Noise, compile, parse
+from guidekit.branch import COND, MAIN, UNCOND, Branch
+from guidekit.expr import Expr
+from guidekit.plan import ForwardGroup, Plan, RowLayout
+from guidekit.terms.base import NonlinearPrediction
+
+from ._diffusers_schedule import conventions, sigma_for
+
+LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
+_DDPM_FALLBACK = Noise("vp")
+
+
+def _identifier(branch: Branch) -> str:
+    if branch.model == MAIN and branch.perturbation is None and branch.cond in (COND, UNCOND):
+        return f"pred_{branch.cond}"  # the names diffusers' own loops know
+    return f"pred_{branch.label}"
+
+
+def _needs_x(plan: Plan) -> bool:
+    """Whether combining needs the latents (a conversion between prediction spaces)."""
+    spaces = [getattr(p, "space", "native") for p in plan.post]
+    spaces += [
+        e.atom.space for e in plan.entries if isinstance(e.atom, NonlinearPrediction)
+    ]
+    return any(s not in ("native", plan.prediction) for s in spaces)
+
+
+def _sigma_sensitive(plan: Plan) -> bool:
+    return bool(plan.breakpoints or plan.post or plan.modifiers or _needs_x(plan))
+
+
+class GuidekitGuidance(BaseGuidance):
+    """Any guidekit expression as a modular pipeline's ``guider``.
+
+    Args:
+        expression: the guidance, as text (``"CFG(5) + Autoguidance(1) | APG(eta=0)"``) or an
+            expression object (stored as its text, so the config saves and loads).
+        prediction, noise: the model's conventions; by default read from the scheduler given
+            to :meth:`attach`, else ``"eps"`` / ``"vp"``.
+        seed: seeds CADS.
+        batched: one batch per forward group (rows concatenated) instead of one per branch.
+        latent_key: the guider input that holds the latents (default: the first of
+            ``hidden_states``, ``latents``, ``sample``, ``x`` present); needed only when the
+            expression converts between spaces (APG, for example).
+        start, stop, enabled: diffusers' step-fraction window: outside it, or when disabled,
+            the guider runs only the conditional batch and returns it.
+
+    Call :meth:`attach` with the pipeline's scheduler (exact noise levels: needed for
+    intervals, APG and CADS) and any extra models (``weak=...``) before running.
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond"]  # type: ignore[assignment]
+
+    @register_to_config
+    def __init__(
+        self,
+        expression: Any = "CFG(7.5)",
+        prediction: str | None = None,
+        noise: str | None = None,
+        seed: int = 0,
+        batched: bool = False,
+        latent_key: str | None = None,
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+    ) -> None:
+        if isinstance(expression, str):
+            expr = parse(expression)
+        elif isinstance(expression, Expr):
+            expr = expression
+        else:
+            raise GuidanceTypeError(
+                f"GuidekitGuidance(expression=...) takes a guidance expression or its text, "
+                f"got {type(expression).__name__}"
+            )
+        self._expr = expr
+        # The config holds the expression as text (a saved guider is read back with
+        # guidekit.parse) and every value as given: register_to_config marks positional
+        # arguments as unused defaults, which from_config / new() would then drop.
+        config = {k: v for k, v in self._internal_dict.items() if k != "_use_default_values"}
+        config.update(
+            expression=repr(expr), prediction=prediction, noise=noise, seed=seed,
+            batched=batched, latent_key=latent_key, start=start, stop=stop, enabled=enabled,
+        )
+        self._internal_dict = FrozenDict(config)
+        self._prediction = prediction
+        self._noise = noise
+        self._seed = seed
+        self._batched = batched
+        self._latent_key = latent_key
+        self._scheduler: Any = None
+        self._models: dict[str, Callable[..., Any]] = {}
+        self._around_call: Any = None
+        self._plan = self._compile()
+        self._input_predictions = [_identifier(b) for b in self._plan.branches]
+        super().__init__(start, stop, enabled)
+        self._run_state: Any = None
+        self._sigma: float | None = None
+        self._batches: list[tuple[str, tuple[Branch, ...]]] = []
+        self._x: torch.Tensor | None = None
+        self._conds: dict[str, dict[str, Any]] = {}
+        self._undo: list[Callable[[], None]] = []
+        self._entered: Any = None
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _compile(self) -> Plan:
+        pred, noise = ("eps", _DDPM_FALLBACK)
+        if self._scheduler is not None:
+            pred, noise = conventions(self._scheduler)
+        return compile(
+            self._expr,
+            prediction=self._prediction or pred,
+            noise=self._noise if self._noise is not None else noise,
+        )
+
+    @property
+    def plan(self) -> Plan:
+        """The compiled plan (recompiled by :meth:`attach` when a scheduler is given)."""
+        return self._plan
+
+    def attach(
+        self,
+        scheduler: Any = None,
+        models: Mapping[str, Callable[..., Any]] | None = None,
+        around_call: Any = None,
+        **named_models: Callable[..., Any],
+    ) -> GuidekitGuidance:
+        """Bind run-time objects the config cannot hold; returns the guider.
+
+        ``scheduler`` gives the prediction/noise conventions and maps timesteps to sigma;
+        ``models`` (or keywords such as ``weak=small_transformer``) are the extra models the
+        expression names; ``around_call`` is passed the row layout of each batch.
+        """
+        if scheduler is not None:
+            self._scheduler = scheduler
+            self._plan = self._compile()
+        self._models.update(models or {})
+        self._models.update(named_models)
+        if around_call is not None:
+            self._around_call = around_call
+        return self
+
+    # -- the BaseGuidance contract ------------------------------------------------------------------
+    def _active(self) -> bool:
+        if not self._enabled:
+            return False
+        if self._num_inference_steps is None or self._step is None:
+            return True
+        lo = int(self._start * self._num_inference_steps)
+        hi = int(self._stop * self._num_inference_steps)
+        return lo <= self._step < hi
+
+    def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        t = float(torch.as_tensor(timestep).detach().flatten()[0])
+        if self._scheduler is not None:
+            sigma, _ = sigma_for(self._scheduler, t)
+        elif _sigma_sensitive(self._plan):
+            raise GuidanceValueError(
+                f"{self._expr!r} depends on the noise level: call guider.attach(scheduler="
+                f"pipe.scheduler) so timesteps map to sigma exactly"
+            )
+        elif self._plan.noise.kind == "flow":
+            sigma = t / 1000.0
+        else:
+            sigma = 1.0  # only the CFG-style combine runs: the level does not matter
+        rose = self._sigma is not None and sigma > self._sigma * (1 + 1e-6) + 1e-12
+        if step == 0 or self._run_state is None or rose:
+            self._run_state = self._plan.init(self._seed)
+        self._sigma = sigma
+
+    def _current_sigma(self) -> float:
+        return self._sigma if self._sigma is not None else float("inf")
+
+    def _groups(self) -> tuple[ForwardGroup, ...]:
+        if not self._active():
+            return (ForwardGroup(MAIN, (Branch(MAIN, COND),)),)
+        return self._plan.program(self._current_sigma()).groups
+
+    @property
+    def num_conditions(self) -> int:
+        groups = self._groups()
+        return len(groups) if self._batched else sum(len(g.branches) for g in groups)
+
+    @property
+    def is_conditional(self) -> bool:
+        i = self._count_prepared - 1
+        if not 0 <= i < len(self._batches):
+            return True
+        return any(b.cond == COND for b in self._batches[i][1])
+
+    def prepare_inputs(self, data: Any) -> list[Any]:
+        """One input batch per branch (or forward group) the plan runs at this step.
+
+        ``data`` maps each model input to ``(cond_value, uncond_value)`` or to one value
+        shared by both, as diffusers' loops pass it.
+        """
+        return self._prepare(lambda key, i: _pick(data[key], i), list(data))
+
+    def prepare_inputs_from_block_state(
+        self, data: Any, input_fields: Mapping[str, Any]
+    ) -> list[Any]:
+        """The older form of :meth:`prepare_inputs`: values are looked up on ``data``."""
+
+        def get(key: str, i: int) -> Any:
+            spec = input_fields[key]
+            name = spec if isinstance(spec, str) else spec[i]
+            return getattr(data, name, None) if name is not None else None
+
+        return self._prepare(get, list(input_fields))
+
+    def _prepare(self, get: Callable[[str, int], Any], keys: list[str]) -> list[Any]:
+        from diffusers.modular_pipelines.modular_pipeline import BlockState
+
+        groups = self._groups()
+        latent_key = self._latent_key or next((k for k in LATENT_KEYS if k in keys), None)
+        self._x = get(latent_key, 0) if latent_key is not None else None
+        # the conditionings as guidekit sees them: per name, each input's value
+        needed = {b.cond for g in groups for b in g.branches}
+        conds: dict[str, dict[str, Any]] = {}
+        for name, index in ((COND, 0), (UNCOND, 1)):
+            if name in needed:
+                conds[name] = {k: get(k, index) for k in keys if k != latent_key}
+        extra = needed - {COND, UNCOND}
+        if extra:
+            raise GuidanceValueError(
+                f"{self._expr!r} uses conditioning(s) {sorted(extra)}; a diffusers guider "
+                f"receives only (cond, uncond) pairs"
+            )
+        if UNCOND in conds and all(v is None for v in conds[UNCOND].values()):
+            raise GuidanceValueError(
+                f"{self._expr!r} needs the unconditional inputs, but the pipeline passed none "
+                f"(give it a negative prompt or negative embeddings)"
+            )
+        self._conds = conds
+        conds = self._modified(conds)
+        batches, self._batches = [], []
+        units: list[tuple[str, tuple[Branch, ...]]] = [
+            (g.model, (b,)) for g in groups for b in g.branches
+        ]
+        if self._batched:
+            units = [(g.model, g.branches) for g in groups]
+        for model, branches in units:
+            fields: dict[str, Any] = {}
+            for key in keys:
+                if key == latent_key:
+                    value = self._x
+                    if value is not None and len(branches) > 1:
+                        value = torch.cat([value] * len(branches))
+                else:
+                    values = [conds[b.cond][key] for b in branches]
+                    value = values[0]
+                    if len(values) > 1 and isinstance(value, torch.Tensor):
+                        value = torch.cat(values)
+                fields[key] = value
+            ident = _identifier(branches[0]) if len(branches) == 1 else f"pred_{model}"
+            fields[self._identifier_key] = ident
+            batches.append(BlockState(**fields))
+            self._batches.append((model, branches))
+        return batches
+
+    def _modified(self, conds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The conditionings after the plan's input modifiers (CADS), as ``Plan.step`` does."""
+        if not self._plan.modifiers or not self._active():
+            return conds
+        batch = self._batch_size()
+        tensors = _batch_tensors(conds, batch)
+        x = self._x if self._x is not None else torch.zeros(batch)
+        tensors = dict(self._plan.modify(self._run_state, x, self._current_sigma(), tensors))
+        return {c: {**conds[c], **tensors[c]} for c in conds}
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        super().prepare_models(denoiser)
+        i = self._count_prepared - 1
+        if not 0 <= i < len(self._batches):
+            return
+        model, branches = self._batches[i]
+        if model != MAIN:
+            other = self._models.get(model)
+            if other is None:
+                raise GuidanceValueError(
+                    f"{self._expr!r} needs the model {model!r}: call guider.attach({model}=...)"
+                )
+            self._undo.append(_redirect(denoiser, other))
+        if self._around_call is not None:
+            batch = self._batch_size()
+            blocks = tuple((b, j * batch, (j + 1) * batch) for j, b in enumerate(branches))
+            layout = RowLayout(model, batch * len(branches), blocks)
+            self._entered = self._around_call(layout)
+            self._entered.__enter__()
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        entered, self._entered = self._entered, None
+        if entered is not None:
+            entered.__exit__(None, None, None)
+        while self._undo:
+            self._undo.pop()()
+
+    def _batch_size(self) -> int:
+        for d in self._conds.values():
+            for v in d.values():
+                if isinstance(v, torch.Tensor) and v.ndim >= 1:
+                    return int(v.shape[0])
+        if self._x is not None:
+            return int(self._x.shape[0])
+        raise GuidanceValueError("cannot tell the batch size: the guider got no tensors")
+
+    def __call__(self, data: list[Any]) -> GuiderOutput:
+        if len(data) != len(self._batches):
+            raise GuidanceValueError(
+                f"the guider prepared {len(self._batches)} batches but got {len(data)} back"
+            )
+        preds: dict[Branch, torch.Tensor] = {}
+        for (_model, branches), batch in zip(self._batches, data):
+            pred = getattr(batch, "noise_pred", None)
+            if not isinstance(pred, torch.Tensor):
+                raise GuidanceValueError("every guider batch needs its noise_pred set")
+            parts = (pred,) if len(branches) == 1 else pred.chunk(len(branches))
+            for b, part in zip(branches, parts):
+                preds[b] = part
+        cond = preds.get(Branch(MAIN, COND))
+        uncond = preds.get(Branch(MAIN, UNCOND))
+        if not self._active():
+            return GuiderOutput(pred=cond, pred_cond=cond, pred_uncond=None)
+        any_pred = next(iter(preds.values()))
+        x = self._x
+        if x is None or x.shape != any_pred.shape:
+            if _needs_x(self._plan):
+                raise GuidanceValueError(
+                    f"{self._expr!r} converts between prediction spaces, which needs the "
+                    f"latents: pass them through the guider inputs (e.g. hidden_states=(latents, "
+                    f"latents)) or name them with latent_key="
+                )
+            x = torch.zeros_like(any_pred)
+
+        out, self._run_state = self._plan.step(
+            self._run_state, x, self._current_sigma(), {}, {}, native=preds
+        )
+        return GuiderOutput(pred=out, pred_cond=cond, pred_uncond=uncond)
+
+
+def _batch_tensors(conds: Mapping[str, Mapping[str, Any]], batch: int) -> dict[str, dict[str, Any]]:
+    """Each conditioning's tensors with a leading batch axis of ``batch`` (what CADS anneals)."""
+    return {
+        c: {
+            k: v for k, v in d.items()
+            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch
+        }
+        for c, d in conds.items()
+    }
+
+
+def _pick(value: Any, index: int) -> Any:
+    if isinstance(value, tuple):
+        return value[index] if index < len(value) else None
+    return value
+
+
+def _redirect(module: torch.nn.Module, other: Callable[..., Any]) -> Callable[[], None]:
+    """Route ``module``'s calls to ``other`` (an instance ``forward``); return the undo."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    object.__setattr__(module, "forward", lambda *a, **k: other(*a, **k))
+
+    def undo() -> None:
+        if had:
+            object.__setattr__(module, "forward", old)
+        else:
+            module.__dict__.pop("forward", None)
+
+    return undo

@@ -1,0 +1,210 @@
+"""Tiny, real diffusers pipelines built offline from configs (random weights, no hub).
+
+Every builder seeds torch first, so two calls give identical weights. Sizes follow
+``shared/reference/tiny-models.md``: 8x8 latents with 4 channels (16x16 images), a 2-stage
+VAE, CLIP and T5 text encoders of ~50k parameters, tokenizers built in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+IMAGE = 16  # pixels; the tiny VAE halves it to 8x8 latents
+
+
+def _vae(**extra: Any) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        layers_per_block=1,
+        sample_size=IMAGE,
+        **extra,
+    ).eval()
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 characters byte-level BPE uses for the bytes 0..255 (printable ones as is)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:  # unprintable bytes are shifted above 255, in byte order
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def clip_tokenizer(max_length: int = 77) -> Any:
+    """A byte-level BPE CLIP tokenizer with no merges: 2 specials + 2 x 256 byte symbols."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for ch in alphabet:
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def clip_encoder(hidden: int = 32, projection: bool = False, seed: int = 1) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=1000, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def t5(d_model: int = 32, max_length: int = 16, seed: int = 2) -> tuple[Any, Any]:
+    """A 104-token Unigram T5 tokenizer (every word is unk) and a tiny T5 encoder."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=1000, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0,
+    )
+    return T5Tokenizer(model_max_length=max_length), T5EncoderModel(cfg).eval()
+
+
+# -- denoisers ----------------------------------------------------------------------------------
+
+
+def dit_transformer(seed: int = 0) -> Any:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=1000,
+    ).eval()
+
+
+def pixart_transformer(seed: int = 0) -> Any:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=32, norm_num_groups=2, use_additional_conditions=False,
+    ).eval()
+
+
+def sd3_transformer(seed: int = 0) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+        caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16,
+    ).eval()
+
+
+def flux_transformer(seed: int = 0) -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=False, axes_dims_rope=(4, 4, 8),
+    ).eval()
+
+
+def unet(seed: int = 0) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=2,
+    ).eval()
+
+
+# -- pipelines ----------------------------------------------------------------------------------
+
+
+def _quiet(pipe: Any) -> Any:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def dit_pipeline(scheduler: Any = None) -> Any:
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    return _quiet(DiTPipeline(
+        transformer=dit_transformer(), vae=_vae(),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(),
+        id2label={0: "cat", 1: "dog"},
+    ))
+
+
+def pixart_pipeline() -> Any:
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    tok, enc = t5(d_model=32)
+    return _quiet(PixArtAlphaPipeline(
+        tokenizer=tok, text_encoder=enc, vae=_vae(), transformer=pixart_transformer(),
+        scheduler=DPMSolverMultistepScheduler(),
+    ))
+
+
+def sd3_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tok3, enc3 = t5(d_model=64)
+    return _quiet(StableDiffusion3Pipeline(
+        transformer=sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shift_factor=0.0),
+        text_encoder=clip_encoder(projection=True, seed=1), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(projection=True, seed=3), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=enc3, tokenizer_3=tok3,
+    ))
+
+
+def flux_pipeline() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tok2, enc2 = t5(d_model=32, max_length=512)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096,
+        base_shift=0.5, max_shift=1.15, shift=3.0,
+    )
+    return _quiet(FluxPipeline(
+        scheduler=scheduler, vae=_vae(shift_factor=0.0), transformer=flux_transformer(),
+        text_encoder=clip_encoder(), tokenizer=clip_tokenizer(),
+        text_encoder_2=enc2, tokenizer_2=tok2,
+    ))
+
+
+def sd_pipeline(scheduler: Any = None) -> Any:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if scheduler is None:
+        scheduler = DDIMScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+            steps_offset=1, clip_sample=False,
+        )
+    return _quiet(StableDiffusionPipeline(
+        vae=_vae(), text_encoder=clip_encoder(), tokenizer=clip_tokenizer(), unet=unet(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ))
