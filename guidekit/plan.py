@@ -265,8 +265,14 @@ class Plan:
         y = self._combine(prog, ctx)
         results = list(inputs)
         space = self.prediction
+        # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself:
+        # a processor working in another space can change nothing, and x0 cannot be turned
+        # back into noise or a velocity. Skip it there; its state carries over.
+        noiseless = self.noise.coefficients(s)[1] == 0.0
         for i, proc in enumerate(self.post):
             target = ctx.space_of(proc.space)
+            if noiseless and target != self.prediction:
+                continue
             y = ctx.convert(y, space, target)
             space = target
             y, results[i] = proc.apply(y, ctx, inputs[i])

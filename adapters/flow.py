@@ -1,0 +1,264 @@
+"""Guided velocity fields for flow-matching ODE solvers: Meta's ``flow_matching`` and torchdiffeq.
+
+Two time conventions meet here (both rectified flow, straight paths):
+
+* guidekit's (diffusers' ``FlowMatchEulerDiscreteScheduler``): ``x = sigma n + (1 - sigma) x0``,
+  ``sigma`` runs 1 (noise) -> 0 (data), the model predicts ``v = n - x0`` and a step is
+  ``x + (sigma_next - sigma) v``;
+* ``flow_matching``'s (https://github.com/facebookresearch/flow_matching): time ``t`` runs
+  0 (noise) -> 1 (data), ``x_t = t x1 + (1 - t) x0`` with ``x0`` the noise and ``x1`` the
+  data, and the velocity is ``u = x1 - x0 = dx/dt``.
+
+So ``sigma = 1 - t`` and ``u = -v``. :class:`FlowGuided` runs guidekit in its own convention
+(``compile(..., prediction="flow", noise="flow")``): every noise level guidekit sees -- the
+bounds of ``.between(lo, hi)``, the schedule, CADS's time (which for flow *is* ``sigma``) --
+is ``sigma = 1 - t``. It imports ``flow_matching`` only in :meth:`FlowGuided.model_wrapper`.
+
+The wrapped model may speak either convention (``model_time=``):
+
+* ``"t"`` (default): ``model(x=x, t=t, **cond) -> u``, as a ``flow_matching`` ``ModelWrapper``
+  is called; it receives the solver's own ``t`` object (a 0-d tensor from ``ODESolver``);
+* ``"sigma"``: ``model(x, sigma_rows, **cond) -> v`` (diffusers style, ``sigma_rows`` a
+  ``[rows]`` tensor; scale it to the model's own timestep inside, e.g. ``1000 * sigma``).
+
+Entry points: ``guided(x, t, **extras) -> u`` (``ODESolver``'s ``velocity_model`` contract;
+:meth:`FlowGuided.model_wrapper` wraps it in a real ``ModelWrapper``),
+``guided.velocity(x, sigma, **extras) -> v`` (hand-written Euler loops), and
+:meth:`FlowGuided.odeint_func` for ``torchdiffeq.odeint`` in either time.
+
+Steps: give the solver's grid (``time_grid=`` in ``t`` or ``sigmas=``) so that multi-stage
+methods (midpoint, heun3, rk4) advance state once per grid step; leave both out for adaptive
+methods (dopri5, ...): every evaluation at a new, lower ``sigma`` (later ``t``) is then a
+step, and a rejected trial step's evaluations are undone when the solver retreats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+import guidekit
+from guidekit.branch import MAIN
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.plan import CallRecord, Plan
+
+from ._sampling import ModelFn, SamplerRun, as_plan, level_of
+
+_TIMES = ("t", "sigma")
+_wrapper_class: type | None = None
+
+
+def sigmas_from_time_grid(time_grid: Sequence[float] | torch.Tensor) -> list[float]:
+    """``flow_matching`` time points -> guidekit noise levels, ``sigma = 1 - t``."""
+    values = time_grid.detach().flatten().tolist() if isinstance(time_grid, torch.Tensor) else time_grid
+    # the same float arithmetic as FlowGuided.__call__, so grid points match exactly
+    return [1.0 - float(t) for t in values]
+
+
+class FlowGuided:
+    """A guided velocity field for flow-matching solvers (see the module docstring).
+
+    Args:
+        guidance: an expression, guidance text, or a plan compiled with
+            ``prediction="flow", noise="flow"``.
+        model: the main velocity model, in the ``model_time`` convention.
+        model_time: ``"t"`` (``flow_matching``: ``model(x=x, t=t, **cond) -> u``) or
+            ``"sigma"`` (diffusers: ``model(x, sigma_rows, **cond) -> v``).
+        cond, uncond, conds: conditionings (dicts of the model's keyword tensors, batch
+            first, or one tensor passed as ``cond_key``); per-call extras of the same names
+            (``ODESolver.sample(..., cond=...)``) replace them.
+        models: other models by name (``{"weak": ...}``), in the same convention.
+        time_grid: the solver's step points in flow time ``t``; or
+        sigmas: the same as noise levels ``sigma = 1 - t``.
+        seed: seeds CADS's noise.
+        max_rows: row budget passed to :func:`guidekit.compile`.
+        cond_key: the keyword a bare conditioning tensor is passed as.
+        around_call: the attention engine's hook, for plans with attention-space terms
+            (PAG, ...): ``with guidekit.attention.install(net, plan) as around_call:``;
+            compile the plan yourself then (the engine needs it) and pass it as ``guidance``.
+    """
+
+    def __init__(
+        self,
+        guidance: Any,
+        model: Callable[..., torch.Tensor],
+        *,
+        model_time: str = "t",
+        cond: Any = None,
+        uncond: Any = None,
+        conds: Mapping[str, Any] | None = None,
+        models: Mapping[str, Callable[..., torch.Tensor]] | None = None,
+        time_grid: Sequence[float] | torch.Tensor | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        seed: int = 0,
+        max_rows: int | str | None = None,
+        cond_key: str = "cond",
+        around_call: Any = None,
+    ) -> None:
+        if model_time not in _TIMES:
+            raise GuidanceValueError(
+                f"FlowGuided(model_time={model_time!r}): use 't' for a flow_matching model "
+                f"(t: 0 = noise -> 1 = data, returns u = data - noise) or 'sigma' for a "
+                f"diffusers-style model (sigma: 1 = noise -> 0, returns v = noise - data)"
+            )
+        if time_grid is not None and sigmas is not None:
+            raise GuidanceValueError(
+                "FlowGuided: give the solver's grid once, as time_grid= (flow time t) or "
+                "sigmas= (sigma = 1 - t)"
+            )
+        if time_grid is not None:
+            sigmas = sigmas_from_time_grid(time_grid)
+        self.model_time = model_time
+        plan = as_plan(
+            guidance, prediction="flow", noise="flow", max_rows=max_rows, adapter="FlowGuided"
+        )
+        all_models = {MAIN: model, **(models or {})}
+        translated = {name: self._translate(m) for name, m in all_models.items()}
+        self._main = model
+        self._t: Any = None  # the solver's t of the current call, handed to "t" models as is
+        self._level: float | None = None  # the current call's sigma before clamping
+        self.run = SamplerRun(
+            plan, translated, {"cond": cond, "uncond": uncond, **(conds or {})},
+            sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
+            around_call=around_call,
+        )
+
+    # -- translation ------------------------------------------------------------------------
+    def _translate(self, model: Callable[..., torch.Tensor]) -> ModelFn:
+        if not callable(model):
+            raise GuidanceTypeError(
+                f"FlowGuided: models must be callables, got {type(model).__name__}"
+            )
+        if self.model_time == "sigma":
+
+            def native(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+                if self._level is not None:  # the solver's own level, even outside [0, 1]
+                    sigma = torch.full_like(sigma, self._level)
+                return model(x, sigma, **cond)
+
+            return native
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+            t = self._t
+            if t is None:  # called through velocity(): the time of the unclamped level
+                t = 1 - (sigma if self._level is None else torch.full_like(sigma, self._level))
+            elif isinstance(t, torch.Tensor) and t.ndim > 0:
+                t = t.flatten()[:1].expand(x.shape[0])  # one value per row
+            return -model(x=x, t=t, **cond)
+
+        return velocity
+
+    def _guided(self, x: torch.Tensor, sigma: float, extras: Mapping[str, Any]) -> torch.Tensor:
+        # Adaptive solvers (torchdiffeq's dopri5) step past the end of the interval and
+        # interpolate back, evaluating at t slightly > 1 (sigma < 0). guidekit's levels live in
+        # [0, 1]; gates, CADS and the state see the clamped level, the model its own time.
+        self._level = sigma
+        try:
+            return self.run(x, min(max(sigma, 0.0), 1.0), extras, output="flow")
+        finally:
+            self._level = None
+
+    # -- entry points -------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, t: Any, **extras: Any) -> torch.Tensor:
+        """``flow_matching``'s contract: the guided ``u = dx/dt`` at flow time ``t``."""
+        sigma = 1.0 - level_of(t)
+        self._t = t
+        try:
+            v = self._guided(x, sigma, extras)
+        finally:
+            self._t = None
+        return -v
+
+    def velocity(self, x: torch.Tensor, sigma: Any, **extras: Any) -> torch.Tensor:
+        """guidekit's / diffusers' contract: the guided ``v = n - x0`` at noise level ``sigma``."""
+        return self._guided(x, level_of(sigma), extras)
+
+    def odeint_func(
+        self, time: str = "t", **extras: Any
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``f(time, x) -> dx/dtime`` for ``torchdiffeq.odeint``.
+
+        ``time="t"``: integrate flow time from 0 to 1 (``f = u``); ``time="sigma"``:
+        integrate ``sigma`` from 1 to 0 (``f = v``). ``extras`` (conditionings) are passed
+        on every call, since ``odeint`` passes only ``(time, x)``.
+        """
+        if time == "t":
+            return lambda t, x: self(x, t, **extras)
+        if time == "sigma":
+            return lambda sigma, x: self.velocity(x, sigma, **extras)
+        raise GuidanceValueError(
+            f"odeint_func(time={time!r}): use 't' (0 = noise -> 1) or 'sigma' (1 = noise -> 0)"
+        )
+
+    def model_wrapper(self) -> Any:
+        """This velocity as a ``flow_matching.utils.ModelWrapper`` (an ``nn.Module``).
+
+        Its ``model`` is the main model when that is a module (so ``.to()``/``.eval()``
+        reach it); ``forward(x, t, **extras)`` is :meth:`__call__`.
+        """
+        return _model_wrapper_class()(self)
+
+    # -- inspection ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The compiled plan (in guidekit's convention: sigma = 1 - t, v = -u)."""
+        return self.run.plan
+
+    @property
+    def around_call(self) -> Any:
+        """The attention engine's hook handed to every ``plan.step`` (``None``: none)."""
+        return self.run.around_call
+
+    @around_call.setter
+    def around_call(self, value: Any) -> None:
+        self.run.around_call = value
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """Every model call of this run; ``sigma`` is ``1 - t``."""
+        return self.run.calls
+
+    @property
+    def steps(self) -> int:
+        """Solver steps seen in this run."""
+        return self.run.steps
+
+    @property
+    def state(self) -> guidekit.State:
+        """The run's state after the last call."""
+        return self.run.state
+
+    def reset(self, seed: int | None = None, sigmas: Any = ..., time_grid: Any = None) -> None:
+        """Start a new run (fresh state, empty ``calls``); optionally a new seed/grid."""
+        if time_grid is not None:
+            sigmas = sigmas_from_time_grid(time_grid)
+        self.run.reset(seed, sigmas)
+
+    def __repr__(self) -> str:
+        return f"<FlowGuided {self.plan.expr!r}, model time {self.model_time!r}>"
+
+
+def _model_wrapper_class() -> type:
+    """The ``ModelWrapper`` subclass, defined on first use so flow_matching stays optional."""
+    global _wrapper_class
+    if _wrapper_class is None:
+        from flow_matching.utils import ModelWrapper
+
+        class GuidedModelWrapper(ModelWrapper):
+            """A ``flow_matching`` velocity model that runs a guidekit plan."""
+
+            def __init__(self, guided: FlowGuided) -> None:
+                main = guided._main
+                super().__init__(main if isinstance(main, torch.nn.Module) else None)
+                self.guided = guided
+
+            def forward(self, x: torch.Tensor, t: torch.Tensor, **extras: Any) -> torch.Tensor:
+                return self.guided(x, t, **extras)
+
+        _wrapper_class = GuidedModelWrapper
+    return _wrapper_class
+
+
+__all__ = ["FlowGuided", "sigmas_from_time_grid"]

@@ -1,0 +1,232 @@
+"""A guided denoiser for every sampler of k-diffusion (``k_diffusion.sampling``).
+
+k-diffusion's samplers call ``model(x, sigma, **extra_args)`` with ``sigma`` a ``[B]`` tensor
+of one noise level and expect the denoised ``x0`` back, in the VE convention
+``x = x0 + sigma n`` (https://github.com/crowsonkb/k-diffusion). :class:`KDiffusionGuided`
+is such a callable; it never imports k-diffusion. Per call it runs ``Plan.step`` once
+(one batched model call per forward group) and returns the guided prediction as ``x0``.
+
+What it wraps (``prediction=``):
+
+* ``"x0"`` (default): a k-diffusion denoiser ``den(x, sigma, **cond) -> x0`` -- k-diffusion's
+  own ``DiscreteEpsDDPMDenoiser``, ``VDenoiser``, ``CompVisDenoiser``, or any function of that
+  form. guidekit's model-space parts (``Rescale``, ``CFGZeroStar``, ``TCFG``) then act on x0.
+* ``"eps"`` / ``"v"``: a raw network ``net(x * c_in, time, **cond)`` that predicts the
+  noise, or v (as k-diffusion's ``VDenoiser``/``DiscreteVDDPMDenoiser`` define it, with
+  ``sigma_data = 1``). ``c_in = 1 / sqrt(sigma^2 + 1)``; ``time`` is the DDPM timestep
+  interpolated in log sigma when ``alphas_cumprod`` is given (k-diffusion's
+  ``DiscreteSchedule.sigma_to_t``), ``timestep(sigma)`` when given, else ``sigma``.
+  guidekit then sees the model's own space.
+
+Conditionings: ``cond=``/``uncond=`` (and ``conds=`` for other names) at construction,
+and/or the sampler's ``extra_args`` with the same names; per call, ``extra_args`` win.
+A bare tensor stands for ``{cond_key: tensor}``.
+
+Steps: pass the sampler's ``sigmas`` so that state (APG momentum, CADS's step) advances once
+per step although heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral and dpmpp_sde evaluate the
+model twice per step (see :mod:`guidekit.state`). ``sample_dpm_fast`` and
+``sample_dpm_adaptive`` have no schedule: leave ``sigmas`` out and every model evaluation at
+a new, lower noise level is a step; when ``dpm_adaptive`` rejects a trial step and evaluates
+again at its start, the state returns to what it was before that level was first evaluated
+(the rejected trial's evaluations are forgotten).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+import guidekit
+from guidekit.branch import MAIN
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.plan import CallRecord, Plan
+
+from ._sampling import ModelFn, SamplerRun, as_plan
+
+_KINDS = ("x0", "eps", "v")
+
+
+def discrete_timestep(
+    sigma: torch.Tensor, alphas_cumprod: Any, quantize: bool = False
+) -> torch.Tensor:
+    """The DDPM timestep of noise level ``sigma`` for a model trained on ``alphas_cumprod``.
+
+    ``sigma_t = sqrt((1 - abar_t) / abar_t)``; between two table entries ``t`` is
+    interpolated linearly in ``log sigma`` and clamped to ``[0, T - 1]`` (the mapping of
+    k-diffusion's ``DiscreteSchedule``). ``quantize`` rounds to the nearest entry (an int64
+    tensor, as DDPM timesteps are).
+    """
+    noise = guidekit.Noise("ve", alphas_cumprod=alphas_cumprod)
+    last = torch.as_tensor(alphas_cumprod).numel() - 1
+    # guidekit.Noise.t is this interpolation as a fraction of the table (CADS's time)
+    values = [noise.t(float(s)) * last for s in sigma.detach().flatten().tolist()]
+    t = torch.tensor(values, dtype=torch.float64, device=sigma.device).view(sigma.shape)
+    if quantize:
+        return t.round().long()
+    return t.to(sigma.dtype if sigma.is_floating_point() else torch.float32)
+
+
+def _alphas_from(model: Any) -> torch.Tensor | None:
+    """``alphas_cumprod`` of a k-diffusion ``DiscreteSchedule`` denoiser, read from its
+    ``sigmas`` table (duck-typed: no k-diffusion import)."""
+    table = getattr(model, "sigmas", None)
+    if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() > 1:
+        table = table.detach().double().cpu()
+        return 1.0 / (1.0 + table**2)
+    return None
+
+
+class KDiffusionGuided:
+    """A k-diffusion denoiser ``(x, sigma, **extra_args) -> x0`` running a guidance plan.
+
+    Args:
+        guidance: an expression (``CFG(7) | APG(eta=0)``), guidance text, or a plan compiled
+            with ``prediction=`` this adapter's ``prediction`` and ``noise="ve"``.
+        model: the main model (see the module docstring for ``prediction``).
+        prediction: ``"x0"`` for a k-diffusion denoiser, ``"eps"`` or ``"v"`` for a raw net.
+        cond, uncond, conds: conditionings (dicts of the model's keyword tensors, batch
+            first, or one tensor passed as ``cond_key``); ``extra_args`` of the same names
+            replace them per call.
+        models: other models by name (``{"weak": ...}`` for Autoguidance), of the same kind
+            as ``model`` and translated the same way.
+        sigmas: the sampler's schedule; leave out for ``dpm_fast`` / ``dpm_adaptive``.
+        seed: seeds CADS's noise.
+        max_rows: row budget passed to :func:`guidekit.compile`.
+        alphas_cumprod: the model's DDPM training schedule: raw nets then receive DDPM
+            timesteps, and CADS's time is read from it. Taken from a ``DiscreteSchedule``
+            denoiser's ``sigmas`` when not given.
+        timestep: ``sigma_rows -> time`` for raw nets trained on another time variable.
+        quantize: round DDPM timesteps to integers (raw nets with ``alphas_cumprod``).
+        scale_input: multiply a raw net's input by ``c_in`` (default: ``True`` for raw nets).
+        cond_key: the keyword a bare conditioning tensor is passed as.
+        around_call: the attention engine's hook, for plans with attention-space terms
+            (PAG, ...): ``with guidekit.attention.install(net, plan) as around_call:``;
+            compile the plan yourself then (the engine needs it) and pass it as ``guidance``.
+    """
+
+    def __init__(
+        self,
+        guidance: Any,
+        model: ModelFn,
+        *,
+        prediction: str = "x0",
+        cond: Any = None,
+        uncond: Any = None,
+        conds: Mapping[str, Any] | None = None,
+        models: Mapping[str, ModelFn] | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        seed: int = 0,
+        max_rows: int | str | None = None,
+        alphas_cumprod: Any = None,
+        timestep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        quantize: bool = False,
+        scale_input: bool | None = None,
+        cond_key: str = "cond",
+        around_call: Any = None,
+    ) -> None:
+        if prediction not in _KINDS:
+            raise GuidanceValueError(
+                f"KDiffusionGuided(prediction={prediction!r}): use 'x0' for a k-diffusion "
+                f"denoiser (returns x0), 'eps' or 'v' for a raw network"
+            )
+        raw = prediction != "x0"
+        if not raw and (timestep is not None or scale_input or quantize):
+            raise GuidanceValueError(
+                "KDiffusionGuided: timestep=, quantize= and scale_input= describe a raw network; "
+                "a k-diffusion denoiser (prediction='x0') scales its own input. Pass "
+                "prediction='eps' or 'v' with the raw network instead"
+            )
+        if timestep is not None and alphas_cumprod is not None:
+            raise GuidanceValueError(
+                "KDiffusionGuided: give timestep= or alphas_cumprod= (DDPM timesteps), not both"
+            )
+        if alphas_cumprod is None and not raw:
+            alphas_cumprod = _alphas_from(model)
+        self.prediction = prediction
+        self.alphas_cumprod = alphas_cumprod
+        self.timestep = timestep
+        self.quantize = quantize
+        self.scale_input = raw if scale_input is None else scale_input
+        noise = guidekit.Noise("ve", alphas_cumprod=alphas_cumprod)
+        plan = as_plan(
+            guidance, prediction=prediction, noise=noise, max_rows=max_rows,
+            adapter="KDiffusionGuided",
+        )
+        all_models = {MAIN: model, **(models or {})}
+        translated = {name: self._translate(m) for name, m in all_models.items()}
+        self.run = SamplerRun(
+            plan, translated, {"cond": cond, "uncond": uncond, **(conds or {})},
+            sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="KDiffusionGuided",
+            around_call=around_call,
+        )
+
+    # -- translation ------------------------------------------------------------------------
+    def _time(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.timestep is not None:
+            return self.timestep(sigma)
+        if self.alphas_cumprod is not None:
+            return discrete_timestep(sigma, self.alphas_cumprod, self.quantize)
+        return sigma
+
+    def _translate(self, model: ModelFn) -> ModelFn:
+        if not callable(model):
+            raise GuidanceTypeError(
+                f"KDiffusionGuided: models must be callables, got {type(model).__name__}"
+            )
+        if self.prediction == "x0":
+            return model  # already k-diffusion's contract: (x, sigma, **cond) -> x0
+
+        def net(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+            if self.scale_input:
+                c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
+                x = x * c_in
+            return model(x, self._time(sigma), **cond)
+
+        return net
+
+    # -- the k-diffusion contract ----------------------------------------------------------
+    def __call__(self, x: torch.Tensor, sigma: Any, **extra_args: Any) -> torch.Tensor:
+        """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
+        return self.run(x, sigma, extra_args, output="x0")
+
+    # -- inspection ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The compiled plan (``print(den.plan)`` shows its forward groups)."""
+        return self.run.plan
+
+    @property
+    def around_call(self) -> Any:
+        """The attention engine's hook handed to every ``plan.step`` (``None``: none)."""
+        return self.run.around_call
+
+    @around_call.setter
+    def around_call(self, value: Any) -> None:
+        self.run.around_call = value
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """Every model call of this run: model, rows, branches, sigma, step."""
+        return self.run.calls
+
+    @property
+    def steps(self) -> int:
+        """Sampler steps seen in this run."""
+        return self.run.steps
+
+    @property
+    def state(self) -> guidekit.State:
+        """The run's state (APG momentum, ...) after the last call."""
+        return self.run.state
+
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        """Start a new run (fresh state, empty ``calls``); optionally a new seed/schedule."""
+        self.run.reset(seed, sigmas)
+
+    def __repr__(self) -> str:
+        return f"<KDiffusionGuided {self.plan.expr!r}, model predicts {self.prediction}>"
+
+
+__all__ = ["KDiffusionGuided", "discrete_timestep"]
