@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 import torch
-from guidekit.adapters.diffusers import GuidekitGuidance, guided, layout_for
 
 import guidekit as gk
 from guidekit import APG, CADS, CFG, Autoguidance, Cond, GuidanceValueError
+from guidekit.adapters.diffusers import GuidekitGuidance, guided, layout_for
 
 # the builders of tiny components live next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
