@@ -80,6 +80,7 @@ def compile(
     )
     # Drop branches no interval ever runs (0 * d, cancelled terms): they need no model.
     used = {b for _, _, prog in plan.regions() for b in prog.branches}
+    used.update(plan.program(0.0).branches)
     groups = tuple(
         ForwardGroup(g.model, tuple(b for b in g.branches if b in used)) for g in plan.groups
     )

@@ -135,6 +135,8 @@ class Plan:
         return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
 
     def region(self, sigma: float) -> int:
+        if sigma <= 0:
+            return -1  # gates are (lo, hi] with lo >= 0: sigma 0 is its own region
         return bisect.bisect_left(self.breakpoints, sigma)
 
     def program(self, sigma: float) -> Program:
@@ -151,7 +153,8 @@ class Plan:
         for e in self.entries:
             if e.active(sigma):
                 coefs[e.atom] = coefs.get(e.atom, 0.0) + e.coef
-        coefs = {a: c for a, c in coefs.items() if c != 0.0}
+        # cancelled terms leave round-off residues (3.3 - 1.1 - 2.2); they need no rows
+        coefs = {a: c for a, c in coefs.items() if abs(c) > 1e-12}
         needed: dict[Branch, None] = {}
         for atom in coefs:
             needed.update(dict.fromkeys(atom_branches(atom)))

@@ -82,7 +82,7 @@ class APGProjection(Processor):
     def apply(self, y: torch.Tensor, ctx: StepContext, state: Any) -> tuple[torch.Tensor, Any]:
         alpha_u = ctx.coefs.get(uncond(), 0.0)
         w = 1.0 - alpha_u
-        if alpha_u == 0.0 or w == 0.0:
+        if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
             return y, state  # no CFG update at this noise level: nothing to project
         dtype = y.dtype
         u = ctx.value(uncond(), self.space).double()

@@ -44,7 +44,10 @@ class CFGRescale(Processor):
             return y, state
         c = ctx.value(cond(), self.space)
         dims = tuple(range(1, y.ndim))
-        rescaled = y * (c.std(dim=dims, keepdim=True) / y.std(dim=dims, keepdim=True))
+        std_y = y.std(dim=dims, keepdim=True)
+        # a constant sample (e.g. CFG-Zero*'s zero-init step) has nothing to rescale
+        ratio = torch.where(std_y > 0, c.std(dim=dims, keepdim=True) / std_y, 1.0)
+        rescaled = y * ratio
         return self.phi * rescaled + (1 - self.phi) * y, state
 
 

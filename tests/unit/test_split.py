@@ -1,0 +1,323 @@
+"""Row-splitting policies: FixedSplit's chunks and call counts, AutoSplit's decisions.
+
+Behaviour only, never wall-clock speed: AutoSplit is fed made-up timings, either directly or
+through a plan by a wrapper that replaces the measured seconds with a cost model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import guidekit as gk
+from guidekit import CFG, Autoguidance, AutoSplit, Cond, FixedSplit
+from guidekit.errors import GuidanceValueError
+from guidekit.split import calls_for, make_splitter
+
+SIGMAS = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]
+
+
+class Net:
+    """A float64 model that mixes features (a matmul), records its calls' row counts."""
+
+    def __init__(self, seed: int = 0, offset: float = 0.0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(4, 4, generator=g, dtype=torch.float64) / 2
+        self.offset = offset
+        self.rows: list[int] = []
+        self.tags: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, tag: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        self.tags.append(tag.clone())
+        return torch.tanh(x @ self.w) + tag.view(-1, 1) + sigma.view(-1, 1) * 0.1 + self.offset
+
+
+def conds(batch: int) -> dict[str, dict[str, torch.Tensor]]:
+    tags = torch.arange(batch, dtype=torch.float64)
+    return {"cond": {"tag": tags}, "uncond": {"tag": -1.0 - tags}}
+
+
+def sample(plan: gk.Plan, batch: int, splitter=None, steps: int = len(SIGMAS)):
+    """An Euler run; returns the final x, the main and weak models, and the call records."""
+    main, weak = Net(0), Net(1, offset=3.0)
+    x = torch.linspace(-2, 2, batch * 4, dtype=torch.float64).view(batch, 4)
+    state = plan.init(0, SIGMAS)
+    split = plan.splitter() if splitter is None else splitter
+    calls: list[gk.CallRecord] = []
+    sig = SIGMAS[:steps]
+    for s, s_next in zip(sig, [*sig[1:], 0.0]):
+        y, state = plan.step(
+            state, x, s, conds(batch), {"main": main, "weak": weak}, splitter=split,
+            on_call=calls.append,
+        )
+        x = x + (s_next - s) * y
+    return x, main, weak, calls
+
+
+# -- FixedSplit ---------------------------------------------------------------------------------
+
+
+def test_fixed_split_chunk_is_rows_or_the_budget():
+    assert FixedSplit().chunk("main", 12, 4) == 12
+    assert FixedSplit(5).chunk("main", 12, 4) == 5
+    assert FixedSplit(20).chunk("main", 12, 4) == 12
+    assert FixedSplit(1).chunk("weak", 3, 3) == 1
+    assert FixedSplit(5).timing is False
+    assert FixedSplit(5).observe("main", 12, 4, 5, 1.0) is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "chunk", "calls"), [(8, 8, 1), (8, 3, 3), (9, 3, 3), (10, 3, 4), (1, 5, 1), (7, 1, 7)]
+)
+def test_calls_for_is_ceil(rows, chunk, calls):
+    assert calls_for(rows, chunk) == calls == math.ceil(rows / chunk)
+
+
+def test_make_splitter_maps_max_rows_to_a_policy():
+    assert make_splitter(None) == FixedSplit(None)
+    assert make_splitter(3) == FixedSplit(3)
+    assert isinstance(make_splitter("auto"), AutoSplit)
+    assert make_splitter("auto") is not make_splitter("auto")  # fresh state per run
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "fast", [4]])
+def test_make_splitter_rejects_bad_budgets(bad):
+    with pytest.raises(GuidanceValueError, match="max_rows"):
+        make_splitter(bad)
+    with pytest.raises(GuidanceValueError, match="max_rows"):
+        gk.compile(CFG(3), max_rows=bad)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("max_rows", [1, 2, 3, 5, 8, 100])
+@pytest.mark.parametrize(
+    ("expr", "k_main", "k_weak"),
+    [(Cond(), 1, 0), (CFG(7), 2, 0), (CFG(3) + Autoguidance(1), 2, 1)],
+    ids=["cond", "cfg", "cfg+ag"],
+)
+def test_row_budget_calls_and_rows_through_a_plan(expr, k_main, k_weak, batch, max_rows):
+    plan = gk.compile(expr, max_rows=max_rows)
+    steps = 3
+    y, main, weak, calls = sample(plan, batch, steps=steps)
+    for model, k in ((main, k_main), (weak, k_weak)):
+        rows = k * batch
+        n = math.ceil(rows / max_rows) if rows else 0
+        per_step = [max_rows] * (n - 1) + [rows - max_rows * (n - 1)] if n else []
+        assert model.rows == per_step * steps
+        assert sum(model.rows) == rows * steps
+    assert plan.nfe(SIGMAS[0], batch) == len(calls) // steps
+    # Same rows, same order, same results as one call per group.
+    y_one, main_one, _, _ = sample(gk.compile(expr), batch, steps=steps)
+    assert torch.equal(torch.cat(main.tags), torch.cat(main_one.tags))
+    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
+
+
+# -- AutoSplit fed made-up timings --------------------------------------------------------------
+
+
+def drive(split: AutoSplit, cost: dict[int, list[float] | float], n: int, key=("main", 8, 4)):
+    """Ask for ``n`` chunks, reporting ``cost[chunk]`` (a constant or a list consumed in
+    order) as the seconds each group took; return the chunks asked for."""
+    model, rows, batch = key
+    used = {c: 0 for c in cost}
+    chunks = []
+    for _ in range(n):
+        c = split.chunk(model, rows, batch)
+        chunks.append(c)
+        spec = cost[c]
+        t = spec[min(used[c], len(spec) - 1)] if isinstance(spec, list) else spec
+        used[c] += 1
+        split.observe(model, rows, batch, c, t)
+    return chunks
+
+
+def test_auto_picks_one_call_when_its_timings_are_faster():
+    split = AutoSplit()
+    chunks = drive(split, {8: 1.0, 4: 1.3}, 20)
+    assert split.chosen[("main", 8, 4)] == 8
+    assert chunks[:4] == [8, 4, 8, 4]  # the trial alternates, one call first
+    assert set(chunks[4:]) == {8}
+
+
+def test_auto_picks_one_call_per_branch_when_its_timings_are_faster():
+    split = AutoSplit()
+    chunks = drive(split, {8: 1.3, 4: 1.0}, 20)
+    assert split.chosen[("main", 8, 4)] == 4
+    assert {8, 4} <= set(chunks[:4])
+    assert set(chunks[4:]) == {4}
+
+
+def test_auto_uses_both_candidates_during_the_trial():
+    for costs in ({8: 1.0, 4: 1.2}, {8: 1.2, 4: 1.0}, {8: 1.0, 4: 1.0}, {8: 1.0, 4: 9.0}):
+        split = AutoSplit()
+        chunks = drive(split, costs, 12)
+        trial = split.timings[("main", 8, 4)]
+        assert len(trial[8]) >= 1 and len(trial[4]) >= 1, costs
+        assert {8, 4} <= set(chunks)
+
+
+def test_auto_keeps_its_choice_whatever_it_observes_later():
+    split = AutoSplit()
+    drive(split, {8: 1.0, 4: 1.3}, 4)
+    assert split.chosen[("main", 8, 4)] == 8
+    recorded = {c: list(ts) for c, ts in split.timings[("main", 8, 4)].items()}
+    chunks = drive(split, {8: 50.0, 4: 0.01}, 30)  # one call suddenly much slower
+    assert set(chunks) == {8}
+    assert split.timings[("main", 8, 4)] == recorded  # later calls are not recorded
+
+
+def test_auto_estimates_by_the_minimum_so_a_slow_first_call_does_not_mislead():
+    # The first call of "one call" pays a cold start; its warm time is still the fastest.
+    split = AutoSplit()
+    drive(split, {8: [5.0, 1.0], 4: [1.2, 1.2]}, 6)
+    assert split.chosen[("main", 8, 4)] == 8
+    # ... and the same for the per-branch candidate, while its cold call is within `drop`.
+    split = AutoSplit(drop=1.5)
+    drive(split, {8: [1.2, 1.2], 4: [1.7, 1.0]}, 6)
+    assert split.chosen[("main", 8, 4)] == 4
+    # A colder first call looks like a clear loser (documented trade-off); drop=inf waits
+    # for a second call of every candidate.
+    split = AutoSplit(drop=math.inf)
+    drive(split, {8: [1.2, 1.2], 4: [5.0, 1.0]}, 6)
+    assert split.chosen[("main", 8, 4)] == 4
+
+
+def test_auto_times_a_close_call_up_to_max_trials():
+    split = AutoSplit(trials=2, max_trials=4, margin=0.05)
+    chunks = drive(split, {8: 1.0, 4: 1.02}, 12)
+    trial = split.timings[("main", 8, 4)]
+    assert len(trial[8]) == len(trial[4]) == 4
+    assert chunks[:8] == [8, 4] * 4
+    assert split.chosen[("main", 8, 4)] == 8
+
+
+def test_auto_decides_after_trials_when_the_gap_is_clear():
+    split = AutoSplit(trials=2, margin=0.05, drop=10.0)
+    drive(split, {8: 1.0, 4: 1.2}, 10)
+    trial = split.timings[("main", 8, 4)]
+    assert len(trial[8]) == len(trial[4]) == 2
+
+
+def test_auto_drops_a_clear_loser_after_one_call():
+    split = AutoSplit(trials=2, drop=1.5)
+    chunks = drive(split, {8: 1.0, 4: 2.0}, 6)
+    assert chunks[:3] == [8, 4, 8]
+    assert len(split.timings[("main", 8, 4)][4]) == 1
+    assert chunks[3:] == [8, 8, 8]
+
+
+def test_auto_ties_go_to_the_larger_chunk():
+    split = AutoSplit()
+    drive(split, {8: 1.0, 4: 1.0}, 12)
+    assert split.chosen[("main", 8, 4)] == 8
+
+
+def test_auto_decides_each_group_and_batch_separately():
+    split = AutoSplit()
+    drive(split, {8: 1.0, 4: 2.0}, 6, key=("main", 8, 4))
+    drive(split, {4: 2.0, 2: 1.0}, 6, key=("main", 4, 2))
+    drive(split, {4: 1.0}, 2, key=("weak", 4, 4))
+    assert split.chosen == {("main", 8, 4): 8, ("main", 4, 2): 2, ("weak", 4, 4): 4}
+
+
+def test_auto_with_one_branch_has_nothing_to_try():
+    split = AutoSplit()
+    assert split.chunk("weak", 4, 4) == 4
+    assert split.chosen == {("weak", 4, 4): 4} and split.timings == {}
+
+
+def test_auto_candidates_respect_a_row_budget():
+    assert AutoSplit().candidates(12, 4) == [12, 4]
+    assert AutoSplit(max_rows=5).candidates(12, 4) == [5, 4]
+    assert AutoSplit(max_rows=3).candidates(12, 4) == [3]
+    split = AutoSplit(max_rows=3)
+    assert split.chunk("main", 12, 4) == 3 and split.chosen[("main", 12, 4)] == 3
+
+
+def test_auto_ignores_timings_it_did_not_ask_for():
+    split = AutoSplit()
+    split.observe("main", 8, 4, 8, 1.0)  # no chunk() asked for this key yet
+    split.chunk("main", 8, 4)
+    split.observe("main", 8, 4, 3, 1.0)  # a chunk that is not a candidate
+    assert split.timings == {("main", 8, 4): {8: [], 4: []}} and split.chosen == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"trials": 0}, {"max_trials": 0}, {"trials": 3, "max_trials": 2},
+               {"margin": -0.1}, {"drop": 0.5}, {"trials": 1.5}]
+)
+def test_auto_rejects_bad_settings(kwargs):
+    with pytest.raises(GuidanceValueError, match="AutoSplit"):
+        AutoSplit(**kwargs)
+
+
+# -- AutoSplit through a plan ------------------------------------------------------------------
+
+
+class CostModel:
+    """A splitter that hands chunk() to an AutoSplit but reports a made-up cost per group:
+    ``calls * per_call + rows * per_row`` seconds, whatever the wall clock says."""
+
+    def __init__(self, per_call: float, per_row: float) -> None:
+        self.inner = AutoSplit()
+        self.per_call, self.per_row = per_call, per_row
+        self.timing = True
+
+    def chunk(self, model: str, rows: int, batch: int) -> int:
+        return self.inner.chunk(model, rows, batch)
+
+    def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
+        cost = calls_for(rows, chunk) * self.per_call + rows * self.per_row
+        self.inner.observe(model, rows, batch, chunk, cost)
+
+
+@pytest.mark.parametrize(
+    ("per_call", "per_row", "winner"),
+    [(1.0, 0.01, "one"), (0.0, 1.0, "one")],  # a tie in cost goes to one call
+)
+def test_auto_through_a_plan_follows_the_cost_and_keeps_outputs(per_call, per_row, winner):
+    batch = 3
+    expr = CFG(3) + Autoguidance(1)
+    plan = gk.compile(expr, max_rows="auto")
+    split = CostModel(per_call, per_row)
+    y, main, weak, calls = sample(plan, batch, splitter=split)
+    assert split.inner.chosen[("main", 2 * batch, batch)] == (2 * batch if winner == "one" else batch)
+    assert set(main.rows[:2]) == {2 * batch, batch}  # both candidates tried
+    assert weak.rows == [batch] * len(SIGMAS)  # one branch: nothing to split
+    y_one, *_ = sample(gk.compile(expr), batch)
+    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
+
+
+class SplitFaster(CostModel):
+    """Per-branch calls are cheaper: a model that slows down superlinearly in rows."""
+
+    def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
+        cost = calls_for(rows, chunk) * chunk**2 * 1.0
+        self.inner.observe(model, rows, batch, chunk, cost)
+
+
+def test_auto_through_a_plan_can_choose_one_call_per_branch():
+    batch = 4
+    plan = gk.compile(CFG(7), max_rows="auto")
+    split = SplitFaster(0.0, 0.0)  # one call of 8 rows costs 64, two calls of 4 rows 32
+    y, main, _, calls = sample(plan, batch, splitter=split)
+    assert split.inner.chosen[("main", 2 * batch, batch)] == batch
+    # Trial: one call, split, one call, split (decided: one call is 2x slower); then split.
+    trial = [8, 4, 4, 8, 4, 4]
+    assert main.rows == trial + [4, 4] * (len(SIGMAS) - 4)
+    assert len(calls) == len(main.rows)
+    y_one, *_ = sample(gk.compile(CFG(7)), batch)
+    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_with_the_real_clock_tries_both_and_matches_one_call():
+    batch = 2
+    plan = gk.compile(CFG(5), max_rows="auto")
+    y, main, _, _ = sample(plan, batch)
+    assert main.rows[0] == 2 * batch and batch in main.rows[1:3]
+    assert sum(main.rows) == 2 * batch * len(SIGMAS)
+    y_one, *_ = sample(gk.compile(CFG(5)), batch)
+    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
