@@ -36,6 +36,10 @@ from guidekit.terms import (
     CFGZeroStar,
     CFGZeroStarTerm,
     Cond,
+    EMAG,
+    EMAGQ,
+    EMAGQTerm,
+    EMAGTerm,
     CondTerm,
     PAGTerm,
     TCFGTerm,
@@ -53,4 +57,5 @@ __all__ = [
     "ParseError", "Piped", "Pipeline", "Plan", "Rescale", "Scaled", "State", "Sum", "TCFG",
     "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide", "parse",
     "PAG", "PAGTerm",
+    "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
 ]

@@ -23,7 +23,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Entry, Expr, atom_branches, fmt_number
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import FixedSplit, Splitter, calls_for, make_splitter, now, sync
-from guidekit.state import State, new_state
+from guidekit.state import ForwardState, State, new_state
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -56,12 +56,23 @@ class RowLayout:
     """Which rows of one model call belong to which branch: ``(branch, start, stop)`` blocks.
 
     Passed to ``around_call`` so that code running inside the forward (an attention
-    engine, for example) can treat each branch's rows differently.
+    engine, for example) can treat each branch's rows differently. ``offset`` is the call's
+    first row within its forward group (non-zero only when a row budget splits the group)
+    and ``batch`` the sampler's batch ``B``, so row ``r`` of a block is sample
+    ``(r + offset) % batch``. ``state`` is the step's :class:`~guidekit.state.ForwardState`
+    (not part of equality: equal layouts route rows alike whatever the state).
     """
 
     model: str
     rows: int
     blocks: tuple[tuple[Branch, int, int], ...]
+    offset: int = 0
+    batch: int = 0
+    state: Any = attrs.field(default=None, eq=False, hash=False, repr=False)
+
+    def sample(self, row: int) -> int:
+        """Index in the sampler's batch of the call's row ``row``."""
+        return (row + self.offset) % self.batch if self.batch else row
 
 
 @attrs.frozen(eq=False)
@@ -129,9 +140,21 @@ class Plan:
         return tuple(dict.fromkeys(b.cond for b in self.branches))
 
     @property
+    def stateful(self) -> tuple[tuple[Any, str], ...]:
+        """``(perturbation, model)`` for each perturbation whose state is built inside the
+        forward (EMAG's averages), in layout order."""
+        seen: dict[Any, str] = {}
+        for b in self.branches:
+            p = b.perturbation
+            if p is not None and getattr(p, "stateful", False):
+                seen.setdefault(p, b.model)
+        return tuple(seen.items())
+
+    @property
     def components(self) -> tuple[tuple[str, Any], ...]:
-        """Stateful parts (post-processors and modifiers), named ``index:repr``."""
-        parts = self.post + self.modifiers
+        """Stateful parts (post-processors, modifiers, stateful perturbations), named
+        ``index:repr``."""
+        parts = self.post + self.modifiers + tuple(p for p, _ in self.stateful)
         return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
 
     def region(self, sigma: float) -> int:
@@ -239,6 +262,21 @@ class Plan:
         level = state.level_for(kind)
         inputs = state.inputs(kind)
         prog = self.program(s)
+        stateful = self.stateful
+        if stateful and (around_call is None or native is not None):
+            names = ", ".join(repr(p) for p, _ in stateful)
+            how = (
+                "a guider fed with finished predictions (native=...) cannot observe the "
+                "forward: sample through guidekit.guide or an adapter that calls the model"
+                if native is not None else
+                "use `with guidekit.attention.install(model, plan) as around_call:` and pass "
+                "around_call=around_call to guide() or plan.step()"
+            )
+            raise GuidanceValueError(
+                f"{self.expr!r} keeps state inside the model's forward ({names}), which "
+                f"needs the attention engine at every step, also where its branch is "
+                f"inactive: {how}"
+            )
         if native is None and around_call is None and any(b.perturbation is not None for b in prog.branches):
             perturbed = ", ".join(b.label for b in prog.branches if b.perturbation is not None)
             raise GuidanceValueError(
@@ -259,14 +297,28 @@ class Plan:
                     f"needs at sigma={s:g}; plan.program(sigma).branches lists them"
                 )
             ctx.native = dict(native)
-        else:
+        first = len(self.post) + len(self.modifiers)
+        forward_state = ForwardState(
+            batch=x.shape[0], level=level,
+            inputs={p: inputs[first + i] for i, (p, _) in enumerate(stateful)},
+        )
+        if native is None:
             conds = self._modified(conds, ctx)
             split = splitter if splitter is not None else self.splitter()
             ctx.native = self._forward(
-                prog, x, s, conds, models, split, on_call, level, around_call
+                prog, x, s, conds, models, split, on_call, level, around_call, forward_state
             )
         y = self._combine(prog, ctx)
         results = list(inputs)
+        for i, (p, model) in enumerate(stateful):
+            memo = forward_state.memos.get(p)
+            if memo is None and Branch(model=model) in prog.branches:
+                raise GuidanceValueError(
+                    f"{p!r} observed nothing during this step although the conditional rows "
+                    f"of {model!r} ran: the around_call given does not belong to an attention "
+                    f"engine installed for this plan"
+                )
+            results[first + i] = p.commit(inputs[first + i], memo)
         space = self.prediction
         # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself:
         # a processor working in another space can change nothing, and x0 cannot be turned
@@ -339,6 +391,7 @@ class Plan:
         on_call: Callable[[CallRecord], None] | None,
         level: int,
         around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
+        forward_state: ForwardState | None = None,
     ) -> dict[Branch, torch.Tensor]:
         batch = x.shape[0]
         native: dict[Branch, torch.Tensor] = {}
@@ -366,7 +419,7 @@ class Plan:
                 if around_call is None:
                     out = model(xs, sig_rows[lo:hi], **sub)
                 else:
-                    with around_call(_layout(group, batch, lo, hi)):
+                    with around_call(_layout(group, batch, lo, hi, forward_state)):
                         out = model(xs, sig_rows[lo:hi], **sub)
                 _check_output(out, group.model, hi - lo, xs)
                 outs.append(out)
@@ -466,13 +519,15 @@ class Plan:
         return "\n".join(lines)
 
 
-def _layout(group: ForwardGroup, batch: int, lo: int, hi: int) -> RowLayout:
+def _layout(
+    group: ForwardGroup, batch: int, lo: int, hi: int, state: ForwardState | None = None
+) -> RowLayout:
     blocks = []
     for i, branch in enumerate(group.branches):
         start, stop = max(i * batch, lo), min((i + 1) * batch, hi)
         if start < stop:
             blocks.append((branch, start - lo, stop - lo))
-    return RowLayout(group.model, hi - lo, tuple(blocks))
+    return RowLayout(group.model, hi - lo, tuple(blocks), lo, batch, state)
 
 
 def concat_conds(

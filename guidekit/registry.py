@@ -13,13 +13,14 @@ from guidekit.expr import display_name
 from guidekit.terms.autoguidance import AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFGTerm, CondTerm, UncondTerm
+from guidekit.terms.emag import EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAGTerm
 from guidekit.terms.tcfg import TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStarTerm
 
 TERM_CLASSES: tuple[type[Term], ...] = (
     CondTerm, UncondTerm, CFGTerm, AutoguidanceTerm, CFGZeroStarTerm, TCFGTerm,
-    PAGTerm,
+    PAGTerm, EMAGTerm, EMAGQTerm,
 )
 PROCESSOR_CLASSES: tuple[type[Processor], ...] = (APGProjection, CFGRescale, CADSAnnealing)
 

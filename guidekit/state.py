@@ -118,3 +118,29 @@ def new_state(
     names = tuple(n for n, _ in components)
     values = tuple(c.init_state() for _, c in components)
     return State(seed=seed, schedule=schedule, components=names, before=values, current=values)
+
+
+@attrs.define(eq=False)
+class ForwardState:
+    """State read and written INSIDE the model calls of one step (EMAG's moving averages).
+
+    ``Plan.step`` makes one per step and hands it to ``around_call`` through each call's
+    :class:`~guidekit.plan.RowLayout`. ``inputs`` maps each stateful perturbation to its
+    state as the step starts (chosen by the rules above: a repeated level recomputes from
+    the previous step's state, a midpoint reads the current one); whatever observes the
+    forward (the attention engine) builds the step's result in ``memos``, and ``Plan.step``
+    turns it into the next state with the perturbation's ``commit``. Nothing here outlives
+    the step, so runs never share it.
+    """
+
+    batch: int
+    level: int
+    inputs: dict[Any, Any]
+    memos: dict[Any, Any] = attrs.field(factory=dict)
+
+    def memo(self, owner: Any, factory: Any) -> Any:
+        """The step's scratch value of ``owner``, made by ``factory()`` on first use."""
+        value = self.memos.get(owner)
+        if value is None:
+            value = self.memos[owner] = factory()
+        return value

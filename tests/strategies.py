@@ -59,6 +59,8 @@ from guidekit.registry import PROCESSOR_CLASSES, TERM_CLASSES, TERMS, kind
 #: Attention-perturbation terms come with the attention engine; looked up by name so these
 #: strategies work with or without them.
 PAGTerm: type | None = TERMS.get("PAG")
+#: EMAG's terms keep state inside the forward (moving averages of attention).
+EMAG_TERMS: tuple[type, ...] = tuple(t for n in ("EMAG", "EMAGQ") if (t := TERMS.get(n)))
 
 # -- numbers ------------------------------------------------------------------------------------
 
@@ -102,6 +104,11 @@ if PAGTerm is not None:
     # distinct layer choices are distinct perturbed branches; equal ones share a row block
     TERM_STRATEGIES[PAGTerm] = st.builds(
         PAGTerm, SCALES, layers=st.sampled_from([None, -1, (1, 2), "blocks.0.attn1"])
+    )
+for _emag in EMAG_TERMS:
+    TERM_STRATEGIES[_emag] = st.builds(
+        _emag, SCALES, layers=st.sampled_from([None, (1, 2)]),
+        beta=st.sampled_from([0.988, 0.9]),
     )
 
 
@@ -463,6 +470,13 @@ class LayoutProbe:
         assert self.current is None, "around_call entered twice"
         self.current = layout
         self.calls += 1
+        # what an attention engine does for EMAG: watch the conditional rows every step
+        # (averages are checked on real models in tests/attention/test_emag.py)
+        if layout.state is not None:
+            from guidekit.attention.ema import StepMemo
+
+            for p in layout.state.inputs:
+                layout.state.memo(p, StepMemo)
         try:
             yield
         finally:
@@ -653,9 +667,11 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     TCFGTerm: lambda t: [(t, 1.0)],
 }
 
-if PAGTerm is not None:
-    TERM_REFERENCE[PAGTerm] = _direction
-    TERM_COEFFICIENTS[PAGTerm] = lambda t: [(t.positive(), t.scale), (t.negative(), -t.scale)]
+for _direction_term in (*([PAGTerm] if PAGTerm is not None else []), *EMAG_TERMS):
+    TERM_REFERENCE[_direction_term] = _direction
+    TERM_COEFFICIENTS[_direction_term] = lambda t: [
+        (t.positive(), t.scale), (t.negative(), -t.scale)
+    ]
 
 
 def _lookup(table: Mapping[type, Any], node: Any, what: str) -> Any:

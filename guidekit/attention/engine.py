@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.layers import (
     LayerTable,
     check_disjoint,
@@ -70,7 +71,7 @@ from guidekit.attention.layers import (
     resolve_layers,
 )
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
-from guidekit.branch import MAIN
+from guidekit.branch import MAIN, Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
 
@@ -91,12 +92,19 @@ class Route:
 
     rows: int
     segments: tuple[Segment, ...]
+    #: the call's first row in its forward group and the sampler batch (see RowLayout)
+    offset: int = 0
+    batch: int = 0
     #: the unperturbed row ranges, in order (derived from ``segments``)
     plain: tuple[tuple[int, int], ...] = attrs.field(init=False)
 
     @plain.default
     def _plain(self) -> tuple[tuple[int, int], ...]:
         return tuple((a, b) for a, b, op in self.segments if op is None)
+
+    def sample(self, row: int) -> int:
+        """Index in the sampler's batch of the call's row ``row``."""
+        return (row + self.offset) % self.batch if self.batch else row
 
 
 def take(t: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
@@ -153,6 +161,7 @@ def perturbed_self_attention(
     *,
     attention_mask: torch.Tensor | None = None,
     temb: torch.Tensor | None = None,
+    attend_kwargs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Self-attention of a diffusers ``Attention`` module with ``op`` as the attention core.
 
@@ -187,7 +196,10 @@ def perturbed_self_attention(
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, n, b)
             mask = mask.view(b, heads, -1, mask.shape[-1])
-    out = op.attend(query, key, value, mask=mask)
+    extra = dict(attend_kwargs or {})
+    if getattr(op, "stateful", False):
+        extra.setdefault("scale", attn.scale)
+    out = op.attend(query, key, value, mask=mask, **extra)
     out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(value.dtype)
     out = attn.to_out[0](out)
     out = attn.to_out[1](out)
@@ -260,6 +272,7 @@ class _RowAware:
                 attn, hidden_states[a:b], op,
                 attention_mask=_row_slice(kwargs.get("attention_mask"), rows, a, b),
                 temb=_row_slice(kwargs.get("temb"), rows, a, b),
+                attend_kwargs=self.engine.scope_kwargs(op, self.path, route, a),
             )
 
         return assemble(route, plain, perturbed)
@@ -364,15 +377,21 @@ class AttentionEngine:
         if mine:
             self.table = layer_table(model, attention_class=attention_class)
             for p in mine:
-                self.layers[p] = resolve_layers(model, self.table, p.layers, what=repr(p))
+                spec = p.layers
+                default = getattr(p, "default_layers", None)
+                if spec is None and default is not None and self.table.paths:
+                    spec = default(self.table.paths)
+                self.layers[p] = resolve_layers(model, self.table, spec, what=repr(p))
         paths = tuple(dict.fromkeys(p for ps in self.layers.values() for p in ps))
         check_disjoint(paths)
         self._hooks = [self._plan_hook(path) for path in paths]
         self._targets: dict[str, frozenset[AttentionPerturbation]] = {
             path: frozenset(p for p, ps in self.layers.items() if path in ps) for path in paths
         }
-        self._routes: dict[RowLayout, dict[str, Route]] = {}
+        self._routes: dict[Any, dict[str, Route]] = {}
         self._active: dict[str, Route] | None = None
+        self._state: Any = None
+        self._stateful = tuple(p for p in self.layers if getattr(p, "stateful", False))
         self._frames: list[_Frame] = []
         self._installed = False
 
@@ -478,6 +497,7 @@ class AttentionEngine:
     def __exit__(self, *exc: Any) -> None:
         self._installed = False
         self._active = None
+        self._state = None
         self._frames.clear()
         errors: list[BaseException] = []
         for hook in reversed(self._hooks):
@@ -497,18 +517,43 @@ class AttentionEngine:
                 "around_call used while the attention engine is not installed: call the model "
                 "inside `with guidekit.attention.install(model, plan) as around_call:`"
             )
-        routes = self._routes.get(layout)
+        selection = self._selection(layout)
+        routes = self._routes.get((layout, selection))
         if routes is None:
-            routes = self._routes_for(layout)
-            self._routes[layout] = routes
-        previous = self._active
-        self._active = routes
+            routes = self._routes_for(layout, dict(selection))
+            self._routes[(layout, selection)] = routes
+        previous, previous_state = self._active, self._state
+        self._active, self._state = routes, layout.state
         try:
             yield
         finally:
-            self._active = previous
+            self._active, self._state = previous, previous_state
 
-    def _routes_for(self, layout: RowLayout) -> dict[str, Route]:
+    def _selection(self, layout: RowLayout) -> tuple[tuple[Any, str | None], ...]:
+        """The layer each stateful perturbation acts in at this step (from its state)."""
+        if not self._stateful:
+            return ()
+        fs = layout.state
+        if fs is None:
+            raise GuidanceValueError(
+                "this plan keeps state inside the forward (EMAG), but the call's RowLayout "
+                "carries no state: call the model through Plan.step or guidekit.guide"
+            )
+        return tuple(
+            (p, p.selected(fs.inputs.get(p), self.layers[p])) for p in self._stateful
+        )
+
+    def scope_kwargs(
+        self, op: AttentionPerturbation, path: str, route: Route, start: int
+    ) -> dict[str, Any]:
+        """Extra ``attend`` arguments of a stateful op: where it runs, in which step."""
+        if not getattr(op, "stateful", False):
+            return {}
+        return {"scope": Scope(path, self._state, route.sample(start))}
+
+    def _routes_for(
+        self, layout: RowLayout, selected: dict[Any, str | None] | None = None
+    ) -> dict[str, Route]:
         for branch, _, _ in layout.blocks:
             p = branch.perturbation
             if p is None:
@@ -519,17 +564,26 @@ class AttentionEngine:
                     f"engine (installed for {self.plan.expr!r} on {self.model_name!r}) does "
                     f"not apply: install the engine with the plan you sample with"
                 )
+        selected = selected or {}
+        source = Branch(model=layout.model)
         routes: dict[str, Route] = {}
         for path, targets in self._targets.items():
+            # EMAG's averages watch the conditional rows of every candidate layer, every step
+            watchers = tuple(p for p in self._stateful if p in targets)
             segments: list[Segment] = []
             for branch, start, stop in layout.blocks:
-                op = branch.perturbation if branch.perturbation in targets else None
+                p = branch.perturbation
+                op: AttentionPerturbation | None = p if p in targets else None
+                if op is not None and op in selected and selected[op] != path:
+                    op = None  # a candidate layer not selected at this step: left alone
+                if branch == source and watchers and layout.model == self.model_name:
+                    op = Observe(watchers)
                 if segments and segments[-1][2] == op and segments[-1][1] == start:
                     segments[-1] = (segments[-1][0], stop, op)
                 else:
                     segments.append((start, stop, op))
             if any(op is not None for _, _, op in segments):
-                routes[path] = Route(layout.rows, tuple(segments))
+                routes[path] = Route(layout.rows, tuple(segments), layout.offset, layout.batch)
         return routes
 
     def route(self, path: str) -> Route | None:
@@ -572,7 +626,15 @@ class AttentionEngine:
                     f"{query.shape[-2]} queries and {key.shape[-2]} keys"
                 )
             m = mask[a:b] if row_mask else mask
-            return op.attend(query[a:b], key[a:b], value[a:b], mask=m)
+            extra = self.scope_kwargs(op, frame.path, route, a)
+            if extra:
+                if bound.get("is_causal") or bound.get("dropout_p"):
+                    raise GuidanceValueError(
+                        f"layer {frame.path!r}: {op!r} needs plain attention; this call uses "
+                        f"is_causal or dropout"
+                    )
+                extra["scale"] = bound.get("scale")
+            return op.attend(query[a:b], key[a:b], value[a:b], mask=m, **extra)
 
         return assemble(route, plain, perturbed)
 

@@ -3,6 +3,7 @@
 from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
+from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAG, PAGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
@@ -12,4 +13,5 @@ __all__ = [
     "LinearTerm", "NonlinearPrediction", "TCFG", "TCFGTerm", "Term", "Uncond", "UncondTerm",
     "Autoguidance", "AutoguidanceTerm",
     "PAG", "PAGTerm",
+    "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
 ]
