@@ -28,7 +28,10 @@ from guidekit.split import AutoSplit, FixedSplit
 from guidekit.state import State
 from guidekit.terms import (
     CFG,
+    EMAG,
+    EMAGQ,
     PAG,
+    SAG,
     TCFG,
     Autoguidance,
     AutoguidanceTerm,
@@ -36,12 +39,11 @@ from guidekit.terms import (
     CFGZeroStar,
     CFGZeroStarTerm,
     Cond,
-    EMAG,
-    EMAGQ,
+    CondTerm,
     EMAGQTerm,
     EMAGTerm,
-    CondTerm,
     PAGTerm,
+    SAGTerm,
     TCFGTerm,
     Uncond,
     UncondTerm,
@@ -58,4 +60,5 @@ __all__ = [
     "TCFGTerm", "Uncond", "UncondTerm", "compile", "convert", "guide", "parse",
     "PAG", "PAGTerm",
     "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
+    "SAG", "SAGTerm",
 ]

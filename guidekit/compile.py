@@ -82,7 +82,7 @@ def compile(
     used = {b for _, _, prog in plan.regions() for b in prog.branches}
     used.update(plan.program(0.0).branches)
     groups = tuple(
-        ForwardGroup(g.model, tuple(b for b in g.branches if b in used)) for g in plan.groups
+        attrs.evolve(g, branches=tuple(b for b in g.branches if b in used)) for g in plan.groups
     )
     return attrs.evolve(plan, groups=tuple(g for g in groups if g.branches), programs={})
 
@@ -110,7 +110,16 @@ def _groups(entries: tuple[Entry, ...], post: tuple[Any, ...]) -> tuple[ForwardG
     def key(b: Branch) -> tuple[int, int, int]:
         return (b.perturbation is not None, _COND_RANK.get(b.cond, 2), order[b])
 
+    def dependent(b: Branch) -> bool:
+        return bool(getattr(b.perturbation, "dependent", False))
+
+    # Branches whose input is made from this step's other outputs (SAG) form a second call
+    # per model, after every first call.
     return tuple(
-        ForwardGroup(m, tuple(sorted((b for b in order if b.model == m), key=key)))
+        ForwardGroup(m, tuple(sorted(
+            (b for b in order if b.model == m and dependent(b) == bool(stage)), key=key
+        )), stage)
+        for stage in (0, 1)
         for m in models
+        if any(b.model == m and dependent(b) == bool(stage) for b in order)
     )

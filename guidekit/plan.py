@@ -4,7 +4,9 @@ Row layout (fixed and documented): forward groups in the order ``main`` first, t
 models by first appearance in the expression. Within a group, the branches that run at a
 step are laid out unperturbed first -- ``cond``, then ``uncond``, then other conditionings --
 then perturbed ones, each class in order of first appearance; every branch is a block of
-``B`` rows (the sampler's batch), so a group runs ``active_branches x B`` rows.
+``B`` rows (the sampler's batch), so a group runs ``active_branches x B`` rows. Branches
+whose INPUT is made from the step's first outputs (SAG's degraded input) form a second,
+dependent group per model, run after all first groups (``ForwardGroup.stage == 1``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import attrs
 import torch
 
-from guidekit.branch import Branch
+from guidekit.branch import COND, Branch
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Entry, Expr, atom_branches, fmt_number
@@ -30,14 +32,25 @@ ModelFn = Callable[..., torch.Tensor]
 
 @attrs.frozen
 class ForwardGroup:
-    """The branches of one model that run together as one batched call."""
+    """The branches of one model that run together as one batched call.
+
+    ``stage`` 1 marks a DEPENDENT group: its branches' inputs are made from the outputs of
+    the stage-0 groups of the same step (SAG's degraded input), so it runs after them, as
+    a second call.
+    """
 
     model: str
     branches: tuple[Branch, ...]
+    stage: int = 0
 
     @property
     def labels(self) -> str:
         return " ".join(b.label for b in self.branches)
+
+    @property
+    def title(self) -> str:
+        """``main [c u]``, or ``main (2nd call) [u[SAG...]]`` for a dependent group."""
+        return f"{self.model}{' (2nd call)' if self.stage else ''} [{self.labels}]"
 
 
 @attrs.frozen
@@ -187,7 +200,7 @@ class Plan:
         for g in self.groups:
             active = tuple(b for b in g.branches if b in needed)
             if active:
-                groups.append(ForwardGroup(g.model, active))
+                groups.append(attrs.evolve(g, branches=active))
         parts = [_term(c, _atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
         formula = "out = " + " ".join(parts)
         if self.post or self.modifiers:
@@ -312,11 +325,12 @@ class Plan:
         results = list(inputs)
         for i, (p, model) in enumerate(stateful):
             memo = forward_state.memos.get(p)
-            if memo is None and Branch(model=model) in prog.branches:
+            source = Branch(model=model, cond=getattr(p, "source", COND))
+            if memo is None and source in prog.branches:
                 raise GuidanceValueError(
-                    f"{p!r} observed nothing during this step although the conditional rows "
-                    f"of {model!r} ran: the around_call given does not belong to an attention "
-                    f"engine installed for this plan"
+                    f"{p!r} observed nothing during this step although the rows of "
+                    f"{source.label} ran: the around_call given does not belong to an "
+                    f"attention engine installed for this plan"
                 )
             results[first + i] = p.commit(inputs[first + i], memo)
         space = self.prediction
@@ -405,7 +419,15 @@ class Plan:
                 )
             k = len(group.branches)
             rows = k * batch
-            x_rows = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
+            if group.stage:
+                x_rows = torch.cat([
+                    b.perturbation.prepare(  # type: ignore[union-attr]
+                        x, sigma, native, forward_state, self.prediction, self.noise, b
+                    ) if getattr(b.perturbation, "dependent", False) else x
+                    for b in group.branches
+                ])
+            else:
+                x_rows = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
             dtype = x.dtype if x.is_floating_point() else torch.float32
             sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
             cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
@@ -465,13 +487,13 @@ class Plan:
             f"  model predicts {self.prediction} (noise {self.noise.kind}); "
             f"row budget: {self._budget()}",
             "  forward groups: "
-            + "; ".join(f"{g.model} [{g.labels}]" for g in self.groups),
+            + "; ".join(g.title for g in self.groups),
         ]
         for lo, hi, prog in self.regions():
             where = "all sigma" if not self.breakpoints else (
                 f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
             )
-            calls = "; ".join(f"{g.model} [{g.labels}] {len(g.branches)}xB rows" for g in prog.groups)
+            calls = "; ".join(f"{g.title} {len(g.branches)}xB rows" for g in prog.groups)
             nfe = f"NFE {len(prog.groups)}" + (
                 " before the row budget" if self.max_rows is not None else ""
             )
@@ -503,7 +525,8 @@ class Plan:
                 r = len(g.branches) * batch
                 n = calls_for(r, split.chunk(g.model, r, batch))
                 nfe += n
-                calls.append(f"{g.model}[{g.labels}] {n}x ({len(g.branches)}x{batch}={r})")
+                tag = f"{g.model}{' (2nd call)' if g.stage else ''}[{g.labels}]"
+                calls.append(f"{tag} {n}x ({len(g.branches)}x{batch}={r})")
                 rows_total += r * (j - i + 1)
             calls_total += nfe * (j - i + 1)
             steps = f"{i}" if i == j else f"{i}-{j}"

@@ -15,12 +15,13 @@ from guidekit.terms.base import DirectionTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFGTerm, CondTerm, UncondTerm
 from guidekit.terms.emag import EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAGTerm
+from guidekit.terms.sag import SAGTerm
 from guidekit.terms.tcfg import TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStarTerm
 
 TERM_CLASSES: tuple[type[Term], ...] = (
     CondTerm, UncondTerm, CFGTerm, AutoguidanceTerm, CFGZeroStarTerm, TCFGTerm,
-    PAGTerm, EMAGTerm, EMAGQTerm,
+    PAGTerm, EMAGTerm, EMAGQTerm, SAGTerm,
 )
 PROCESSOR_CLASSES: tuple[type[Processor], ...] = (APGProjection, CFGRescale, CADSAnnealing)
 

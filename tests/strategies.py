@@ -61,6 +61,8 @@ from guidekit.registry import PROCESSOR_CLASSES, TERM_CLASSES, TERMS, kind
 PAGTerm: type | None = TERMS.get("PAG")
 #: EMAG's terms keep state inside the forward (moving averages of attention).
 EMAG_TERMS: tuple[type, ...] = tuple(t for n in ("EMAG", "EMAGQ") if (t := TERMS.get(n)))
+#: SAG's negative is a second, dependent call on a degraded input.
+SAGTerm: type | None = TERMS.get("SAG")
 
 # -- numbers ------------------------------------------------------------------------------------
 
@@ -104,6 +106,11 @@ if PAGTerm is not None:
     # distinct layer choices are distinct perturbed branches; equal ones share a row block
     TERM_STRATEGIES[PAGTerm] = st.builds(
         PAGTerm, SCALES, layers=st.sampled_from([None, -1, (1, 2), "blocks.0.attn1"])
+    )
+if SAGTerm is not None:
+    TERM_STRATEGIES[SAGTerm] = st.builds(
+        SAGTerm, SCALES, layers=st.sampled_from([None, -1]),
+        blur_sigma=st.sampled_from([1.0, 2.0]), kernel=st.just(3),  # the worlds are 4 x 4
     )
 for _emag in EMAG_TERMS:
     TERM_STRATEGIES[_emag] = st.builds(
@@ -428,7 +435,13 @@ class FakeModel:
                 f"{TAG_NAMES[int(tag[r])]!r} sample {int(idx[r])}, layout says {branch!r} "
                 f"sample {b}"
             )
-            assert torch.equal(x_rows[r], self.x[b]), f"row {r} does not carry sample {b}'s x"
+            if getattr(branch.perturbation, "dependent", False):
+                # SAG's degraded input, rebuilt from x0 and eps of u: x up to round-off
+                assert torch.allclose(x_rows[r], self.x[b], rtol=1e-6, atol=1e-6), (
+                    f"row {r}: SAG's input is not sample {b}'s x"
+                )
+            else:
+                assert torch.equal(x_rows[r], self.x[b]), f"row {r} does not carry sample {b}'s x"
             outs.append(branch_output(self.world, branch, self.step)[b])
         self.rows_seen += n
         return torch.stack(outs)
@@ -476,7 +489,17 @@ class LayoutProbe:
             from guidekit.attention.ema import StepMemo
 
             for p in layout.state.inputs:
-                layout.state.memo(p, StepMemo)
+                if getattr(p, "dependent", False):
+                    # SAG: a map in which no token stands out, so nothing is blurred and the
+                    # degraded input is x itself (up to round-off); checked by FakeModel
+                    from guidekit.attention.sag import SAGMemo
+
+                    memo = SAGMemo("probe", torch.zeros(
+                        layout.batch, math.prod(SHAPE[1:]), dtype=torch.float64
+                    ), layout.batch)
+                    layout.state.memo(p, lambda memo=memo: memo)
+                else:
+                    layout.state.memo(p, StepMemo)
         try:
             yield
         finally:
@@ -488,7 +511,9 @@ def fake_models(
 ) -> dict[str, FakeModel]:
     """One :class:`FakeModel` per model name the test worlds use, each expecting its forward
     group's layout at this step (none for a model that does not run)."""
-    groups = {g.model: g.branches for g in plan.program(world.sigmas[step]).groups}
+    groups: dict[str, tuple[Branch, ...]] = {}
+    for g in plan.program(world.sigmas[step]).groups:  # a model's dependent call comes later
+        groups[g.model] = groups.get(g.model, ()) + g.branches
     names = dict.fromkeys((MAIN, "weak", *AUTOGUIDANCE_MODELS, *groups))
     return {n: FakeModel(n, world, step, groups.get(n, ()), probe) for n in names}
 
@@ -667,7 +692,9 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     TCFGTerm: lambda t: [(t, 1.0)],
 }
 
-for _direction_term in (*([PAGTerm] if PAGTerm is not None else []), *EMAG_TERMS):
+for _direction_term in (
+    *(t for t in (PAGTerm, SAGTerm) if t is not None), *EMAG_TERMS
+):
     TERM_REFERENCE[_direction_term] = _direction
     TERM_COEFFICIENTS[_direction_term] = lambda t: [
         (t.positive(), t.scale), (t.negative(), -t.scale)

@@ -71,7 +71,7 @@ from guidekit.attention.layers import (
     resolve_layers,
 )
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
-from guidekit.branch import MAIN, Branch
+from guidekit.branch import COND, MAIN
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
 
@@ -382,6 +382,11 @@ class AttentionEngine:
                 if spec is None and default is not None and self.table.paths:
                     spec = default(self.table.paths)
                 self.layers[p] = resolve_layers(model, self.table, spec, what=repr(p))
+                if getattr(p, "single_layer", False) and len(self.layers[p]) != 1:
+                    raise GuidanceValueError(
+                        f"{p!r} reads ONE attention map; layers selects "
+                        f"{len(self.layers[p])}: {', '.join(self.layers[p])}"
+                    )
         paths = tuple(dict.fromkeys(p for ps in self.layers.values() for p in ps))
         check_disjoint(paths)
         self._hooks = [self._plan_hook(path) for path in paths]
@@ -565,19 +570,23 @@ class AttentionEngine:
                     f"not apply: install the engine with the plan you sample with"
                 )
         selected = selected or {}
-        source = Branch(model=layout.model)
         routes: dict[str, Route] = {}
         for path, targets in self._targets.items():
-            # EMAG's averages watch the conditional rows of every candidate layer, every step
+            # stateful ops watch their source rows (EMAG: the conditional ones; SAG: the
+            # unconditional ones) in every layer they target, at every step
             watchers = tuple(p for p in self._stateful if p in targets)
             segments: list[Segment] = []
             for branch, start, stop in layout.blocks:
                 p = branch.perturbation
                 op: AttentionPerturbation | None = p if p in targets else None
+                if op is not None and not getattr(op, "perturbs", True):
+                    op = None  # its rows differ by their input, not inside this layer
                 if op is not None and op in selected and selected[op] != path:
                     op = None  # a candidate layer not selected at this step: left alone
-                if branch == source and watchers and layout.model == self.model_name:
-                    op = Observe(watchers)
+                if p is None and layout.model == self.model_name:
+                    mine = tuple(w for w in watchers if getattr(w, "source", COND) == branch.cond)
+                    if mine:
+                        op = Observe(mine)
                 if segments and segments[-1][2] == op and segments[-1][1] == start:
                     segments[-1] = (segments[-1][0], stop, op)
                 else:

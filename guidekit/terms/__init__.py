@@ -5,6 +5,7 @@ from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, 
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAG, PAGTerm
+from guidekit.terms.sag import SAG, SAGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
 
@@ -14,4 +15,5 @@ __all__ = [
     "Autoguidance", "AutoguidanceTerm",
     "PAG", "PAGTerm",
     "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
+    "SAG", "SAGTerm",
 ]

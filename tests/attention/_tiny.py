@@ -212,3 +212,53 @@ def value_only(model: torch.nn.Module, paths: tuple[str, ...]) -> Iterator[None]
 def processors(model: torch.nn.Module) -> dict[str, Any]:
     """Every attention module's processor object, by path."""
     return {n: m.processor for n, m in model.named_modules() if isinstance(m, Attention)}
+
+
+# -- EMAG / SAG references: a processor that records or replaces maps, one pass at a time -------
+
+
+class RefProcessor:
+    """Self-attention of a diffusers ``Attention`` with an explicit softmax.
+
+    ``mode`` "record" stores the map (``[B, heads, Q, K]``) in ``maps``; "map" replaces it by
+    ``replacement``; "query" replaces the queries by ``replacement``; None just computes.
+    """
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.replacement: torch.Tensor | None = None
+        self.maps: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        b, n, _ = hidden_states.shape
+        heads = attn.heads
+        q = attn.to_q(hidden_states)
+        k = attn.to_k(hidden_states)
+        v = attn.to_v(hidden_states)
+        d = q.shape[-1] // heads
+        q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
+        self.queries = q.detach().clone()
+        if self.mode == "query":
+            q = self.replacement
+        logits = q @ k.transpose(-1, -2) / d**0.5
+        probs = logits.softmax(-1)
+        if self.mode == "record":
+            self.maps = probs.detach().clone()
+        if self.mode == "map":
+            probs = self.replacement
+        out = (probs @ v).transpose(1, 2).reshape(b, n, heads * d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@contextlib.contextmanager
+def ref_processors(model: Any, paths: list[str]) -> Iterator[dict[str, RefProcessor]]:
+    old = {p: model.get_submodule(p).processor for p in paths}
+    procs = {p: RefProcessor() for p in paths}
+    for p, proc in procs.items():
+        model.get_submodule(p).set_processor(proc)
+    try:
+        yield procs
+    finally:
+        for p, proc in old.items():
+            model.get_submodule(p).set_processor(proc)

@@ -4,8 +4,6 @@ by a processor written here), plus rows, calls, state and restoration."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,61 +14,11 @@ import guidekit
 from guidekit import CFG, EMAG, EMAGQ, Cond, GuidanceValueError
 from guidekit.attention.ema import EMAState
 
-from ._tiny import BATCH, dit_fn, tiny_dit, tiny_plain
+from ._tiny import BATCH, dit_fn, ref_processors, tiny_dit, tiny_plain
 
 SIGMAS = [3.0, 2.2, 1.5, 1.0, 0.6, 0.35, 0.15, 0.0]
 LABELS = torch.tensor([3, 7])
 NULL = torch.full((BATCH,), 10)
-
-
-# -- the reference: a processor that records or replaces maps, one pass at a time ---------------
-
-
-class RefProcessor:
-    """Self-attention of a diffusers ``Attention`` with an explicit softmax.
-
-    ``mode`` "record" stores the map (``[B, heads, Q, K]``) in ``maps``; "map" replaces it by
-    ``replacement``; "query" replaces the queries by ``replacement``; None just computes.
-    """
-
-    def __init__(self) -> None:
-        self.mode: str | None = None
-        self.replacement: torch.Tensor | None = None
-        self.maps: torch.Tensor | None = None
-        self.queries: torch.Tensor | None = None
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
-        b, n, _ = hidden_states.shape
-        heads = attn.heads
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(hidden_states)
-        v = attn.to_v(hidden_states)
-        d = q.shape[-1] // heads
-        q, k, v = (t.view(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
-        self.queries = q.detach().clone()
-        if self.mode == "query":
-            q = self.replacement
-        logits = q @ k.transpose(-1, -2) / d**0.5
-        probs = logits.softmax(-1)
-        if self.mode == "record":
-            self.maps = probs.detach().clone()
-        if self.mode == "map":
-            probs = self.replacement
-        out = (probs @ v).transpose(1, 2).reshape(b, n, heads * d)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-@contextlib.contextmanager
-def ref_processors(model: Any, paths: list[str]) -> Iterator[dict[str, RefProcessor]]:
-    old = {p: model.get_submodule(p).processor for p in paths}
-    procs = {p: RefProcessor() for p in paths}
-    for p, proc in procs.items():
-        model.get_submodule(p).set_processor(proc)
-    try:
-        yield procs
-    finally:
-        for p, proc in old.items():
-            model.get_submodule(p).set_processor(proc)
 
 
 def reference_run(

@@ -326,9 +326,17 @@ def check_compile_deterministic(ex: tuple[Expr, World]) -> None:
 
 def check_documented_layout(plan: Any) -> None:
     """plan.py's row layout: the main model's group first; within a group unperturbed
-    branches first (cond, then uncond), then perturbed ones; a step's groups keep that order."""
-    models = [g.model for g in plan.groups]
-    assert len(set(models)) == len(models), f"a model has two forward groups: {models}"
+    branches first (cond, then uncond), then perturbed ones; a step's groups keep that order.
+    Dependent branches (SAG) form a second group per model, after every first group."""
+    stages = [g.stage for g in plan.groups]
+    assert stages == sorted(stages), f"a dependent group runs before a first one: {stages}"
+    assert all(
+        getattr(b.perturbation, "dependent", False) == bool(g.stage)
+        for g in plan.groups for b in g.branches
+    ), "a dependent branch outside the second call (or the reverse)"
+    keyed = [(g.model, g.stage) for g in plan.groups]
+    assert len(set(keyed)) == len(keyed), f"a model has two forward groups: {keyed}"
+    models = [g.model for g in plan.groups if g.stage == 0]
     if "main" in models:
         assert models[0] == "main", f"main is not the first forward group: {models}"
     rank = {"cond": 0, "uncond": 1}
@@ -336,10 +344,12 @@ def check_documented_layout(plan: Any) -> None:
         keys = [(b.perturbation is not None, rank.get(b.cond, 2)) for b in group.branches]
         assert keys == sorted(keys), f"{group.model}: layout {group.labels} is out of order"
     for _, _, prog in plan.regions():
-        order = [g.model for g in prog.groups]
-        assert order == [m for m in models if m in order]
+        order = [(g.model, g.stage) for g in prog.groups]
+        assert order == [k for k in keyed if k in order]
         for g in prog.groups:
-            full = next(f for f in plan.groups if f.model == g.model).branches
+            full = next(
+                f for f in plan.groups if (f.model, f.stage) == (g.model, g.stage)
+            ).branches
             assert list(g.branches) == [b for b in full if b in g.branches], (
                 f"a step's {g.model} rows are not in the plan's layout order"
             )
