@@ -421,3 +421,41 @@ def test_docs_k_diffusion_section_runs(K):
     namespace: dict[str, object] = {"__name__": "doc:adapters:k-diffusion"}
     for code in blocks:
         exec(compile(code, "docs/adapters.md#k-diffusion", "exec"), namespace)
+
+
+EMAG_EXPR = "CFG(3) + EMAG(1, layers=0, beta=0.9) | APG(eta=0, momentum=-0.5)"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", [n for n, _ in FIXED] + ["dpm_fast", "dpm_adaptive"])
+def test_every_sampler_with_emag_and_momentum_apg(K, setup, name):
+    """EMAG's averages and APG's momentum advance once per sampler step, whatever the
+    sampler's evaluations per step; every evaluation is ONE call of c, u and e rows."""
+    net, sigmas = AttentionDenoiser(), setup["sigmas"]
+    plan = gk.compile(gk.parse(EMAG_EXPR), prediction="x0")
+    conds = {"cond": setup["cond"], "uncond": setup["uncond"]}
+    with install(net, plan, attention_class=Attention) as around_call:
+        if name in ("dpm_fast", "dpm_adaptive"):
+            den = KDiffusionGuided(plan, net, around_call=around_call, **conds)
+            counted = Counted(den)
+            x = setup["x"] * 14.6
+            if name == "dpm_fast":
+                out = K.sampling.sample_dpm_fast(counted, x, 0.03, 14.6, 6, disable=True)
+            else:
+                out = K.sampling.sample_dpm_adaptive(counted, x, 0.03, 14.6, rtol=0.05,
+                                                     atol=0.01, disable=True)
+        else:
+            den = KDiffusionGuided(plan, net, sigmas=sigmas, around_call=around_call, **conds)
+            counted = Counted(den)
+            sampler = getattr(K.sampling, f"sample_{name}")
+            out = sampler(counted, setup["x"] * sigmas[0], sigmas, disable=True)
+    assert torch.isfinite(out).all()
+    assert len(den.calls) == len(counted.sigmas)  # one model call per evaluation
+    assert all(c.rows == 3 * B and c.branches[:2] == ("c", "u") for c in den.calls)
+    state = den.state.named()
+    emag = next(v for v in state.values() if hasattr(v, "ema"))
+    apg = next(v for v in state.values() if getattr(v, "momentum", None) is not None)
+    assert emag.steps == den.steps  # the averages advanced once per step, not per call
+    assert apg is not None
+    if name in dict(FIXED):
+        assert den.steps == 5
