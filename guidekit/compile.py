@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from guidekit.branch import COND, MAIN, UNCOND, Branch
-from guidekit.combinators.base import InputModifier, Processor
+from guidekit.combinators.base import AttentionModifier, InputModifier, Processor
 from guidekit.combinators.pipe import Piped, Pipeline
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
@@ -61,8 +61,10 @@ def compile(
     prediction = check_prediction(prediction)
     make_splitter(max_rows)  # validates
     entries = _merge(left.entries())
-    post = tuple(s for s in steps if not isinstance(s, InputModifier))
-    modifiers = tuple(s for s in steps if isinstance(s, InputModifier))
+    # input and attention modifiers act on the forward, before every post-processor
+    forward_mods = (InputModifier, AttentionModifier)
+    post = tuple(s for s in steps if not isinstance(s, forward_mods))
+    modifiers = tuple(s for s in steps if isinstance(s, forward_mods))
     breakpoints = sorted(
         {b for e in entries for b in (e.lo, e.hi) if math.isfinite(b) and b > 0}
     )

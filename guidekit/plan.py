@@ -150,7 +150,20 @@ class Plan:
 
     @property
     def conditionings(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(b.cond for b in self.branches))
+        """Every conditioning the plan reads: its branches', then attention modifiers'
+        negatives (NAG reads ``uncond`` even where no branch runs it)."""
+        names = [b.cond for b in self.branches]
+        names += [m.negative for m in self.attention if m.negative is not None]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def attention(self) -> tuple[Any, ...]:
+        """Attention modifiers (PLADIS, GAG, NAG): applied inside the forward by the
+        attention engine (:func:`guidekit.attention.install`), in pipe order."""
+        # imported here: combinators import terms, whose attention terms import this module
+        from guidekit.combinators.base import AttentionModifier
+
+        return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
     @property
     def stateful(self) -> tuple[tuple[Any, str], ...]:
@@ -196,6 +209,11 @@ class Plan:
             needed.update(dict.fromkeys(atom_branches(atom)))
         for proc in self.post:
             needed.update(dict.fromkeys(proc.requires(coefs)))
+        # a dependent branch's input is made from its source branch (SAG: u), which must run
+        # in the first call even where its own coefficient cancels
+        for b in list(needed):
+            if getattr(b.perturbation, "dependent", False):
+                needed.setdefault(Branch(model=b.model, cond=b.perturbation.source), None)
         groups = []
         for g in self.groups:
             active = tuple(b for b in g.branches if b in needed)
@@ -298,6 +316,19 @@ class Plan:
                 f"`with guidekit.attention.install(model, plan) as around_call:` and pass "
                 f"around_call=around_call to guide() or plan.step()"
             )
+        if self.attention and (around_call is None or native is not None):
+            names = ", ".join(repr(m) for m in self.attention)
+            how = (
+                "a guider fed with finished predictions (native=...) cannot change the "
+                "attention of a forward it did not run"
+                if native is not None else
+                "use `with guidekit.attention.install(model, plan) as around_call:` and pass "
+                "around_call=around_call to guide() or plan.step()"
+            )
+            raise GuidanceValueError(
+                f"{self.expr!r} changes the attention inside the model's forward ({names}), "
+                f"which needs the attention engine, or the model would run unchanged: {how}"
+            )
         ctx = StepContext(
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={},
@@ -317,6 +348,7 @@ class Plan:
         )
         if native is None:
             conds = self._modified(conds, ctx)
+            forward_state.conds = conds  # NAG reads its negative conditioning from here
             split = splitter if splitter is not None else self.splitter()
             ctx.native = self._forward(
                 prog, x, s, conds, models, split, on_call, level, around_call, forward_state

@@ -6,8 +6,9 @@ New terms register here (one line each); the parser, the law tests and the docs 
 from __future__ import annotations
 
 from guidekit.combinators.apg import APGProjection
-from guidekit.combinators.base import InputModifier, Processor
+from guidekit.combinators.base import AttentionModifier, InputModifier, Processor
 from guidekit.combinators.cads import CADSAnnealing
+from guidekit.combinators.extrapolation import GAGModifier, NAGModifier, PLADISModifier
 from guidekit.combinators.rescale import CFGRescale
 from guidekit.expr import display_name
 from guidekit.terms.autoguidance import AutoguidanceTerm
@@ -16,14 +17,18 @@ from guidekit.terms.cfg import CFGTerm, CondTerm, UncondTerm
 from guidekit.terms.emag import EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAGTerm
 from guidekit.terms.sag import SAGTerm
+from guidekit.terms.seg import SEGTerm
+from guidekit.terms.slg import SLGTerm
 from guidekit.terms.tcfg import TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStarTerm
 
 TERM_CLASSES: tuple[type[Term], ...] = (
     CondTerm, UncondTerm, CFGTerm, AutoguidanceTerm, CFGZeroStarTerm, TCFGTerm,
-    PAGTerm, EMAGTerm, EMAGQTerm, SAGTerm,
+    PAGTerm, EMAGTerm, EMAGQTerm, SAGTerm, SEGTerm, SLGTerm,
 )
-PROCESSOR_CLASSES: tuple[type[Processor], ...] = (APGProjection, CFGRescale, CADSAnnealing)
+PROCESSOR_CLASSES: tuple[type[Processor], ...] = (
+    APGProjection, CFGRescale, CADSAnnealing, PLADISModifier, GAGModifier, NAGModifier,
+)
 
 #: constructor name -> class, e.g. ``"CFG" -> CFGTerm``
 TERMS: dict[str, type[Term]] = {display_name(c): c for c in TERM_CLASSES}
@@ -32,7 +37,10 @@ CONSTRUCTORS: dict[str, type] = {**TERMS, **PROCESSORS}
 
 
 def kind(cls: type) -> str:
-    """``"prediction"``, ``"direction"``, ``"nonlinear"``, ``"processor"`` or ``"modifier"``."""
+    """``"prediction"``, ``"direction"``, ``"nonlinear"``, ``"processor"``, ``"modifier"``
+    (conditioning) or ``"attention"`` (an attention modifier: PLADIS, GAG, NAG)."""
+    if issubclass(cls, AttentionModifier):
+        return "attention"
     if issubclass(cls, InputModifier):
         return "modifier"
     if issubclass(cls, Processor):

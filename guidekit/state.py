@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -137,6 +137,8 @@ class ForwardState:
     level: int
     inputs: dict[Any, Any]
     memos: dict[Any, Any] = attrs.field(factory=dict)
+    #: the step's conditionings as the model sees them (after input modifiers), by name
+    conds: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     def memo(self, owner: Any, factory: Any) -> Any:
         """The step's scratch value of ``owner``, made by ``factory()`` on first use."""

@@ -54,7 +54,7 @@ from guidekit import (
 )
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
-from guidekit.registry import PROCESSOR_CLASSES, TERM_CLASSES, TERMS, kind
+from guidekit.registry import PROCESSOR_CLASSES, PROCESSORS, TERM_CLASSES, TERMS, kind
 
 #: Attention-perturbation terms come with the attention engine; looked up by name so these
 #: strategies work with or without them.
@@ -63,6 +63,13 @@ PAGTerm: type | None = TERMS.get("PAG")
 EMAG_TERMS: tuple[type, ...] = tuple(t for n in ("EMAG", "EMAGQ") if (t := TERMS.get(n)))
 #: SAG's negative is a second, dependent call on a degraded input.
 SAGTerm: type | None = TERMS.get("SAG")
+#: SEG (blurred queries) and SLG (skipped blocks): perturbed branches like PAG's.
+SEGTerm: type | None = TERMS.get("SEG")
+SLGTerm: type | None = TERMS.get("SLG")
+#: Attention modifiers (PLADIS, GAG, NAG) change the attention inside the forward.
+ATTENTION_MODIFIERS: tuple[type, ...] = tuple(
+    c for n in ("PLADIS", "GAG", "NAG") if (c := PROCESSORS.get(n))
+)
 
 # -- numbers ------------------------------------------------------------------------------------
 
@@ -112,6 +119,16 @@ if SAGTerm is not None:
         SAGTerm, SCALES, layers=st.sampled_from([None, -1]),
         blur_sigma=st.sampled_from([1.0, 2.0]), kernel=st.just(3),  # the worlds are 4 x 4
     )
+if SEGTerm is not None:
+    TERM_STRATEGIES[SEGTerm] = st.builds(
+        SEGTerm, SCALES, blur_sigma=st.sampled_from([math.inf, 1.0, 10.0]),
+        layers=st.sampled_from([None, -1, (1, 2)]),
+    )
+if SLGTerm is not None:
+    TERM_STRATEGIES[SLGTerm] = st.builds(
+        SLGTerm, SCALES, layers=st.sampled_from([None, (7, 8, 9), -1]),
+        skip=st.sampled_from(["block", "attention"]),
+    )
 for _emag in EMAG_TERMS:
     TERM_STRATEGIES[_emag] = st.builds(
         _emag, SCALES, layers=st.sampled_from([None, (1, 2)]),
@@ -142,6 +159,16 @@ PROCESSOR_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
     CFGRescale: st.builds(CFGRescale, numbers(0, 1)),
     CADSAnnealing: _cads(),
 }
+_MODIFIER_LAYERS = st.sampled_from([None, -1, (0, 1), "blocks.0.attn2"])
+_MODIFIER_ARGS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
+    "PLADIS": {"sparse": st.sampled_from(["entmax15", "sparsemax"])},
+    "GAG": {"eta": st.none() | numbers(1, 20, 1), "zeta": numbers(0, 1)},
+    "NAG": {"tau": st.none() | numbers(1, 5, 1), "alpha": numbers(0, 1)},
+}
+for _mod in ATTENTION_MODIFIERS:
+    PROCESSOR_STRATEGIES[_mod] = st.builds(
+        _mod, numbers(0, 8), layers=_MODIFIER_LAYERS, **_MODIFIER_ARGS.get(_mod._name, {})
+    )
 
 
 def strategy_for(cls: type) -> st.SearchStrategy[Any]:
@@ -391,10 +418,12 @@ class FakeModel:
         step: int,
         expected: Sequence[Branch],
         probe: LayoutProbe | None = None,
+        modifiers: tuple[Any, ...] = (),
     ) -> None:
         self.name = name
         self.world = world
         self.step = step
+        self.modifiers = modifiers
         self.sigma = world.sigmas[step]
         self.x = sample_x(world, step)
         self.expected = [(br, b) for br in expected for b in range(world.batch)]
@@ -442,7 +471,7 @@ class FakeModel:
                 )
             else:
                 assert torch.equal(x_rows[r], self.x[b]), f"row {r} does not carry sample {b}'s x"
-            outs.append(branch_output(self.world, branch, self.step)[b])
+            outs.append(branch_output(self.world, modified(branch, self.modifiers), self.step)[b])
         self.rows_seen += n
         return torch.stack(outs)
 
@@ -515,7 +544,23 @@ def fake_models(
     for g in plan.program(world.sigmas[step]).groups:  # a model's dependent call comes later
         groups[g.model] = groups.get(g.model, ()) + g.branches
     names = dict.fromkeys((MAIN, "weak", *AUTOGUIDANCE_MODELS, *groups))
-    return {n: FakeModel(n, world, step, groups.get(n, ()), probe) for n in names}
+    return {
+        n: FakeModel(n, world, step, groups.get(n, ()), probe, plan.attention) for n in names
+    }
+
+
+def modified(branch: Branch, modifiers: Sequence[Any]) -> Branch:
+    """``branch`` as a plan's attention modifiers leave it; the fake worlds give a changed
+    branch outputs of its own. The rule (docs/semantics.md, written here independently):
+    the engine sits on the main model; PLADIS and GAG change every row of its calls, NAG
+    the rows whose conditioning is ``cond`` (perturbed ones included)."""
+    mine = tuple(
+        m for m in modifiers
+        if branch.model == MAIN and (type(m)._name != "NAG" or branch.cond == COND)
+    )
+    if not mine:
+        return branch
+    return Branch(branch.model, branch.cond, (branch.perturbation, mine))
 
 
 @attrs.frozen
@@ -534,9 +579,10 @@ def run_plan(expr: Expr, world: World, max_rows: int | None = None) -> Run:
     )
     state = plan.init(seed=world.seed)
     conds = conditionings(world)
-    # Perturbed branches (PAG) need an around_call, as with a real attention engine; plans
-    # without them run through the plain path that most users take.
-    probe = LayoutProbe() if any(b.perturbation is not None for b in plan.branches) else None
+    # Perturbed branches (PAG) and attention modifiers need an around_call, as with a real
+    # attention engine; plans without them run through the plain path that most users take.
+    inside = plan.attention or any(b.perturbation is not None for b in plan.branches)
+    probe = LayoutProbe() if inside else None
     outputs, calls = [], []
     for step, sigma in enumerate(world.sigmas):
         records: list[guidekit.CallRecord] = []
@@ -618,9 +664,11 @@ class Env:
     #: set when an APG coefficient is a rounding residue next to 0 or 1, where the library's
     #: exact ``== 0`` tests and this reference may legitimately disagree
     ambiguous: bool = False
+    #: the expression's attention modifiers, in pipe order (see :func:`modified`)
+    modifiers: tuple[Any, ...] = ()
 
     def value(self, branch: Branch) -> torch.Tensor:
-        return branch_output(self.world, branch, self.step)
+        return branch_output(self.world, modified(branch, self.modifiers), self.step)
 
     def to_x0(self, y: torch.Tensor) -> torch.Tensor:
         return to_x0(y, self.world.prediction, self.x, self.world.noise, self.sigma)
@@ -693,7 +741,7 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
 }
 
 for _direction_term in (
-    *(t for t in (PAGTerm, SAGTerm) if t is not None), *EMAG_TERMS
+    *(t for t in (PAGTerm, SAGTerm, SEGTerm, SLGTerm) if t is not None), *EMAG_TERMS
 ):
     TERM_REFERENCE[_direction_term] = _direction
     TERM_COEFFICIENTS[_direction_term] = lambda t: [
@@ -863,12 +911,14 @@ def _apply(
     if isinstance(proc, CADSAnnealing):
         # CADS changes only `emb`, which the fake models ignore: no effect on the outputs
         return y, state
+    if isinstance(proc, ATTENTION_MODIFIERS):
+        return y, state  # their effect is in the branch outputs (Env.value)
     raise KeyError(
         f"tests/strategies.py has no reference for the post-processor {type(proc).__name__}"
     )
 
 
-PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing)
+PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing, *ATTENTION_MODIFIERS)
 
 
 @attrs.frozen
@@ -886,7 +936,8 @@ def reference(expr: Expr, world: World) -> Reference:
     outputs = []
     ambiguous = False
     for step, sigma in enumerate(world.sigmas):
-        env = Env(world, step, sigma, sample_x(world, step))
+        mods = tuple(s for s in steps if isinstance(s, ATTENTION_MODIFIERS))
+        env = Env(world, step, sigma, sample_x(world, step), modifiers=mods)
         y = reference_value(left, env)
         for i, proc in enumerate(steps):
             y, states[i] = _apply(proc, y, left, env, states[i])

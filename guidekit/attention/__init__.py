@@ -7,12 +7,15 @@ and yields the ``around_call`` to pass to :func:`guidekit.guide` (see
 :mod:`guidekit.attention.ops`.
 """
 
+from guidekit.attention.blocks import BlockSkip, block_table
 from guidekit.attention.ema import EMAMapAttention, EMAQueryAttention, EMAState
 from guidekit.attention.engine import AttentionEngine, Route, install, perturbed_self_attention
 from guidekit.attention.layers import LayerTable, layer_table, resolve_layers
 from guidekit.attention.ops import AttentionPerturbation, IdentityAttention, identity_attention
+from guidekit.attention.seg import BlurredQueryAttention
 
 __all__ = [
     "AttentionEngine", "AttentionPerturbation", "EMAMapAttention", "EMAQueryAttention", "EMAState", "IdentityAttention", "LayerTable", "Route",
     "identity_attention", "install", "layer_table", "perturbed_self_attention", "resolve_layers",
+    "BlockSkip", "BlurredQueryAttention", "block_table",
 ]

@@ -191,6 +191,8 @@ class MovingAverage(AttentionPerturbation):
 
     __slots__ = ()
     stateful: ClassVar[bool] = True
+    #: joint attention (SD3): the image-query rows are averaged and replaced
+    joint: ClassVar[bool] = True
     #: what is averaged: "map" (post-softmax probabilities) or "query"
     averages: ClassVar[str] = "map"
     layers: Layers
@@ -200,11 +202,15 @@ class MovingAverage(AttentionPerturbation):
 
     # -- defaults -------------------------------------------------------------------------
     @staticmethod
-    def default_layers(paths: tuple[str, ...]) -> tuple[str, ...]:
-        """The paper's DiT-XL/2 candidates (blocks 12-15 of 28) scaled to ``len(paths)``
-        blocks: the blocks in ``[12/28, 16/28)`` of the depth, at least one."""
+    def default_layers(paths: tuple[str, ...], architecture: str = "") -> tuple[str, ...]:
+        """The paper's candidates scaled to ``len(paths)`` blocks, at least one: for SD3
+        blocks 6-8 of 24 (``[6/24, 9/24)`` of the depth), otherwise its DiT-XL/2 choice,
+        blocks 12-15 of 28 (``[12/28, 16/28)``)."""
         n = len(paths)
-        lo, hi = round(12 * n / 28), round(16 * n / 28)
+        if architecture.startswith("SD3"):
+            lo, hi = round(6 * n / 24), round(9 * n / 24)
+        else:
+            lo, hi = round(12 * n / 28), round(16 * n / 28)
         if hi <= lo:
             hi = lo + 1
         return paths[min(lo, n - 1) : min(hi, n)]
@@ -301,7 +307,10 @@ class EMAMapAttention(MovingAverage):
     state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     averages: ClassVar[str] = "map"
 
-    def observe(self, scope: Scope, probs: torch.Tensor, query: torch.Tensor) -> None:
+    def observe(
+        self, scope: Scope, probs: torch.Tensor, query: torch.Tensor,
+        image: tuple[int, int] | None = None,
+    ) -> None:
         self._observe(scope, probs)
 
     def attend(
@@ -313,6 +322,7 @@ class EMAMapAttention(MovingAverage):
         mask: torch.Tensor | None = None,
         scale: float | None = None,
         scope: Scope | None = None,
+        image: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         assert query is not None and key is not None and scope is not None
         average = self._average(scope, query.shape[0])
@@ -321,6 +331,11 @@ class EMAMapAttention(MovingAverage):
         else:
             probs = attention_probs(query, key, scale=scale, mask=mask)
             probs = probs.mul(1.0 - self.lam).add_(average, alpha=self.lam)
+        if image is not None:
+            # joint attention: the image-query rows (image and text columns) were replaced;
+            # renormalise them, as the paper does (a no-op up to round-off when every
+            # column is replaced, as here)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         return apply_probs(probs, value, query.shape[-3] if query.ndim >= 4 else None)
 
     def __repr__(self) -> str:
@@ -339,7 +354,10 @@ class EMAQueryAttention(MovingAverage):
     state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     averages: ClassVar[str] = "query"
 
-    def observe(self, scope: Scope, probs: torch.Tensor | None, query: torch.Tensor) -> None:
+    def observe(
+        self, scope: Scope, probs: torch.Tensor | None, query: torch.Tensor,
+        image: tuple[int, int] | None = None,
+    ) -> None:
         self._observe(scope, query)
 
     def attend(
@@ -351,6 +369,7 @@ class EMAQueryAttention(MovingAverage):
         mask: torch.Tensor | None = None,
         scale: float | None = None,
         scope: Scope | None = None,
+        image: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         assert query is not None and key is not None and scope is not None
         average = self._average(scope, query.shape[0])
@@ -372,6 +391,7 @@ class Observe(AttentionPerturbation):
     watchers: tuple[MovingAverage, ...]
     layers: Layers = None
     stateful: ClassVar[bool] = True
+    joint: ClassVar[bool] = True
 
     @property
     def needs_map(self) -> bool:
@@ -386,6 +406,7 @@ class Observe(AttentionPerturbation):
         mask: torch.Tensor | None = None,
         scale: float | None = None,
         scope: Scope | None = None,
+        image: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         assert query is not None and key is not None and scope is not None
         probs = None
@@ -395,5 +416,5 @@ class Observe(AttentionPerturbation):
         else:
             out = fused(query, key, value, scale=scale, mask=mask)
         for w in self.watchers:
-            w.observe(scope, probs, query)  # type: ignore[attr-defined]
+            w.observe(scope, probs, query, image=image)  # type: ignore[attr-defined]
         return out

@@ -60,7 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
+from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
 from guidekit.attention.layers import (
     LayerTable,
     check_disjoint,
@@ -70,7 +72,9 @@ from guidekit.attention.layers import (
     layer_table,
     resolve_layers,
 )
+from guidekit.attention.modifiers import ModifierHooks
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
+from guidekit.attention.seg import InputSize
 from guidekit.branch import COND, MAIN
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
@@ -123,16 +127,24 @@ def assemble(
     """Run the plain rows in one call and each perturbed segment on its own; rows in order."""
     ranges = route.plain
     plain_out = plain(ranges) if ranges else None
-    pieces = []
+    pieces: list[Any] = []
     offset = 0
     for a, b, op in route.segments:
         if op is None:
             assert plain_out is not None
-            pieces.append(plain_out[offset : offset + b - a])
+            pieces.append(_rows(plain_out, offset, offset + b - a))
             offset += b - a
         else:
             pieces.append(perturbed(op, a, b))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], tuple):  # joint attention: (image stream, text stream)
+        return tuple(torch.cat(parts) for parts in zip(*pieces))  # type: ignore[return-value]
+    return torch.cat(pieces)
+
+
+def _rows(out: Any, a: int, b: int) -> Any:
+    return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
 
 
 def _rows_of(value: Any, rows: int) -> bool:
@@ -210,6 +222,62 @@ def perturbed_self_attention(
     return out / attn.rescale_output_factor
 
 
+def perturbed_joint_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    op: AttentionPerturbation,
+    *,
+    attend_kwargs: dict[str, Any] | None = None,
+) -> Any:
+    """Joint text-image attention (SD3's ``JointAttnProcessor2_0`` structure) with ``op``
+    applied to the IMAGE queries only.
+
+    Queries, keys and values of both streams are projected with the module's own layers
+    (q/k norms and the added text projections included) and joined image first, text
+    second. The image queries go through ``op`` over the joint keys (``image=(0, n)`` tells
+    it where the image keys are); the text queries attend over the joint keys unchanged,
+    so the text stream is never perturbed by accident. Returns ``(image, text)`` outputs as
+    the processor does (``image`` alone without text).
+    """
+    b, n, _ = hidden_states.shape
+    heads = attn.heads
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    query, key, value = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    text_query = None
+    if encoder_hidden_states is not None:
+        tq, tk, tv = (
+            split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if getattr(attn, "norm_added_q", None) is not None:
+            tq = attn.norm_added_q(tq)
+        if getattr(attn, "norm_added_k", None) is not None:
+            tk = attn.norm_added_k(tk)
+        text_query = tq
+        key = torch.cat([key, tk], dim=2)
+        value = torch.cat([value, tv], dim=2)
+    extra = dict(attend_kwargs or {})
+    if getattr(op, "stateful", False):
+        extra.setdefault("scale", attn.scale)
+    image = op.attend(query, key, value, mask=None, image=(0, n), **extra)
+    image = image.transpose(1, 2).reshape(b, -1, image.shape[1] * image.shape[-1]).to(query.dtype)
+    image = attn.to_out[1](attn.to_out[0](image))
+    if text_query is None:
+        return image
+    text = F.scaled_dot_product_attention(text_query, key, value)
+    text = text.transpose(1, 2).reshape(b, -1, text.shape[1] * text.shape[-1]).to(query.dtype)
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    return image, text
+
+
 def _signature_of(fn: Any) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)
@@ -250,7 +318,10 @@ class _RowAware:
                 f"tell which rows are perturbed"
             )
         ehs = kwargs.get("encoder_hidden_states")
-        if ehs is not None:
+        if ehs is None and args:
+            ehs = args[0]
+        joint = is_joint_attention(attn)
+        if ehs is not None and not joint:
             raise GuidanceValueError(
                 f"layer {self.path!r} was called with encoder_hidden_states (cross-attention); "
                 f"the perturbations here are defined for self-attention only"
@@ -259,7 +330,10 @@ class _RowAware:
         def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
             hs = take(hidden_states, ranges)
             kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
-            out = self.original(attn, hs, *args, **kw)
+            a_args = tuple(take(t, ranges) if _rows_of(t, rows) else t for t in args)
+            out = self.original(attn, hs, *a_args, **kw)
+            if joint and isinstance(out, tuple):
+                return out
             if not isinstance(out, torch.Tensor):
                 raise GuidanceTypeError(
                     f"the processor of {self.path!r} returned {type(out).__name__}; the engine "
@@ -267,12 +341,17 @@ class _RowAware:
                 )
             return out
 
-        def perturbed(op: AttentionPerturbation, a: int, b: int) -> torch.Tensor:
+        def perturbed(op: AttentionPerturbation, a: int, b: int) -> Any:
+            if joint:
+                return perturbed_joint_attention(
+                    attn, hidden_states[a:b], None if ehs is None else ehs[a:b], op,
+                    attend_kwargs=self.engine.op_kwargs(op, self.path, route, a),
+                )
             return perturbed_self_attention(
                 attn, hidden_states[a:b], op,
                 attention_mask=_row_slice(kwargs.get("attention_mask"), rows, a, b),
                 temb=_row_slice(kwargs.get("temb"), rows, a, b),
-                attend_kwargs=self.engine.scope_kwargs(op, self.path, route, a),
+                attend_kwargs=self.engine.op_kwargs(op, self.path, route, a),
             )
 
         return assemble(route, plain, perturbed)
@@ -321,6 +400,8 @@ class _Frame:
     path: str
     route: Route
     calls: int = 0
+    #: Flux: the image tokens follow this many text tokens (None: not joint)
+    text: int | None = None
 
 
 @attrs.define(eq=False)
@@ -332,6 +413,8 @@ class _Hook:
     kind: str  # "processor" or "forward"
     original: Any = None
     had_forward: bool = False
+    #: Flux joint attention: perturb the image queries only (text first)
+    flux: bool = False
 
 
 class AttentionEngine:
@@ -349,6 +432,7 @@ class AttentionEngine:
         *,
         model_name: str = MAIN,
         attention_class: type | tuple[type, ...] | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(plan, Plan):
             raise GuidanceTypeError(
@@ -371,7 +455,12 @@ class AttentionEngine:
                     f"branch {b.label} perturbs model {b.model!r}, but this engine is installed "
                     f"on {model_name!r}"
                 )
-        mine = tuple(p for p in perts if isinstance(p, AttentionPerturbation))
+        # SLG skips blocks (guidekit.attention.blocks): resolved against the BLOCK list
+        skips = tuple(p for p in perts if getattr(p, "skips_blocks", False))
+        self.skipper = BlockSkipper(model, skips, self.route, attention_class=attention_class)
+        mine = tuple(
+            p for p in perts if isinstance(p, AttentionPerturbation) and p not in skips
+        )
         self.table: LayerTable | None = None
         self.layers: dict[AttentionPerturbation, tuple[str, ...]] = {}
         if mine:
@@ -380,7 +469,7 @@ class AttentionEngine:
                 spec = p.layers
                 default = getattr(p, "default_layers", None)
                 if spec is None and default is not None and self.table.paths:
-                    spec = default(self.table.paths)
+                    spec = default(self.table.paths, self.table.architecture)
                 self.layers[p] = resolve_layers(model, self.table, spec, what=repr(p))
                 if getattr(p, "single_layer", False) and len(self.layers[p]) != 1:
                     raise GuidanceValueError(
@@ -389,9 +478,20 @@ class AttentionEngine:
                     )
         paths = tuple(dict.fromkeys(p for ps in self.layers.values() for p in ps))
         check_disjoint(paths)
+        self.layers.update(self.skipper.layers)
+        # SEG's blur needs each layer's token grid: the model input's spatial size
+        self.input_size = InputSize(model, grid)
+        self._needs_size = any(getattr(p, "needs_grid", False) for p in mine)
+        # Flux: which tokens are the image's is known from the model call's text length
+        self.text_length = TextLength(model) if is_flux(model) else None
         self._hooks = [self._plan_hook(path) for path in paths]
+        # the plan's attention modifiers (PLADIS, GAG, NAG): their own layers and hooks
+        self.modifiers = ModifierHooks(
+            model, plan, model_name=model_name, attention_class=attention_class, taken=paths
+        )
         self._targets: dict[str, frozenset[AttentionPerturbation]] = {
-            path: frozenset(p for p, ps in self.layers.items() if path in ps) for path in paths
+            path: frozenset(p for p, ps in self.layers.items() if path in ps)
+            for path in (*paths, *self.skipper.paths)  # block paths get routes, not hooks
         }
         self._routes: dict[Any, dict[str, Route]] = {}
         self._active: dict[str, Route] | None = None
@@ -404,11 +504,31 @@ class AttentionEngine:
     def _plan_hook(self, path: str) -> _Hook:
         module = self.model.get_submodule(path)
         users = [p for p, ps in self.layers.items() if path in ps]
+        if is_flux_attention(module):
+            unsupported = [p for p in users if not getattr(p, "joint", False)]
+            if unsupported or self.text_length is None:
+                raise GuidanceValueError(
+                    f"layer {path!r} is Flux joint text-image attention; "
+                    + (f"{unsupported[0]!r} does not support it" if unsupported else
+                       "hook the FluxTransformer2DModel itself (its text length is needed)")
+                )
+            if getattr(module.get_processor(), "_attention_backend", None) not in (None, "native"):
+                raise GuidanceValueError(
+                    f"layer {path!r} uses attention backend "
+                    f"{module.get_processor()._attention_backend!r}; the engine intercepts "
+                    f"torch's scaled_dot_product_attention (the native backend)"
+                )
+            return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__,
+                         flux=True)
         if is_joint_attention(module):
-            raise GuidanceValueError(
-                f"layer {path!r} ({type(module).__name__}) is a joint text-image attention, "
-                f"which the attention engine does not perturb yet"
-            )
+            unsupported = [p for p in users if not getattr(p, "joint", False)]
+            if unsupported or not hasattr(module, "add_q_proj") or not hasattr(module, "to_q"):
+                what = f"{unsupported[0]!r}" if unsupported else type(module).__name__
+                raise GuidanceValueError(
+                    f"layer {path!r} ({type(module).__name__}) is a joint text-image "
+                    f"attention; the engine perturbs SD3-style joint attention for PAG, EMAG, "
+                    f"EMAG-Q and SAG only, not {what}"
+                )
         if is_cross_attention(module) and any(p.self_only for p in users):
             raise GuidanceValueError(
                 f"layer {path!r} is a cross-attention layer; {users[0]!r} is defined for "
@@ -461,7 +581,8 @@ class AttentionEngine:
             route = self.route(path)
             if route is None:
                 return original(*args, **kwargs)
-            frame = _Frame(path, route)
+            text = self.text_length.current(path) if hook.flux and self.text_length else None
+            frame = _Frame(path, route, text=text)
             outermost = not self._frames
             self._frames.append(frame)
             try:
@@ -492,7 +613,18 @@ class AttentionEngine:
             for hook in self._hooks:
                 self._install(hook)
                 done.append(hook)
+            self.modifiers.install()
+            self.skipper.install(tuple(h.path for h in self._hooks))
+            if self._needs_size:
+                self.input_size.install()
+            if self.text_length is not None:
+                self.text_length.install()
         except BaseException:
+            if self.text_length is not None:
+                self.text_length.restore()
+            self.input_size.restore()
+            self.skipper.restore()
+            self.modifiers.restore()  # takes out only the hooks it put in
             for hook in reversed(done):
                 self._restore(hook)
             raise
@@ -505,6 +637,12 @@ class AttentionEngine:
         self._state = None
         self._frames.clear()
         errors: list[BaseException] = []
+        extras: tuple[Any, ...] = (self.input_size, self.skipper, self.modifiers)
+        for extra in (*extras, *([self.text_length] if self.text_length is not None else [])):
+            try:
+                extra.restore()
+            except Exception as err:
+                errors.append(err)
         for hook in reversed(self._hooks):
             try:
                 self._restore(hook)
@@ -530,7 +668,8 @@ class AttentionEngine:
         previous, previous_state = self._active, self._state
         self._active, self._state = routes, layout.state
         try:
-            yield
+            with self.modifiers.active(layout):
+                yield
         finally:
             self._active, self._state = previous, previous_state
 
@@ -555,6 +694,16 @@ class AttentionEngine:
         if not getattr(op, "stateful", False):
             return {}
         return {"scope": Scope(path, self._state, route.sample(start))}
+
+    def size_kwargs(self, op: AttentionPerturbation) -> dict[str, Any]:
+        """``size``: the model input's spatial size, for ops that need a token grid (SEG)."""
+        return {"size": self.input_size.size} if getattr(op, "needs_grid", False) else {}
+
+    def op_kwargs(
+        self, op: AttentionPerturbation, path: str, route: Route, start: int
+    ) -> dict[str, Any]:
+        """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`)."""
+        return {**self.scope_kwargs(op, path, route, start), **self.size_kwargs(op)}
 
     def _routes_for(
         self, layout: RowLayout, selected: dict[Any, str | None] | None = None
@@ -635,6 +784,18 @@ class AttentionEngine:
                     f"{query.shape[-2]} queries and {key.shape[-2]} keys"
                 )
             m = mask[a:b] if row_mask else mask
+            if getattr(op, "rewrites_query", False):  # SEG: the same call, its own queries
+                sub = dict(bound, key=key[a:b], value=value[a:b])
+                rewrite = op.rewrite_query  # type: ignore[attr-defined]
+                q, t = query[a:b], frame.text
+                if t is None:
+                    sub["query"] = rewrite(q, **self.size_kwargs(op))
+                else:  # Flux: the text queries (first) stay, the image queries are rewritten
+                    image_q = rewrite(q[..., t:, :], **self.size_kwargs(op))
+                    sub["query"] = torch.cat([q[..., :t, :], image_q], dim=-2)
+                if row_mask:
+                    sub["attn_mask"] = m
+                return func(**sub)  # type: ignore[no-any-return]
             extra = self.scope_kwargs(op, frame.path, route, a)
             if extra:
                 if bound.get("is_causal") or bound.get("dropout_p"):
@@ -643,16 +804,31 @@ class AttentionEngine:
                         f"is_causal or dropout"
                     )
                 extra["scale"] = bound.get("scale")
+            if frame.text is not None:
+                # Flux: text queries first, attended as usual; the image queries perturbed
+                t, n = frame.text, query.shape[-2]
+                sub = dict(bound, query=query[a:b, ..., :t, :], key=key[a:b], value=value[a:b])
+                if row_mask:
+                    sub["attn_mask"] = m[..., :t, :] if m.ndim >= 2 else m
+                text_out = func(**sub)
+                if extra and "scale" not in extra:
+                    extra["scale"] = bound.get("scale")
+                image_mask = m[..., t:, :] if isinstance(m, torch.Tensor) and m.ndim >= 2 else m
+                image_out = op.attend(query[a:b, ..., t:, :], key[a:b], value[a:b],
+                                      mask=image_mask, image=(t, n), **extra)
+                return torch.cat([text_out, image_out.to(text_out.dtype)], dim=-2)
             return op.attend(query[a:b], key[a:b], value[a:b], mask=m, **extra)
 
         return assemble(route, plain, perturbed)
 
     # -- text ----------------------------------------------------------------------------------------
     def describe(self) -> str:
-        """Each perturbation and the layers it targets."""
+        """Each perturbation and attention modifier and the layers it targets."""
         lines = [f"attention engine on {type(self.model).__name__} ({self.model_name!r})"]
         for p, paths in self.layers.items():
             lines.append(f"  {p!r}: {', '.join(paths)}")
+        if self.modifiers.layers:
+            lines.append(self.modifiers.describe())
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -665,6 +841,7 @@ def install(
     *,
     model_name: str = MAIN,
     attention_class: type | tuple[type, ...] | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> AttentionEngine:
     """Prepare the attention hooks for ``plan`` on ``model``; use it with ``with``.
 
@@ -675,9 +852,14 @@ def install(
         model_name: the plan's name for this model (``"main"``).
         attention_class: for a plain module, the class (or classes) of its attention
             modules; the named layer list is every instance, in ``named_modules()`` order.
+        grid: the spatial size ``(H, W)`` the attention layers' token grids are
+            down-sampled from (SEG's blur); by default the engine reads it from the
+            model's input at every call, which works when that is an image latent.
 
     Returns:
         An :class:`AttentionEngine`; entering it hooks the layers and gives ``around_call``.
         Layer errors are raised here, before anything is changed.
     """
-    return AttentionEngine(model, plan, model_name=model_name, attention_class=attention_class)
+    return AttentionEngine(
+        model, plan, model_name=model_name, attention_class=attention_class, grid=grid
+    )

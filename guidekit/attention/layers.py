@@ -39,9 +39,13 @@ In ``UNet2DConditionModel`` the registration order lists the up blocks before th
 block (``down_blocks..., up_blocks..., mid_block...``), so integer indices follow that
 order, not the order the forward runs them; :func:`layer_table` prints the list.
 
-Joint text-image attention (``SD3Transformer2DModel``, ``FluxTransformer2DModel``) is not
-supported yet: installing an attention term there raises instead of perturbing the text
-stream by accident.
+``SD3Transformer2DModel`` (joint text-image attention, image tokens first): the list is
+``transformer_blocks.{i}.attn``; the perturbations act on the IMAGE queries only (the text
+queries attend as usual, see :func:`guidekit.attention.engine.perturbed_joint_attention`);
+the default for PAG is block 7 of 24 scaled to the depth (unmeasured). Flux
+(``FluxTransformer2DModel``, text first, single-stream blocks that join both streams
+before the attention module) is not supported yet: installing an attention term there
+raises instead of perturbing the text stream by accident.
 """
 
 from __future__ import annotations
@@ -60,9 +64,11 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 BLOCK_MODELS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 UNET_MODELS = ("UNet2DConditionModel",)
 #: Joint text-image attention: addressed on purpose later, refused for now.
-JOINT_MODELS = (
-    "SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
-)
+JOINT_MODELS = ("QwenImageTransformer2DModel",)
+#: Flux: double-stream then single-stream blocks, text tokens first in both.
+FLUX_MODELS = ("FluxTransformer2DModel",)
+#: SD3-style joint attention (image first, text second), perturbed on the image queries.
+SD3_MODELS = ("SD3Transformer2DModel",)
 
 
 @attrs.frozen
@@ -151,6 +157,28 @@ def layer_table(
             f"{joint} uses joint text-image attention, which guidekit's attention engine does "
             f"not perturb yet (PAG on the joint sequence would also perturb the text tokens)"
         )
+    if any(n in FLUX_MODELS for n in names):
+        double = getattr(model, "transformer_blocks", None)
+        single = getattr(model, "single_transformer_blocks", None)
+        if not isinstance(double, torch.nn.ModuleList) or not isinstance(single, torch.nn.ModuleList):
+            raise GuidanceValueError(f"{arch} has no transformer_blocks / single_transformer_blocks")
+        paths = tuple(f"transformer_blocks.{i}.attn" for i in range(len(double))) + tuple(
+            f"single_transformer_blocks.{i}.attn" for i in range(len(single))
+        )
+        default = paths[len(double) - 1 : len(double)] or paths[:1]
+        rule = "the last double-stream block (not measured: measure it)"
+        return LayerTable(arch, paths, default, rule)
+    if any(n in SD3_MODELS for n in names):
+        blocks = getattr(model, "transformer_blocks", None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise GuidanceValueError(f"{arch} has no transformer_blocks list")
+        paths = tuple(f"transformer_blocks.{i}.attn" for i in range(len(blocks)))
+        k = min(len(paths) - 1, round(7 * len(paths) / 24))
+        rule = (
+            "block 7 of 24 scaled to the depth (the first block of the SD3.5 skip-layer "
+            "recipe; not measured for PAG: measure it)"
+        )
+        return LayerTable(arch, paths, paths[k : k + 1], rule)
     if any(n in BLOCK_MODELS for n in names):
         blocks = getattr(model, "transformer_blocks", None)
         if not isinstance(blocks, torch.nn.ModuleList):

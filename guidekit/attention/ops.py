@@ -114,9 +114,14 @@ class AttentionPerturbation:
         value: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Attention output for the perturbed rows, shaped like ``query`` with the last
-        axis of ``value`` (``[rows, heads, tokens, head_dim]``)."""
+        axis of ``value`` (``[rows, heads, tokens, head_dim]``).
+
+        Keyword extras, passed only to ops that declare them: ``image=(start, stop)``
+        (joint attention: where the image keys sit; ops with ``joint = True``), ``scale``
+        and ``scope`` (stateful ops: the softmax scale, the layer and step state)."""
         raise NotImplementedError
 
 
@@ -132,6 +137,8 @@ class IdentityAttention(AttentionPerturbation):
 
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     needs_qk: ClassVar[bool] = False
+    #: in joint text-image attention the image queries attend to their own image key only
+    joint: ClassVar[bool] = True
 
     def attend(
         self,
@@ -140,7 +147,10 @@ class IdentityAttention(AttentionPerturbation):
         value: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
+        image: tuple[int, int] | None = None,
     ) -> torch.Tensor:
+        if image is not None:
+            value = value[..., image[0] : image[1], :]
         if query is not None and query.shape[-2] != value.shape[-2]:
             raise GuidanceValueError(
                 f"identity attention needs as many queries as keys (self-attention); got "

@@ -108,6 +108,7 @@ class SAGDegrade(AttentionPerturbation):
     dependent: ClassVar[bool] = True
     perturbs: ClassVar[bool] = False
     single_layer: ClassVar[bool] = True
+    joint: ClassVar[bool] = True
     source: ClassVar[str] = UNCOND
     averages: ClassVar[str] = "map"
 
@@ -122,8 +123,13 @@ class SAGDegrade(AttentionPerturbation):
         return None
 
     # -- first call: watch the unconditional rows ------------------------------------------
-    def observe(self, scope: Any, probs: torch.Tensor | None, query: torch.Tensor) -> None:
+    def observe(
+        self, scope: Any, probs: torch.Tensor | None, query: torch.Tensor,
+        image: tuple[int, int] | None = None,
+    ) -> None:
         assert probs is not None
+        if image is not None:  # joint attention: image queries attending to image keys
+            probs = probs[..., image[0] : image[1]]
         fs: ForwardState = scope.state
         memo: SAGMemo = fs.memo(self, SAGMemo)
         if memo.path is not None and memo.path != scope.path:

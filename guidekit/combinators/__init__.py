@@ -1,8 +1,16 @@
 """Post-processors, input modifiers and gates."""
 
 from guidekit.combinators.apg import APG, APGProjection, APGState
-from guidekit.combinators.base import InputModifier, Processor
+from guidekit.combinators.base import AttentionModifier, InputModifier, Processor
 from guidekit.combinators.cads import CADS, CADSAnnealing
+from guidekit.combinators.extrapolation import (
+    GAG,
+    NAG,
+    PLADIS,
+    GAGModifier,
+    NAGModifier,
+    PLADISModifier,
+)
 from guidekit.combinators.interval import Gated
 from guidekit.combinators.pipe import Piped, Pipeline
 from guidekit.combinators.rescale import CFGRescale, Rescale
@@ -10,4 +18,5 @@ from guidekit.combinators.rescale import CFGRescale, Rescale
 __all__ = [
     "APG", "APGProjection", "APGState", "CADS", "CADSAnnealing", "CFGRescale", "Gated",
     "InputModifier", "Piped", "Pipeline", "Processor", "Rescale",
+    "AttentionModifier", "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
 ]

@@ -98,3 +98,27 @@ class InputModifier(Processor):
         self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
     ) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
+
+
+class AttentionModifier(Processor):
+    """A processor that changes the attention INSIDE the forward of the branches it covers
+    (PLADIS, GAG, NAG): no branch, no rows; the attention engine applies it in its layers.
+
+    Like an input modifier it acts before any post-processor, wherever it stands in the
+    pipe. ``layers`` (``None``: the architecture's cross-attention layers) is resolved by
+    the engine. ``applies_to(branch)`` says which branches' rows it changes; ``negative``
+    names the conditioning it reads besides the rows' own (NAG), or is ``None``.
+    """
+
+    __slots__ = ()
+    negative: ClassVar[str | None] = None
+
+    def applies_to(self, branch: Branch) -> bool:
+        """Whether the rows of ``branch`` are changed (in the layers of this modifier)."""
+        return True
+
+    def modify(
+        self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
+    ) -> dict[str, dict[str, Any]]:
+        """Attention modifiers leave the conditioning as it is (the forward reads it)."""
+        return {name: dict(mapping) for name, mapping in conds.items()}

@@ -6,6 +6,8 @@ from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.pag import PAG, PAGTerm
 from guidekit.terms.sag import SAG, SAGTerm
+from guidekit.terms.seg import SEG, SEGTerm
+from guidekit.terms.slg import SLG, SLGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
 
@@ -16,4 +18,5 @@ __all__ = [
     "PAG", "PAGTerm",
     "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
     "SAG", "SAGTerm",
+    "SEG", "SEGTerm", "SLG", "SLGTerm",
 ]

@@ -112,8 +112,13 @@ def test_plain_modules_without_a_list() -> None:
         install(model, guidekit.compile(Cond() + PAG(2)), attention_class=torch.nn.Conv2d)
 
 
-def test_joint_attention_models_are_refused() -> None:
+def test_sd3_joint_attention_table_and_unsupported_perturbations() -> None:
+    import attrs
     from diffusers import SD3Transformer2DModel
+
+    from guidekit.attention.ops import AttentionPerturbation
+    from guidekit.branch import Branch
+    from guidekit.terms.base import DirectionTerm
 
     torch.manual_seed(0)
     sd3 = SD3Transformer2DModel(
@@ -121,11 +126,23 @@ def test_joint_attention_models_are_refused() -> None:
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
         caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16,
     )
+    table = layer_table(sd3)
+    assert table.paths == ("transformer_blocks.0.attn", "transformer_blocks.1.attn")
+    assert table.default == ("transformer_blocks.1.attn",)
+
+    @attrs.frozen
+    class NoJoint(AttentionPerturbation):  # a perturbation defined for plain attention only
+        layers: tuple = (0,)
+
+    @attrs.frozen
+    class Term(DirectionTerm):
+        scale: float = 1.0
+
+        def negative(self) -> Branch:
+            return Branch(perturbation=NoJoint())
+
     with pytest.raises(GuidanceValueError, match="joint text-image attention"):
-        install(sd3, guidekit.compile(CFG(3) + PAG(2, layers=0)))
-    with pytest.raises(GuidanceValueError, match="joint text-image attention"):
-        install(sd3, guidekit.compile(CFG(3) + PAG(2, layers="transformer_blocks.0.attn")),
-                attention_class=torch.nn.Module)
+        install(sd3, guidekit.compile(CFG(3) + Term()))
 
 
 _SCRIPT = """

@@ -556,7 +556,7 @@ def test_every_registered_class_has_a_strategy_and_reference() -> None:
 def test_strategies_draw_from_the_whole_registry() -> None:
     seen: set[type] = set()
 
-    @settings(max_examples=100, database=None, phases=[Phase.generate],
+    @settings(max_examples=300, database=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(expressions())
     def collect(expr: Expr) -> None:

@@ -1,0 +1,805 @@
+"""Applying attention modifiers (PLADIS, GAG, NAG) inside the forward of a hooked model.
+
+The attention engine (:mod:`guidekit.attention.engine`) builds one :class:`ModifierHooks`
+for the plan's attention modifiers (``plan.attention``) and installs, restores and
+activates it together with its own hooks, so ``guidekit.attention.install(model, plan)``
+covers both. Everything here is about the modifiers' layers; perturbations never share a
+layer with them (refused when the engine is built).
+
+**Layers.** A modifier's ``layers`` address the model's *cross-attention* list (by index,
+module path, or a container path): ``transformer_blocks.{i}.attn2`` for PixArt, every
+cross-attention ``attn2`` of a ``UNet2DConditionModel`` in ``named_modules()`` order. The
+default (``layers=None``) is every listed cross-attention layer, as PLADIS ("all
+cross-attention modules") and NAG's official code (every ``attn2``) do. A plain module is
+addressed as for perturbations (``attention_class=`` or module paths; with a class the
+default is every listed module). Class-conditional models with no cross-attention (DiT)
+and joint text-image attention (SD3, Flux) raise when the engine is built.
+
+**Rows.** In a hooked layer, during a guided call of the engine's model, each row gets:
+
+* the attention core of the layer's PLADIS or GAG (at most one of them per layer), for
+  EVERY row of the call (cond, uncond, perturbed branches alike), or the layer's own
+  attention where the layer has no core;
+* NAG (at most one per layer) on the rows of branches whose conditioning is ``cond``
+  (perturbed ones included): ``Z+`` is the core's output for the row's own context,
+  ``Z-`` the core's output for the same queries and the NEGATIVE context of the same sample.
+
+Rows nothing applies to go through the layer's original processor in one call.
+
+**NAG's negative context**, per positive row of sample ``b``:
+
+1. If the call holds a row of the negative conditioning (``uncond`` by default; an
+   unperturbed one preferred) for sample ``b`` (``CFG(w) | NAG(s)``), its context at this
+   layer (and its cross-attention mask, if any) is used: exactly what the model itself
+   computed from that conditioning, for any architecture.
+2. Otherwise (``Cond() | NAG(s)``, a gated CFG outside its interval, a row budget that put
+   ``u`` in another call) the negative conditioning's tensor ``key`` is taken from the
+   step's conditionings (``ForwardState.conds``, after input modifiers such as CADS) and
+   projected as the model does before its blocks: PixArt's ``caption_projection``; for a
+   ``UNet2DConditionModel`` nothing (or its ``text_proj`` ``encoder_hid_proj``). Other
+   models, plain modules and cross-attention masks are refused here, with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from guidekit.attention.layers import (
+    BLOCK_MODELS,
+    UNET_MODELS,
+    LayerTable,
+    check_disjoint,
+    diffusers_attention_class,
+    is_cross_attention,
+    is_joint_attention,
+    resolve_layers,
+)
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+#: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
+_ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
+#: Text and image tokens in one attention: no separate cross-attention layer to change.
+JOINT_ARCHITECTURES = (
+    "SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
+)
+
+
+def _class_names(obj: Any) -> tuple[str, ...]:
+    return tuple(c.__name__ for c in type(obj).__mro__)
+
+
+def _is_core(m: Any) -> bool:
+    return hasattr(m, "attend")
+
+
+def _is_nag(m: Any) -> bool:
+    return hasattr(m, "combine")
+
+
+# -- layers ---------------------------------------------------------------------------------------
+
+
+def cross_attention_table(
+    model: torch.nn.Module, *, attention_class: type | tuple[type, ...] | None = None
+) -> LayerTable:
+    """The cross-attention layers an attention modifier may address (see module docstring)."""
+    if not isinstance(model, torch.nn.Module):
+        raise GuidanceTypeError(
+            f"attention layers live in a torch.nn.Module; got {type(model).__name__} (pass "
+            f"the network itself, e.g. the transformer or UNet, not a wrapper function)"
+        )
+    arch = type(model).__name__
+    names = _class_names(model)
+    if attention_class is not None:
+        classes = attention_class if isinstance(attention_class, tuple) else (attention_class,)
+        if not all(isinstance(c, type) for c in classes):
+            raise GuidanceTypeError(
+                f"attention_class must be a class or a tuple of classes, got {attention_class!r}"
+            )
+        paths = tuple(n for n, m in model.named_modules() if n and isinstance(m, classes))
+        if not paths:
+            raise GuidanceValueError(
+                f"{arch} has no submodule of class "
+                f"{', '.join(c.__name__ for c in classes)} (attention_class)"
+            )
+        label = f"{arch}[{', '.join(c.__name__ for c in classes)}]"
+        return LayerTable(label, paths, paths, "every listed attention layer")
+    joint = next((n for n in names if n in JOINT_ARCHITECTURES), None)
+    if joint is None and any(is_joint_attention(m) for m in model.modules()):
+        joint = arch
+    if joint is not None:
+        raise GuidanceValueError(
+            f"{joint} uses joint text-image attention (text and image tokens in one "
+            f"attention, no separate cross-attention layer), which guidekit's attention "
+            f"modifiers (PLADIS, GAG, NAG) do not handle yet"
+        )
+    if any(n in BLOCK_MODELS or n in UNET_MODELS for n in names):
+        paths = tuple(
+            n for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] == "attn2" and m is not None and is_cross_attention(m)
+        )
+        rule = "every cross-attention layer (PLADIS: all cross-attention modules; NAG: every attn2)"
+        return LayerTable(arch, paths, paths, rule)
+    return LayerTable(arch, (), (), "none: name the layers", free=True)
+
+
+def context_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How ``model`` turns a conditioning's text tensor into its cross-attention context
+    (``None``: unknown, NAG then needs the negative rows in the same call)."""
+    names = _class_names(model)
+    if "PixArtTransformer2DModel" in names:
+        proj = getattr(model, "caption_projection", None)
+        return (lambda t: t) if proj is None else proj
+    if "UNet2DConditionModel" in names:
+        hid = getattr(model, "encoder_hid_proj", None)
+        if hid is None:
+            return lambda t: t
+        if getattr(getattr(model, "config", None), "encoder_hid_dim_type", None) == "text_proj":
+            return hid  # type: ignore[no-any-return]
+    return None
+
+
+@attrs.frozen
+class LayerOps:
+    """What one hooked layer applies: an attention core (PLADIS / GAG) and / or NAG."""
+
+    core: Any = None
+    nag: Any = None
+
+
+@attrs.frozen
+class LayerCall:
+    """How one hooked layer treats the rows of one model call.
+
+    ``segments`` cover ``0..rows`` in order as ``(start, stop, core, nag)``; a segment with
+    neither goes through the layer's own attention. ``negatives`` maps a sample index to the
+    call's row of NAG's negative conditioning for that sample.
+    """
+
+    rows: int
+    segments: tuple[tuple[int, int, Any, Any], ...]
+    negatives: tuple[tuple[int, int], ...]
+    layout: Any = attrs.field(eq=False, hash=False, repr=False)
+
+    @property
+    def plain(self) -> tuple[tuple[int, int], ...]:
+        return tuple((a, b) for a, b, core, nag in self.segments if core is None and nag is None)
+
+    def negative_row(self, row: int) -> int | None:
+        """The call's row holding the negative context of ``row``'s sample, if any."""
+        return dict(self.negatives).get(self.layout.sample(row))
+
+
+def _take(t: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return t if (a, b) == (0, t.shape[0]) else t[a:b]
+    return torch.cat([t[a:b] for a, b in ranges])
+
+
+def _rows_of(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
+
+
+def _slice(value: Any, rows: int, a: int, b: int) -> Any:
+    """``value[a:b]`` for a tensor of the call's rows; anything else (None, a shared mask)
+    unchanged."""
+    return value[a:b] if _rows_of(value, rows) else value
+
+
+def _assemble(
+    call: LayerCall,
+    plain: Callable[[tuple[tuple[int, int], ...]], torch.Tensor],
+    modified: Callable[[int, int, Any, Any], torch.Tensor],
+) -> torch.Tensor:
+    """The plain rows in one call, each modified segment on its own; rows in order."""
+    ranges = call.plain
+    plain_out = plain(ranges) if ranges else None
+    pieces, offset = [], 0
+    for a, b, core, nag in call.segments:
+        if core is None and nag is None:
+            assert plain_out is not None
+            pieces.append(plain_out[offset : offset + b - a])
+            offset += b - a
+        else:
+            pieces.append(modified(a, b, core, nag))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+# -- diffusers Attention: modified rows computed with the module's own layers --------------------
+
+
+def modified_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    context: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    *,
+    temb: torch.Tensor | None = None,
+    core: Any = None,
+    nag: Any = None,
+    negative_context: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A diffusers ``Attention`` call with ``core`` as the attention and ``nag`` on top.
+
+    Follows ``AttnProcessor2_0``'s structure with the module's own layers: spatial norm,
+    4-D input flattened to tokens, group norm, ``to_q``, ``norm_cross`` on the context,
+    ``to_k`` / ``to_v``, q/k norms, the mask as ``prepare_attention_mask`` makes it, the
+    attention (``core.attend`` or ``scaled_dot_product_attention`` at its default scale
+    ``1 / sqrt(d)``, as that processor), NAG on the merged heads, ``to_out``, the residual
+    and ``rescale_output_factor``.
+    """
+    residual = hidden_states
+    h = hidden_states
+    if attn.spatial_norm is not None:
+        h = attn.spatial_norm(h, temb)
+    image_shape = None
+    if h.ndim == 4:
+        image_shape = h.shape
+        b, ch, height, width = h.shape
+        h = h.view(b, ch, height * width).transpose(1, 2)
+    b = h.shape[0]
+    if attn.group_norm is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    heads = attn.heads
+    query = attn.to_q(h)
+    head_dim = query.shape[-1] // heads
+    query = query.view(b, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+
+    def keys_values(
+        ctx: torch.Tensor | None, m: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if ctx is None:
+            ctx = h
+        elif attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        key = attn.to_k(ctx)
+        value = attn.to_v(ctx)
+        kv_dim = key.shape[-1] // heads
+        key = key.view(b, -1, heads, kv_dim).transpose(1, 2)
+        value = value.view(b, -1, heads, kv_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if m is not None:
+            m = attn.prepare_attention_mask(m, key.shape[-2], b)
+            m = m.view(b, heads, -1, m.shape[-1])
+        return key, value, m
+
+    def attend(key: torch.Tensor, value: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        if core is not None:
+            return core.attend(query, key, value, mask=m)  # type: ignore[no-any-return]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=m)
+
+    out = attend(*keys_values(context, mask))
+    if nag is not None:
+        negative = attend(*keys_values(negative_context, negative_mask))
+        out = nag.combine(out, negative, dims=(-3, -1))
+    out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if image_shape is not None:
+        out = out.transpose(-1, -2).reshape(image_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor  # type: ignore[no-any-return]
+
+
+def _signature_of(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class _ModifierBody:
+    """Shared body of the modifier processor (plain object or ``nn.Module``)."""
+
+    hooks: ModifierHooks
+    path: str
+
+    def _setup(self, hooks: ModifierHooks, path: str, original: Any) -> None:
+        self.hooks = hooks
+        self.path = path
+        self.original = original
+        # diffusers reads inspect.signature(processor.__call__) to decide which
+        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive
+        sig = _signature_of(original.__call__)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return type(self).__call__(self, *args, **kwargs)
+
+        if sig is not None:
+            call.__signature__ = sig  # type: ignore[attr-defined]
+        self.__dict__["__call__"] = call
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        call = self.hooks.call_for(self.path)
+        if call is None:
+            return self.original(attn, hidden_states, *args, **kwargs)
+        rows = call.rows
+        if hidden_states.shape[0] != rows:
+            raise GuidanceValueError(
+                f"layer {self.path!r} received {hidden_states.shape[0]} rows in a model call "
+                f"of {rows}: the model changes the batch before this layer, so guidekit "
+                f"cannot tell which rows to modify"
+            )
+        # AttnProcessor2_0's positional order after hidden_states
+        for name, value in zip(_ROW_KWARGS, args):
+            kwargs.setdefault(name, value)
+        args = ()
+        context = kwargs.get("encoder_hidden_states")
+        mask = kwargs.get("attention_mask")
+        temb = kwargs.get("temb")
+
+        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+            kw = {
+                k: _take(v, ranges) if k in _ROW_KWARGS and _rows_of(v, rows) else v
+                for k, v in kwargs.items()
+            }
+            out = self.original(attn, _take(hidden_states, ranges), **kw)
+            if not isinstance(out, torch.Tensor):
+                raise GuidanceTypeError(
+                    f"the processor of {self.path!r} returned {type(out).__name__}; the "
+                    f"attention modifiers handle attention that returns one tensor"
+                )
+            return out
+
+        def modified(a: int, b: int, core: Any, nag: Any) -> torch.Tensor:
+            neg_ctx = neg_mask = None
+            if nag is not None:
+                if context is None:
+                    raise GuidanceValueError(
+                        f"layer {self.path!r} is called without encoder_hidden_states: "
+                        f"{nag!r} acts in cross-attention, where the negative prompt is the "
+                        f"context; choose cross-attention layers"
+                    )
+                neg_ctx, neg_mask = self.hooks.negative_context(
+                    call, nag, self.path, a, b, context, mask
+                )
+            return modified_attention(
+                attn, hidden_states[a:b], _slice(context, rows, a, b), _slice(mask, rows, a, b),
+                temb=_slice(temb, rows, a, b),
+                core=core, nag=nag, negative_context=neg_ctx, negative_mask=neg_mask,
+            )
+
+        return _assemble(call, plain, modified)
+
+
+class ModifierProcessor(_ModifierBody):
+    """Takes the place of a diffusers attention processor in a modifier's layer."""
+
+    def __init__(self, hooks: ModifierHooks, path: str, original: Any) -> None:
+        self._setup(hooks, path, original)
+
+    def __repr__(self) -> str:
+        return f"ModifierProcessor({self.path!r}, original={self.original!r})"
+
+
+class ModifierModuleProcessor(_ModifierBody, torch.nn.Module):
+    """The same, for an original processor that is an ``nn.Module`` (kept as a child)."""
+
+    def __init__(self, hooks: ModifierHooks, path: str, original: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)
+        self._setup(hooks, path, original)
+
+    __call__ = _ModifierBody.__call__
+
+
+# -- plain modules: intercept scaled_dot_product_attention ---------------------------------------
+
+
+@attrs.define(eq=False)
+class _Frame:
+    path: str
+    call: LayerCall
+    sdpa_calls: int = 0
+
+
+class _SdpaMode(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` calls made inside a hooked plain module."""
+
+    def __init__(self, hooks: ModifierHooks) -> None:
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.hooks._frames:
+            return self.hooks._sdpa(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@attrs.define(eq=False)
+class _Hook:
+    path: str
+    module: torch.nn.Module
+    kind: str  # "processor" or "forward"
+    original: Any = None
+    had_forward: bool = False
+    installed: bool = False
+
+
+class ModifierHooks:
+    """The hooks of a plan's attention modifiers on one model (see the module docstring).
+
+    Built (and every layer checked) before anything is changed; ``install()`` and
+    ``restore()`` put the hooks in and take them out again; ``active(layout)`` holds the
+    row layout of the model call in progress. ``layers`` maps each modifier to its paths.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: Any,
+        *,
+        model_name: str,
+        attention_class: type | tuple[type, ...] | None = None,
+        taken: tuple[str, ...] = (),
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.modifiers: tuple[Any, ...] = tuple(getattr(plan, "attention", ()))
+        self.layers: dict[Any, tuple[str, ...]] = {}
+        self.ops: dict[str, LayerOps] = {}
+        self.table: LayerTable | None = None
+        self.context: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._hooks: list[_Hook] = []
+        self._layout: Any = None
+        self._calls: dict[Any, dict[str, LayerCall]] = {}
+        self._negatives: dict[Any, torch.Tensor] = {}
+        self._frames: list[_Frame] = []
+        if not self.modifiers:
+            return
+        self.table = table = cross_attention_table(model, attention_class=attention_class)
+        for m in self.modifiers:
+            if not table.paths and not table.free:
+                raise GuidanceValueError(
+                    f"{m!r}: {table.architecture} has no cross-attention layer (it is not "
+                    f"conditioned through cross-attention, e.g. a class-conditional DiT); "
+                    f"{type(m)._name} changes cross-attention, so there is nothing to change"
+                )
+            self.layers[m] = resolve_layers(model, table, m.layers, what=repr(m))
+        paths = tuple(dict.fromkeys(p for ps in self.layers.values() for p in ps))
+        check_disjoint(paths)
+        for path in paths:
+            users = [m for m, ps in self.layers.items() if path in ps]
+            cores = [m for m in users if _is_core(m)]
+            nags = [m for m in users if _is_nag(m)]
+            if len(cores) > 1 or len(nags) > 1:
+                two = cores if len(cores) > 1 else nags
+                raise GuidanceValueError(
+                    f"layer {path!r} gets both {two[0]!r} and {two[1]!r}: at most one of "
+                    f"PLADIS / GAG and one NAG may act in a layer (they would replace each "
+                    f"other's attention); give them disjoint layers=..."
+                )
+            for other in taken:
+                if other == path or other.startswith(path + ".") or path.startswith(other + "."):
+                    pert = "a perturbed branch's layer"
+                    raise GuidanceValueError(
+                        f"layer {path!r} of {users[0]!r} overlaps {other!r}, {pert}: an "
+                        f"attention modifier and a perturbation cannot share a layer (the "
+                        f"perturbation replaces the attention the modifier changes); choose "
+                        f"other layers for one of them"
+                    )
+            self.ops[path] = LayerOps(cores[0] if cores else None, nags[0] if nags else None)
+            self._hooks.append(self._plan_hook(path, bool(nags)))
+        if any(_is_nag(m) for m in self.modifiers):
+            self.context = context_projection(model)
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _plan_hook(self, path: str, nag: bool) -> _Hook:
+        module = self.model.get_submodule(path)
+        if is_joint_attention(module):
+            raise GuidanceValueError(
+                f"layer {path!r} ({type(module).__name__}) is a joint text-image attention, "
+                f"which the attention modifiers do not handle yet"
+            )
+        attention_cls = diffusers_attention_class()
+        if attention_cls is not None and isinstance(module, attention_cls):
+            if nag and not is_cross_attention(module):
+                raise GuidanceValueError(
+                    f"layer {path!r} is a self-attention layer; NAG needs cross-attention "
+                    f"(the negative prompt replaces the context)"
+                )
+            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
+            if isinstance(current, _ModifierBody) or type(current).__name__.startswith("RowAware"):
+                raise GuidanceValueError(
+                    f"layer {path!r} is already hooked by another guidekit attention engine"
+                )
+            return _Hook(path, module, "processor", current)
+        if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
+            raise GuidanceValueError(
+                f"layer {path!r} is a {type(module).__name__}, an attention class the "
+                f"attention modifiers do not support yet"
+            )
+        if getattr(module.forward, "_guidekit_engine", None) is not None:
+            raise GuidanceValueError(
+                f"layer {path!r} is already hooked by another guidekit attention engine"
+            )
+        return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__)
+
+    def install(self) -> None:
+        """Put every hook in (all or none: a failure takes back the ones already in)."""
+        try:
+            for hook in self._hooks:
+                self._install(hook)
+        except BaseException:
+            self.restore()
+            raise
+
+    def _install(self, hook: _Hook) -> None:
+        if hook.kind == "processor":
+            if isinstance(hook.original, torch.nn.Module):
+                wrapper: Any = ModifierModuleProcessor(self, hook.path, hook.original)
+            else:
+                wrapper = ModifierProcessor(self, hook.path, hook.original)
+            hook.module.set_processor(wrapper)  # type: ignore[operator]
+        else:
+            hook.module.forward = self._forward_wrapper(hook)  # type: ignore[method-assign]
+        hook.installed = True
+
+    def restore(self) -> None:
+        """Take every installed hook out, restoring the exact objects found; then raise the
+        first error, if any (every other hook is still restored)."""
+        self._layout = None
+        self._calls.clear()
+        self._negatives.clear()
+        self._frames.clear()
+        errors: list[BaseException] = []
+        for hook in reversed(self._hooks):
+            if not hook.installed:
+                continue
+            try:
+                if hook.kind == "processor":
+                    hook.module.set_processor(hook.original)  # type: ignore[operator]
+                elif hook.had_forward:
+                    hook.module.forward = hook.original  # type: ignore[method-assign]
+                else:
+                    hook.module.__dict__.pop("forward", None)
+                hook.installed = False
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+    def _forward_wrapper(self, hook: _Hook) -> Callable[..., Any]:
+        original, path = hook.original, hook.path
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = self.call_for(path)
+            if call is None:
+                return original(*args, **kwargs)
+            frame = _Frame(path, call)
+            outermost = not self._frames
+            self._frames.append(frame)
+            try:
+                if outermost:
+                    with _SdpaMode(self):
+                        out = original(*args, **kwargs)
+                else:
+                    out = original(*args, **kwargs)
+            finally:
+                self._frames.pop()
+            if frame.sdpa_calls == 0:
+                raise GuidanceValueError(
+                    f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
+                    f"call, so its attention modifiers would do nothing; hook the module that "
+                    f"calls it"
+                )
+            return out
+
+        forward._guidekit_engine = self  # type: ignore[attr-defined]
+        return forward
+
+    # -- per call ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def active(self, layout: Any) -> Iterator[None]:
+        """Hold ``layout`` while one model call runs (the engine's ``around_call`` enters it)."""
+        previous, previous_neg = self._layout, self._negatives
+        self._layout = layout if self._hooks and layout.model == self.model_name else None
+        self._negatives = {}
+        try:
+            yield
+        finally:
+            self._layout, self._negatives = previous, previous_neg
+
+    def call_for(self, path: str) -> LayerCall | None:
+        """How layer ``path`` treats the rows of the current call (``None``: leave it alone)."""
+        layout = self._layout
+        if layout is None:
+            return None
+        calls = self._calls.get(layout)
+        if calls is None:
+            calls = self._calls[layout] = self._calls_for(layout)
+        return calls.get(path)
+
+    def _calls_for(self, layout: Any) -> dict[str, LayerCall]:
+        out: dict[str, LayerCall] = {}
+        for path, ops in self.ops.items():
+            segments: list[tuple[int, int, Any, Any]] = []
+            for branch, start, stop in layout.blocks:
+                nag = ops.nag if ops.nag is not None and ops.nag.applies_to(branch) else None
+                op = (ops.core, nag)
+                if segments and segments[-1][2:] == op and segments[-1][1] == start:
+                    segments[-1] = (segments[-1][0], stop, *op)
+                else:
+                    segments.append((start, stop, *op))
+            negatives: dict[int, int] = {}
+            if ops.nag is not None:
+                # unperturbed rows of the negative conditioning first, then any
+                blocks = sorted(
+                    (blk for blk in layout.blocks if blk[0].cond == ops.nag.negative),
+                    key=lambda blk: blk[0].perturbation is not None,
+                )
+                for _, start, stop in blocks:
+                    for row in range(start, stop):
+                        negatives.setdefault(layout.sample(row), row)
+            out[path] = LayerCall(
+                layout.rows, tuple(segments), tuple(sorted(negatives.items())), layout
+            )
+        return out
+
+    def negative_context(
+        self,
+        call: LayerCall,
+        nag: Any,
+        path: str,
+        a: int,
+        b: int,
+        context: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """NAG's negative context (and mask) for the call's rows ``a..b`` of a diffusers
+        layer: rows of the negative conditioning in this call, else the projected
+        conditioning (see the module docstring)."""
+        rows = call.rows
+        row_mask = _rows_of(mask, rows)
+        contexts, masks = [], []
+        for r in range(a, b):
+            n = call.negative_row(r)
+            if n is not None:
+                contexts.append(context[n])
+                if row_mask:
+                    assert mask is not None
+                    masks.append(mask[n])
+                continue
+            if row_mask:
+                raise GuidanceValueError(
+                    f"layer {path!r}: {nag!r} found no row of the conditioning "
+                    f"{nag.negative!r} in this model call, and the layer has a cross-attention "
+                    f"mask, which guidekit cannot build for the negative prompt on its own; "
+                    f"run the negative rows in the same call (e.g. CFG(w) | {nag!r}) or leave "
+                    f"the mask out"
+                )
+            projected = self._projected_negative(call, nag, path)
+            contexts.append(projected[call.layout.sample(r)].to(context.dtype))
+        neg = torch.stack(contexts)
+        neg_mask = torch.stack(masks) if row_mask else mask
+        return neg, neg_mask
+
+    def _projected_negative(self, call: LayerCall, nag: Any, path: str) -> torch.Tensor:
+        cached = self._negatives.get(nag)
+        if cached is not None:
+            return cached
+        arch = type(self.model).__name__
+        if self.context is None:
+            raise GuidanceValueError(
+                f"layer {path!r}: {nag!r} found no row of the conditioning {nag.negative!r} "
+                f"in this model call, and guidekit does not know how {arch} turns a "
+                f"conditioning into its cross-attention context (it knows PixArt and "
+                f"UNet2DConditionModel); run the negative rows in the same call, e.g. "
+                f"CFG(w) | {nag!r}"
+            )
+        # the current layout's state: a cached LayerCall may hold an earlier step's layout
+        state = getattr(self._layout, "state", None)
+        conds = getattr(state, "conds", None) or {}
+        negative = conds.get(nag.negative)
+        if negative is None:
+            raise GuidanceValueError(
+                f"{nag!r} needs the conditioning {nag.negative!r} (its negative prompt), but "
+                f"the step has only {', '.join(map(repr, conds)) or 'none'}: pass "
+                f"{nag.negative}={{...}} to guide() or in plan.step's conds"
+            )
+        key = nag.key
+        if key is None:
+            found = [
+                k for k, v in negative.items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim == 3
+            ]
+            if len(found) != 1:
+                raise GuidanceValueError(
+                    f"{nag!r}: cannot tell which tensor of the conditioning {nag.negative!r} is "
+                    f"the text context ({len(found)} floating 3-D tensors: "
+                    f"{', '.join(found) or 'none'}); name it with NAG(..., key='...')"
+                )
+            key = found[0]
+        value = negative.get(key)
+        if not isinstance(value, torch.Tensor):
+            raise GuidanceValueError(
+                f"{nag!r}: the conditioning {nag.negative!r} has no tensor {key!r} "
+                f"(keys: {', '.join(negative) or 'none'})"
+            )
+        projected = self.context(value)
+        self._negatives[nag] = projected
+        return projected
+
+    def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        frame = self._frames[-1]
+        frame.sdpa_calls += 1
+        bound = dict(zip(_SDPA_ARGS, args))
+        bound.update(kwargs)
+        query, key, value = bound["query"], bound["key"], bound["value"]
+        call = frame.call
+        rows = call.rows
+        for label, t in (("query", query), ("key", key), ("value", value)):
+            if t.shape[0] != rows:
+                raise GuidanceValueError(
+                    f"layer {frame.path!r}: scaled_dot_product_attention got {label} with "
+                    f"{t.shape[0]} rows in a model call of {rows}; the plain-module protocol "
+                    f"needs the call's rows as the first axis (see guidekit.attention.engine)"
+                )
+        mask: Any = bound.get("attn_mask")
+        row_mask = isinstance(mask, torch.Tensor) and mask.ndim == query.ndim and (
+            mask.shape[0] == rows
+        )
+
+        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+            sub = dict(bound)
+            sub["query"], sub["key"], sub["value"] = (_take(t, ranges) for t in (query, key, value))
+            if row_mask:
+                sub["attn_mask"] = _take(mask, ranges)
+            return func(**sub)  # type: ignore[no-any-return]
+
+        def modified(a: int, b: int, core: Any, nag: Any) -> torch.Tensor:
+            if bound.get("is_causal") or bound.get("dropout_p"):
+                raise GuidanceValueError(
+                    f"layer {frame.path!r}: the attention modifiers need plain attention; this "
+                    f"call uses is_causal or dropout"
+                )
+            scale = bound.get("scale")
+
+            def attend(k: torch.Tensor, v: torch.Tensor, m: Any) -> torch.Tensor:
+                if core is not None:
+                    return core.attend(  # type: ignore[no-any-return]
+                        query[a:b], k, v, mask=m, logit_scale=scale
+                    )
+                extra = {"scale": scale} if scale is not None else {}
+                if bound.get("enable_gqa"):
+                    extra["enable_gqa"] = True
+                return func(query[a:b], k, v, attn_mask=m, **extra)  # type: ignore[no-any-return]
+
+            m = mask[a:b] if row_mask else mask
+            out = attend(key[a:b], value[a:b], m)
+            if nag is None:
+                return out
+            negs = [call.negative_row(r) for r in range(a, b)]
+            if any(n is None for n in negs):
+                raise GuidanceValueError(
+                    f"layer {frame.path!r}: {nag!r} needs rows of the conditioning "
+                    f"{nag.negative!r} in the same model call on a plain module (its keys and "
+                    f"values come from the module's own projections); e.g. CFG(w) | {nag!r}"
+                )
+            index = torch.tensor(negs, device=key.device)
+            neg_mask = mask.index_select(0, index) if row_mask else mask
+            negative = attend(key.index_select(0, index), value.index_select(0, index), neg_mask)
+            dims = (-3, -1) if query.ndim >= 4 else (-1,)
+            return nag.combine(out, negative, dims=dims)  # type: ignore[no-any-return]
+
+        return _assemble(call, plain, modified)
+
+    # -- text ------------------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """Each modifier and the layers it changes."""
+        return "\n".join(f"  {m!r}: {', '.join(ps)}" for m, ps in self.layers.items())
