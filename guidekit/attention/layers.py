@@ -42,10 +42,11 @@ order, not the order the forward runs them; :func:`layer_table` prints the list.
 ``SD3Transformer2DModel`` (joint text-image attention, image tokens first): the list is
 ``transformer_blocks.{i}.attn``; the perturbations act on the IMAGE queries only (the text
 queries attend as usual, see :func:`guidekit.attention.engine.perturbed_joint_attention`);
-the default for PAG is block 7 of 24 scaled to the depth (unmeasured). Flux
-(``FluxTransformer2DModel``, text first, single-stream blocks that join both streams
-before the attention module) is not supported yet: installing an attention term there
-raises instead of perturbing the text stream by accident.
+the default for PAG is block 7 of 24 scaled to the depth (unmeasured).
+``FluxTransformer2DModel``: ``transformer_blocks.{i}.attn`` then
+``single_transformer_blocks.{j}.attn``; both join the streams text first, the engine
+perturbs the queries after the call's text tokens (:mod:`guidekit.attention.flux`);
+default: the last double-stream block (unmeasured).
 """
 
 from __future__ import annotations
