@@ -266,3 +266,20 @@ def test_plain_sdpa_module() -> None:
     torch.testing.assert_close(rows[-1][:BATCH], plain_c, rtol=1e-5, atol=1e-5)
     assert (rows[-1][BATCH:] - rows[-1][:BATCH]).abs().max() > 1e-4
     assert F.scaled_dot_product_attention is torch.nn.functional.scaled_dot_product_attention
+
+
+def test_headline_expression_is_one_call_of_four_row_blocks() -> None:
+    """``CFG(7) + PAG(3) + EMAG(1.5) | APG(eta=0)``: c, u, the PAG and the EMAG rows in ONE
+    model call of 4 x B rows per step, equal to the same terms computed in separate calls."""
+    from guidekit import APG, PAG
+
+    model = tiny_dit(num_layers=4)
+    expr = CFG(7) + PAG(3, layers=-1) + EMAG(1.5, layers=(1, 2)) | APG(eta=0)
+    x = start(5)
+    one, _, calls = guided_run(model, x, expr)
+    split, _, split_calls = guided_run(model, x, expr, max_rows=BATCH)
+    assert [c.rows for c in calls] == [4 * BATCH] * (len(SIGMAS) - 1)
+    assert calls[0].branches == ("c", "u", "c[IdentityAttention((-1,))]", "c[EMAMap((1, 2))]")
+    assert len(split_calls) == 4 * (len(SIGMAS) - 1)
+    for a, b in zip(one, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
