@@ -51,18 +51,25 @@ engine serves one sampling run at a time.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
+from guidekit.attention.hooks import (
+    ProcessorWrapper,
+    SdpaMode,
+    check_rows,
+    take,
+)
+from guidekit.attention.hooks import row_slice as _row_slice
+from guidekit.attention.hooks import rows_of as _rows_of
+from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import (
     LayerTable,
     check_disjoint,
@@ -111,14 +118,6 @@ class Route:
         return (row + self.offset) % self.batch if self.batch else row
 
 
-def take(t: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Rows ``ranges`` of ``t`` along axis 0 (a view when it is one range)."""
-    if len(ranges) == 1:
-        a, b = ranges[0]
-        return t if (a, b) == (0, t.shape[0]) else t[a:b]
-    return torch.cat([t[a:b] for a, b in ranges])
-
-
 def assemble(
     route: Route,
     plain: Callable[[tuple[tuple[int, int], ...]], torch.Tensor],
@@ -145,22 +144,6 @@ def assemble(
 
 def _rows(out: Any, a: int, b: int) -> Any:
     return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
-
-
-def _rows_of(value: Any, rows: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
-
-
-def _row_slice(value: Any, rows: int, a: int, b: int) -> Any:
-    """``value[a:b]`` for a tensor of the call's rows; anything else unchanged."""
-    return value[a:b] if _rows_of(value, rows) else value
-
-
-def _slice_kwargs(kwargs: dict[str, Any], rows: int, ranges: tuple[tuple[int, int], ...],
-                  names: tuple[str, ...]) -> dict[str, Any]:
-    return {
-        k: take(v, ranges) if k in names and _rows_of(v, rows) else v for k, v in kwargs.items()
-    }
 
 
 # -- diffusers Attention: perturbed rows computed with the module's own layers ----------------
@@ -278,45 +261,21 @@ def perturbed_joint_attention(
     return image, text
 
 
-def _signature_of(fn: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-
-
-class _RowAware:
+class _RowAware(ProcessorWrapper):
     """Shared body of the row-aware processor (plain object or ``nn.Module``)."""
 
     engine: AttentionEngine
-    path: str
 
     def _setup(self, engine: AttentionEngine, path: str, original: Any) -> None:
         self.engine = engine
-        self.path = path
-        self.original = original
-        # diffusers reads inspect.signature(processor.__call__) to decide which
-        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive.
-        sig = _signature_of(original.__call__)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
-        if sig is not None:
-            call.__signature__ = sig  # type: ignore[attr-defined]
-        self.__dict__["__call__"] = call
+        self._wrap(path, original)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         route = self.engine.route(self.path)
         if route is None:
             return self.original(attn, hidden_states, *args, **kwargs)
         rows = route.rows
-        if hidden_states.shape[0] != rows:
-            raise GuidanceValueError(
-                f"layer {self.path!r} received {hidden_states.shape[0]} rows in a model call of "
-                f"{rows}: the model changes the batch before this layer, so guidekit cannot "
-                f"tell which rows are perturbed"
-            )
+        check_rows(self.path, hidden_states.shape[0], rows, "which rows are perturbed")
         ehs = kwargs.get("encoder_hidden_states")
         if ehs is None and args:
             ehs = args[0]
@@ -379,20 +338,6 @@ class RowAwareModuleProcessor(_RowAware, torch.nn.Module):
 
 
 # -- plain modules: intercept scaled_dot_product_attention ---------------------------------------
-
-
-class _SdpaMode(TorchFunctionMode):
-    """Routes ``scaled_dot_product_attention`` calls made inside a hooked forward."""
-
-    def __init__(self, engine: AttentionEngine) -> None:
-        super().__init__()
-        self.engine = engine
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and self.engine._frames:
-            return self.engine._sdpa(func, args, kwargs)
-        return func(*args, **kwargs)
 
 
 @attrs.define(eq=False)
@@ -587,7 +532,7 @@ class AttentionEngine:
             self._frames.append(frame)
             try:
                 if outermost:
-                    with _SdpaMode(self):
+                    with SdpaMode(self):
                         out = original(*args, **kwargs)
                 else:
                     out = original(*args, **kwargs)

@@ -120,6 +120,35 @@ def is_cross_attention(module: Any) -> bool:
     return bool(getattr(module, "is_cross_attention", False))
 
 
+def check_module(model: Any) -> None:
+    """Raise unless ``model`` is a ``torch.nn.Module`` (where attention layers live)."""
+    if not isinstance(model, torch.nn.Module):
+        raise GuidanceTypeError(
+            f"attention layers live in a torch.nn.Module; got {type(model).__name__} (pass "
+            f"the network itself, e.g. the transformer or UNet, not a wrapper function)"
+        )
+
+
+def listed_layers(
+    model: torch.nn.Module, attention_class: type | tuple[type, ...]
+) -> tuple[str, tuple[str, ...]]:
+    """``(label, paths)``: every submodule of ``model`` that is an instance of
+    ``attention_class`` (a class or tuple of classes), in ``named_modules()`` order."""
+    arch = type(model).__name__
+    classes = attention_class if isinstance(attention_class, tuple) else (attention_class,)
+    if not all(isinstance(c, type) for c in classes):
+        raise GuidanceTypeError(
+            f"attention_class must be a class or a tuple of classes, got {attention_class!r}"
+        )
+    paths = tuple(n for n, m in model.named_modules() if n and isinstance(m, classes))
+    if not paths:
+        raise GuidanceValueError(
+            f"{arch} has no submodule of class "
+            f"{', '.join(c.__name__ for c in classes)} (attention_class)"
+        )
+    return f"{arch}[{', '.join(c.__name__ for c in classes)}]", paths
+
+
 def layer_table(
     model: torch.nn.Module, *, attention_class: type | tuple[type, ...] | None = None
 ) -> LayerTable:
@@ -130,28 +159,13 @@ def layer_table(
     no known architecture and no ``attention_class``, the table is empty and ``free``:
     layers must then be named by module path.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise GuidanceTypeError(
-            f"attention layers live in a torch.nn.Module; got {type(model).__name__} (pass "
-            f"the network itself, e.g. the transformer or UNet, not a wrapper function)"
-        )
+    check_module(model)
     names = _class_names(model)
     arch = type(model).__name__
     if attention_class is not None:
-        classes = attention_class if isinstance(attention_class, tuple) else (attention_class,)
-        if not all(isinstance(c, type) for c in classes):
-            raise GuidanceTypeError(
-                f"attention_class must be a class or a tuple of classes, got {attention_class!r}"
-            )
-        paths = tuple(n for n, m in model.named_modules() if n and isinstance(m, classes))
-        if not paths:
-            raise GuidanceValueError(
-                f"{arch} has no submodule of class "
-                f"{', '.join(c.__name__ for c in classes)} (attention_class)"
-            )
+        label, paths = listed_layers(model, attention_class)
         rule = "the last listed layer (a guess for a plain module: measure it)"
-        return LayerTable(f"{arch}[{', '.join(c.__name__ for c in classes)}]", paths,
-                          paths[-1:], rule)
+        return LayerTable(label, paths, paths[-1:], rule)
     joint = next((n for n in names if n in JOINT_MODELS), None)
     if joint is not None:
         raise GuidanceValueError(

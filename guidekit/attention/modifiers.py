@@ -43,23 +43,28 @@ Rows nothing applies to go through the layer's original processor in one call.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
+from guidekit.attention.hooks import ProcessorWrapper, SdpaMode, check_rows
+from guidekit.attention.hooks import row_slice as _slice
+from guidekit.attention.hooks import rows_of as _rows_of
+from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
+from guidekit.attention.hooks import take as _take
 from guidekit.attention.layers import (
     BLOCK_MODELS,
     UNET_MODELS,
     LayerTable,
     check_disjoint,
+    check_module,
     diffusers_attention_class,
     is_cross_attention,
     is_joint_attention,
+    listed_layers,
     resolve_layers,
 )
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
@@ -92,26 +97,11 @@ def cross_attention_table(
     model: torch.nn.Module, *, attention_class: type | tuple[type, ...] | None = None
 ) -> LayerTable:
     """The cross-attention layers an attention modifier may address (see module docstring)."""
-    if not isinstance(model, torch.nn.Module):
-        raise GuidanceTypeError(
-            f"attention layers live in a torch.nn.Module; got {type(model).__name__} (pass "
-            f"the network itself, e.g. the transformer or UNet, not a wrapper function)"
-        )
+    check_module(model)
     arch = type(model).__name__
     names = _class_names(model)
     if attention_class is not None:
-        classes = attention_class if isinstance(attention_class, tuple) else (attention_class,)
-        if not all(isinstance(c, type) for c in classes):
-            raise GuidanceTypeError(
-                f"attention_class must be a class or a tuple of classes, got {attention_class!r}"
-            )
-        paths = tuple(n for n, m in model.named_modules() if n and isinstance(m, classes))
-        if not paths:
-            raise GuidanceValueError(
-                f"{arch} has no submodule of class "
-                f"{', '.join(c.__name__ for c in classes)} (attention_class)"
-            )
-        label = f"{arch}[{', '.join(c.__name__ for c in classes)}]"
+        label, paths = listed_layers(model, attention_class)
         return LayerTable(label, paths, paths, "every listed attention layer")
     joint = next((n for n in names if n in JOINT_ARCHITECTURES), None)
     if joint is None and any(is_joint_attention(m) for m in model.modules()):
@@ -177,23 +167,6 @@ class LayerCall:
     def negative_row(self, row: int) -> int | None:
         """The call's row holding the negative context of ``row``'s sample, if any."""
         return dict(self.negatives).get(self.layout.sample(row))
-
-
-def _take(t: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    if len(ranges) == 1:
-        a, b = ranges[0]
-        return t if (a, b) == (0, t.shape[0]) else t[a:b]
-    return torch.cat([t[a:b] for a, b in ranges])
-
-
-def _rows_of(value: Any, rows: int) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
-
-
-def _slice(value: Any, rows: int, a: int, b: int) -> Any:
-    """``value[a:b]`` for a tensor of the call's rows; anything else (None, a shared mask)
-    unchanged."""
-    return value[a:b] if _rows_of(value, rows) else value
 
 
 def _assemble(
@@ -296,45 +269,21 @@ def modified_attention(
     return out / attn.rescale_output_factor  # type: ignore[no-any-return]
 
 
-def _signature_of(fn: Any) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-
-
-class _ModifierBody:
+class _ModifierBody(ProcessorWrapper):
     """Shared body of the modifier processor (plain object or ``nn.Module``)."""
 
     hooks: ModifierHooks
-    path: str
 
     def _setup(self, hooks: ModifierHooks, path: str, original: Any) -> None:
         self.hooks = hooks
-        self.path = path
-        self.original = original
-        # diffusers reads inspect.signature(processor.__call__) to decide which
-        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive
-        sig = _signature_of(original.__call__)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
-        if sig is not None:
-            call.__signature__ = sig  # type: ignore[attr-defined]
-        self.__dict__["__call__"] = call
+        self._wrap(path, original)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         call = self.hooks.call_for(self.path)
         if call is None:
             return self.original(attn, hidden_states, *args, **kwargs)
         rows = call.rows
-        if hidden_states.shape[0] != rows:
-            raise GuidanceValueError(
-                f"layer {self.path!r} received {hidden_states.shape[0]} rows in a model call "
-                f"of {rows}: the model changes the batch before this layer, so guidekit "
-                f"cannot tell which rows to modify"
-            )
+        check_rows(self.path, hidden_states.shape[0], rows, "which rows to modify")
         # AttnProcessor2_0's positional order after hidden_states
         for name, value in zip(_ROW_KWARGS, args):
             kwargs.setdefault(name, value)
@@ -344,10 +293,7 @@ class _ModifierBody:
         temb = kwargs.get("temb")
 
         def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-            kw = {
-                k: _take(v, ranges) if k in _ROW_KWARGS and _rows_of(v, rows) else v
-                for k, v in kwargs.items()
-            }
+            kw = _slice_kwargs(kwargs, rows, ranges, _ROW_KWARGS)
             out = self.original(attn, _take(hidden_states, ranges), **kw)
             if not isinstance(out, torch.Tensor):
                 raise GuidanceTypeError(
@@ -405,20 +351,6 @@ class _Frame:
     path: str
     call: LayerCall
     sdpa_calls: int = 0
-
-
-class _SdpaMode(TorchFunctionMode):
-    """Routes ``scaled_dot_product_attention`` calls made inside a hooked plain module."""
-
-    def __init__(self, hooks: ModifierHooks) -> None:
-        super().__init__()
-        self.hooks = hooks
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and self.hooks._frames:
-            return self.hooks._sdpa(func, args, kwargs)
-        return func(*args, **kwargs)
 
 
 @attrs.define(eq=False)
@@ -586,7 +518,7 @@ class ModifierHooks:
             self._frames.append(frame)
             try:
                 if outermost:
-                    with _SdpaMode(self):
+                    with SdpaMode(self):
                         out = original(*args, **kwargs)
                 else:
                     out = original(*args, **kwargs)

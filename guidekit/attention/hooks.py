@@ -1,0 +1,111 @@
+"""Row-aware hook machinery shared by the attention engine and the attention modifiers.
+
+Both :mod:`guidekit.attention.engine` (perturbed branches) and
+:mod:`guidekit.attention.modifiers` (PLADIS / GAG / NAG) hook a layer the same two ways: a
+diffusers processor is replaced by a wrapper that holds the original, and a plain module's
+``scaled_dot_product_attention`` calls are routed through a ``TorchFunctionMode``. What they
+do with the rows differs; the plumbing below does not.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from guidekit.errors import GuidanceValueError
+
+Ranges = tuple[tuple[int, int], ...]
+
+
+def take(t: torch.Tensor, ranges: Ranges) -> torch.Tensor:
+    """Rows ``ranges`` of ``t`` along axis 0 (a view when it is one range)."""
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return t if (a, b) == (0, t.shape[0]) else t[a:b]
+    return torch.cat([t[a:b] for a, b in ranges])
+
+
+def rows_of(value: Any, rows: int) -> bool:
+    """Whether ``value`` is a tensor with one entry per row of the model call."""
+    return isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows
+
+
+def row_slice(value: Any, rows: int, a: int, b: int) -> Any:
+    """``value[a:b]`` for a tensor of the call's rows; anything else (None, a shared mask)
+    unchanged."""
+    return value[a:b] if rows_of(value, rows) else value
+
+
+def slice_kwargs(
+    kwargs: dict[str, Any], rows: int, ranges: Ranges, names: tuple[str, ...]
+) -> dict[str, Any]:
+    """``kwargs`` with the row tensors among ``names`` cut down to ``ranges``."""
+    return {
+        k: take(v, ranges) if k in names and rows_of(v, rows) else v for k, v in kwargs.items()
+    }
+
+
+def check_rows(path: str, got: int, rows: int, what: str) -> None:
+    """Raise unless a hooked layer sees the model call's rows (``what``: what would be lost)."""
+    if got != rows:
+        raise GuidanceValueError(
+            f"layer {path!r} received {got} rows in a model call of {rows}: the model "
+            f"changes the batch before this layer, so guidekit cannot tell {what}"
+        )
+
+
+def _signature_of(fn: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class ProcessorWrapper:
+    """Base of a processor that takes the place of a diffusers attention processor.
+
+    Subclasses define ``__call__(attn, hidden_states, *args, **kwargs)``; ``_wrap`` keeps
+    the original processor and makes the instance advertise the original's signature.
+    """
+
+    path: str
+    original: Any
+
+    def _wrap(self, path: str, original: Any) -> None:
+        self.path = path
+        self.original = original
+        # diffusers reads inspect.signature(processor.__call__) to decide which
+        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive
+        sig = _signature_of(original.__call__)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return type(self).__call__(self, *args, **kwargs)
+
+        if sig is not None:
+            call.__signature__ = sig  # type: ignore[attr-defined]
+        self.__dict__["__call__"] = call
+
+
+class _SdpaOwner(Protocol):
+    _frames: list[Any]
+
+    def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> Any: ...
+
+
+class SdpaMode(TorchFunctionMode):
+    """Routes ``scaled_dot_product_attention`` calls made inside a hooked plain module to
+    ``owner._sdpa`` while ``owner._frames`` is not empty."""
+
+    def __init__(self, owner: _SdpaOwner) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.owner._frames:
+            return self.owner._sdpa(func, args, kwargs)
+        return func(*args, **kwargs)
