@@ -31,6 +31,7 @@ from guidekit.expr import Expr
 from guidekit.plan import ForwardGroup, Plan, RowLayout
 from guidekit.terms.base import NonlinearPrediction
 
+from ._diffusers_cads import for_guider as cads_for_guider
 from ._diffusers_schedule import conventions, sigma_for
 
 LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
@@ -293,8 +294,10 @@ class GuidekitGuidance(BaseGuidance):
         batch = self._batch_size()
         tensors = _batch_tensors(conds, batch)
         x = self._x if self._x is not None else torch.zeros(batch)
-        tensors = dict(self._plan.modify(self._run_state, x, self._current_sigma(), tensors))
-        return {c: {**conds[c], **tensors[c]} for c in conds}
+        # CADS() anneals the token embeddings, not pooled ones (as with guided(...))
+        plan = cads_for_guider(self._plan, {k for d in conds.values() for k in d})
+        modified = plan.modify(self._run_state, x, self._current_sigma(), tensors)
+        return {c: {**conds[c], **modified[c]} for c in conds}
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         super().prepare_models(denoiser)

@@ -5,7 +5,8 @@ translate a library's calling convention and prediction space; everything else -
 branches run, the batched calls, the combine, post-processors and their state -- is
 ``Plan.step``. This module holds what they share: turning the ``guidance`` argument into a
 plan, merging conditionings given at construction with those a sampler passes per call, and
-keeping the run's :class:`~guidekit.State` (with the roll-back that adaptive solvers need).
+keeping the run's :class:`~guidekit.State` (with the roll-back that adaptive solvers need),
+and the inspection members every adapter object has (:class:`SamplerAdapter`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import torch
 
 import guidekit
-from guidekit.branch import COND, UNCOND
+from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import CallRecord, Plan
+from guidekit.runner import check_conditionings, check_models
 from guidekit.state import State
 
 ModelFn = Callable[..., torch.Tensor]
@@ -110,13 +112,7 @@ class SamplerRun:
         self.models = dict(models)
         self.cond_key = cond_key
         self.adapter = adapter
-        missing = [m for m in plan.models if m not in self.models]
-        if missing:
-            users = [b.label for b in plan.branches if b.model in missing]
-            raise GuidanceValueError(
-                f"{adapter}: {plan.expr!r} needs model(s) {', '.join(map(repr, missing))} (for "
-                f"{', '.join(users)}): pass models={{{missing[0]!r}: weak_model}}"
-            )
+        check_models(plan, self.models, where=f"{adapter}: ")
         self.conds = {n: self._as_dict(n, v) for n, v in conds.items() if v is not None}
         self._sigmas = sigmas
         self._seed = seed
@@ -149,13 +145,10 @@ class SamplerRun:
                 )
             if value is not None:
                 named[key] = self._as_dict(key, value)
-        absent = [c for c in self.plan.conditionings if c not in named]
-        if absent:
-            raise GuidanceValueError(
-                f"{self.adapter}: {self.plan.expr!r} needs the conditioning(s) "
-                f"{', '.join(map(repr, absent))}: pass {absent[0]}=... when building the "
-                f"adapter or in the sampler's extra arguments"
-            )
+        check_conditionings(
+            self.plan, named, where=f"{self.adapter}: ",
+            how="=... when building the adapter or in the sampler's extra arguments",
+        )
         return named
 
     # -- state ----------------------------------------------------------------------------------
@@ -207,3 +200,71 @@ class SamplerRun:
             self._history.append((s, before))
         return y
 
+
+
+class SamplerAdapter:
+    """What the sampler adapters' objects share: a :class:`SamplerRun` and its inspection.
+
+    A subclass translates its models (``_translate``) and calls :meth:`_start_run` from its
+    constructor; ``plan``, ``around_call``, ``calls``, ``steps``, ``state`` and ``reset``
+    then read or reset that run.
+    """
+
+    run: SamplerRun
+
+    def _translate(self, model: Callable[..., torch.Tensor]) -> ModelFn:
+        raise NotImplementedError
+
+    def _start_run(
+        self,
+        plan: Plan,
+        model: Callable[..., torch.Tensor],
+        models: Mapping[str, Callable[..., torch.Tensor]] | None,
+        conds: Mapping[str, Any],
+        *,
+        sigmas: Sequence[float] | torch.Tensor | None,
+        seed: int,
+        cond_key: str,
+        adapter: str,
+        around_call: Any,
+    ) -> None:
+        """Translate the main and other models and start the run around ``plan``."""
+        all_models = {MAIN: model, **(models or {})}
+        translated = {name: self._translate(m) for name, m in all_models.items()}
+        self.run = SamplerRun(
+            plan, translated, conds, sigmas=sigmas, seed=seed, cond_key=cond_key,
+            adapter=adapter, around_call=around_call,
+        )
+
+    @property
+    def plan(self) -> Plan:
+        """The compiled plan (``print(obj.plan)`` shows its forward groups)."""
+        return self.run.plan
+
+    @property
+    def around_call(self) -> Any:
+        """The attention engine's hook handed to every ``plan.step`` (``None``: none)."""
+        return self.run.around_call
+
+    @around_call.setter
+    def around_call(self, value: Any) -> None:
+        self.run.around_call = value
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """Every model call of this run: model, rows, branches, sigma, step."""
+        return self.run.calls
+
+    @property
+    def steps(self) -> int:
+        """Sampler (solver) steps seen in this run."""
+        return self.run.steps
+
+    @property
+    def state(self) -> State:
+        """The run's state (APG momentum, ...) after the last call."""
+        return self.run.state
+
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        """Start a new run (fresh state, empty ``calls``); optionally a new seed/schedule."""
+        self.run.reset(seed, sigmas)

@@ -20,6 +20,11 @@ is exactly ``guided``: its own guidance scale no longer matters, but it must be 
 ``true_cfg_scale > 1`` and a negative prompt) for the pipeline to prepare the unconditional
 rows. With the scale at 1 only expressions that need no unconditional branch run.
 
+Attention-space terms (``CFG(5) + PAG(3)``) need no set-up: for the block, guidekit's attention
+engine is installed on the denoiser, and the perturbed rows ride in the same call as the
+conditional and unconditional ones. ``CADS`` anneals the token embeddings of text pipelines
+(pooled ones untouched) and DiT's class-label embedding (see ``_diffusers_cads``).
+
 Modular pipelines take a ``guider=`` component: :class:`GuidekitGuidance` (imported lazily
 from this module; it subclasses diffusers' ``BaseGuidance``).
 
@@ -39,8 +44,11 @@ import torch
 from guidekit import GuidanceValueError, Noise, compile
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.expr import Expr
-from guidekit.plan import CallRecord, Plan
+from guidekit.plan import CallRecord, Plan, RowLayout
+from guidekit.runner import check_models
 
+from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
+from ._diffusers_cads import adapt as cads_plans
 from ._diffusers_schedule import conventions, schedule_of, sigma_for
 
 if TYPE_CHECKING:
@@ -199,7 +207,8 @@ class GuidedPipeline:
 
     ``calls`` lists every model call guidekit made (model, rows, branches, sigma, step) across
     all pipeline runs of the block; ``runs`` counts the pipeline runs; ``steps`` is the number
-    of steps of the current run.
+    of steps of the current run. ``plan`` is the plan as run (CADS's keys made explicit);
+    ``engines`` the attention engines installed for the block, by model name.
     """
 
     def __init__(
@@ -213,9 +222,18 @@ class GuidedPipeline:
         seed: int,
         sigma_fn: Callable[[float], float] | None,
         around_call: Any,
+        step_plan: Plan | None = None,
+        engines: Mapping[str, Any] | None = None,
+        cads: ClassEmbeddingCADS | None = None,
     ) -> None:
         self.pipe = pipe
         self.plan = plan
+        # what Plan.step runs: the plan less the CADS that a label-embedding hook applies
+        self._step_plan = plan if step_plan is None else step_plan
+        self.engines: dict[str, Any] = dict(engines or {})
+        self._engine_calls: dict[str, Callable[[RowLayout], Any]] = {}
+        self._cads = cads
+        self._at: tuple[Any, torch.Tensor, float] | None = None  # (state, x, sigma) of the step
         self.denoiser = denoiser
         self.layout = layout
         self.models = dict(models)
@@ -405,8 +423,8 @@ class GuidedPipeline:
 
     def _start_run(self, exact: bool) -> None:
         schedule = schedule_of(self.pipe.scheduler) if exact and self.sigma_fn is None else None
-        self._state = self.plan.init(self.seed, schedule)
-        self._splitter = self.plan.splitter()
+        self._state = self._step_plan.init(self.seed, schedule)
+        self._splitter = self._step_plan.splitter()
         self._new_run = False
         self.runs += 1
 
@@ -418,7 +436,7 @@ class GuidedPipeline:
         if self._state is None or self._new_run or rose:
             self._start_run(exact)
         self._last_sigma = sigma
-        program = self.plan.program(sigma)
+        program = self._step_plan.program(sigma)
         missing = sorted({b.cond for b in program.branches} - split.conds.keys())
         if missing:
             raise GuidanceValueError(
@@ -456,14 +474,35 @@ class GuidedPipeline:
         fns = {MAIN: make(self._orig, True)}
         for name, m in self.models.items():
             fns[name] = make(m, False)
-        sample, self._state = self.plan.step(
-            self._state, split.x, sigma, split.conds, fns,
-            splitter=self._splitter, on_call=self.calls.append, around_call=self.around_call,
-        )
+        self._at = (self._state, split.x, sigma)
+        try:
+            sample, self._state = self._step_plan.step(
+                self._state, split.x, sigma, split.conds, fns,
+                splitter=self._splitter, on_call=self.calls.append,
+                around_call=self._around if self._needs_around() else None,
+            )
+        finally:
+            self._at = None
         extra = None
         if found["extra"]:
             extra = torch.cat(found["extra"])[:batch]
         return sample, found["proto"], extra
+
+    # -- around each model call: attention engines, CADS on class embeddings, the user's hook -----
+    def _needs_around(self) -> bool:
+        return bool(self.around_call is not None or self._engine_calls or self._cads is not None)
+
+    @contextlib.contextmanager
+    def _around(self, layout: RowLayout) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if self.around_call is not None:
+                stack.enter_context(self.around_call(layout))
+            engine_call = self._engine_calls.get(layout.model)
+            if engine_call is not None:
+                stack.enter_context(engine_call(layout))
+            if self._cads is not None and self._at is not None:
+                stack.enter_context(self._cads.call(layout, self._at))
+            yield
 
 
 def _swap(obj: Any, name: str, value: Any) -> Callable[[], None]:
@@ -511,10 +550,17 @@ def guided(
         max_rows: the plan's row budget (see :func:`guidekit.compile`).
         sigma_fn: maps the timestep (scheduler units) to sigma, overriding the scheduler.
         denoiser: the module to wrap (default ``pipe.transformer`` or ``pipe.unet``).
-        around_call: passed to ``Plan.step`` (attention perturbations).
+        around_call: entered around every model call with its row layout (see
+            ``Plan.step``). Leave it out for attention-space terms (PAG, SEG, SLG, EMAG,
+            PLADIS, ...): the attention engine is then installed on the denoiser (and on
+            other models with perturbed branches) for the block; given, it replaces that
+            engine (install your own with :func:`guidekit.attention.install`).
 
     Yields:
         A :class:`GuidedPipeline` with the plan and a record of the model calls.
+
+    CADS anneals the token embeddings (``encoder_hidden_states``) of text pipelines and the
+    class-label embedding of DiT-style transformers (see :mod:`._diffusers_cads`).
     """
     module = denoiser if denoiser is not None else _denoiser_of(pipe)
     if isinstance(module.__dict__.get("forward"), _GuidedForward):
@@ -540,27 +586,54 @@ def guided(
     else:
         plan = compile(expr, prediction=pred, noise=noi, max_rows=max_rows)
     models = dict(models or {})
-    missing = [m for m in plan.models if m != MAIN and m not in models]
-    if missing:
-        raise GuidanceValueError(
-            f"{plan.expr!r} needs model(s) {', '.join(map(repr, missing))}: pass "
-            f"models={{{missing[0]!r}: other_transformer}}"
-        )
+    check_models(plan, [MAIN, *models], example="other_transformer")
+    modules: dict[str, Any] = {MAIN: module, **models}
+    # Everything that can refuse (CADS's and the engines' checks) runs before anything changes.
+    plan, step_plan, embed_plan = cads_plans(plan, class_labels=bool(label_embedders(module)))
+    cads = None
+    if embed_plan is not None:
+        cads = ClassEmbeddingCADS(embed_plan, {m: modules[m] for m in embed_plan.models})
+    engines = _engines(step_plan, modules) if around_call is None else {}
     run = GuidedPipeline(
         pipe, plan, denoiser=module, layout=layout, models=models, seed=seed,
-        sigma_fn=sigma_fn, around_call=around_call,
+        sigma_fn=sigma_fn, around_call=around_call, step_plan=step_plan, engines=engines,
+        cads=cads,
     )
-    undo: list[Callable[[], None]] = []
-    try:
-        undo.append(_swap(module, "forward", _GuidedForward(run)))
+    with contextlib.ExitStack() as undo:
+        for name, engine in engines.items():
+            run._engine_calls[name] = undo.enter_context(engine)
+        if cads is not None:
+            undo.callback(cads.remove)
+            cads.install()
+        undo.callback(_swap(module, "forward", _GuidedForward(run)))
         if callable(getattr(pipe, "prepare_latents", None)):
-            undo.append(_swap(pipe, "prepare_latents", run._prepare_latents(pipe.prepare_latents)))
+            undo.callback(_swap(pipe, "prepare_latents", run._prepare_latents(pipe.prepare_latents)))
         if layout.order == "sequential" and callable(getattr(pipe, "encode_prompt", None)):
-            undo.append(_swap(pipe, "encode_prompt", run._encode_prompt(pipe.encode_prompt)))
+            undo.callback(_swap(pipe, "encode_prompt", run._encode_prompt(pipe.encode_prompt)))
         yield run
-    finally:
-        for fn in reversed(undo):
-            fn()
+
+
+def _engines(plan: Plan, modules: Mapping[str, Any]) -> dict[str, Any]:
+    """An attention engine per model whose forward the plan changes (PAG's perturbed branch,
+    PLADIS, ...), built (layers resolved and checked) but not installed yet."""
+    names = {b.model for b in plan.branches if b.perturbation is not None}
+    if plan.attention:
+        names.add(MAIN)
+    if not names:
+        return {}
+    from guidekit.attention import install
+
+    engines = {}
+    for name in sorted(names, key=lambda n: (n != MAIN, n)):
+        target = modules.get(name)
+        if not isinstance(target, torch.nn.Module):
+            raise GuidanceValueError(
+                f"{plan.expr!r} changes the attention inside model {name!r}, which needs the "
+                f"module itself (got {type(target).__name__}): pass the transformer in models=, "
+                f"or install the engine yourself and pass around_call="
+            )
+        engines[name] = install(target, plan, model_name=name)
+    return engines
 
 
 class _GuidedForward:

@@ -39,12 +39,9 @@ from typing import Any
 
 import torch
 
-import guidekit
-from guidekit.branch import MAIN
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.plan import CallRecord, Plan
 
-from ._sampling import ModelFn, SamplerRun, as_plan, level_of
+from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
 _TIMES = ("t", "sigma")
 _wrapper_class: type | None = None
@@ -57,7 +54,7 @@ def sigmas_from_time_grid(time_grid: Sequence[float] | torch.Tensor) -> list[flo
     return [1.0 - float(t) for t in values]
 
 
-class FlowGuided:
+class FlowGuided(SamplerAdapter):
     """A guided velocity field for flow-matching solvers (see the module docstring).
 
     Args:
@@ -114,13 +111,11 @@ class FlowGuided:
         plan = as_plan(
             guidance, prediction="flow", noise="flow", max_rows=max_rows, adapter="FlowGuided"
         )
-        all_models = {MAIN: model, **(models or {})}
-        translated = {name: self._translate(m) for name, m in all_models.items()}
         self._main = model
         self._t: Any = None  # the solver's t of the current call, handed to "t" models as is
         self._level: float | None = None  # the current call's sigma before clamping
-        self.run = SamplerRun(
-            plan, translated, {"cond": cond, "uncond": uncond, **(conds or {})},
+        self._start_run(
+            plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
             around_call=around_call,
         )
@@ -200,41 +195,15 @@ class FlowGuided:
         """
         return _model_wrapper_class()(self)
 
-    # -- inspection ---------------------------------------------------------------------------
-    @property
-    def plan(self) -> Plan:
-        """The compiled plan (in guidekit's convention: sigma = 1 - t, v = -u)."""
-        return self.run.plan
-
-    @property
-    def around_call(self) -> Any:
-        """The attention engine's hook handed to every ``plan.step`` (``None``: none)."""
-        return self.run.around_call
-
-    @around_call.setter
-    def around_call(self, value: Any) -> None:
-        self.run.around_call = value
-
-    @property
-    def calls(self) -> list[CallRecord]:
-        """Every model call of this run; ``sigma`` is ``1 - t``."""
-        return self.run.calls
-
-    @property
-    def steps(self) -> int:
-        """Solver steps seen in this run."""
-        return self.run.steps
-
-    @property
-    def state(self) -> guidekit.State:
-        """The run's state after the last call."""
-        return self.run.state
-
+    # -- inspection (plan, around_call, calls, steps, state: SamplerAdapter) -------------------
     def reset(self, seed: int | None = None, sigmas: Any = ..., time_grid: Any = None) -> None:
-        """Start a new run (fresh state, empty ``calls``); optionally a new seed/grid."""
+        """Start a new run (fresh state, empty ``calls``); optionally a new seed/grid.
+
+        ``calls`` and the plan speak guidekit's levels: ``sigma = 1 - t``.
+        """
         if time_grid is not None:
             sigmas = sigmas_from_time_grid(time_grid)
-        self.run.reset(seed, sigmas)
+        super().reset(seed, sigmas)
 
     def __repr__(self) -> str:
         return f"<FlowGuided {self.plan.expr!r}, model time {self.model_time!r}>"

@@ -39,11 +39,9 @@ from typing import Any
 import torch
 
 import guidekit
-from guidekit.branch import MAIN
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.plan import CallRecord, Plan
 
-from ._sampling import ModelFn, SamplerRun, as_plan
+from ._sampling import ModelFn, SamplerAdapter, as_plan
 
 _KINDS = ("x0", "eps", "v")
 
@@ -78,7 +76,7 @@ def _alphas_from(model: Any) -> torch.Tensor | None:
     return None
 
 
-class KDiffusionGuided:
+class KDiffusionGuided(SamplerAdapter):
     """A k-diffusion denoiser ``(x, sigma, **extra_args) -> x0`` running a guidance plan.
 
     Args:
@@ -154,10 +152,8 @@ class KDiffusionGuided:
             guidance, prediction=prediction, noise=noise, max_rows=max_rows,
             adapter="KDiffusionGuided",
         )
-        all_models = {MAIN: model, **(models or {})}
-        translated = {name: self._translate(m) for name, m in all_models.items()}
-        self.run = SamplerRun(
-            plan, translated, {"cond": cond, "uncond": uncond, **(conds or {})},
+        self._start_run(
+            plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="KDiffusionGuided",
             around_call=around_call,
         )
@@ -190,40 +186,6 @@ class KDiffusionGuided:
     def __call__(self, x: torch.Tensor, sigma: Any, **extra_args: Any) -> torch.Tensor:
         """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
         return self.run(x, sigma, extra_args, output="x0")
-
-    # -- inspection ---------------------------------------------------------------------------
-    @property
-    def plan(self) -> Plan:
-        """The compiled plan (``print(den.plan)`` shows its forward groups)."""
-        return self.run.plan
-
-    @property
-    def around_call(self) -> Any:
-        """The attention engine's hook handed to every ``plan.step`` (``None``: none)."""
-        return self.run.around_call
-
-    @around_call.setter
-    def around_call(self, value: Any) -> None:
-        self.run.around_call = value
-
-    @property
-    def calls(self) -> list[CallRecord]:
-        """Every model call of this run: model, rows, branches, sigma, step."""
-        return self.run.calls
-
-    @property
-    def steps(self) -> int:
-        """Sampler steps seen in this run."""
-        return self.run.steps
-
-    @property
-    def state(self) -> guidekit.State:
-        """The run's state (APG momentum, ...) after the last call."""
-        return self.run.state
-
-    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
-        """Start a new run (fresh state, empty ``calls``); optionally a new seed/schedule."""
-        self.run.reset(seed, sigmas)
 
     def __repr__(self) -> str:
         return f"<KDiffusionGuided {self.plan.expr!r}, model predicts {self.prediction}>"

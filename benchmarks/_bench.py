@@ -1,7 +1,10 @@
 """Shared helpers of the benchmark scripts: the test models, thread pinning, interleaved timing.
 
-Not a benchmark itself (the scripts are ``overhead.py`` and ``split.py``). Every figure a
-script prints is measured in that run; nothing here holds a number from an earlier run.
+Not a benchmark itself (the scripts are ``overhead.py``, ``split.py``, ``attention.py`` and
+``adapters.py``). Every figure a script prints is measured in that run; nothing here holds a
+number from an earlier run. What the scripts share: :class:`Session` (threads, load, the
+header and footer lines, ``--write``), :func:`euler` (the sampling loop they time),
+:func:`check_agree` (same samples before timing) and :func:`interleaved` (the timing).
 """
 
 from __future__ import annotations
@@ -132,24 +135,20 @@ def make_dit(layers: int = 6, seed: int = 0, plain: bool = False) -> tuple[Model
     out, 4 heads of 32 dims, 10 classes) when diffusers is installed, else :class:`PlainDiT`.
     Returns the model and a line saying which one and how many parameters it has.
     """
-    torch.manual_seed(seed)
-    net: nn.Module
     if not plain:
         try:
-            from diffusers import DiTTransformer2DModel
+            import diffusers  # noqa: F401
         except ImportError:
             plain = True
+    torch.manual_seed(seed)
     if plain:
-        net = PlainDiT(layers=layers).eval()
+        net: nn.Module = _randomised(PlainDiT(layers=layers).eval())
         kind = "plain-torch DiT (benchmarks/_bench.py PlainDiT)"
 
         def model(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
             return net(x, _timestep(sigma), class_labels)
     else:
-        net = DiTTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=layers,
-            num_attention_heads=4, attention_head_dim=32, num_embeds_ada_norm=NUM_CLASSES,
-        ).eval()  # type: ignore[attr-defined]
+        net = diffusers_dit(layers=layers, seed=seed)
         import diffusers
 
         kind = f"diffusers {diffusers.__version__} DiTTransformer2DModel"
@@ -157,13 +156,35 @@ def make_dit(layers: int = 6, seed: int = 0, plain: bool = False) -> tuple[Model
         def model(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
             return net(x, timestep=_timestep(sigma), class_labels=class_labels).sample
 
+    return model, describe(net, kind, layers)
+
+
+def diffusers_dit(layers: int = 6, seed: int = 0, classes: int = NUM_CLASSES) -> nn.Module:
+    """diffusers' ``DiTTransformer2DModel`` of the benchmarks (sample 8, patch 2 -> 16 tokens,
+    1 channel in and out, 4 heads of 32 dims), ``classes`` labels, random weights."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    net = DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=layers,
+        num_attention_heads=4, attention_head_dim=32, num_embeds_ada_norm=classes,
+    ).eval()  # type: ignore[attr-defined]
+    return _randomised(net)
+
+
+def _randomised(net: nn.Module) -> nn.Module:
     # Random weights: adaLN-zero starts at zero, which would make every block an identity.
     with torch.no_grad():
         for p in net.parameters():
             if p.ndim >= 1 and float(p.abs().sum()) == 0.0:
                 p.normal_(0.0, 0.02)
+    return net
+
+
+def describe(net: nn.Module, kind: str, layers: int) -> str:
+    """One line naming a benchmark model: kind, layers, parameters, tokens."""
     params = sum(p.numel() for p in net.parameters())
-    return model, f"{kind}, {layers} layers, {params / 1e6:.2f}M parameters, 16 tokens"
+    return f"{kind}, {layers} layers, {params / 1e6:.2f}M parameters, 16 tokens"
 
 
 def _timestep(sigma: torch.Tensor) -> torch.Tensor:
@@ -184,7 +205,69 @@ def schedule(steps: int) -> list[float]:
     return [math.exp(hi + (lo - hi) * i / max(steps - 1, 1)) for i in range(steps)]
 
 
-# -- timing -------------------------------------------------------------------------------------
+# -- sampling and timing ------------------------------------------------------------------------
+
+
+def euler(
+    predict: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor,
+    sigmas: Sequence[float],
+) -> torch.Tensor:
+    """Euler steps of the eps ODE (VE): ``x += (sigma_next - sigma) predict(x, sigma)``,
+    down to 0 after the last level. The sampling loop every script times."""
+    for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
+        x = x + (s_next - s) * predict(x, s)
+    return x
+
+
+def check_agree(outputs: dict[str, torch.Tensor], rtol: float, what: str) -> float:
+    """Raise unless every output equals the first up to ``rtol`` (relative to its largest
+    magnitude); return the largest absolute difference. Variants that run the same model
+    calls must give the same samples before their times mean anything."""
+    names = list(outputs)
+    ref = outputs[names[0]]
+    scale = float(ref.abs().max()) or 1.0
+    worst = 0.0
+    for name in names[1:]:
+        diff = float((outputs[name] - ref).abs().max())
+        if not diff / scale <= rtol:
+            raise AssertionError(
+                f"{what}: {name} differs from {names[0]} by {diff / scale:.2e} (relative)"
+            )
+        worst = max(worst, diff)
+    return worst
+
+
+class Session:
+    """One benchmark run's frame: pinned threads, the load at start and end, ``--write``.
+
+    ``intro(...)`` prints the machine line, the load and the given lines; ``finish(text,
+    markdown)`` prints the footer and, with ``--write``, writes the header, the footer and
+    ``markdown`` to the file.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.header = pin_threads(args.threads)
+        self.started = time.perf_counter()
+        self.load_start = load()
+
+    def intro(self, *lines: str) -> None:
+        print(self.header)
+        print(f"at start: {self.load_start}")
+        for line in lines:
+            print(line)
+
+    def finish(self, markdown_lines: Sequence[str], notes: Sequence[str] = ()) -> None:
+        footer = f"at end: {load()}; took {time.perf_counter() - self.started:.0f} s"
+        print(f"\n{footer}")
+        if self.args.write:
+            text = "\n".join([
+                f"{self.header}  ", f"at start: {self.load_start}; {footer}  ",
+                *(f"{n}  " for n in notes[:-1]), *notes[-1:], "", *markdown_lines, "",
+            ])
+            with open(self.args.write, "w") as f:
+                f.write(text)
+            print(f"\nwrote {self.args.write}")
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -19,7 +19,6 @@ It also checks that both ways give the same samples.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,20 +77,21 @@ def baseline_loop(
     labels2 = torch.cat([cond, uncond])  # concatenated once, outside the loop
 
     def run() -> torch.Tensor:
-        x = x_init.clone()
-        m = None
-        for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
+        m = None  # APG's momentum, carried from step to step
+
+        def predict(x: torch.Tensor, s: float) -> torch.Tensor:
+            nonlocal m
             out = main(torch.cat([x, x]), torch.full((2 * b,), s), class_labels=labels2)
             c, u = out[:b], out[b:]
             if name.startswith("CFG(7) |"):
                 y, m = _apg_by_hand(c, u, x, s, m)
-            elif name.startswith("CFG(7)"):
-                y = u + W * (c - u)
-            else:
-                cw = weak(x, torch.full((b,), s), class_labels=cond)
-                y = u + W_AG * (c - u) + S_AG * (c - cw)
-            x = x + (s_next - s) * y  # Euler step of the eps ODE (VE)
-        return x
+                return y
+            if name.startswith("CFG(7)"):
+                return u + W * (c - u)
+            cw = weak(x, torch.full((b,), s), class_labels=cond)
+            return u + W_AG * (c - u) + S_AG * (c - cw)
+
+        return bench.euler(predict, x_init.clone(), sigmas)
 
     return run
 
@@ -110,11 +110,7 @@ def guided_loop(
 
     def run() -> torch.Tensor:
         guided.reset()
-        x = x_init.clone()
-        for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
-            y = guided(x, s)
-            x = x + (s_next - s) * y
-        return x
+        return bench.euler(guided, x_init.clone(), sigmas)
 
     return run
 
@@ -135,11 +131,7 @@ def measure(
             guided = guided_loop(expr, main, weak, cond, uncond, x_init, sigmas)
             base = baseline_loop(name, main, weak, cond, uncond, x_init, sigmas)
             # Same model calls on the same rows: the samples must agree (float noise only).
-            yg, yb = guided(), base()
-            scale = float(yb.abs().max())
-            err = float((yg - yb).abs().max()) / scale
-            if not err <= rtol:
-                raise AssertionError(f"{name}, B={b}: guided and baseline differ by {err:.2e}")
+            bench.check_agree({"baseline": base(), "guided": guided()}, rtol, f"{name}, B={b}")
             t = bench.interleaved({"guided": guided, "baseline": base}, repeats)
             results.append({
                 "config": name, "batch": b,
@@ -172,20 +164,17 @@ def main() -> None:
     p = bench.common_args(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="sampling steps per timed run (DiT)")
     args = p.parse_args()
-    header_line = bench.pin_threads(args.threads)
-    started = time.perf_counter()
-    load_start = bench.load()
+    session = bench.Session(args)
     repeats = args.repeats or 15
 
     with torch.inference_mode():
         dit, dit_desc = bench.make_dit(layers=6, seed=0, plain=args.plain)
         weak, weak_desc = bench.make_dit(layers=3, seed=1, plain=args.plain)
-        print(header_line)
-        print(f"at start: {load_start}")
-        print(f"main model: {dit_desc}")
-        print(f"weak model (Autoguidance): {weak_desc}")
-        print(f"{args.steps} steps per run, {repeats} interleaved repeats (+2 warm-up), "
-              f"ratio = median over repeats of guided/baseline\n")
+        session.intro(
+            f"main model: {dit_desc}", f"weak model (Autoguidance): {weak_desc}",
+            f"{args.steps} steps per run, {repeats} interleaved repeats (+2 warm-up), "
+            f"ratio = median over repeats of guided/baseline\n",
+        )
         rows_dit = measure(dit, weak, args.steps, repeats, rtol=1e-4)
 
         cheap_steps = 50
@@ -211,23 +200,13 @@ def main() -> None:
           f"(guidekit us/step = median of guided - baseline)")
     print(bench.text_table(head_cheap, table_cheap))
 
-    footer = f"at end: {bench.load()}; took {time.perf_counter() - started:.0f} s"
-    print(f"\n{footer}")
-    if args.write:
-        text = "\n".join([
-            f"{header_line}  ", f"at start: {load_start}; {footer}  ",
-            f"main model: {dit_desc}; weak model: {weak_desc}  ",
-            f"{args.steps} steps per run, {repeats} interleaved repeats",
-            "",
-            bench.markdown(head, table_dit),
-            "",
-            f"Trivially cheap model, {cheap_steps} steps per run:",
-            "",
-            bench.markdown(head_cheap, table_cheap),
-            "",
-        ])
-        Path(args.write).write_text(text)
-        print(f"\nwrote {args.write}")
+    session.finish(
+        [bench.markdown(head, table_dit), "",
+         f"Trivially cheap model, {cheap_steps} steps per run:", "",
+         bench.markdown(head_cheap, table_cheap)],
+        notes=[f"main model: {dit_desc}; weak model: {weak_desc}",
+               f"{args.steps} steps per run, {repeats} interleaved repeats"],
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ It asserts that every policy gives the same samples up to float noise.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -69,10 +68,13 @@ def make_run(
     def run() -> torch.Tensor:
         split = plan.splitter() if splitter is None else splitter
         state = plan.init(0, sigmas)
-        x = x_init.clone()
-        for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
+
+        def predict(x: torch.Tensor, s: float) -> torch.Tensor:
+            nonlocal state
             y, state = plan.step(state, x, s, conds, {"main": model}, splitter=split)
-            x = x + (s_next - s) * y
+            return y
+
+        x = bench.euler(predict, x_init.clone(), sigmas)
         run.last_splitter = split  # type: ignore[attr-defined]
         return x
 
@@ -106,12 +108,7 @@ def measure(model: bench.Model, steps: int, repeats: int) -> list[dict[str, Any]
             }
             # Every policy runs the same rows through the same model: same samples up to the
             # float noise of different batch shapes (auto's timing must not change outputs).
-            ref = variants["one"]()
-            for name, fn in variants.items():
-                out = fn()
-                err = float((out - ref).abs().max()) / float(ref.abs().max())
-                if not err <= 1e-4:
-                    raise AssertionError(f"K={k}, B={b}: {name} differs from one call by {err:.1e}")
+            bench.check_agree({n: fn() for n, fn in variants.items()}, 1e-4, f"K={k}, B={b}")
             picks: list[int] = []
 
             def auto_and_record(
@@ -145,17 +142,15 @@ def main() -> None:
     p = bench.common_args(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="sampling steps per timed run")
     args = p.parse_args()
-    header_line = bench.pin_threads(args.threads)
-    started = time.perf_counter()
-    load_start = bench.load()
+    session = bench.Session(args)
     repeats = args.repeats or 10
     with torch.inference_mode():
         model, desc = bench.make_dit(layers=6, seed=0, plain=args.plain)
-        print(header_line)
-        print(f"at start: {load_start}")
-        print(f"model: {desc}")
-        print(f"{args.steps} steps per run, {repeats} interleaved repeats (+2 warm-up); ratios are "
-              f"medians over repeats of neighbouring timings\n")
+        session.intro(
+            f"model: {desc}",
+            f"{args.steps} steps per run, {repeats} interleaved repeats (+2 warm-up); ratios are "
+            f"medians over repeats of neighbouring timings\n",
+        )
         rows = measure(model, args.steps, repeats)
 
     head = ["K", "B", "one call ms/step", "K calls ms/step", "split/one", "auto run/best",
@@ -168,16 +163,10 @@ def main() -> None:
         for r in rows
     ]
     print(bench.text_table(head, table))
-    footer = f"at end: {bench.load()}; took {time.perf_counter() - started:.0f} s"
-    print(f"\n{footer}")
-    if args.write:
-        text = "\n".join([
-            f"{header_line}  ", f"at start: {load_start}; {footer}  ", f"model: {desc}  ",
-            f"{args.steps} steps per run, {repeats} interleaved repeats", "",
-            bench.markdown(head, table), "",
-        ])
-        Path(args.write).write_text(text)
-        print(f"\nwrote {args.write}")
+    session.finish(
+        [bench.markdown(head, table)],
+        notes=[f"model: {desc}", f"{args.steps} steps per run, {repeats} interleaved repeats"],
+    )
 
 
 if __name__ == "__main__":

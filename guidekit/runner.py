@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,41 @@ from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import CallRecord, ModelFn, Plan
 from guidekit.state import State
+
+
+def check_models(
+    plan: Plan, models: Iterable[str], *, where: str = "", example: str = "weak_model"
+) -> None:
+    """Raise unless every model the plan calls is among ``models`` (names).
+
+    ``where`` prefixes the message (an adapter's name); ``example`` is the value shown in
+    the suggested ``models={...}``.
+    """
+    given = set(models)
+    missing = [m for m in plan.models if m not in given]
+    if missing:
+        users = [b.label for b in plan.branches if b.model in missing]
+        raise GuidanceValueError(
+            f"{where}{plan.expr!r} needs model(s) {', '.join(map(repr, missing))} (for "
+            f"{', '.join(users)}): pass models={{{missing[0]!r}: {example}}}"
+        )
+
+
+def check_conditionings(
+    plan: Plan, conds: Iterable[str], *, where: str = "",
+    how: str = "={...} (a dict of tensors, batch first)",
+) -> None:
+    """Raise unless every conditioning the plan reads is among ``conds`` (names).
+
+    The message suggests passing the first missing one as ``<name><how>``.
+    """
+    given = set(conds)
+    absent = [c for c in plan.conditionings if c not in given]
+    if absent:
+        raise GuidanceValueError(
+            f"{where}{plan.expr!r} needs the conditioning(s) {', '.join(map(repr, absent))}: "
+            f"pass {absent[0]}{how}"
+        )
 
 
 class Guided:
@@ -45,19 +80,8 @@ class Guided:
         self.conds = named
         self.output = output
         self.around_call = around_call
-        missing = [m for m in plan.models if m not in self.models]
-        if missing:
-            users = [b.label for b in plan.branches if b.model in missing]
-            raise GuidanceValueError(
-                f"{plan.expr!r} needs model(s) {', '.join(map(repr, missing))} (for "
-                f"{', '.join(users)}): pass models={{{missing[0]!r}: weak_model}}"
-            )
-        absent = [c for c in plan.conditionings if c not in named]
-        if absent:
-            raise GuidanceValueError(
-                f"{plan.expr!r} needs the conditioning(s) {', '.join(map(repr, absent))}: "
-                f"pass {absent[0]}={{...}} (a dict of tensors, batch first)"
-            )
+        check_models(plan, self.models)
+        check_conditionings(plan, named)
         self._sigmas = sigmas
         self._seed = seed
         self.calls: list[CallRecord] = []

@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
 import guidekit as gk
-from guidekit import APG, CADS, CFG, Autoguidance, Cond, GuidanceValueError
+from guidekit import APG, CADS, CFG, PAG, Autoguidance, Cond, GuidanceValueError
 from guidekit.adapters.diffusers import GuidekitGuidance, guided, layout_for
 
 # the builders of tiny components live next to this file
@@ -211,15 +212,19 @@ def test_autoguidance_and_apg_run_one_call_per_forward_group(
 def _guide_loop(
     plan: gk.Plan, scheduler: Any, x: torch.Tensor, make_model: Callable[[Any], Any],
     cond: dict[str, Any], uncond: dict[str, Any], weak: Any, sigma_of: Callable[[int, Any], float],
+    around_call: Any = None, seed: int = 0,
 ) -> torch.Tensor:
-    """A diffusers-style loop: scale the input, guide with ``guidekit.guide``, step."""
+    """A diffusers-style loop: scale the input, guide with ``guidekit.guide``, step.
+
+    ``now`` (shared with the models) holds the current timestep ``t`` and step index ``i``.
+    """
     now: dict[str, Any] = {}
     guided_model = gk.guide(
         plan, make_model(None, now), cond=cond, uncond=uncond,
-        models={"weak": make_model(weak, now)},
+        models={"weak": make_model(weak, now)}, around_call=around_call, seed=seed,
     )
     for i, t in enumerate(scheduler.timesteps):
-        now["t"] = t
+        now["t"], now["i"] = t, i
         scale = getattr(scheduler, "scale_model_input", None)  # flow schedulers have none
         inp = scale(x, t) if scale is not None else x
         pred = guided_model(inp, sigma_of(i, t))
@@ -552,6 +557,401 @@ def test_modular_sd3_with_the_guider_matches_the_classic_pipelines(
         assert "forward" not in vars(pipe.transformer)
 
 
+# -- reference set-ups: each pipeline on fixed inputs, and the same sampling by hand --------------
+
+
+@attrs.frozen
+class Setup:
+    """One pipeline call on fixed inputs and the pieces of a hand-written loop that repeats it.
+
+    ``kwargs``: the pipeline call (``sample(pipe, **kwargs)``); ``cond`` / ``uncond``: the
+    denoiser's conditionings; ``make(net, now)``: the denoiser as a guidekit model;
+    ``sigma_of(i, t)``: the noise level of step ``i``; ``finish``: what the pipeline does to
+    the final latents; ``scheduler``: a fresh copy with the run's timesteps.
+    """
+
+    kwargs: dict[str, Any]
+    latents: torch.Tensor
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+    make: Callable[[Any, dict[str, Any]], Any]
+    sigma_of: Callable[[int, Any], float]
+    scheduler: Any
+    prediction: str
+    noise: Any
+    finish: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+    def compile(self, expr: Any) -> gk.Plan:
+        return gk.compile(expr, prediction=self.prediction, noise=self.noise)
+
+    def loop(
+        self, plan: gk.Plan, around_call: Any = None, weak: Any = None, seed: int = 0
+    ) -> torch.Tensor:
+        x = _guide_loop(
+            plan, self.scheduler, self.latents, self.make, self.cond, self.uncond, weak,
+            self.sigma_of, around_call=around_call, seed=seed,
+        )
+        return self.finish(x)
+
+
+def setup_for(kind: str, pipe: Any) -> Setup:
+    """The embeddings path of ``kind``'s pipeline (DiT: its class labels), latents fixed."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scheduler = copy.deepcopy(pipe.scheduler)  # from_config would drop defaulted settings
+    scheduler.set_timesteps(STEPS)
+    abar = scheduler.alphas_cumprod.double() if hasattr(scheduler, "alphas_cumprod") else None
+    # the scheduler's own table, as guided(...) reads it (CADS's time comes from it)
+    vp = gk.Noise("vp", alphas_cumprod=scheduler.alphas_cumprod) if abar is not None else None
+    net = denoiser(pipe)
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3), dtype=F64)
+    common = {"latents": lat, "height": 16, "width": 16, "output_type": "latent",
+              "guidance_scale": W}
+
+    def ddpm_sigma(i: int, t: Any) -> float:
+        return float(((1 - abar[int(t)]) / abar[int(t)]).sqrt())
+
+    if kind == "dit":  # the pipeline draws its latents from the generator: the same draw
+        lat = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(0), dtype=F64)
+        labels = torch.tensor([0, 1])
+
+        def make_dit(module: Any, now: dict[str, Any]) -> Any:
+            m = module if module is not None else net
+
+            def model(x: torch.Tensor, sigma: torch.Tensor, class_labels: Any) -> torch.Tensor:
+                return m(x, timestep=now["t"].expand(x.shape[0]), class_labels=class_labels).sample[:, :4]
+
+            return model
+
+        def decode(x: torch.Tensor) -> torch.Tensor:
+            return (pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+
+        return Setup(call_kwargs("dit"), lat, {"class_labels": labels},
+                     {"class_labels": torch.full_like(labels, 1000)}, make_dit, ddpm_sigma,
+                     scheduler, "eps", vp, decode)
+    if kind == "pixart":
+        pe, pm, npe, nm = pipe.encode_prompt(
+            PROMPTS, True, negative_prompt="", device="cpu", max_sequence_length=16
+        )
+
+        def make_pixart(module: Any, now: dict[str, Any]) -> Any:
+            m = module if module is not None else net
+
+            def model(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+                return m(x, timestep=now["t"].expand(x.shape[0]), return_dict=False,
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                         **cond)[0][:, :4]  # eps channels (learned sigma)
+
+            return model
+
+        kwargs = {**common, "prompt_embeds": pe, "prompt_attention_mask": pm,
+                  "negative_prompt": None, "negative_prompt_embeds": npe,
+                  "negative_prompt_attention_mask": nm, "use_resolution_binning": False}
+        return Setup(kwargs, lat, {"encoder_hidden_states": pe, "encoder_attention_mask": pm},
+                     {"encoder_hidden_states": npe, "encoder_attention_mask": nm},
+                     make_pixart, lambda i, t: float(scheduler.sigmas[i]), scheduler, "eps", vp)
+    if kind == "sd":
+        pe, npe = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
+
+        def make_sd(module: Any, now: dict[str, Any]) -> Any:
+            m = module if module is not None else net
+
+            def model(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+                return m(x, now["t"], **cond).sample
+
+            return model
+
+        kwargs = {**common, "prompt_embeds": pe, "negative_prompt_embeds": npe}
+        return Setup(kwargs, lat * scheduler.init_noise_sigma, {"encoder_hidden_states": pe},
+                     {"encoder_hidden_states": npe}, make_sd, ddpm_sigma, scheduler, "eps", vp)
+    assert kind == "sd3"
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=PROMPTS, prompt_2=None, prompt_3=None, negative_prompt=["", ""],
+        do_classifier_free_guidance=True, max_sequence_length=16,
+    )
+
+    def make_sd3(module: Any, now: dict[str, Any]) -> Any:
+        m = module if module is not None else net
+
+        def model(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
+            return m(hidden_states=x, timestep=now["t"].expand(x.shape[0]), return_dict=False,
+                     **cond)[0]
+
+        return model
+
+    kwargs = {**common, "prompt_embeds": pe, "negative_prompt_embeds": npe,
+              "pooled_prompt_embeds": ppe, "negative_pooled_prompt_embeds": nppe}
+    return Setup(kwargs, lat, {"encoder_hidden_states": pe, "pooled_projections": ppe},
+                 {"encoder_hidden_states": npe, "pooled_projections": nppe}, make_sd3,
+                 lambda i, t: float(t) / 1000.0, scheduler, "flow", "flow")
+
+
+def attention_state(module: torch.nn.Module) -> dict[str, Any]:
+    """Every attention processor, instance ``forward`` and hook of ``module``, by identity:
+    equal snapshots mean the attention engine left nothing behind."""
+    out: dict[str, Any] = {}
+    for path, m in module.named_modules():
+        if hasattr(m, "processor"):
+            out[f"{path}.processor"] = id(m.processor)
+        if "forward" in vars(m):
+            out[f"{path}.forward"] = id(vars(m)["forward"])
+        hooks = (m._forward_hooks, m._forward_pre_hooks)
+        if any(hooks):
+            out[f"{path}.hooks"] = tuple(tuple(h) for h in hooks)
+    return out
+
+
+# -- attention-space terms: the engine is installed for the block -------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dit", "pixart", "sd", "sd3"])
+@torch.no_grad()
+def test_pag_rides_in_the_cfg_call_and_equals_a_hand_run_engine(kind: str, pipes: Any) -> None:
+    """``CFG(w) + PAG(s)``: one denoiser call of 3B rows per step, as guidekit.guide with the
+    attention engine installed by hand computes it; every processor is put back."""
+    pipe = pipes(kind)
+    setup = setup_for(kind, pipe)
+    module = denoiser(pipe)
+    expr = CFG(W) + PAG(2.0)
+    cfg_only = sample(pipe, **setup.kwargs)
+    before = attention_state(module)
+    with forwards(kind, main=module) as log, guided(pipe, expr) as run:
+        assert attention_state(module) != before  # the engine is in for the block
+        out = sample(pipe, **setup.kwargs)
+    assert log == [("main", 6)] * STEPS
+    assert {c.branches for c in run.calls} == {("c", "u", "c[IdentityAttention()]")}
+    assert list(run.engines) == ["main"]
+    assert attention_state(module) == before and "forward" not in vars(module)
+
+    plan = setup.compile(expr)
+    with gk.attention.install(module, plan) as around_call:
+        ref = setup.loop(plan, around_call=around_call)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out - cfg_only).abs().max() > 1e-4  # the perturbed branch changed the sample
+
+
+@torch.no_grad()
+def test_pag_through_flux_joint_attention_runs_in_one_call(pipes: Any) -> None:
+    """Flux's two calls per step become one call of 3B rows, the engine in its joint attention."""
+    pipe = pipes("flux")
+    module = denoiser(pipe)
+    cfg_only = sample(pipe, **call_kwargs("flux"))
+    before = attention_state(module)
+    with forwards("flux", main=module) as log, guided(pipe, CFG(W) + PAG(2.0)) as run:
+        out = sample(pipe, **call_kwargs("flux"))
+    assert log == [("main", 6)] * STEPS
+    assert {c.branches for c in run.calls} == {("c", "u", "c[IdentityAttention()]")}
+    assert attention_state(module) == before and "forward" not in vars(module)
+    assert torch.isfinite(out).all() and (out - cfg_only).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_attention_errors_leave_everything_as_it_was(pipes: Any) -> None:
+    pipe = pipes("pixart")
+    module = denoiser(pipe)
+    sample(pipe, **call_kwargs("pixart"))  # the pipeline's own attributes exist from here on
+    before, before_pipe = attention_state(module), snapshot(pipe)
+    # a layer the engine refuses: raised on entering the block, before anything changed
+    with pytest.raises(GuidanceValueError, match="cross-attention"):
+        with guided(pipe, CFG(W) + PAG(2, layers="transformer_blocks.0.attn2")):
+            pass
+    assert attention_state(module) == before and pipe_untouched(pipe, before_pipe)
+
+    class Boom(Exception):
+        pass
+
+    def explode(*_: Any) -> Any:
+        raise Boom
+
+    # an error in the middle of the pipeline's loop, with the engine in
+    with pytest.raises(Boom), guided(pipe, CFG(W) + PAG(2) | CADS()) as run:
+        sample(pipe, **call_kwargs("pixart"), callback=explode)
+    assert len(run.calls) == 1
+    assert attention_state(module) == before and pipe_untouched(pipe, before_pipe)
+    assert "forward" not in vars(module)
+
+
+# -- CADS: the noise reaches the embeddings the model reads -----------------------------------
+
+
+def _cads_expected(
+    cads: Any, plan: gk.Plan, clean: dict[str, torch.Tensor], key: str, step: int, sigma: float,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Each conditioning's tensor annealed by CADS's own formula for step ``step``."""
+    from guidekit.context import StepContext
+
+    ctx = StepContext(x=torch.zeros(1), sigma=sigma, level=step, seed=seed, prediction="eps",
+                      noise=plan.noise, coefs={}, native={})
+    gamma = cads.gamma(plan.noise.t(sigma))
+    if gamma >= 1:
+        return dict(clean)
+    return {c: cads.anneal(v, gamma, cads.noise_for(ctx, c, key, v)) for c, v in clean.items()}
+
+
+@torch.no_grad()
+def test_cads_anneals_the_dit_class_embedding(pipes: Any, weak_models: Any) -> None:
+    """DiT's labels are integers: CADS reaches their embedding in every block, per branch,
+    for the weak model too; the model output equals a loop whose embedders the test patches."""
+    pipe, weak = pipes("dit"), weak_models("dit")
+    setup = setup_for("dit", pipe)
+    cads = CADS(tau1=0.2, tau2=0.9, noise_scale=0.5)
+    expr = CFG(W) + Autoguidance(1.0) | cads
+    embedders = [m for net in (pipe.transformer, weak) for m in net.modules()
+                 if type(m).__name__ == "LabelEmbedding"]
+    assert len(embedders) == 4  # one per block, two blocks per model
+    plain = sample(pipe, **setup.kwargs)
+    seen: list[tuple[int, Any, torch.Tensor]] = []
+    outs = []
+    for seed in (0, 0, 1):
+        with guided(pipe, expr, models={"weak": weak}, seed=seed) as run:
+            # registered after guidekit's hook, this one sees the annealed embedding
+            handles = [m.register_forward_hook(
+                lambda m, a, out: seen.append((len(run.calls), m, out.clone())))
+                for m in embedders]
+            outs.append(sample(pipe, **setup.kwargs))
+            for h in handles:
+                h.remove()
+        assert all(not m._forward_hooks for m in embedders)  # guidekit's hooks are gone
+    assert "class_embedding" in repr(run.plan.expr)
+    assert torch.equal(outs[0], outs[1]) and (outs[0] - outs[2]).abs().max() > 1e-6
+    assert (outs[0] - plain).abs().max() > 1e-4
+
+    # an independent computation of what each embedder must have returned in the first run
+    plan = setup.compile(expr)
+    sigmas = [setup.sigma_of(i, t) for i, t in enumerate(setup.scheduler.timesteps)]
+    labels = torch.tensor([0, 1, 1000, 1000])
+    annealed_steps = 0
+    # DiT calls its first block's embedder twice per forward (the output layer reads it too)
+    assert len(seen) == 3 * STEPS * 2 * 3
+    for calls_before, table, emb in seen[: len(seen) // 3]:
+        step, rows = calls_before // 2, emb.shape[0]
+        clean = table(labels[:rows])
+        want = _cads_expected(cads, plan, {"cond": clean[:2], "uncond": clean[2:]},
+                              "class_embedding", step, sigmas[step])
+        expected = torch.cat([want["cond"], want["uncond"]])[:rows]
+        torch.testing.assert_close(emb, expected, rtol=0, atol=1e-12)
+        annealed_steps += int(not torch.equal(emb, clean))
+    assert annealed_steps == 2 * 2 * 3  # gamma < 1 at the first two steps (t = 0.67, 0.33)
+
+    # the same sampling by hand (no CADS in the plan), the label embedders patched by the
+    # test with those values: equal samples mean the annealed embeddings are all it changed
+    box: dict[str, Any] = {}
+
+    def make(module: Any, now: dict[str, Any]) -> Any:
+        box["now"] = now
+        return setup.make(module, now)
+
+    def patch(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        step, rows = box["now"]["i"], out.shape[0]
+        clean = {"cond": out[:2], "uncond": out[2:]} if rows == 4 else {"cond": out}
+        want = _cads_expected(cads, plan, clean, "class_embedding", step, sigmas[step])
+        return torch.cat(list(want.values()))
+
+    handles = [m.register_forward_hook(patch) for m in embedders]
+    try:
+        ref = attrs.evolve(setup, make=make).loop(
+            setup.compile(CFG(W) + Autoguidance(1.0)), weak=weak
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(outs[0], ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@torch.no_grad()
+def test_cads_anneals_token_embeddings_and_leaves_pooled_alone(kind: str, pipes: Any) -> None:
+    """``CADS()`` in a text pipeline: ``encoder_hidden_states`` annealed per branch, exactly as
+    CADS's formula says; ``pooled_projections`` reach the model untouched."""
+    pipe = pipes(kind)
+    module = denoiser(pipe)
+    cads = CADS(tau1=0.2, tau2=0.9, noise_scale=0.5)
+
+    def recorded(expr: Any) -> tuple[torch.Tensor, list[Any], Any]:
+        log: list[Any] = []
+
+        def text(m: Any, args: Any, kwargs: Any) -> None:
+            log.append(("tokens", args[0].clone()))
+
+        def pooled(m: Any, args: Any, kwargs: Any) -> None:
+            log.append(("pooled", (args[1] if len(args) > 1 else kwargs["pooled_projection"]).clone()))
+
+        handles = [
+            module.context_embedder.register_forward_pre_hook(text, with_kwargs=True),
+            module.time_text_embed.register_forward_pre_hook(pooled, with_kwargs=True),
+        ]
+        try:
+            with guided(pipe, expr) as run:
+                out = sample(pipe, **call_kwargs(kind))
+        finally:
+            for h in handles:
+                h.remove()
+        return out, log, run
+
+    plain, clean_log, _ = recorded(CFG(W))
+    out, log, run = recorded(CFG(W) | cads)
+    assert "keys=('encoder_hidden_states',)" in repr(run.plan.expr)
+    assert (out - plain).abs().max() > 1e-4
+    assert [k for k, _ in log] == [k for k, _ in clean_log] and len(log) == 2 * STEPS
+    plan = run.plan
+    annealed = 0
+    for (kind_, got), (_, clean), call in zip(log, clean_log, [c for c in run.calls for _ in (0, 1)]):
+        if kind_ == "pooled":
+            assert torch.equal(got, clean)  # the pooled embeddings are never annealed
+            continue
+        want = _cads_expected(cads, plan, {"cond": clean[:2], "uncond": clean[2:]},
+                              "encoder_hidden_states", call.step, call.sigma)
+        torch.testing.assert_close(got, torch.cat([want["cond"], want["uncond"]]),
+                                   rtol=0, atol=1e-12)
+        annealed += int(not torch.equal(got, clean))
+    # the flow time is sigma: noise goes in where sigma > tau1 (SD3: 2 steps, Flux: 3)
+    assert annealed == sum(c.sigma > cads.tau1 for c in run.calls) >= 2
+
+
+@torch.no_grad()
+def test_cads_in_sd3_equals_a_hand_written_loop_with_explicit_keys(pipes: Any) -> None:
+    pipe = pipes("sd3")
+    setup = setup_for("sd3", pipe)
+    cads = dict(tau1=0.2, tau2=0.9, noise_scale=0.5, psi=0.5)
+    with guided(pipe, CFG(W) | CADS(**cads), seed=3):
+        out = sample(pipe, **setup.kwargs)
+    plan = setup.compile(CFG(W) | CADS(**cads, keys=("encoder_hidden_states",)))
+    torch.testing.assert_close(out, setup.loop(plan, seed=3), rtol=0, atol=1e-5)
+
+
+def test_cads_errors_name_the_problem(pipes: Any) -> None:
+    pipe = pipes("dit")
+    weak = tiny.dit_transformer(seed=7).to(F64)
+    with pytest.raises(GuidanceValueError, match="LabelEmbedding"):
+        with guided(pipe, CFG(W) + Autoguidance(1) | CADS(),
+                    models={"weak": lambda *a, **k: weak(*a, **k)}):
+            pass
+    assert all(not m._forward_hooks for m in pipe.transformer.modules())
+    with pytest.raises(GuidanceValueError, match="LabelEmbedding"):
+        with guided(pipes("sd3"), CFG(W) | CADS(keys=("class_embedding",))):
+            pass
+
+
+def test_guider_cads_anneals_token_embeddings_only() -> None:
+    """The modular guider applies the same default: pooled inputs stay as given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(STEPS)
+    guider = GuidekitGuidance(CFG(3) | CADS(tau1=0.2, tau2=0.9, noise_scale=0.5))
+    guider.attach(scheduler=scheduler)
+    guider.set_state(step=0, num_inference_steps=STEPS, timestep=scheduler.timesteps[0])
+    c, u = torch.randn(2, 5, 8, dtype=F64), torch.randn(2, 5, 8, dtype=F64)
+    pc, pu = torch.randn(2, 8, dtype=F64), torch.randn(2, 8, dtype=F64)
+    batches = guider.prepare_inputs(
+        {"encoder_hidden_states": (c, u), "pooled_projections": (pc, pu)}
+    )
+    assert batches[0].pooled_projections is pc and batches[1].pooled_projections is pu
+    assert (batches[0].encoder_hidden_states - c).abs().max() > 1e-3
+    assert (batches[1].encoder_hidden_states - u).abs().max() > 1e-3
+
+
 # -- the documentation's examples run ----------------------------------------------------------
 
 
@@ -563,8 +963,10 @@ def test_docs_diffusers_section_runs() -> None:
     section = text[text.index("## diffusers\n") :]
     section = section[: section.index("\n## ", 1)]
     blocks = re.findall(r"^```python[^\n]*\n(.*?)^```", section, re.DOTALL | re.MULTILINE)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict[str, Any] = {}
     for code in blocks:
         exec(compile(code, "docs/adapters.md#diffusers", "exec"), namespace)
     assert [(c.model, c.rows) for c in namespace["run"].calls] == [("main", 4), ("weak", 2)] * 3
+    assert [(c.model, c.rows) for c in namespace["pag_run"].calls] == [("main", 6)] * 3
+    assert not namespace["pag_run"].engines["main"]._installed
