@@ -63,6 +63,7 @@ from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
 from guidekit.attention.hooks import (
     ProcessorWrapper,
+    SdpaCall,
     SdpaMode,
     check_rows,
     take,
@@ -88,7 +89,6 @@ from guidekit.plan import Plan, RowLayout
 
 #: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
 ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 Segment = tuple[int, int, AttentionPerturbation | None]
 
@@ -697,30 +697,10 @@ class AttentionEngine:
     def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         frame = self._frames[-1]
         frame.calls += 1
-        bound = dict(zip(_SDPA_ARGS, args))
-        bound.update(kwargs)
-        query, key, value = bound["query"], bound["key"], bound["value"]
         route = frame.route
-        rows = route.rows
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.shape[0] != rows:
-                raise GuidanceValueError(
-                    f"layer {frame.path!r}: scaled_dot_product_attention got {name} with "
-                    f"{t.shape[0]} rows in a model call of {rows}; the plain-module protocol "
-                    f"needs the call's rows as the first axis (see guidekit.attention.engine)"
-                )
-        mask: Any = bound.get("attn_mask")
-        # a mask with the rows as its first axis is split with them; a broadcast one is shared
-        row_mask = isinstance(mask, torch.Tensor) and mask.ndim == query.ndim and (
-            mask.shape[0] == rows
-        )
-
-        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-            sub = dict(bound)
-            sub["query"], sub["key"], sub["value"] = (take(t, ranges) for t in (query, key, value))
-            if row_mask:
-                sub["attn_mask"] = take(mask, ranges)
-            return func(**sub)  # type: ignore[no-any-return]
+        call = SdpaCall(func, args, kwargs, frame.path, route.rows)
+        bound, query, key, value = call.bound, call.query, call.key, call.value
+        mask, row_mask = call.mask, call.row_mask
 
         def perturbed(op: AttentionPerturbation, a: int, b: int) -> torch.Tensor:
             if op.self_only and query.shape[-2] != key.shape[-2]:
@@ -764,7 +744,7 @@ class AttentionEngine:
                 return torch.cat([text_out, image_out.to(text_out.dtype)], dim=-2)
             return op.attend(query[a:b], key[a:b], value[a:b], mask=m, **extra)
 
-        return assemble(route, plain, perturbed)
+        return assemble(route, call.plain, perturbed)
 
     # -- text ----------------------------------------------------------------------------------------
     def describe(self) -> str:

@@ -109,3 +109,42 @@ class SdpaMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention and self.owner._frames:
             return self.owner._sdpa(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class SdpaCall:
+    """One intercepted ``scaled_dot_product_attention`` call, bound to its argument names and
+    checked to carry the model call's ``rows`` as the first axis of ``query``/``key``/``value``.
+
+    ``row_mask`` says the mask has the rows as its first axis (it is split with them); a
+    broadcast mask is shared. :meth:`plain` runs the call on some row ranges unchanged.
+    """
+
+    def __init__(self, func: Any, args: Any, kwargs: dict[str, Any], path: str, rows: int) -> None:
+        self.func = func
+        self.bound = dict(zip(SDPA_ARGS, args))
+        self.bound.update(kwargs)
+        self.query, self.key, self.value = (self.bound[n] for n in ("query", "key", "value"))
+        for name, t in (("query", self.query), ("key", self.key), ("value", self.value)):
+            if t.shape[0] != rows:
+                raise GuidanceValueError(
+                    f"layer {path!r}: scaled_dot_product_attention got {name} with "
+                    f"{t.shape[0]} rows in a model call of {rows}; the plain-module protocol "
+                    f"needs the call's rows as the first axis (see guidekit.attention.engine)"
+                )
+        self.mask: Any = self.bound.get("attn_mask")
+        self.row_mask = isinstance(self.mask, torch.Tensor) and (
+            self.mask.ndim == self.query.ndim and self.mask.shape[0] == rows
+        )
+
+    def plain(self, ranges: Ranges) -> torch.Tensor:
+        """The call's own attention of the rows in ``ranges``, in one call."""
+        sub = dict(self.bound)
+        sub["query"], sub["key"], sub["value"] = (
+            take(t, ranges) for t in (self.query, self.key, self.value)
+        )
+        if self.row_mask:
+            sub["attn_mask"] = take(self.mask, ranges)
+        return self.func(**sub)  # type: ignore[no-any-return]

@@ -50,7 +50,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from guidekit.attention.hooks import ProcessorWrapper, SdpaMode, check_rows
+from guidekit.attention.hooks import ProcessorWrapper, SdpaCall, SdpaMode, check_rows
 from guidekit.attention.hooks import row_slice as _slice
 from guidekit.attention.hooks import rows_of as _rows_of
 from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
@@ -69,7 +69,6 @@ from guidekit.attention.layers import (
 )
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 #: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
 _ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
 #: Text and image tokens in one attention: no separate cross-attention layer to change.
@@ -670,29 +669,10 @@ class ModifierHooks:
     def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         frame = self._frames[-1]
         frame.sdpa_calls += 1
-        bound = dict(zip(_SDPA_ARGS, args))
-        bound.update(kwargs)
-        query, key, value = bound["query"], bound["key"], bound["value"]
         call = frame.call
-        rows = call.rows
-        for label, t in (("query", query), ("key", key), ("value", value)):
-            if t.shape[0] != rows:
-                raise GuidanceValueError(
-                    f"layer {frame.path!r}: scaled_dot_product_attention got {label} with "
-                    f"{t.shape[0]} rows in a model call of {rows}; the plain-module protocol "
-                    f"needs the call's rows as the first axis (see guidekit.attention.engine)"
-                )
-        mask: Any = bound.get("attn_mask")
-        row_mask = isinstance(mask, torch.Tensor) and mask.ndim == query.ndim and (
-            mask.shape[0] == rows
-        )
-
-        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-            sub = dict(bound)
-            sub["query"], sub["key"], sub["value"] = (_take(t, ranges) for t in (query, key, value))
-            if row_mask:
-                sub["attn_mask"] = _take(mask, ranges)
-            return func(**sub)  # type: ignore[no-any-return]
+        sdpa = SdpaCall(func, args, kwargs, frame.path, call.rows)
+        bound, query, key, value = sdpa.bound, sdpa.query, sdpa.key, sdpa.value
+        mask, row_mask = sdpa.mask, sdpa.row_mask
 
         def modified(a: int, b: int, core: Any, nag: Any) -> torch.Tensor:
             if bound.get("is_causal") or bound.get("dropout_p"):
@@ -729,7 +709,7 @@ class ModifierHooks:
             dims = (-3, -1) if query.ndim >= 4 else (-1,)
             return nag.combine(out, negative, dims=dims)  # type: ignore[no-any-return]
 
-        return _assemble(call, plain, modified)
+        return _assemble(call, sdpa.plain, modified)
 
     # -- text ------------------------------------------------------------------------------------------
     def describe(self) -> str:
