@@ -53,7 +53,7 @@ def load(seed: int = 0) -> Digits:
     """The digits split used to train and evaluate the bundled models (needs scikit-learn)."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    except ImportError as err:
         raise ImportError(
             "training the bundled models needs scikit-learn: pip install 'guidekit[train]'"
         ) from err
