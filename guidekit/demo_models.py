@@ -373,5 +373,5 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
         + (", one model call per forward group" if max_rows is None else ""))
     if grid is not None:
         say(f"wrote {grid} (rows: expressions; columns: digits 0-9, first sample of each)")
-    say(f"total {result.seconds:.1f} s, {steps} Euler steps, {torch.get_num_threads()} torch threads")
+    say(f"total {result.seconds:.1f} s, {steps} Euler steps, {torch.get_num_threads()} torch thread(s)")
     return result

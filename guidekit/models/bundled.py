@@ -108,7 +108,7 @@ def from_state(
     config = dit_config(
         int(metadata["layers"]), heads=int(metadata["heads"]), head_dim=int(metadata["head_dim"])
     )
-    transformer = DiTTransformer2DModel(**config)
+    transformer: Any = DiTTransformer2DModel(**config)
     disable_label_dropout(transformer)
     transformer.load_state_dict({k: v.float() for k, v in tensors.items()})
     transformer.eval().requires_grad_(False).to(device)

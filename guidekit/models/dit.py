@@ -50,18 +50,18 @@ def dit_config(layers: int = 6, *, heads: int = HEADS, head_dim: int = HEAD_DIM)
     }
 
 
-def label_embedders(model: torch.nn.Module) -> list[Any]:
+def label_embedders(model: Any) -> list[Any]:
     """Each block's label embedder (diffusers gives every block its own)."""
     return [block.norm1.emb.class_embedder for block in model.transformer_blocks]
 
 
-def disable_label_dropout(model: torch.nn.Module) -> None:
+def disable_label_dropout(model: Any) -> None:
     """Turn off the per-block label dropout; the null row of each table stays."""
     for emb in label_embedders(model):
         emb.dropout_prob = 0.0
 
 
-def init_weights(model: torch.nn.Module, generator: torch.Generator | None = None) -> None:
+def init_weights(model: Any, generator: torch.Generator | None = None) -> None:
     """Initialise as the DiT paper does: Xavier linears, N(0, 0.02) embeddings, adaLN-Zero."""
     gen = generator
 

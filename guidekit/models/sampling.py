@@ -82,6 +82,12 @@ def sample(
         max_rows: the plan's row budget (``guidekit.compile``'s ``max_rows``).
     """
     plan = expr if isinstance(expr, Plan) else bundled.compile(expr, max_rows=max_rows)
+    if (plan.prediction, plan.noise.kind) != (bundled.prediction, bundled.noise):
+        raise ValueError(
+            f"the plan was compiled for prediction={plan.prediction!r}, noise="
+            f"{plan.noise.kind!r}, but {bundled.name!r} predicts {bundled.prediction!r} with "
+            f"noise {bundled.noise!r}: compile it with bundled.compile(expr)"
+        )
     y = _labels(labels, bundled)
     device = bundled.device
     y = y.to(device)

@@ -9,7 +9,7 @@ Diffusion models: AdamW (lr 1e-3), batch 128, labels dropped to the null class o
 batch with p = 0.1, an EMA of the weights (decay 0.999, warmed up as ``(1 + k) / (10 + k)``)
 is what gets saved, in float16. The step counts are chosen to leave the main models clearly
 short of perfect so that guidance has something to fix (docs/models.md has the numbers); the
-weak siblings, for Autoguidance, have fewer layers and fewer steps.
+weak siblings, for Autoguidance, are the same network trained for fewer steps.
 """
 
 from __future__ import annotations

@@ -132,11 +132,13 @@ def test_pag_runs_through_the_attention_engine(eps: Bundled) -> None:
     torch.testing.assert_close(zero.images, plain.images, rtol=0, atol=ATOL)
 
 
-def test_labels_are_checked_and_progress_is_printed(
-    eps: Bundled, capsys: pytest.CaptureFixture[str]
+def test_labels_and_plans_are_checked_and_progress_is_printed(
+    eps: Bundled, flow: Bundled, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(ValueError, match="class indices"):
         sample(eps, CFG(3), [0, 11], steps=2)
+    with pytest.raises(ValueError, match="bundled.compile"):
+        sample(eps, flow.compile(CFG(3)), [0, 1], steps=2)
     plan = eps.compile(CFG(3))
     res = sample(eps, plan, [1, 2], steps=2, progress=True)
     assert res.plan is plan
