@@ -3,7 +3,7 @@
     python examples/custom_sampler.py
     python examples/custom_sampler.py --guidance "CFG(3) | APG(eta=0)" --batch 8
 
-The code lives in :mod:`guidekit.demo` (so ``python -m guidekit demo`` runs the same thing):
+The code lives in :mod:`guidekit.demo` (so ``python -m guidekit demo --toy`` runs the same thing):
 a class-conditional ``model(x, sigma, y)`` with a null class for the unconditional branch and
 a degraded copy for Autoguidance, Karras sigmas, and the loop
 
@@ -24,4 +24,4 @@ import sys
 from guidekit.__main__ import main
 
 if __name__ == "__main__":
-    sys.exit(main(["demo", *sys.argv[1:]]))
+    sys.exit(main(["demo", "--toy", *sys.argv[1:]]))

@@ -1,10 +1,11 @@
 """A self-contained demo: guidekit inside a hand-written Euler sampler around a tiny model.
 
-``python -m guidekit demo`` and ``examples/custom_sampler.py`` both run :func:`run_demo`.
-The model is a small ``torch.nn.Module`` that predicts the noise ``eps`` of a toy
-class-conditional data set exactly (each class is a Gaussian blob), so the demo samples
-something meaningful in well under a second on a CPU, with no download. The bundled-model
-demo (a real diffusion model) comes in a later issue.
+``python -m guidekit demo --toy`` and ``examples/custom_sampler.py`` both run
+:func:`run_demo`. The model is a small ``torch.nn.Module`` that predicts the noise ``eps`` of
+a toy class-conditional data set exactly (each class is a Gaussian blob), so the demo
+samples something meaningful in well under a second on a CPU, with no download. The demo
+with the bundled diffusion models (``python -m guidekit demo``) is
+:mod:`guidekit.demo_models`.
 
 What it shows:
 
@@ -232,5 +233,5 @@ def run_demo(guidance: str | Expr | None = None, *, steps: int = 12, batch: int 
     return report
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m guidekit demo` is the entry point
+if __name__ == "__main__":  # pragma: no cover - `python -m guidekit demo --toy` is the entry point
     run_demo(sys.argv[1] if len(sys.argv) > 1 else None)

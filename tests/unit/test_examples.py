@@ -222,7 +222,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_demo_help() -> None:
     result = _cli("demo", "--help")
     assert result.returncode == 0, result.stderr
-    assert "--guidance" in result.stdout and "later issue" in result.stdout
+    assert "--guidance" in result.stdout and "--toy" in result.stdout  # both demos
 
 
 def test_cli_bad_guidance_is_a_message_not_a_traceback() -> None:
@@ -236,7 +236,7 @@ def test_cli_main_in_process() -> None:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["demo", "--guidance", "CFG(2)", "--steps", "3", "--batch", "2"]) == 0
+        assert main(["demo", "--toy", "--guidance", "CFG(2)", "--steps", "3", "--batch", "2"]) == 0
     assert "exactly one model call per forward group per step" in out.getvalue()
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([]) == 2  # no command: help, non-zero

@@ -1,0 +1,377 @@
+"""The bundled-model demo: every digit under a handful of guidance expressions.
+
+``python -m guidekit demo`` runs :func:`run_model_demo`: it loads the shipped digit models
+(:mod:`guidekit.models`: an eps-prediction DiT, a rectified-flow DiT and their weaker
+siblings for Autoguidance), samples every digit under each expression with guidekit inside a
+plain Euler loop, scores the samples with the shipped classifier (class accuracy against
+the requested digit, Fréchet distance to held-out real digits) and
+
+* prints a table: expression, model, model calls, rows per step, seconds, accuracy, FD;
+* writes a labelled PNG grid: one row per expression, one column per digit.
+
+It also checks what the table claims: every step ran ``plan.rows(sigma, N)`` rows, in one
+call per forward group when there is no row budget. Expressions that need a term this
+installation lacks are left out and named (EMAG is listed only if ``guidekit.EMAG`` exists);
+expressions the bundled models cannot run (a :class:`~guidekit.errors.GuidanceError` from
+the run) are reported as skipped with the reason, never faked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+import guidekit
+from guidekit.errors import GuidanceError
+
+#: Digit classes sampled by the demo (one column each in the grid).
+DIGITS = 10
+#: Pixels per image pixel in the grid, and the gaps around cells.
+ZOOM = 4
+PAD = 4
+HEADER = 18
+
+#: The demo's main guidance scale: the bundled models are deliberately under-trained, so
+#: a mild CFG already fixes most wrong digits (docs/benchmarks.md has the sweep).
+W = 1.5
+
+
+@attrs.frozen
+class Entry:
+    """One demo row: guidance text (read by ``guidekit.parse``) on a bundled model."""
+
+    model: str
+    text: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}: {self.text}"
+
+
+def default_entries() -> tuple[list[Entry], list[str]]:
+    """The demo's expressions, and notes on those left out (terms this install lacks).
+
+    EMAG entries are included only when ``guidekit.EMAG`` exists (checked at run time).
+    """
+    w = f"{W:g}"
+    entries = [
+        Entry("eps", "Cond()"),
+        Entry("eps", f"CFG({w})"),
+        Entry("eps", f"CFG({w}) + PAG(1)"),
+    ]
+    notes = []
+    if hasattr(guidekit, "EMAG"):
+        entries += [
+            Entry("eps", f"CFG({w}) + EMAG(3)"),
+            Entry("eps", f"CFG({w}) + EMAG(3) | APG(eta=0)"),
+        ]
+    else:
+        notes.append("EMAG rows left out: this guidekit has no guidekit.EMAG")
+    entries += [
+        Entry("eps", f"CFG({w}) | CADS()"),
+        Entry("eps", "Cond() + Autoguidance(1)"),
+        Entry("flow", "Cond()"),
+        Entry("flow", f"CFG({w})"),
+        Entry("flow", f"CFG({w}) + Autoguidance(1)"),
+    ]
+    return entries, notes
+
+
+def weak_name(model: str) -> str:
+    """The weaker sibling that serves as Autoguidance's ``weak`` model."""
+    return f"{model}-weak"
+
+
+class ModelCache:
+    """Loads each bundled model once (``guidekit.models.load``), on ``device``."""
+
+    def __init__(self, device: Any = "cpu"):
+        self.device = device
+        self._models: dict[str, Any] = {}
+
+    def __call__(self, name: str) -> Any:
+        if name not in self._models:
+            from guidekit.models import load
+
+            self._models[name] = load(name, device=self.device)
+        return self._models[name]
+
+
+def digit_labels(per_digit: int) -> torch.Tensor:
+    """``per_digit`` samples of every digit, digit-major: ``0 0 .. 1 1 .. 9 9``."""
+    return torch.arange(DIGITS).repeat_interleave(per_digit)
+
+
+def rows_per_step(plan: Any, sigmas: torch.Tensor, batch: int) -> list[int]:
+    """``plan.rows(sigma, batch)`` at every step of the schedule (the final 0 excluded)."""
+    return [plan.rows(float(s), batch) for s in sigmas[:-1]]
+
+
+def check_calls(plan: Any, calls: Sequence[Any], sigmas: torch.Tensor, batch: int,
+                budget: bool) -> None:
+    """Raise ``AssertionError`` unless the recorded calls match the plan, step by step.
+
+    Every step must run ``plan.rows(sigma, batch)`` rows in all; without a row budget, in
+    exactly one call per forward group.
+    """
+    for i, s in enumerate(float(v) for v in sigmas[:-1]):
+        made = [c for c in calls if c.step == i]
+        want = plan.rows(s, batch)
+        got = sum(c.rows for c in made)
+        if got != want:
+            raise AssertionError(f"step {i} (sigma {s:.4g}): {got} rows ran, plan.rows says {want}")
+        groups = len(plan.program(s).groups)
+        if not budget and len(made) != groups:
+            raise AssertionError(
+                f"step {i} (sigma {s:.4g}): {len(made)} calls for {groups} forward groups"
+            )
+
+
+@attrs.frozen(eq=False)
+class DemoRow:
+    """The result of one entry: samples, calls, timing and metrics (or why it was skipped)."""
+
+    entry: Entry
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    calls: int = 0
+    rows: tuple[int, ...] = ()
+    seconds: float = math.nan
+    accuracy: float = math.nan
+    fd: float = math.nan
+    skipped: str = ""
+
+    @property
+    def rows_text(self) -> str:
+        """Rows per step: one number, or ``lo-hi`` where a gate changes it across steps."""
+        if not self.rows:
+            return "-"
+        lo, hi = min(self.rows), max(self.rows)
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+@attrs.frozen(eq=False)
+class ModelDemo:
+    """What :func:`run_model_demo` did: one :class:`DemoRow` per entry, the grid, notes."""
+
+    rows: list[DemoRow]
+    samples: int
+    steps: int
+    grid: Path | None
+    notes: list[str]
+    seconds: float
+
+    def table(self) -> str:
+        return format_table(self.rows, self.samples)
+
+
+def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: int, seed: int,
+              max_rows: int | str | None = None, skip_unsupported: bool = True) -> DemoRow:
+    """Sample ``labels`` under ``entry`` and score the samples.
+
+    A :class:`~guidekit.errors.GuidanceError` raised while sampling (the bundled model
+    cannot feed a term what it needs, e.g. CADS without a float conditioning) makes a
+    skipped row with the message when ``skip_unsupported``; otherwise it propagates.
+    """
+    from guidekit.models import evaluate, sample
+
+    bundled = models(entry.model)
+    expr = guidekit.parse(entry.text)
+    weak = models(weak_name(entry.model)) if _uses_weak(expr, bundled) else None
+    try:
+        result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak,
+                        max_rows=max_rows)
+    except GuidanceError as err:
+        if not skip_unsupported:
+            raise
+        return DemoRow(entry, skipped=f"{type(err).__name__}: {err}")
+    plan, sigmas, batch = result.plan, bundled.sigmas(steps), labels.shape[0]
+    check_calls(plan, result.calls, sigmas, batch, budget=max_rows is not None)
+    metrics = evaluate(result.images, labels)
+    return DemoRow(
+        entry, images=result.images, labels=labels, calls=len(result.calls),
+        rows=tuple(rows_per_step(plan, sigmas, batch)), seconds=result.seconds,
+        accuracy=metrics.accuracy, fd=metrics.fd,
+    )
+
+
+def _uses_weak(expr: Any, bundled: Any) -> bool:
+    """True when the compiled plan has a forward group on a model other than ``main``."""
+    plan = bundled.compile(expr)
+    return any(g.model != "main" for g in plan.groups)
+
+
+def format_table(rows: Sequence[DemoRow], samples: int) -> str:
+    """The demo's table (FD is comparable only within one table: it depends on N)."""
+    head = ("expression", "model", "calls", "rows/step", "seconds", "accuracy", "FD")
+    body = []
+    for r in rows:
+        if r.skipped:
+            body.append((r.entry.text, r.entry.model, "-", "-", "-", "skipped", ""))
+            continue
+        body.append((r.entry.text, r.entry.model, str(r.calls), r.rows_text,
+                     f"{r.seconds:.1f}", f"{r.accuracy:.3f}", f"{r.fd:.2f}"))
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = "  ".join(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))
+        return f"{first}  {rest}".rstrip()
+
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    out.append(f"N = {samples} samples per expression ({samples // DIGITS} per digit); "
+               "rows/step = plan.rows(sigma, N); FD is comparable only at equal N")
+    for r in rows:
+        if r.skipped:
+            out.append(f"skipped {r.entry.label}: {r.skipped}")
+    return "\n".join(out)
+
+
+def grid_size(n_rows: int, label_width: int) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a grid of ``n_rows`` expressions."""
+    cell = 8 * ZOOM
+    return (label_width + DIGITS * (cell + PAD) + PAD, HEADER + n_rows * (cell + PAD) + PAD)
+
+
+def cell_box(row: int, digit: int, label_width: int) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of the cell of ``digit`` in grid row ``row``."""
+    cell = 8 * ZOOM
+    left = label_width + PAD + digit * (cell + PAD)
+    top = HEADER + PAD + row * (cell + PAD)
+    return left, top, left + cell, top + cell
+
+
+def to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """One ``[1, 8, 8]`` sample in [-1, 1] as uint8 grey ``[8 * ZOOM, 8 * ZOOM]``."""
+    grey = ((image[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return grey.repeat_interleave(ZOOM, 0).repeat_interleave(ZOOM, 1)
+
+
+def _text_centred(draw: Any, at: tuple[int, int], text: str, font: Any, centre_x: bool) -> None:
+    """Draw ``text`` centred vertically on ``at`` (and horizontally with ``centre_x``); no
+    ``anchor=``, which Pillow's bitmap fallback font does not support."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = at[0] - ((right - left) // 2 if centre_x else 0) - left
+    draw.text((x, at[1] - (bottom + top) // 2), text, fill=0, font=font)
+
+
+def render_grid(rows: Sequence[DemoRow]) -> Any:
+    """A labelled PIL image: one row per (non-skipped) entry, the first sample of each digit.
+
+    The initial noise of sample ``k`` is the same in every row (same seed, same labels), so
+    the rows show what each expression does to the same starting point.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    shown = [r for r in rows if not r.skipped]
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    label_width = PAD + max([int(probe.textlength(r.entry.label, font=font)) for r in shown]
+                            + [40]) + PAD
+    size = grid_size(len(shown), label_width)
+    img = Image.new("L", size, color=255)
+    draw = ImageDraw.Draw(img)
+    for d in range(DIGITS):
+        left, _, right, _ = cell_box(0, d, label_width)
+        _text_centred(draw, ((left + right) // 2, HEADER // 2), str(d), font, centre_x=True)
+    for i, r in enumerate(shown):
+        assert r.images is not None and r.labels is not None
+        top = cell_box(i, 0, label_width)[1]
+        _text_centred(draw, (PAD, top + 4 * ZOOM), r.entry.label, font, centre_x=False)
+        for d in range(DIGITS):
+            hits = torch.nonzero(r.labels == d).flatten().tolist()
+            if not hits:
+                continue
+            pixels = to_pixels(r.images[hits[0]]).numpy()
+            left, top_d, _, _ = cell_box(i, d, label_width)
+            img.paste(Image.fromarray(pixels, mode="L"), (left, top_d))
+    return img
+
+
+def run_model_demo(
+    entries: Sequence[Entry] | None = None,
+    *,
+    per_digit: int = 10,
+    steps: int = 20,
+    seed: int = 0,
+    max_rows: int | str | None = None,
+    out: str | Path | None = "guidekit-demo.png",
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+    device: Any = "cpu",
+    threads: int | None = None,
+) -> ModelDemo:
+    """Sample every digit under each entry, print the table, write the grid PNG.
+
+    Args:
+        entries: what to run; ``None`` for :func:`default_entries`. Text given by the user
+            must run: its errors propagate (the defaults skip what the models cannot run).
+        per_digit: samples per digit (N = 10 per_digit per expression).
+        steps: Euler steps on each model's schedule.
+        seed: seeds the initial noise (identical across entries) and the plans' state.
+        max_rows: row budget per model call (``None``: one call per forward group).
+        out: the PNG path, or ``None`` for no image.
+        progress: a tqdm progress bar over the entries (on stderr).
+        echo: where the table goes (``None``: silent).
+        device: torch device of the models.
+        threads: pin torch's CPU threads for the run (restored afterwards); ``None`` keeps
+            the current setting. With other processes on the machine, one thread is often
+            many times faster than two for models this small.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_model_demo(entries, per_digit=per_digit, steps=steps, seed=seed,
+                               max_rows=max_rows, out=out, progress=progress, echo=echo,
+                               device=device)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: int, seed: int,
+                    max_rows: int | str | None, out: str | Path | None, progress: bool,
+                    echo: Callable[[str], None] | None, device: Any) -> ModelDemo:
+    from tqdm.auto import tqdm
+
+    say = echo or (lambda _: None)
+    start = time.perf_counter()
+    notes: list[str] = []
+    user_given = entries is not None
+    if entries is None:
+        entries, notes = default_entries()
+    for e in entries:  # parse everything first: a typo fails before any model loads
+        guidekit.parse(e.text)
+    models = ModelCache(device)
+    labels = digit_labels(per_digit)
+    rows: list[DemoRow] = []
+    bar = tqdm(entries, desc="guidekit demo", unit="expr", disable=not progress, leave=False)
+    for e in bar:
+        bar.set_postfix_str(e.label, refresh=True)
+        rows.append(run_entry(e, models, labels, steps=steps, seed=seed, max_rows=max_rows,
+                              skip_unsupported=not user_given))
+    bar.close()
+    grid = None
+    if out is not None and any(not r.skipped for r in rows):
+        grid = Path(out)
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        render_grid(rows).save(grid)
+    result = ModelDemo(rows, int(labels.shape[0]), steps, grid, notes,
+                       time.perf_counter() - start)
+    say(result.table())
+    for note in notes:
+        say(note)
+    say("check: every step ran plan.rows(sigma, N) rows"
+        + (", one model call per forward group" if max_rows is None else ""))
+    if grid is not None:
+        say(f"wrote {grid} (rows: expressions; columns: digits 0-9, first sample of each)")
+    say(f"total {result.seconds:.1f} s, {steps} Euler steps, {torch.get_num_threads()} torch thread(s)")
+    return result

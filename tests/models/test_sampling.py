@@ -1,0 +1,183 @@
+"""The shipped models through ``guidekit.models.sample``: determinism, calls, oracles, quality.
+
+Oracles are hand-written Euler loops over the models' own ``model_fn`` (separate calls per
+branch, combined with the published formulas), compared to what ``sample`` computes in
+batched calls through guidekit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import guidekit
+from guidekit import CFG, PAG, Autoguidance, Cond, GuidanceValueError
+from guidekit.models import MODEL_NAMES, Bundled, evaluate, load, sample
+from guidekit.models.bundled import network_prediction
+
+B = 4
+# Batched and separate calls round differently (~1e-6 in eps); the first VE Euler step
+# multiplies that by sigma_max ~ 157. A wrong combination differs by O(0.1).
+ATOL = 2e-3
+LABELS = torch.tensor([0, 3, 7, 9])
+
+
+@pytest.fixture(scope="module")
+def eps() -> Bundled:
+    return load("eps")
+
+
+@pytest.fixture(scope="module")
+def eps_weak() -> Bundled:
+    return load("eps-weak")
+
+
+@pytest.fixture(scope="module")
+def flow() -> Bundled:
+    return load("flow")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_shipped_models_load(name: str) -> None:
+    m = load(name)
+    assert m.name == name and m.prediction in ("eps", "flow")
+    assert m.noise == {"eps": "ve", "flow": "flow"}[m.prediction]
+    assert (m.classes, m.null_class, m.shape) == (10, 10, (1, 8, 8))
+    assert not m.transformer.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in m.transformer.parameters())
+    assert m.transformer.config.num_embeds_ada_norm == 10
+    assert int(m.metadata["layers"]) == m.transformer.config.num_layers
+    assert m.metadata["prediction"] == m.prediction
+    sig = m.sigmas(10)
+    assert sig.ndim == 1 and len(sig) == 11 and sig[-1] == 0
+    assert bool((sig[:-1] > sig[1:]).all())
+    plan = m.compile(CFG(2))
+    assert plan.prediction == m.prediction and plan.noise.kind == m.noise
+    out = m.model_fn(torch.zeros(2, 1, 8, 8), torch.full((2,), float(sig[3])), torch.tensor([1, 10]))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match="eps-weak"):
+        load("epsilon")
+
+
+def test_sampling_is_deterministic_under_a_seed(eps: Bundled) -> None:
+    a = sample(eps, CFG(3), LABELS, steps=4, seed=5)
+    b = sample(eps, "CFG(3)", LABELS, steps=4, seed=5)
+    c = sample(eps, CFG(3), LABELS, steps=4, seed=6)
+    assert torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (B, 1, 8, 8)
+    assert float(a.images.min()) >= -1 and float(a.images.max()) <= 1
+
+
+@pytest.mark.parametrize("model", ["eps", "flow"])
+def test_cfg_is_one_call_of_2b_rows_per_step_and_matches_a_hand_loop(
+    model: str, eps: Bundled, flow: Bundled
+) -> None:
+    m = {"eps": eps, "flow": flow}[model]
+    steps, w = 3, 3.0
+    res = sample(m, CFG(w), LABELS, steps=steps, seed=1)
+    assert [(c.model, c.rows, c.step) for c in res.calls] == [("main", 2 * B, i) for i in range(steps)]
+    # oracle: separate cond / uncond calls, u + w (c - u), Euler on the model's schedule
+    sig = m.sigmas(steps).tolist()
+    x = torch.randn((B, 1, 8, 8), generator=torch.Generator().manual_seed(1)) * sig[0]
+    null = torch.full_like(LABELS, 10)
+    with torch.no_grad():
+        for i in range(steps):
+            s = torch.full((B,), sig[i])
+            c = network_prediction(m.transformer, m.convention, x, s, LABELS)
+            u = network_prediction(m.transformer, m.convention, x, s, null)
+            x = x + (sig[i + 1] - sig[i]) * (u + w * (c - u))
+    torch.testing.assert_close(res.images, x.clamp(-1, 1), rtol=0, atol=ATOL)
+
+
+def test_unguided_is_one_call_of_b_rows(eps: Bundled) -> None:
+    res = sample(eps, Cond(), LABELS, steps=3)
+    assert [c.rows for c in res.calls] == [B] * 3
+
+
+def test_autoguidance_runs_the_weak_model_as_its_own_group(eps: Bundled, eps_weak: Bundled) -> None:
+    s = 1.5
+    res = sample(eps, Cond() + Autoguidance(s), LABELS, steps=2, seed=2, weak=eps_weak)
+    assert [(c.model, c.rows) for c in res.calls] == [("main", B), ("weak", B)] * 2
+    sig = eps.sigmas(2).tolist()
+    x = torch.randn((B, 1, 8, 8), generator=torch.Generator().manual_seed(2)) * sig[0]
+    with torch.no_grad():
+        for i in range(2):
+            sr = torch.full((B,), sig[i])
+            c = eps.model_fn(x, sr, LABELS)
+            cw = eps_weak.model_fn(x, sr, LABELS)
+            x = x + (sig[i + 1] - sig[i]) * (c + s * (c - cw))
+    torch.testing.assert_close(res.images, x.clamp(-1, 1), rtol=0, atol=ATOL)
+    with pytest.raises(GuidanceValueError, match="weak"):
+        sample(eps, Cond() + Autoguidance(s), LABELS, steps=2)
+
+
+def test_pag_runs_through_the_attention_engine(eps: Bundled) -> None:
+    blocks = eps.transformer.transformer_blocks
+    before = [b.attn1.processor for b in blocks]
+    res = sample(eps, CFG(3) + PAG(2), LABELS, steps=3, seed=3)
+    assert [c.rows for c in res.calls] == [3 * B] * 3
+    assert res.calls[0].branches[:2] == ("c", "u")
+    assert res.calls[0].branches[2].startswith("c[")  # the perturbed conditional branch
+    assert [b.attn1.processor for b in blocks] == before  # the engine put them back
+    plain = sample(eps, CFG(3), LABELS, steps=3, seed=3)
+    assert (res.images - plain.images).abs().amax() > 1e-3  # the perturbation did something
+    # a vanishing PAG scale: the perturbed rows still run (3B rows) but must not leak into
+    # the cond / uncond rows of the same call
+    zero = sample(eps, CFG(3) + PAG(1e-9), LABELS, steps=3, seed=3)
+    assert [c.rows for c in zero.calls] == [3 * B] * 3
+    torch.testing.assert_close(zero.images, plain.images, rtol=0, atol=ATOL)
+
+
+def test_labels_and_plans_are_checked_and_progress_is_printed(
+    eps: Bundled, flow: Bundled, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="class indices"):
+        sample(eps, CFG(3), [0, 11], steps=2)
+    with pytest.raises(ValueError, match="bundled.compile"):
+        sample(eps, flow.compile(CFG(3)), [0, 1], steps=2)
+    plan = eps.compile(CFG(3))
+    res = sample(eps, plan, [1, 2], steps=2, progress=True)
+    assert res.plan is plan
+    assert capsys.readouterr().err.count("step ") == 2
+
+
+def test_max_rows_splits_the_cfg_call(eps: Bundled) -> None:
+    res = sample(eps, CFG(3), LABELS, steps=2, max_rows=B)
+    assert [c.rows for c in res.calls] == [B, B, B, B]
+    full = sample(eps, CFG(3), LABELS, steps=2)
+    torch.testing.assert_close(res.images, full.images, rtol=0, atol=ATOL)
+
+
+def test_guidekit_compile_of_a_bundled_model(eps: Bundled) -> None:
+    with pytest.raises(TypeError, match="prediction"):
+        eps.compile(CFG(3), prediction="x0")
+    plan = eps.compile("CFG(3) | APG(eta=0)")
+    assert isinstance(plan, guidekit.Plan)
+
+
+# Measured on the shipped weights (100 samples, 10 per class, 20 steps, seeds 0/1/2):
+#   eps  unguided accuracy 0.86/0.90/0.90, FD 157/91/110; CFG(1.5) 0.98/0.97/0.99, FD 73/45/64
+#   flow unguided accuracy 0.89/0.91/0.89, FD 147/91/100
+# The bands leave room for other CPUs' rounding but catch a broken model (accuracy ~0.1, FD
+# ~800), a wrong convention, or a too-good one (the main models are meant to be imperfect).
+QUALITY_LABELS = torch.arange(10).repeat_interleave(10)
+
+
+def test_shipped_eps_reproduces_its_documented_quality(eps: Bundled) -> None:
+    plain = evaluate(sample(eps, Cond(), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
+    cfg = evaluate(sample(eps, CFG(1.5), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
+    assert 0.78 <= plain.accuracy <= 0.95, plain
+    assert 50 < plain.fd < 260, plain
+    # CFG 1.5 improves both accuracy and FD here, at the cost of diversity
+    assert cfg.accuracy >= 0.95 and cfg.accuracy > plain.accuracy, (plain, cfg)
+    assert cfg.fd < plain.fd and cfg.diversity < plain.diversity, (plain, cfg)
+
+
+def test_shipped_flow_reproduces_its_documented_quality(flow: Bundled) -> None:
+    plain = evaluate(sample(flow, Cond(), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
+    assert 0.8 <= plain.accuracy <= 0.96, plain
+    assert 50 < plain.fd < 260, plain
