@@ -5,7 +5,9 @@ The sampler is the plain Euler method on the model's own schedule (``bundled.sig
 derivative in both conventions (``eps`` in the VE view, the velocity for flow). guidekit
 computes ``d``: one batched model call per forward group per step (``2 B`` rows for CFG),
 the weak model of Autoguidance as its own call, perturbed-attention branches inside the
-main call through the attention engine.
+main call through the attention engine. CADS anneals the class EMBEDDING of each branch (the
+label embedders are hooked for the run, as the diffusers adapter does for DiT), since a
+class label is an integer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -21,8 +23,10 @@ import torch
 
 import guidekit
 import guidekit.attention
+from guidekit.adapters._diffusers_cads import ClassEmbeddingCADS
+from guidekit.adapters._diffusers_cads import adapt as cads_plans
 from guidekit.branch import MAIN
-from guidekit.plan import CallRecord, Plan
+from guidekit.plan import CallRecord, Plan, RowLayout
 
 
 @attrs.frozen(eq=False)
@@ -49,10 +53,13 @@ def _labels(labels: Any, bundled: Any) -> torch.Tensor:
 
 
 def needs_engine(plan: Plan) -> bool:
-    """True when the plan has branches perturbed inside the main model's forward."""
-    return any(
-        b.perturbation is not None and b.model == MAIN for b in plan.branches
-    ) or any(model == MAIN for _, model in plan.stateful)
+    """True when the plan acts inside the main model's forward: perturbed branches, moving
+    averages (EMAG) or attention modifiers (PLADIS, GAG, NAG)."""
+    return (
+        any(b.perturbation is not None and b.model == MAIN for b in plan.branches)
+        or any(model == MAIN for _, model in plan.stateful)
+        or bool(plan.attention)
+    )
 
 
 @torch.no_grad()
@@ -98,18 +105,42 @@ def sample(
     models = {"weak": weak.model_fn} if weak is not None else None
     cond = {"class_labels": y}
     uncond = {"class_labels": torch.full_like(y, bundled.null_class)}
+    # CADS leaves the integer labels alone and anneals their embedding inside the forward
+    _, step_plan, embed_plan = cads_plans(plan, class_labels=True)
+    cads = None
+    if embed_plan is not None:
+        modules = {MAIN: bundled.transformer}
+        if weak is not None:
+            modules["weak"] = weak.transformer
+        cads = ClassEmbeddingCADS(embed_plan, {m: modules[m] for m in embed_plan.models})
+    at: list[Any] = []  # (state, x, sigma) of the step being run, for CADS
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        around_call = None
-        if needs_engine(plan):
-            around_call = stack.enter_context(guidekit.attention.install(bundled.transformer, plan))
+        engine = None
+        if needs_engine(step_plan):
+            engine = stack.enter_context(guidekit.attention.install(bundled.transformer, step_plan))
+        if cads is not None:
+            stack.callback(cads.remove)
+            cads.install()
+
+        @contextlib.contextmanager
+        def around(layout: RowLayout) -> Iterator[None]:
+            with contextlib.ExitStack() as inner:
+                if engine is not None:
+                    inner.enter_context(engine(layout))
+                if cads is not None:
+                    inner.enter_context(cads.call(layout, at[0]))
+                yield
+
         guided = guidekit.guide(
-            plan, bundled.model_fn, cond=cond, uncond=uncond, models=models,
-            sigmas=sigmas, seed=seed, around_call=around_call,
+            step_plan, bundled.model_fn, cond=cond, uncond=uncond, models=models,
+            sigmas=sigmas, seed=seed,
+            around_call=around if engine is not None or cads is not None else None,
         )
         values = sigmas.tolist()
         for i in range(steps):
             s, s_next = values[i], values[i + 1]
+            at[:] = [(guided.state, x, s)]
             d = guided(x, s)
             x = x + (s_next - s) * d
             if progress:

@@ -132,6 +132,90 @@ def test_pag_runs_through_the_attention_engine(eps: Bundled) -> None:
     torch.testing.assert_close(zero.images, plain.images, rtol=0, atol=ATOL)
 
 
+def _cads_reference(y: torch.Tensor, t: float, noise: torch.Tensor, tau1: float, tau2: float,
+                    s: float) -> torch.Tensor:
+    """CADS (arXiv 2310.17347) steps 1-3 with psi = 1, written from the paper."""
+    gamma = 1.0 if t <= tau1 else 0.0 if t >= tau2 else (tau2 - t) / (tau2 - tau1)
+    y_hat = gamma ** 0.5 * y + s * (1 - gamma) ** 0.5 * noise
+    mean, std = y.mean(1, keepdim=True), y.std(1, keepdim=True)
+    return (y_hat - y_hat.mean(1, keepdim=True)) / y_hat.std(1, keepdim=True) * std + mean
+
+
+def test_cads_anneals_the_class_embedding_and_matches_a_hand_loop(eps: Bundled) -> None:
+    """Integer labels: CADS reaches their embedding in every block, per branch, and the
+    samples equal a hand loop (separate c / u calls) whose label embedders the test patches."""
+    from guidekit import CADS
+    from guidekit.context import StepContext
+
+    steps, w, tau1, tau2, s = 3, 3.0, 0.2, 0.9, 0.5
+    cads = CADS(tau1=tau1, tau2=tau2, noise_scale=s)
+    embedders = [m for m in eps.transformer.modules() if type(m).__name__ == "LabelEmbedding"]
+    assert len(embedders) == eps.transformer.config.num_layers
+    res = sample(eps, CFG(w) | cads, LABELS, steps=steps, seed=4)
+    assert [c.rows for c in res.calls] == [2 * B] * steps  # CADS adds no rows
+    assert all(not m._forward_hooks for m in embedders)  # its hooks are gone
+    again = sample(eps, CFG(w) | cads, LABELS, steps=steps, seed=4)
+    assert torch.equal(res.images, again.images)
+    plain = sample(eps, CFG(w), LABELS, steps=steps, seed=4)
+    assert (res.images - plain.images).abs().amax() > 1e-3
+
+    plan = eps.compile(CFG(w) | cads)
+    sig = eps.sigmas(steps).tolist()
+    now: dict[str, object] = {}
+
+    def patch(module: torch.nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        i, cname = int(now["step"]), str(now["cond"])  # type: ignore[call-overload]
+        ctx = StepContext(x=torch.zeros(1), sigma=sig[i], level=i, seed=4, prediction="eps",
+                          noise=plan.noise, coefs={}, native={})
+        n = cads.noise_for(ctx, cname, "class_embedding", out)
+        return _cads_reference(out, plan.noise.t(sig[i]), n, tau1, tau2, s)
+
+    handles = [m.register_forward_hook(patch) for m in embedders]
+    try:
+        x = torch.randn((B, 1, 8, 8), generator=torch.Generator().manual_seed(4)) * sig[0]
+        null = torch.full_like(LABELS, 10)
+        with torch.no_grad():
+            for i in range(steps):
+                r = torch.full((B,), sig[i])
+                now.update(step=i, cond="cond")
+                c = eps.model_fn(x, r, LABELS)
+                now.update(cond="uncond")
+                u = eps.model_fn(x, r, null)
+                x = x + (sig[i + 1] - sig[i]) * (u + w * (c - u))
+    finally:
+        for h in handles:
+            h.remove()
+    assert plan.noise.t(sig[0]) > tau1  # the first step is annealed
+    torch.testing.assert_close(res.images, x.clamp(-1, 1), rtol=0, atol=ATOL)
+
+
+def test_diffusers_guiders_give_guidekits_samples(eps: Bundled) -> None:
+    """The peer loop of the speed figures computes the same guidance as guidekit: diffusers'
+    CFG guider = CFG(3); its PAG guider (last block, no perturbation at step 0) = CFG(3) +
+    PAG(2) gated to sigma <= sigmas[1]."""
+    from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
+
+    from guidekit.models.guider_loop import pag_expression, sample_with_guider
+
+    steps = 4
+    ref = sample_with_guider(eps, ClassifierFreeGuidance(guidance_scale=3.0), LABELS,
+                             steps=steps, seed=7)
+    ours = sample(eps, CFG(3), LABELS, steps=steps, seed=7)
+    torch.testing.assert_close(ours.images, ref.images, rtol=0, atol=ATOL)
+    last = eps.transformer.config.num_layers - 1
+    processors = [b.attn1.processor for b in eps.transformer.transformer_blocks]
+    ref = sample_with_guider(eps, PerturbedAttentionGuidance(
+        guidance_scale=3.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0,
+        perturbed_guidance_stop=1.0, perturbed_guidance_layers=[last]), LABELS,
+        steps=steps, seed=7)
+    assert [b.attn1.processor for b in eps.transformer.transformer_blocks] == processors
+    gated = sample(eps, pag_expression(3, 2, eps.sigmas(steps)), LABELS, steps=steps, seed=7)
+    assert [c.rows for c in gated.calls] == [2 * B] + [3 * B] * (steps - 1)
+    torch.testing.assert_close(gated.images, ref.images, rtol=0, atol=ATOL)
+    plain = sample(eps, CFG(3), LABELS, steps=steps, seed=7)
+    assert (plain.images - ref.images).abs().amax() > 1e-2  # PAG did change the samples
+
+
 def test_labels_and_plans_are_checked_and_progress_is_printed(
     eps: Bundled, flow: Bundled, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -143,6 +227,17 @@ def test_labels_and_plans_are_checked_and_progress_is_printed(
     res = sample(eps, plan, [1, 2], steps=2, progress=True)
     assert res.plan is plan
     assert capsys.readouterr().err.count("step ") == 2
+
+
+def test_attention_terms_run_in_the_main_call_and_modifiers_are_refused_clearly(
+    eps: Bundled,
+) -> None:
+    res = sample(eps, "CFG(2) + SEG(2)", LABELS, steps=2)
+    assert [c.rows for c in res.calls] == [3 * B] * 2
+    # PLADIS / GAG / NAG change cross-attention, which a class-conditional DiT has none of
+    for text in ("CFG(2) | PLADIS(2)", "CFG(2) | NAG(2)"):
+        with pytest.raises(GuidanceValueError, match="no cross-attention"):
+            sample(eps, text, LABELS, steps=2)
 
 
 def test_max_rows_splits_the_cfg_call(eps: Bundled) -> None:
