@@ -10,10 +10,8 @@ the requested digit, Fréchet distance to held-out real digits) and
 * writes a labelled PNG grid: one row per expression, one column per digit.
 
 It also checks what the table claims: every step ran ``plan.rows(sigma, N)`` rows, in one
-call per forward group when there is no row budget. Expressions that need a term this
-installation lacks are left out and named (EMAG is listed only if ``guidekit.EMAG`` exists);
-expressions the bundled models cannot run (a :class:`~guidekit.errors.GuidanceError` from
-the run) are reported as skipped with the reason, never faked.
+call per forward group when there is no row budget. An expression the bundled models
+cannot run stops the demo with guidekit's error (which names the term and the fix).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import attrs
 import torch
 
 import guidekit
-from guidekit.errors import GuidanceError
 
 #: Digit classes sampled by the demo (one column each in the grid).
 DIGITS = 10
@@ -54,33 +51,22 @@ class Entry:
         return f"{self.model}: {self.text}"
 
 
-def default_entries() -> tuple[list[Entry], list[str]]:
-    """The demo's expressions, and notes on those left out (terms this install lacks).
-
-    EMAG entries are included only when ``guidekit.EMAG`` exists (checked at run time).
-    """
+def default_entries() -> list[Entry]:
+    """The demo's expressions: unguided, CFG, CFG + PAG, CFG + EMAG (with APG), CADS,
+    Autoguidance, and the flow model."""
     w = f"{W:g}"
-    entries = [
+    return [
         Entry("eps", "Cond()"),
         Entry("eps", f"CFG({w})"),
         Entry("eps", f"CFG({w}) + PAG(1)"),
-    ]
-    notes = []
-    if hasattr(guidekit, "EMAG"):
-        entries += [
-            Entry("eps", f"CFG({w}) + EMAG(3)"),
-            Entry("eps", f"CFG({w}) + EMAG(3) | APG(eta=0)"),
-        ]
-    else:
-        notes.append("EMAG rows left out: this guidekit has no guidekit.EMAG")
-    entries += [
+        Entry("eps", f"CFG({w}) + EMAG(3)"),
+        Entry("eps", f"CFG({w}) + EMAG(3) | APG(eta=0)"),
         Entry("eps", f"CFG({w}) | CADS()"),
         Entry("eps", "Cond() + Autoguidance(1)"),
         Entry("flow", "Cond()"),
         Entry("flow", f"CFG({w})"),
         Entry("flow", f"CFG({w}) + Autoguidance(1)"),
     ]
-    return entries, notes
 
 
 def weak_name(model: str) -> str:
@@ -135,7 +121,7 @@ def check_calls(plan: Any, calls: Sequence[Any], sigmas: torch.Tensor, batch: in
 
 @attrs.frozen(eq=False)
 class DemoRow:
-    """The result of one entry: samples, calls, timing and metrics (or why it was skipped)."""
+    """The result of one entry: samples, calls, timing and metrics."""
 
     entry: Entry
     images: torch.Tensor | None = None
@@ -145,7 +131,6 @@ class DemoRow:
     seconds: float = math.nan
     accuracy: float = math.nan
     fd: float = math.nan
-    skipped: str = ""
 
     @property
     def rows_text(self) -> str:
@@ -158,13 +143,12 @@ class DemoRow:
 
 @attrs.frozen(eq=False)
 class ModelDemo:
-    """What :func:`run_model_demo` did: one :class:`DemoRow` per entry, the grid, notes."""
+    """What :func:`run_model_demo` did: one :class:`DemoRow` per entry and the grid."""
 
     rows: list[DemoRow]
     samples: int
     steps: int
     grid: Path | None
-    notes: list[str]
     seconds: float
 
     def table(self) -> str:
@@ -172,25 +156,14 @@ class ModelDemo:
 
 
 def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: int, seed: int,
-              max_rows: int | str | None = None, skip_unsupported: bool = True) -> DemoRow:
-    """Sample ``labels`` under ``entry`` and score the samples.
-
-    A :class:`~guidekit.errors.GuidanceError` raised while sampling (the bundled model
-    cannot feed a term what it needs, e.g. CADS without a float conditioning) makes a
-    skipped row with the message when ``skip_unsupported``; otherwise it propagates.
-    """
+              max_rows: int | str | None = None) -> DemoRow:
+    """Sample ``labels`` under ``entry`` and score the samples."""
     from guidekit.models import evaluate, sample
 
     bundled = models(entry.model)
     expr = guidekit.parse(entry.text)
     weak = models(weak_name(entry.model)) if _uses_weak(expr, bundled) else None
-    try:
-        result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak,
-                        max_rows=max_rows)
-    except GuidanceError as err:
-        if not skip_unsupported:
-            raise
-        return DemoRow(entry, skipped=f"{type(err).__name__}: {err}")
+    result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak, max_rows=max_rows)
     plan, sigmas, batch = result.plan, bundled.sigmas(steps), labels.shape[0]
     check_calls(plan, result.calls, sigmas, batch, budget=max_rows is not None)
     metrics = evaluate(result.images, labels)
@@ -212,9 +185,6 @@ def format_table(rows: Sequence[DemoRow], samples: int) -> str:
     head = ("expression", "model", "calls", "rows/step", "seconds", "accuracy", "FD")
     body = []
     for r in rows:
-        if r.skipped:
-            body.append((r.entry.text, r.entry.model, "-", "-", "-", "skipped", ""))
-            continue
         body.append((r.entry.text, r.entry.model, str(r.calls), r.rows_text,
                      f"{r.seconds:.1f}", f"{r.accuracy:.3f}", f"{r.fd:.2f}"))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
@@ -229,9 +199,6 @@ def format_table(rows: Sequence[DemoRow], samples: int) -> str:
     out += [line(b) for b in body]
     out.append(f"N = {samples} samples per expression ({samples // DIGITS} per digit); "
                "rows/step = plan.rows(sigma, N); FD is comparable only at equal N")
-    for r in rows:
-        if r.skipped:
-            out.append(f"skipped {r.entry.label}: {r.skipped}")
     return "\n".join(out)
 
 
@@ -264,7 +231,7 @@ def _text_centred(draw: Any, at: tuple[int, int], text: str, font: Any, centre_x
 
 
 def render_grid(rows: Sequence[DemoRow]) -> Any:
-    """A labelled PIL image: one row per (non-skipped) entry, the first sample of each digit.
+    """A labelled PIL image: one row per entry, the first sample of each digit.
 
     The initial noise of sample ``k`` is the same in every row (same seed, same labels), so
     the rows show what each expression does to the same starting point.
@@ -272,7 +239,7 @@ def render_grid(rows: Sequence[DemoRow]) -> Any:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    shown = [r for r in rows if not r.skipped]
+    shown = list(rows)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     label_width = PAD + max([int(probe.textlength(r.entry.label, font=font)) for r in shown]
                             + [40]) + PAD
@@ -312,8 +279,7 @@ def run_model_demo(
     """Sample every digit under each entry, print the table, write the grid PNG.
 
     Args:
-        entries: what to run; ``None`` for :func:`default_entries`. Text given by the user
-            must run: its errors propagate (the defaults skip what the models cannot run).
+        entries: what to run; ``None`` for :func:`default_entries`.
         per_digit: samples per digit (N = 10 per_digit per expression).
         steps: Euler steps on each model's schedule.
         seed: seeds the initial noise (identical across entries) and the plans' state.
@@ -344,10 +310,8 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
 
     say = echo or (lambda _: None)
     start = time.perf_counter()
-    notes: list[str] = []
-    user_given = entries is not None
     if entries is None:
-        entries, notes = default_entries()
+        entries = default_entries()
     for e in entries:  # parse everything first: a typo fails before any model loads
         guidekit.parse(e.text)
     models = ModelCache(device)
@@ -356,19 +320,15 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
     bar = tqdm(entries, desc="guidekit demo", unit="expr", disable=not progress, leave=False)
     for e in bar:
         bar.set_postfix_str(e.label, refresh=True)
-        rows.append(run_entry(e, models, labels, steps=steps, seed=seed, max_rows=max_rows,
-                              skip_unsupported=not user_given))
+        rows.append(run_entry(e, models, labels, steps=steps, seed=seed, max_rows=max_rows))
     bar.close()
     grid = None
-    if out is not None and any(not r.skipped for r in rows):
+    if out is not None and rows:
         grid = Path(out)
         grid.parent.mkdir(parents=True, exist_ok=True)
         render_grid(rows).save(grid)
-    result = ModelDemo(rows, int(labels.shape[0]), steps, grid, notes,
-                       time.perf_counter() - start)
+    result = ModelDemo(rows, int(labels.shape[0]), steps, grid, time.perf_counter() - start)
     say(result.table())
-    for note in notes:
-        say(note)
     say("check: every step ran plan.rows(sigma, N) rows"
         + (", one model call per forward group" if max_rows is None else ""))
     if grid is not None:

@@ -30,13 +30,12 @@ from guidekit.demo_models import (
     check_calls,
     default_entries,
     digit_labels,
-    format_table,
     grid_size,
     run_entry,
     run_model_demo,
     to_pixels,
 )
-from guidekit.errors import GuidanceTypeError
+from guidekit.errors import GuidanceError
 from guidekit.plan import CallRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,23 +57,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_default_entries_cover_the_issue_list() -> None:
-    entries, notes = default_entries()
+    entries = default_entries()
     texts = {(e.model, e.text) for e in entries}
     assert ("eps", "Cond()") in texts and ("flow", "Cond()") in texts
     joined = " ".join(e.text for e in entries)
     for term in ("CFG(", "PAG(", "EMAG(", "APG(", "CADS(", "Autoguidance("):
         assert term in joined, term
-    assert notes == []
     for e in entries:  # every default parses
         guidekit.parse(e.text)
-
-
-def test_default_entries_leave_out_emag_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(guidekit, "EMAG")
-    entries, notes = default_entries()
-    assert not any("EMAG" in e.text for e in entries)
-    assert notes and "EMAG" in notes[0]
-    assert any("PAG(" in e.text for e in entries)  # the rest is still there
 
 
 def test_table_matches_the_plans(demo) -> None:
@@ -135,19 +125,10 @@ def test_check_calls_catches_a_missing_call() -> None:
         check_calls(plan, split, sigmas, 10, budget=False)
 
 
-def test_unsupported_default_is_skipped_but_user_text_raises(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise GuidanceTypeError("no float conditioning")
-
-    monkeypatch.setattr(guidekit.models, "sample", refuse)
-    entry = Entry("eps", "CFG(2)")
-    labels = digit_labels(1)
-    row = run_entry(entry, ModelCache(), labels, steps=2, seed=0)
-    assert row.skipped == "GuidanceTypeError: no float conditioning"
-    table = format_table([row], 10)
-    assert "skipped" in table and "no float conditioning" in table
-    with pytest.raises(GuidanceTypeError):
-        run_entry(entry, ModelCache(), labels, steps=2, seed=0, skip_unsupported=False)
+def test_an_expression_the_model_cannot_run_stops_with_guidekits_error() -> None:
+    entry = Entry("eps", "CFG(2) | CADS(keys=('text',))")  # the bundled models have no text
+    with pytest.raises(GuidanceError, match="text"):
+        run_entry(entry, ModelCache(), digit_labels(1), steps=2, seed=0)
 
 
 def test_rows_text_shows_a_range_when_a_gate_changes_rows() -> None:
