@@ -34,7 +34,6 @@ from typing import Any
 import attrs
 import torch
 
-import guidekit
 from guidekit.demo_models import DIGITS, ModelCache, digit_labels, weak_name
 from guidekit.errors import GuidanceError
 
@@ -54,8 +53,6 @@ METHODS: dict[str, tuple[str, tuple[float, ...]]] = {
     "EMAG": ("Cond() + EMAG({s})", (1.0, 3.0, 10.0)),
     "CFG+EMAG": ("CFG(1.5) + EMAG({s})", (1.0, 3.0)),
 }
-#: Methods that need ``guidekit.EMAG`` (left out, with a note, where it does not exist).
-NEEDS_EMAG = ("EMAG", "CFG+EMAG")
 METRICS = ("accuracy", "fd", "diversity", "diversity_gap")
 
 
@@ -84,26 +81,20 @@ class Job:
         return expression(self.method, self.scale)
 
 
-def available_methods(methods: Iterable[str] | None = None) -> tuple[list[str], list[str]]:
-    """The requested methods this guidekit has, and notes on those it lacks."""
+def check_methods(methods: Iterable[str] | None = None) -> list[str]:
+    """The requested methods in order (all of :data:`METHODS` for ``None``); unknown names
+    raise ``ValueError`` naming the choices."""
     wanted = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-    notes, keep = [], []
-    for m in wanted:
-        if m in NEEDS_EMAG and not hasattr(guidekit, "EMAG"):
-            notes.append(f"{m} left out: this guidekit has no guidekit.EMAG")
-        else:
-            keep.append(m)
-    return keep, notes
+    return wanted
 
 
 def unsupported(models: ModelCache, model: str, method: str) -> str | None:
     """Why ``model`` cannot run ``method`` (a GuidanceError from a one-step probe), or None.
 
-    Probed, not assumed: CADS, for example, needs a float conditioning tensor, which a
-    model fed integer class labels does not have.
+    Probed, not assumed: a method the model cannot feed is reported, not faked.
     """
     from guidekit.models import sample
 
@@ -369,7 +360,11 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
       rows at the same noise levels;
     * ``sequential / one call``: the same expression with ``max_rows = N`` (one call per
       branch, run one after the other) against one batched call;
-    * ``term / CFG``: the cost of an extra term on top of CFG, step for step.
+    * ``term / CFG``: the cost of an extra term on top of CFG, step for step;
+    * ``guidekit / diffusers guider``: the same guidance (CFG; CFG + PAG in the last block)
+      through diffusers' own guiders in the loop of its modular pipelines
+      (:mod:`guidekit.models.guider_loop`: one forward per condition, PAG's hooks put in and
+      taken out around each batch) against guidekit's one batched call.
 
     Every variant runs once to warm up, then ``repeats`` times, interleaved (the order
     rotates every repeat, so drift of a shared machine hits all variants alike). A ratio is
@@ -377,6 +372,7 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
     range.
     """
     from guidekit.models import sample
+    from guidekit.models.guider_loop import pag_expression, sample_with_guider
 
     bundled = models(model)
     sigmas = bundled.sigmas(steps)
@@ -411,6 +407,16 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
 
         return once
 
+    def peer(guider: Any) -> Callable[[], float]:
+        def once() -> float:  # set_state at every step: one guider serves every run
+            return sample_with_guider(bundled, guider, labels, steps=steps, seed=0).seconds / steps
+
+        return once
+
+    from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
+
+    last = int(bundled.transformer.config.num_layers) - 1
+    pag_gated = pag_expression(3, 2, sigmas)
     variants: dict[str, Callable[[], float]] = {
         "bare N": bare(n), "bare 2N": bare(2 * n), "bare 3N": bare(3 * n),
         "weak N": bare(n, weak_name(model)),
@@ -419,10 +425,13 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
         "CFG(3) + PAG(2)": guided("CFG(3) + PAG(2)"),
         "CFG(3) + PAG(2) split": guided("CFG(3) + PAG(2)", max_rows=n),
         "CFG(3) + Autoguidance(1)": guided("CFG(3) + Autoguidance(1)"),
+        "CFG(3) + EMAG(1)": guided("CFG(3) + EMAG(1)"),
+        "PAG gated": guided(pag_gated),
+        "diffusers CFG": peer(ClassifierFreeGuidance(guidance_scale=3.0)),
+        "diffusers PAG": peer(PerturbedAttentionGuidance(
+            guidance_scale=3.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0,
+            perturbed_guidance_stop=1.0, perturbed_guidance_layers=[last])),
     }
-    has_emag = hasattr(guidekit, "EMAG")
-    if has_emag:
-        variants["CFG(3) + EMAG(1)"] = guided("CFG(3) + EMAG(1)")
     names = list(variants)
     for name in names:  # warm-up: first-call allocations, lazy imports, engine set-up
         variants[name]()
@@ -448,10 +457,7 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
         ratio(g, "Cond()", "bare N", n, den_label="bare N rows"),
         ratio(g, "CFG(3)", "bare 2N", 2 * n, den_label="bare 2N rows"),
         ratio(g, "CFG(3) + PAG(2)", "bare 3N", 3 * n, den_label="bare 3N rows"),
-    ]
-    if has_emag:
-        out.append(ratio(g, "CFG(3) + EMAG(1)", "bare 3N", 3 * n, den_label="bare 3N rows"))
-    out += [
+        ratio(g, "CFG(3) + EMAG(1)", "bare 3N", 3 * n, den_label="bare 3N rows"),
         ratio(g, "CFG(3) + Autoguidance(1)", "bare 2N + weak N", 3 * n,
               den_label="bare 2N rows + weak model N rows"),
         ratio("sequential calls / one call", "CFG(3) split", "CFG(3)", 2 * n,
@@ -459,10 +465,14 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
         ratio("sequential calls / one call", "CFG(3) + PAG(2) split", "CFG(3) + PAG(2)", 3 * n,
               "CFG(3) + PAG(2), max_rows=N: 3 calls", "CFG(3) + PAG(2): 1 call"),
         ratio("term / CFG", "CFG(3) + PAG(2)", "CFG(3)", 3 * n),
+        ratio("term / CFG", "CFG(3) + EMAG(1)", "CFG(3)", 3 * n),
+        ratio("term / CFG", "CFG(3) + Autoguidance(1)", "CFG(3)", 3 * n),
+        ratio("guidekit / diffusers guider", "CFG(3)", "diffusers CFG", 2 * n,
+              den_label="ClassifierFreeGuidance(3): 2 calls of N"),
+        ratio("guidekit / diffusers guider", "PAG gated", "diffusers PAG", 3 * n,
+              num_label="CFG(3) + PAG(2) from step 1: 1 call",
+              den_label="PerturbedAttentionGuidance(3, 2, last block): 3 calls of N"),
     ]
-    if has_emag:
-        out.append(ratio("term / CFG", "CFG(3) + EMAG(1)", "CFG(3)", 3 * n))
-    out.append(ratio("term / CFG", "CFG(3) + Autoguidance(1)", "CFG(3)", 3 * n))
     return out
 
 
@@ -524,7 +534,7 @@ def run_sweep(
         ctx = init_distributed(device)
         say = (echo or (lambda _: None)) if ctx.rank == 0 else (lambda _: None)
         cache = ModelCache(ctx.device)
-        keep, notes = available_methods(methods)
+        keep, notes = check_methods(methods), []
         runnable = []
         for method in keep:
             reasons = {m: unsupported(cache, m, method) for m in models}

@@ -16,7 +16,7 @@ from pathlib import Path
 from guidekit.sweep import read_csv, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
-GRID = dict(models=("eps",), methods=("none", "CFG", "Autoguidance"), scales=(2.0,),
+GRID = dict(models=("eps",), methods=("none", "CFG", "Autoguidance", "CADS"), scales=(2.0,),
             seeds=(0, 1), per_digit=1, steps=2)
 
 
@@ -31,16 +31,16 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        "-m", "guidekit", "sweep", "--models", "eps", "--methods", "none,CFG,Autoguidance",
+        "-m", "guidekit", "sweep", "--models", "eps", "--methods", "none,CFG,Autoguidance,CADS",
         "--scales", "2", "--seeds", "2", "--samples", "1", "--steps", "2", "--threads", "1",
         "--device", "cpu", "--no-speed", "--no-plot", "--no-progress", "--out", str(sharded),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "6 jobs on 2 process(es)" in result.stdout
+    assert "8 jobs on 2 process(es)" in result.stdout
     a, b = read_csv(single / "runs.csv"), read_csv(sharded / "runs.csv")
-    assert len(a) == len(b) == 6
+    assert len(a) == len(b) == 8
     assert _comparable(a) == _comparable(b)
     assert {r["rank"] for r in a} == {"0"} and {r["rank"] for r in b} == {"0", "1"}
     # every job on the rank the round-robin shard gives it

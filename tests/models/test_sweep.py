@@ -12,7 +12,7 @@ from guidekit.demo_models import ModelCache
 from guidekit.sweep import (
     METHODS,
     Job,
-    available_methods,
+    check_methods,
     expression,
     make_jobs,
     markdown_table,
@@ -54,14 +54,11 @@ def test_jobs_are_ordered_and_seeded_per_job() -> None:
         ("none", 0.0, 3), ("CFG", 2.0, 3), ("CFG", 4.0, 3)]
 
 
-def test_emag_methods_need_guidekit_emag(monkeypatch: pytest.MonkeyPatch) -> None:
-    keep, notes = available_methods()
-    assert "EMAG" in keep and notes == []
-    monkeypatch.delattr(guidekit, "EMAG")
-    keep, notes = available_methods()
-    assert "EMAG" not in keep and "CFG+EMAG" not in keep and len(notes) == 2
+def test_methods_are_checked_by_name() -> None:
+    assert check_methods() == list(METHODS)
+    assert check_methods(["CADS", "CFG"]) == ["CADS", "CFG"]
     with pytest.raises(ValueError, match="unknown method"):
-        available_methods(["CFG", "XYZ"])
+        check_methods(["CFG", "XYZ"])
 
 
 def test_mean_std_and_summary() -> None:
@@ -139,6 +136,8 @@ def test_speed_figures(sweep) -> None:
     assert ("sequential calls / one call", "CFG(3), max_rows=N: 2 calls") in figures
     assert ("term / CFG", "CFG(3) + EMAG(1)") in figures
     assert ("guided step / bare forward", "CFG(3) + PAG(2)") in figures
+    assert ("guidekit / diffusers guider", "CFG(3)") in figures
+    assert ("guidekit / diffusers guider", "CFG(3) + PAG(2) from step 1: 1 call") in figures
 
 
 def test_without_matplotlib_the_csv_is_written(tmp_path, monkeypatch) -> None:
