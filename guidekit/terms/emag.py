@@ -98,8 +98,8 @@ class _EMAGBase(DirectionTerm):
         replacement at steps 5 .. n-6 of the schedule (5-22 of 28) as a noise interval.
 
         ``sigmas`` is the sampler's schedule; the window becomes ``.between(lo, hi)`` on
-        EMAG only (CFG stays on). Joint attention (SD3) is not supported by the attention
-        engine yet: this preset is usable on other models with the same schedule.
+        EMAG only (CFG stays on). On SD3 the engine replaces the image queries' map of the
+        joint attention (see docs/terms.md, EMAG).
         """
         kwargs.setdefault("layers", SD3_MEDIUM_LAYERS)
         lo, hi = _window(sigmas, 5, 5)
