@@ -1,7 +1,7 @@
 """The bundled denoiser: diffusers' ``DiTTransformer2DModel`` sized for 1x8x8 digits.
 
 DiT (Peebles & Xie, https://arxiv.org/abs/2212.09748) in pixel space: 8x8 images, one
-channel, patch 2 (16 tokens), 4 heads of 32, class-conditional through adaLN-Zero with
+channel, patch 2 (16 tokens), 2 heads of 32 (width 64), class-conditional through adaLN-Zero with
 ``num_embeds_ada_norm = 10`` classes plus the null class 10 used for unconditional rows.
 
 Two fixes to diffusers' defaults, both needed for stable training:
@@ -30,7 +30,7 @@ NULL_CLASS = CLASSES
 #: One sample: channels, height, width.
 SHAPE = (1, 8, 8)
 PATCH = 2
-HEADS = 4
+HEADS = 2
 HEAD_DIM = 32
 
 

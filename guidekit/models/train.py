@@ -51,14 +51,14 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "eps": Recipe("eps", layers=6, steps=1000),
-    "flow": Recipe("flow", layers=6, steps=400),
-    # The weak siblings are the same network trained for fewer steps (with the same seed,
-    # they are earlier EMA snapshots of the main runs). A 2-layer model at 200-400 steps
-    # was measured too: it ignores the class almost entirely (accuracy ~0.12), which turns
-    # Autoguidance into CFG with its loss of diversity; see docs/models.md.
-    "eps-weak": Recipe("eps", layers=6, steps=600),
-    "flow-weak": Recipe("flow", layers=6, steps=300),
+    "eps": Recipe("eps", layers=6, steps=1500),
+    "flow": Recipe("flow", layers=6, steps=600),
+    # The weak siblings are the same network trained for two thirds of the steps (with the
+    # same seed, they are earlier EMA snapshots of the main runs). Weaker ones (2-layer
+    # models; fewer steps) ignore the class more, which turns Autoguidance into CFG with its
+    # loss of diversity; see docs/models.md.
+    "eps-weak": Recipe("eps", layers=6, steps=1000),
+    "flow-weak": Recipe("flow", layers=6, steps=400),
 }
 ORDER = ("classifier", "reference", "eps", "flow", "eps-weak", "flow-weak")
 
