@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", choices=("eps", "flow"), default="eps",
                       help="bundled model for --guidance expressions (default eps)")
-    demo.add_argument("--samples", "-n", type=_positive, default=10,
-                      help="samples PER DIGIT, so 10x as many per expression (default 10)")
+    demo.add_argument("--samples", "-n", type=_positive, default=20,
+                      help="samples PER DIGIT, so 10x as many per expression (default 20, as "
+                      "in the sweep, so FD is comparable with docs/benchmarks.md)")
     demo.add_argument("--steps", type=_positive, default=None,
                       help="Euler steps (default 20; 12 with --toy)")
     demo.add_argument("--seed", type=int, default=0, help="seed for noise, labels and CADS")
