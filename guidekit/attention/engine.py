@@ -62,10 +62,12 @@ from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
 from guidekit.attention.hooks import (
+    LayerHook,
     ProcessorWrapper,
     SdpaCall,
-    SdpaMode,
     check_rows,
+    intercepting_forward,
+    restore_all,
     take,
 )
 from guidekit.attention.hooks import row_slice as _row_slice
@@ -349,19 +351,6 @@ class _Frame:
     text: int | None = None
 
 
-@attrs.define(eq=False)
-class _Hook:
-    """One installed hook and what restores it."""
-
-    path: str
-    module: torch.nn.Module
-    kind: str  # "processor" or "forward"
-    original: Any = None
-    had_forward: bool = False
-    #: Flux joint attention: perturb the image queries only (text first)
-    flux: bool = False
-
-
 class AttentionEngine:
     """Hooks the attention layers a plan's perturbed branches target (see module docstring).
 
@@ -446,7 +435,7 @@ class AttentionEngine:
         self._installed = False
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _plan_hook(self, path: str) -> _Hook:
+    def _plan_hook(self, path: str) -> LayerHook:
         module = self.model.get_submodule(path)
         users = [p for p, ps in self.layers.items() if path in ps]
         if is_flux_attention(module):
@@ -463,8 +452,7 @@ class AttentionEngine:
                     f"{module.get_processor()._attention_backend!r}; the engine intercepts "
                     f"torch's scaled_dot_product_attention (the native backend)"
                 )
-            return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__,
-                         flux=True)
+            return LayerHook.forward(path, module, flux=True)
         if is_joint_attention(module):
             unsupported = [p for p in users if not getattr(p, "joint", False)]
             if unsupported or not hasattr(module, "add_q_proj") or not hasattr(module, "to_q"):
@@ -488,76 +476,40 @@ class AttentionEngine:
                 raise GuidanceValueError(
                     f"layer {path!r} is already hooked by another guidekit attention engine"
                 )
-            return _Hook(path, module, "processor", current)
+            return LayerHook(path, module, "processor", current)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the engine "
                 f"does not support yet"
             )
-        if getattr(module.forward, "_guidekit_engine", None) is not None:
-            raise GuidanceValueError(
-                f"layer {path!r} is already hooked by another guidekit attention engine"
-            )
-        return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__)
+        return LayerHook.forward(path, module)
 
-    def _install(self, hook: _Hook) -> None:
+    def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            if isinstance(hook.original, torch.nn.Module):
-                wrapper: Any = RowAwareModuleProcessor(self, hook.path, hook.original)
-            else:
-                wrapper = RowAwareProcessor(self, hook.path, hook.original)
-            hook.module.set_processor(wrapper)  # type: ignore[operator]
+            row_aware = (RowAwareModuleProcessor if isinstance(hook.original, torch.nn.Module)
+                         else RowAwareProcessor)
+            hook.install(row_aware(self, hook.path, hook.original))
         else:
-            hook.module.forward = self._forward_wrapper(hook)  # type: ignore[method-assign]
+            hook.install(intercepting_forward(
+                self, hook, lambda: self._open_frame(hook),
+                "its perturbed rows would equal the unperturbed ones",
+            ))
 
-    def _restore(self, hook: _Hook) -> None:
-        module = hook.module
-        if hook.kind == "processor":
-            module.set_processor(hook.original)  # type: ignore[operator]
-        elif hook.had_forward:
-            module.forward = hook.original  # type: ignore[method-assign]
-        else:
-            module.__dict__.pop("forward", None)
-
-    def _forward_wrapper(self, hook: _Hook) -> Callable[..., Any]:
-        original, path = hook.original, hook.path
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            route = self.route(path)
-            if route is None:
-                return original(*args, **kwargs)
-            text = self.text_length.current(path) if hook.flux and self.text_length else None
-            frame = _Frame(path, route, text=text)
-            outermost = not self._frames
-            self._frames.append(frame)
-            try:
-                if outermost:
-                    with SdpaMode(self):
-                        out = original(*args, **kwargs)
-                else:
-                    out = original(*args, **kwargs)
-            finally:
-                self._frames.pop()
-            if frame.calls == 0:
-                raise GuidanceValueError(
-                    f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
-                    f"call, so its perturbed rows would equal the unperturbed ones; hook the "
-                    f"module that calls it (see guidekit.attention.engine)"
-                )
-            return out
-
-        forward._guidekit_engine = self  # type: ignore[attr-defined]
-        return forward
+    def _open_frame(self, hook: LayerHook) -> _Frame | None:
+        """The frame of one call of a hooked plain module (``None``: not routed now)."""
+        route = self.route(hook.path)
+        if route is None:
+            return None
+        text = self.text_length.current(hook.path) if hook.flux and self.text_length else None
+        return _Frame(hook.path, route, text=text)
 
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> Callable[[RowLayout], contextlib.AbstractContextManager[None]]:
         if self._installed:
             raise GuidanceValueError("this attention engine is already installed")
-        done: list[_Hook] = []
         try:
             for hook in self._hooks:
                 self._install(hook)
-                done.append(hook)
             self.modifiers.install()
             self.skipper.install(tuple(h.path for h in self._hooks))
             if self._needs_size:
@@ -570,8 +522,7 @@ class AttentionEngine:
             self.input_size.restore()
             self.skipper.restore()
             self.modifiers.restore()  # takes out only the hooks it put in
-            for hook in reversed(done):
-                self._restore(hook)
+            restore_all(self._hooks)
             raise
         self._installed = True
         return self.around_call
@@ -588,11 +539,7 @@ class AttentionEngine:
                 extra.restore()
             except Exception as err:
                 errors.append(err)
-        for hook in reversed(self._hooks):
-            try:
-                self._restore(hook)
-            except Exception as err:  # restore every other hook before reporting
-                errors.append(err)
+        errors += restore_all(self._hooks)
         if errors:
             raise errors[0]
 

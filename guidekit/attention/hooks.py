@@ -10,8 +10,10 @@ do with the rows differs; the plumbing below does not.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -109,6 +111,107 @@ class SdpaMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention and self.owner._frames:
             return self.owner._sdpa(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+@attrs.define(eq=False)
+class LayerHook:
+    """One hooked layer and what restores it: its diffusers processor replaced by a
+    wrapper (``kind="processor"``), or its ``forward`` replaced so that the
+    ``scaled_dot_product_attention`` calls inside are intercepted (``kind="forward"``)."""
+
+    path: str
+    module: torch.nn.Module
+    kind: str
+    original: Any = None
+    had_forward: bool = False
+    #: Flux joint attention: perturb the image queries only (text first)
+    flux: bool = False
+    installed: bool = False
+
+    @classmethod
+    def processor(cls, path: str, module: torch.nn.Module) -> LayerHook:
+        """A processor hook of a diffusers ``Attention`` (the current processor is kept)."""
+        return cls(path, module, "processor", getattr(module, "get_processor")())  # noqa: B009
+
+    @classmethod
+    def forward(cls, path: str, module: torch.nn.Module, *, flux: bool = False) -> LayerHook:
+        """A forward hook of a plain module; refuses a module another engine has hooked."""
+        if getattr(module.forward, "_guidekit_engine", None) is not None:
+            raise GuidanceValueError(
+                f"layer {path!r} is already hooked by another guidekit attention engine"
+            )
+        return cls(path, module, "forward", module.forward, "forward" in module.__dict__,
+                   flux=flux)
+
+    def install(self, wrapper: Any) -> None:
+        """Put ``wrapper`` in: the processor, or the new ``forward``."""
+        if self.kind == "processor":
+            self.module.set_processor(wrapper)  # type: ignore[operator]
+        else:
+            self.module.forward = wrapper  # type: ignore[method-assign]
+        self.installed = True
+
+    def restore(self) -> None:
+        """Put back exactly what was found (an instance ``forward`` only if there was one)."""
+        if self.kind == "processor":
+            self.module.set_processor(self.original)  # type: ignore[operator]
+        elif self.had_forward:
+            self.module.forward = self.original  # type: ignore[method-assign]
+        else:
+            self.module.__dict__.pop("forward", None)
+        self.installed = False
+
+
+def restore_all(hooks: Iterable[LayerHook]) -> list[BaseException]:
+    """Restore every installed hook, last first; the errors, after trying them all."""
+    errors: list[BaseException] = []
+    for hook in reversed(list(hooks)):
+        if not hook.installed:
+            continue
+        try:
+            hook.restore()
+        except Exception as err:  # restore every other hook before reporting
+            errors.append(err)
+    return errors
+
+
+class _Counted(Protocol):
+    calls: int
+
+
+def intercepting_forward(
+    owner: _SdpaOwner, hook: LayerHook, open_frame: Callable[[], _Counted | None], lost: str
+) -> Callable[..., Any]:
+    """A ``forward`` for ``hook.module`` that, while ``open_frame()`` gives a frame, runs the
+    original with the module's SDPA calls routed to ``owner._sdpa`` (the frame counts them).
+
+    A hooked layer that makes no SDPA call raises (``lost`` says what would be lost).
+    """
+    original, path = hook.original, hook.path
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        frame = open_frame()
+        if frame is None:
+            return original(*args, **kwargs)
+        outermost = not owner._frames
+        owner._frames.append(frame)
+        try:
+            if outermost:
+                with SdpaMode(owner):
+                    out = original(*args, **kwargs)
+            else:
+                out = original(*args, **kwargs)
+        finally:
+            owner._frames.pop()
+        if frame.calls == 0:
+            raise GuidanceValueError(
+                f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
+                f"call, so {lost}; hook the module that calls it (see guidekit.attention.engine)"
+            )
+        return out
+
+    forward._guidekit_engine = owner  # type: ignore[attr-defined]
+    return forward
 
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

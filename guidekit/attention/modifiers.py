@@ -50,7 +50,14 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from guidekit.attention.hooks import ProcessorWrapper, SdpaCall, SdpaMode, check_rows
+from guidekit.attention.hooks import (
+    LayerHook,
+    ProcessorWrapper,
+    SdpaCall,
+    check_rows,
+    intercepting_forward,
+    restore_all,
+)
 from guidekit.attention.hooks import row_slice as _slice
 from guidekit.attention.hooks import rows_of as _rows_of
 from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
@@ -349,17 +356,7 @@ class ModifierModuleProcessor(_ModifierBody, torch.nn.Module):
 class _Frame:
     path: str
     call: LayerCall
-    sdpa_calls: int = 0
-
-
-@attrs.define(eq=False)
-class _Hook:
-    path: str
-    module: torch.nn.Module
-    kind: str  # "processor" or "forward"
-    original: Any = None
-    had_forward: bool = False
-    installed: bool = False
+    calls: int = 0
 
 
 class ModifierHooks:
@@ -386,7 +383,7 @@ class ModifierHooks:
         self.ops: dict[str, LayerOps] = {}
         self.table: LayerTable | None = None
         self.context: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._hooks: list[_Hook] = []
+        self._hooks: list[LayerHook] = []
         self._layout: Any = None
         self._calls: dict[Any, dict[str, LayerCall]] = {}
         self._negatives: dict[Any, torch.Tensor] = {}
@@ -430,7 +427,7 @@ class ModifierHooks:
             self.context = context_projection(model)
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _plan_hook(self, path: str, nag: bool) -> _Hook:
+    def _plan_hook(self, path: str, nag: bool) -> LayerHook:
         module = self.model.get_submodule(path)
         if is_joint_attention(module):
             raise GuidanceValueError(
@@ -449,17 +446,13 @@ class ModifierHooks:
                 raise GuidanceValueError(
                     f"layer {path!r} is already hooked by another guidekit attention engine"
                 )
-            return _Hook(path, module, "processor", current)
+            return LayerHook(path, module, "processor", current)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the "
                 f"attention modifiers do not support yet"
             )
-        if getattr(module.forward, "_guidekit_engine", None) is not None:
-            raise GuidanceValueError(
-                f"layer {path!r} is already hooked by another guidekit attention engine"
-            )
-        return _Hook(path, module, "forward", module.forward, "forward" in module.__dict__)
+        return LayerHook.forward(path, module)
 
     def install(self) -> None:
         """Put every hook in (all or none: a failure takes back the ones already in)."""
@@ -470,16 +463,20 @@ class ModifierHooks:
             self.restore()
             raise
 
-    def _install(self, hook: _Hook) -> None:
+    def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            if isinstance(hook.original, torch.nn.Module):
-                wrapper: Any = ModifierModuleProcessor(self, hook.path, hook.original)
-            else:
-                wrapper = ModifierProcessor(self, hook.path, hook.original)
-            hook.module.set_processor(wrapper)  # type: ignore[operator]
+            modifier = (ModifierModuleProcessor if isinstance(hook.original, torch.nn.Module)
+                        else ModifierProcessor)
+            hook.install(modifier(self, hook.path, hook.original))
         else:
-            hook.module.forward = self._forward_wrapper(hook)  # type: ignore[method-assign]
-        hook.installed = True
+            hook.install(intercepting_forward(
+                self, hook, lambda: self._open_frame(hook), "its attention modifiers would do nothing"
+            ))
+
+    def _open_frame(self, hook: LayerHook) -> _Frame | None:
+        """The frame of one call of a hooked plain module (``None``: not modified now)."""
+        call = self.call_for(hook.path)
+        return None if call is None else _Frame(hook.path, call)
 
     def restore(self) -> None:
         """Take every installed hook out, restoring the exact objects found; then raise the
@@ -488,51 +485,9 @@ class ModifierHooks:
         self._calls.clear()
         self._negatives.clear()
         self._frames.clear()
-        errors: list[BaseException] = []
-        for hook in reversed(self._hooks):
-            if not hook.installed:
-                continue
-            try:
-                if hook.kind == "processor":
-                    hook.module.set_processor(hook.original)  # type: ignore[operator]
-                elif hook.had_forward:
-                    hook.module.forward = hook.original  # type: ignore[method-assign]
-                else:
-                    hook.module.__dict__.pop("forward", None)
-                hook.installed = False
-            except Exception as err:
-                errors.append(err)
+        errors = restore_all(self._hooks)
         if errors:
             raise errors[0]
-
-    def _forward_wrapper(self, hook: _Hook) -> Callable[..., Any]:
-        original, path = hook.original, hook.path
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            call = self.call_for(path)
-            if call is None:
-                return original(*args, **kwargs)
-            frame = _Frame(path, call)
-            outermost = not self._frames
-            self._frames.append(frame)
-            try:
-                if outermost:
-                    with SdpaMode(self):
-                        out = original(*args, **kwargs)
-                else:
-                    out = original(*args, **kwargs)
-            finally:
-                self._frames.pop()
-            if frame.sdpa_calls == 0:
-                raise GuidanceValueError(
-                    f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
-                    f"call, so its attention modifiers would do nothing; hook the module that "
-                    f"calls it"
-                )
-            return out
-
-        forward._guidekit_engine = self  # type: ignore[attr-defined]
-        return forward
 
     # -- per call ------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -668,7 +623,7 @@ class ModifierHooks:
 
     def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
         frame = self._frames[-1]
-        frame.sdpa_calls += 1
+        frame.calls += 1
         call = frame.call
         sdpa = SdpaCall(func, args, kwargs, frame.path, call.rows)
         bound, query, key, value = sdpa.bound, sdpa.query, sdpa.key, sdpa.value
