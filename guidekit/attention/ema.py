@@ -183,22 +183,24 @@ class Scope:
     sample: int
 
 
+@attrs.frozen(repr=False)
 class MovingAverage(AttentionPerturbation):
     """Base of EMAG's perturbations (maps or queries): state, observation, selection.
 
     ``layers`` are the CANDIDATE layers; ``None`` means :meth:`default_layers`.
     """
 
-    __slots__ = ()
+    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
+    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
+    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     stateful: ClassVar[bool] = True
     #: joint attention (SD3): the image-query rows are averaged and replaced
     joint: ClassVar[bool] = True
     #: what is averaged: "map" (post-softmax probabilities) or "query"
     averages: ClassVar[str] = "map"
-    layers: Layers
-    beta: float
-    lam: float
-    state_dtype: str
+    #: the name ``repr`` shows
+    label: ClassVar[str] = "EMA"
 
     # -- defaults -------------------------------------------------------------------------
     @staticmethod
@@ -285,15 +287,15 @@ class MovingAverage(AttentionPerturbation):
         memo.used = scope.path
         return buf[lo:hi].float()
 
-    def _fmt_extra(self) -> str:
-        parts = []
+    def __repr__(self) -> str:
+        parts = [] if self.layers is None else [fmt_layers(self.layers)]
         if self.beta != 0.988:
             parts.append(f"beta={self.beta:g}")
         if self.lam != 1.0:
             parts.append(f"lam={self.lam:g}")
         if self.state_dtype != "float32":
             parts.append(f"state_dtype={self.state_dtype!r}")
-        return "".join(", " + p for p in parts)
+        return f"{self.label}({', '.join(parts)})"
 
 
 @attrs.frozen(repr=False)
@@ -301,11 +303,8 @@ class EMAMapAttention(MovingAverage):
     """EMAG's perturbation: the selected layer's attention map becomes
     ``(1 - lam) A + lam E`` (see the module docstring)."""
 
-    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
-    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
-    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
-    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     averages: ClassVar[str] = "map"
+    label: ClassVar[str] = "EMAMap"
 
     def observe(
         self, scope: Scope, probs: torch.Tensor, query: torch.Tensor,
@@ -338,21 +337,14 @@ class EMAMapAttention(MovingAverage):
             probs = probs / probs.sum(dim=-1, keepdim=True)
         return apply_probs(probs, value, query.shape[-3] if query.ndim >= 4 else None)
 
-    def __repr__(self) -> str:
-        layers = "" if self.layers is None else fmt_layers(self.layers)
-        return f"EMAMap({layers}{self._fmt_extra()})"
-
 
 @attrs.frozen(repr=False)
 class EMAQueryAttention(MovingAverage):
     """EMAG-Q's perturbation: the selected layer attends with ``(1 - lam) q + lam E_q``,
     the moving average of the conditional rows' queries; attention stays fused."""
 
-    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
-    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
-    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
-    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     averages: ClassVar[str] = "query"
+    label: ClassVar[str] = "EMAQuery"
 
     def observe(
         self, scope: Scope, probs: torch.Tensor | None, query: torch.Tensor,
@@ -377,10 +369,6 @@ class EMAQueryAttention(MovingAverage):
             average, alpha=self.lam
         )
         return fused(q.to(query.dtype), key, value, scale=scale, mask=mask)
-
-    def __repr__(self) -> str:
-        layers = "" if self.layers is None else fmt_layers(self.layers)
-        return f"EMAQuery({layers}{self._fmt_extra()})"
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ import torch
 from guidekit.attention.ema import (
     EMAMapAttention,
     EMAQueryAttention,
+    MovingAverage,
     _beta,
     _float,
     _lam,
@@ -58,22 +59,25 @@ def _window(sigmas: Sequence[float] | torch.Tensor, first: int, last_off: int) -
     return lo, hi
 
 
+@attrs.frozen(repr=False)
 class _EMAGBase(DirectionTerm):
     """Shared fields and presets of EMAG and EMAG-Q."""
 
-    __slots__ = ()
-    scale: float
-    layers: Layers
-    beta: float
-    lam: float
-    state_dtype: str
+    scale: float = attrs.field(converter=to_float, validator=finite)
+    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
+    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
+    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
+    _positional: ClassVar[tuple[str, ...]] = ("scale",)
+    #: the perturbation class: what the negative branch's layer does
+    _perturbation: ClassVar[type[MovingAverage]]
 
     def negative(self) -> Branch:
         return Branch(model=MAIN, cond=COND, perturbation=self.perturbation)
 
     @property
-    def perturbation(self) -> Any:
-        raise NotImplementedError
+    def perturbation(self) -> MovingAverage:
+        return self._perturbation(self.layers, self.beta, self.lam, self.state_dtype)
 
     @classmethod
     def paper(cls, w: float, w_e: float, **kwargs: Any) -> Expr:
@@ -116,18 +120,9 @@ class EMAGTerm(_EMAGBase):
     halves the averages' memory.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
-    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
-    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
-    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
-    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     _name: ClassVar[str] = "EMAG"
-    _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "EMAG(1.5, layers=(2, 3))"
-
-    @property
-    def perturbation(self) -> Any:
-        return EMAMapAttention(self.layers, self.beta, self.lam, self.state_dtype)
+    _perturbation: ClassVar[type[MovingAverage]] = EMAMapAttention
 
 
 @attrs.frozen(repr=False)
@@ -135,18 +130,9 @@ class EMAGQTerm(_EMAGBase):
     """``scale * (c - e_q)``; ``e_q`` = ``c`` with the selected candidate layer's QUERIES
     replaced by their moving average; attention stays fused (EMAG-Q)."""
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
-    layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
-    beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
-    lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)
-    state_dtype: str = attrs.field(default="float32", validator=_state_dtype)
     _name: ClassVar[str] = "EMAGQ"
-    _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "EMAGQ(1.5, layers=(2, 3))"
-
-    @property
-    def perturbation(self) -> Any:
-        return EMAQueryAttention(self.layers, self.beta, self.lam, self.state_dtype)
+    _perturbation: ClassVar[type[MovingAverage]] = EMAQueryAttention
 
 
 EMAG = EMAGTerm
