@@ -120,11 +120,15 @@ class Route:
         return (row + self.offset) % self.batch if self.batch else row
 
 
+#: A layer's output: one tensor, or (image stream, text stream) for joint attention
+LayerOutput = torch.Tensor | tuple[torch.Tensor, ...]
+
+
 def assemble(
     route: Route,
-    plain: Callable[[tuple[tuple[int, int], ...]], torch.Tensor],
-    perturbed: Callable[[AttentionPerturbation, int, int], torch.Tensor],
-) -> torch.Tensor:
+    plain: Callable[[tuple[tuple[int, int], ...]], LayerOutput],
+    perturbed: Callable[[AttentionPerturbation, int, int], LayerOutput],
+) -> LayerOutput:
     """Run the plain rows in one call and each perturbed segment on its own; rows in order."""
     ranges = route.plain
     plain_out = plain(ranges) if ranges else None
@@ -140,7 +144,7 @@ def assemble(
     if len(pieces) == 1:
         return pieces[0]
     if isinstance(pieces[0], tuple):  # joint attention: (image stream, text stream)
-        return tuple(torch.cat(parts) for parts in zip(*pieces))  # type: ignore[return-value]
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
     return torch.cat(pieces)
 
 
@@ -288,7 +292,7 @@ class _RowAware(ProcessorWrapper):
                 f"the perturbations here are defined for self-attention only"
             )
 
-        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        def plain(ranges: tuple[tuple[int, int], ...]) -> LayerOutput:
             hs = take(hidden_states, ranges)
             kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
             a_args = tuple(take(t, ranges) if _rows_of(t, rows) else t for t in args)
@@ -430,7 +434,11 @@ class AttentionEngine:
         self._routes: dict[Any, dict[str, Route]] = {}
         self._active: dict[str, Route] | None = None
         self._state: Any = None
-        self._stateful = tuple(p for p in self.layers if getattr(p, "stateful", False))
+        # ops that keep state across steps (EMAG's averages, SAG's captured map): each has
+        # selected(), observe() and a source conditioning
+        self._stateful: tuple[Any, ...] = tuple(
+            p for p in self.layers if getattr(p, "stateful", False)
+        )
         self._frames: list[_Frame] = []
         self._installed = False
 
@@ -446,10 +454,11 @@ class AttentionEngine:
                     + (f"{unsupported[0]!r} does not support it" if unsupported else
                        "hook the FluxTransformer2DModel itself (its text length is needed)")
                 )
-            if getattr(module.get_processor(), "_attention_backend", None) not in (None, "native"):
+            backend = getattr(getattr(module, "get_processor")(), "_attention_backend", None)  # noqa: B009
+            if backend not in (None, "native"):
                 raise GuidanceValueError(
                     f"layer {path!r} uses attention backend "
-                    f"{module.get_processor()._attention_backend!r}; the engine intercepts "
+                    f"{backend!r}; the engine intercepts "
                     f"torch's scaled_dot_product_attention (the native backend)"
                 )
             return LayerHook.forward(path, module, flux=True)
@@ -691,7 +700,9 @@ class AttentionEngine:
                 return torch.cat([text_out, image_out.to(text_out.dtype)], dim=-2)
             return op.attend(query[a:b], key[a:b], value[a:b], mask=m, **extra)
 
-        return assemble(route, call.plain, perturbed)
+        out = assemble(route, call.plain, perturbed)
+        assert isinstance(out, torch.Tensor)  # SDPA returns one tensor, never joint streams
+        return out
 
     # -- text ----------------------------------------------------------------------------------------
     def describe(self) -> str:

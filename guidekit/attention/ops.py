@@ -16,7 +16,7 @@ each token attends only to itself and the attention output is the value ``V`` it
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import attrs
@@ -107,22 +107,14 @@ class AttentionPerturbation:
     self_only: ClassVar[bool] = True
     layers: Layers
 
-    def attend(
-        self,
-        query: torch.Tensor | None,
-        key: torch.Tensor | None,
-        value: torch.Tensor,
-        *,
-        mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """Attention output for the perturbed rows, shaped like ``query`` with the last
-        axis of ``value`` (``[rows, heads, tokens, head_dim]``).
-
-        Keyword extras, passed only to ops that declare them: ``image=(start, stop)``
-        (joint attention: where the image keys sit; ops with ``joint = True``), ``scale``
-        and ``scope`` (stateful ops: the softmax scale, the layer and step state)."""
-        raise NotImplementedError
+    #: ``attend(query, key, value, *, mask=None, **extras)``: the attention output for the
+    #: perturbed rows, shaped like ``query`` with the last axis of ``value``
+    #: (``[rows, heads, tokens, head_dim]``). Keyword extras are passed only to ops that
+    #: declare them: ``image=(start, stop)`` (joint attention: where the image keys sit;
+    #: ops with ``joint = True``), ``scale`` and ``scope`` (stateful ops: the softmax
+    #: scale, the layer and step state), ``size`` (SEG: the token grid). Declared as a
+    #: callable, not a method, because each op takes its own extras.
+    attend: Callable[..., torch.Tensor]
 
 
 @attrs.frozen(repr=False)
