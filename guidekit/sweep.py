@@ -39,9 +39,9 @@ from guidekit.errors import GuidanceError
 
 #: ``method -> (expression template with {s}, default scales)``. "none" is the unguided
 #: conditional baseline every Pareto plot shows. Combinations fix CFG at a mild 1.5 (the
-#: best FD of CFG alone on the bundled eps model, docs/benchmarks.md) and sweep the partner.
-#: The grid is small on purpose: 21-24 configurations per model x 3 seeds run in well under
-#: an hour on 2 CPU cores; ``--scales`` or :func:`make_jobs` give other grids.
+#: best FD of CFG alone on both bundled models, docs/benchmarks.md) and sweep the partner.
+#: The grid is small on purpose: 24 configurations per model x 3 seeds (144 jobs) take
+#: about 4 minutes on 2 CPU cores; ``--scales`` or :func:`make_jobs` give other grids.
 METHODS: dict[str, tuple[str, tuple[float, ...]]] = {
     "none": ("Cond()", (0.0,)),
     "CFG": ("CFG({s})", (1.25, 1.5, 2.0, 3.0)),
