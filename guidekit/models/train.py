@@ -206,7 +206,7 @@ def train_classifier(
         opt.step()
         sched.step()
         if log is not None and (k + 1) % 250 == 0:
-            log(f"  step {k + 1:5d}/{steps}  loss {float(loss):.4f}  "
+            log(f"  step {k + 1:5d}/{steps}  loss {loss.item():.4f}  "
                 f"{time.perf_counter() - start:.1f} s")
     return model.eval()
 
