@@ -272,9 +272,9 @@ class _RowAware(ProcessorWrapper):
 
     engine: AttentionEngine
 
-    def _setup(self, engine: AttentionEngine, path: str, original: Any) -> None:
+    def __init__(self, engine: AttentionEngine, path: str, original: Any) -> None:
+        super().__init__(path, original)
         self.engine = engine
-        self._wrap(path, original)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         route = self.engine.route(self.path)
@@ -325,9 +325,6 @@ class _RowAware(ProcessorWrapper):
 class RowAwareProcessor(_RowAware):
     """Takes the place of a diffusers attention processor while the engine is installed."""
 
-    def __init__(self, engine: AttentionEngine, path: str, original: Any) -> None:
-        self._setup(engine, path, original)
-
     def __repr__(self) -> str:
         return f"RowAwareProcessor({self.path!r}, original={self.original!r})"
 
@@ -335,10 +332,6 @@ class RowAwareProcessor(_RowAware):
 class RowAwareModuleProcessor(_RowAware, torch.nn.Module):
     """The same, for an original processor that is an ``nn.Module`` (kept as a child, so
     its parameters still move with ``.to()``)."""
-
-    def __init__(self, engine: AttentionEngine, path: str, original: torch.nn.Module) -> None:
-        torch.nn.Module.__init__(self)
-        self._setup(engine, path, original)
 
     __call__ = _RowAware.__call__
 

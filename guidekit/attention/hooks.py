@@ -70,14 +70,18 @@ def _signature_of(fn: Any) -> inspect.Signature | None:
 class ProcessorWrapper:
     """Base of a processor that takes the place of a diffusers attention processor.
 
-    Subclasses define ``__call__(attn, hidden_states, *args, **kwargs)``; ``_wrap`` keeps
-    the original processor and makes the instance advertise the original's signature.
+    Subclasses define ``__call__(attn, hidden_states, *args, **kwargs)``; the constructor
+    keeps the original processor and makes the instance advertise the original's signature.
+    A subclass that is also an ``nn.Module`` (for an original that is one) keeps the
+    original as a child, so its parameters still move with ``.to()``.
     """
 
     path: str
     original: Any
 
-    def _wrap(self, path: str, original: Any) -> None:
+    def __init__(self, path: str, original: Any) -> None:
+        if isinstance(self, torch.nn.Module):
+            torch.nn.Module.__init__(self)  # first: the original may become a child
         self.path = path
         self.original = original
         # diffusers reads inspect.signature(processor.__call__) to decide which

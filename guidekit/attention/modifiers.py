@@ -280,9 +280,9 @@ class _ModifierBody(ProcessorWrapper):
 
     hooks: ModifierHooks
 
-    def _setup(self, hooks: ModifierHooks, path: str, original: Any) -> None:
+    def __init__(self, hooks: ModifierHooks, path: str, original: Any) -> None:
+        super().__init__(path, original)
         self.hooks = hooks
-        self._wrap(path, original)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         call = self.hooks.call_for(self.path)
@@ -332,19 +332,12 @@ class _ModifierBody(ProcessorWrapper):
 class ModifierProcessor(_ModifierBody):
     """Takes the place of a diffusers attention processor in a modifier's layer."""
 
-    def __init__(self, hooks: ModifierHooks, path: str, original: Any) -> None:
-        self._setup(hooks, path, original)
-
     def __repr__(self) -> str:
         return f"ModifierProcessor({self.path!r}, original={self.original!r})"
 
 
 class ModifierModuleProcessor(_ModifierBody, torch.nn.Module):
     """The same, for an original processor that is an ``nn.Module`` (kept as a child)."""
-
-    def __init__(self, hooks: ModifierHooks, path: str, original: torch.nn.Module) -> None:
-        torch.nn.Module.__init__(self)
-        self._setup(hooks, path, original)
 
     __call__ = _ModifierBody.__call__
 
