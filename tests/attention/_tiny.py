@@ -262,3 +262,33 @@ def ref_processors(model: Any, paths: list[str]) -> Iterator[dict[str, RefProces
     finally:
         for p, proc in old.items():
             model.get_submodule(p).set_processor(proc)
+
+
+# -- ending a run early: the model must be restored however the run ends ---------------------
+
+#: How a restoration test leaves its run (parametrise over these).
+ENDINGS = ("normal", "exception", "interrupt")
+
+
+class Boom(Exception):
+    """An error raised inside a run, to check that the model is restored."""
+
+
+def leave(ending: str) -> None:
+    """Raise as ``ending`` says (inside the run): nothing, Boom or KeyboardInterrupt."""
+    if ending == "exception":
+        raise Boom
+    if ending == "interrupt":
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ended_as(ending: str) -> Iterator[None]:
+    """Around a run that calls :func:`leave`: swallow the error it raised, and check that
+    it raised exactly when ``ending`` says so."""
+    raised: BaseException | None = None
+    try:
+        yield
+    except (Boom, KeyboardInterrupt) as err:
+        raised = err
+    assert (raised is None) == (ending == "normal")

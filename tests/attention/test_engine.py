@@ -15,8 +15,11 @@ from guidekit.plan import RowLayout
 
 from ._tiny import (
     BATCH,
+    ENDINGS,
     SelfAttention,
     dit_fn,
+    ended_as,
+    leave,
     processors,
     tiny_dit,
     tiny_plain,
@@ -58,11 +61,7 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
         assert torch.equal(v, v2), k
 
 
-class Boom(Exception):
-    pass
-
-
-@pytest.mark.parametrize("ending", ["normal", "exception", "interrupt"])
+@pytest.mark.parametrize("ending", ENDINGS)
 @pytest.mark.parametrize("kind", ["dit", "plain"])
 def test_exit_restores_everything(kind: str, ending: str) -> None:
     if kind == "dit":
@@ -82,19 +81,12 @@ def test_exit_restores_everything(kind: str, ending: str) -> None:
     before = snapshot(model)
     plan = guidekit.compile(CFG(3) + PAG(2, layers=[0, 1, 2]))
     engine = install(model, plan, **kw)
-    raised: BaseException | None = None
-    try:
+    with ended_as(ending):
         with torch.no_grad(), engine as around:
             guided = guidekit.guide(plan, fn, cond=cond, uncond=uncond, around_call=around)
             y = guided(x, 2.0)
             assert (y - out_before).abs().max() > 0.05  # the engine was active
-            if ending == "exception":
-                raise Boom
-            if ending == "interrupt":
-                raise KeyboardInterrupt
-    except (Boom, KeyboardInterrupt) as err:
-        raised = err
-    assert (raised is None) == (ending == "normal")
+            leave(ending)
     assert_same(before, snapshot(model))
     with torch.no_grad():
         out_after = fn(x, sig, **cond)

@@ -20,6 +20,8 @@ from guidekit.attention import install
 
 from ._tiny import (
     BATCH,
+    ENDINGS,
+    Boom,
     SelfAttention,
     pixart_fn,
     processors,
@@ -416,11 +418,7 @@ def test_pladis_on_a_plain_self_attention_module() -> None:
 # -- restoration and refusals -----------------------------------------------------------------------
 
 
-class Boom(Exception):
-    pass
-
-
-@pytest.mark.parametrize("ending", ["normal", "exception", "interrupt"])
+@pytest.mark.parametrize("ending", ENDINGS)
 def test_exit_restores_processors_and_outputs(ending: str) -> None:
     model, fn = model_and_fn("pixart", torch.float32)
     x, cond, uncond = inputs(torch.float32)

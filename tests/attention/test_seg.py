@@ -34,8 +34,11 @@ from guidekit.branch import Branch
 from ._joint_models import sd3_conds, sd3_fn, tiny_sd3
 from ._tiny import (
     BATCH,
+    ENDINGS,
     SelfAttention,
     dit_fn,
+    ended_as,
+    leave,
     pixart_fn,
     processors,
     tiny_dit,
@@ -535,11 +538,7 @@ def test_seg_composes_with_pag_in_one_call_on_dit() -> None:
 # -- restoration -------------------------------------------------------------------------------
 
 
-class Boom(Exception):
-    pass
-
-
-@pytest.mark.parametrize("ending", ["normal", "exception", "interrupt"])
+@pytest.mark.parametrize("ending", ENDINGS)
 def test_exit_restores_processors_and_the_input_hook(ending: str) -> None:
     model = tiny_pixart().double()
     fn = pixart_fn(model)
@@ -550,19 +549,12 @@ def test_exit_restores_processors_and_the_input_hook(ending: str) -> None:
     with torch.no_grad():
         out_before = fn(x, sig, **cond)
     plan = guidekit.compile(CFG(3) + SEG(2, blur_sigma=1, layers=[0, 1]))
-    raised: BaseException | None = None
-    try:
+    with ended_as(ending):
         with torch.no_grad(), install(model, plan) as around:
             assert len(model._forward_pre_hooks) == 1  # the engine reads the input's size
             y = guidekit.guide(plan, fn, cond=cond, uncond=uncond, around_call=around)(x, 1.0)
             assert (y - out_before).abs().max() > 1e-3
-            if ending == "exception":
-                raise Boom
-            if ending == "interrupt":
-                raise KeyboardInterrupt
-    except (Boom, KeyboardInterrupt) as err:
-        raised = err
-    assert (raised is None) == (ending == "normal")
+            leave(ending)
     assert not model._forward_pre_hooks
     after = processors(model)
     assert after.keys() == before.keys() and all(after[k] is v for k, v in before.items())

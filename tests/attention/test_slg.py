@@ -27,8 +27,11 @@ from guidekit.branch import Branch
 from ._joint_models import flux_fn, sd3_conds, sd3_fn, tiny_flux, tiny_sd3
 from ._tiny import (
     BATCH,
+    ENDINGS,
     SelfAttention,
     dit_fn,
+    ended_as,
+    leave,
     processors,
     tiny_dit,
     tiny_plain,
@@ -524,11 +527,7 @@ def test_slg_and_pag_in_one_call_on_sd3() -> None:
 # -- restoration -------------------------------------------------------------------------------
 
 
-class Boom(Exception):
-    pass
-
-
-@pytest.mark.parametrize("ending", ["normal", "exception", "interrupt"])
+@pytest.mark.parametrize("ending", ENDINGS)
 @pytest.mark.parametrize("skip", ["block", "attention"])
 def test_exit_restores_everything(skip: str, ending: str) -> None:
     model = tiny_sd3(3)
@@ -540,19 +539,12 @@ def test_exit_restores_everything(skip: str, ending: str) -> None:
     with torch.no_grad():
         out_before = fn(x, sig, **cond)
     plan = guidekit.compile(CFG(3) + SLG(2, layers=[0, 2], skip=skip))
-    raised: BaseException | None = None
-    try:
+    with ended_as(ending):
         with torch.no_grad(), install(model, plan) as around:
             assert not no_instance_forwards(model)
             y = guidekit.guide(plan, fn, cond=cond, uncond=uncond, around_call=around)(x, 0.5)
             assert (y - out_before).abs().max() > 1e-3
-            if ending == "exception":
-                raise Boom
-            if ending == "interrupt":
-                raise KeyboardInterrupt
-    except (Boom, KeyboardInterrupt) as err:
-        raised = err
-    assert (raised is None) == (ending == "normal")
+            leave(ending)
     assert no_instance_forwards(model)
     after = processors(model)
     assert after.keys() == before.keys() and all(after[k] is v for k, v in before.items())
