@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from guidekit.models.sampling import SampleResult
+from guidekit.models.sampling import SampleResult, initial_state
 
 
 def pag_expression(w: float, s: float, sigmas: torch.Tensor) -> str:
@@ -47,12 +47,8 @@ def sample_with_guider(
     ``PerturbedAttentionGuidance``, ...); ``calls`` of the result stay empty (the guider
     decides the batches), ``seconds`` is the wall time of the loop.
     """
-    y = torch.as_tensor(labels, dtype=torch.long).flatten().to(bundled.device)
+    y, sigmas, x = initial_state(bundled, labels, steps, seed)
     null = torch.full_like(y, bundled.null_class)
-    sigmas = bundled.sigmas(steps)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((y.shape[0], *bundled.shape), generator=gen).to(bundled.device)
-    x = bundled.convention.initial(noise, float(sigmas[0]))
     net = bundled.transformer
     values = sigmas.tolist()
     start = time.perf_counter()

@@ -52,6 +52,18 @@ def _labels(labels: Any, bundled: Any) -> torch.Tensor:
     return y
 
 
+def initial_state(
+    bundled: Any, labels: Sequence[int] | torch.Tensor, steps: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(labels, sigmas, x)`` of a run: the checked labels on the model's device, the
+    schedule, and the initial state from ``torch.Generator().manual_seed(seed)`` noise."""
+    y = _labels(labels, bundled).to(bundled.device)
+    sigmas = bundled.sigmas(steps)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((y.shape[0], *bundled.shape), generator=gen).to(bundled.device)
+    return y, sigmas, bundled.convention.initial(noise, float(sigmas[0]))
+
+
 def needs_engine(plan: Plan) -> bool:
     """True when the plan acts inside the main model's forward: perturbed branches, moving
     averages (EMAG) or attention modifiers (PLADIS, GAG, NAG)."""
@@ -95,13 +107,7 @@ def sample(
             f"{plan.noise.kind!r}, but {bundled.name!r} predicts {bundled.prediction!r} with "
             f"noise {bundled.noise!r}: compile it with bundled.compile(expr)"
         )
-    y = _labels(labels, bundled)
-    device = bundled.device
-    y = y.to(device)
-    sigmas = bundled.sigmas(steps)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((y.shape[0], *bundled.shape), generator=gen).to(device)
-    x = bundled.convention.initial(noise, float(sigmas[0]))
+    y, sigmas, x = initial_state(bundled, labels, steps, seed)
     models = {"weak": weak.model_fn} if weak is not None else None
     cond = {"class_labels": y}
     uncond = {"class_labels": torch.full_like(y, bundled.null_class)}
