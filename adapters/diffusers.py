@@ -43,6 +43,7 @@ import torch
 
 from guidekit import GuidanceValueError, Noise, compile
 from guidekit.branch import COND, MAIN, UNCOND
+from guidekit.compiled import call_slot, current_call, forward_class
 from guidekit.expr import Expr
 from guidekit.plan import CallRecord, Plan, RowLayout
 from guidekit.runner import check_models
@@ -242,10 +243,11 @@ class GuidedPipeline:
         self.around_call = around_call
         self.calls: list[CallRecord] = []
         self.runs = 0
-        self._orig: Callable[..., Any] = denoiser.forward
+        # the compiled callable when the denoiser is compiled (see guidekit.compiled)
+        self._orig: Callable[..., Any] = current_call(denoiser)
         # Arguments are named by the class's forward: an instance-level forward (an
         # offloading hook, say) may take just *args, **kwargs.
-        params = list(inspect.signature(type(denoiser).forward).parameters.values())
+        params = list(inspect.signature(forward_class(denoiser).forward).parameters.values())
         self._signature = inspect.Signature(params[1:])
         self._state: Any = None
         self._splitter: Any = None
@@ -563,7 +565,7 @@ def guided(
     class-label embedding of DiT-style transformers (see :mod:`._diffusers_cads`).
     """
     module = denoiser if denoiser is not None else _denoiser_of(pipe)
-    if isinstance(module.__dict__.get("forward"), _GuidedForward):
+    if isinstance(module.__dict__.get(call_slot(module)), _GuidedForward):
         raise GuidanceValueError("this denoiser is already inside guided(...); nesting is not supported")
     if isinstance(layout, str):
         layout = Layout(layout)
@@ -605,7 +607,7 @@ def guided(
         if cads is not None:
             undo.callback(cads.remove)
             cads.install()
-        undo.callback(_swap(module, "forward", _GuidedForward(run)))
+        undo.callback(_swap(module, call_slot(module), _GuidedForward(run)))
         if callable(getattr(pipe, "prepare_latents", None)):
             undo.callback(_swap(pipe, "prepare_latents", run._prepare_latents(pipe.prepare_latents)))
         if layout.order == "sequential" and callable(getattr(pipe, "encode_prompt", None)):

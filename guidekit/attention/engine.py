@@ -86,6 +86,7 @@ from guidekit.attention.modifiers import ModifierHooks
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
 from guidekit.attention.seg import InputSize
 from guidekit.branch import COND, MAIN
+from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
 
@@ -723,7 +724,8 @@ def install(
 
     Args:
         model: the network whose attention is perturbed (DiT / PixArt transformer, UNet, or a
-            plain ``nn.Module``), not a wrapper function around it.
+            plain ``nn.Module``), not a wrapper function around it. A compiled model
+            (``torch.compile(m)``) is hooked on its original module ``m`` (``_orig_mod``).
         plan: the compiled plan to sample with; its perturbed branches name the layers.
         model_name: the plan's name for this model (``"main"``).
         attention_class: for a plain module, the class (or classes) of its attention
@@ -737,5 +739,6 @@ def install(
         Layer errors are raised here, before anything is changed.
     """
     return AttentionEngine(
-        model, plan, model_name=model_name, attention_class=attention_class, grid=grid
+        original_module(model), plan, model_name=model_name,
+        attention_class=attention_class, grid=grid,
     )
