@@ -4,14 +4,14 @@ The adapters (:mod:`guidekit.adapters.kdiffusion`, :mod:`guidekit.adapters.flow`
 translate a library's calling convention and prediction space; everything else -- which
 branches run, the batched calls, the combine, post-processors and their state -- is
 ``Plan.step``. This module holds what they share: turning the ``guidance`` argument into a
-plan, merging conditionings given at construction with those a sampler passes per call, and
-keeping the run's :class:`~guidekit.State` (with the roll-back that adaptive solvers need),
-and the inspection members every adapter object has (:class:`SamplerAdapter`).
+plan, merging conditionings given at construction with those a sampler passes per call
+(:class:`SamplerRun`, a :class:`guidekit.run.Run` that owns the state, its reset and the
+step recognition, with the roll-back that adaptive solvers need), and the inspection
+members every adapter object has (:class:`SamplerAdapter`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +21,8 @@ import guidekit
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import CallRecord, Plan
+from guidekit.run import Run
+from guidekit.run import level_of as level_of  # re-exported: the adapters read levels with it
 from guidekit.runner import check_conditionings, check_models
 from guidekit.state import State
 
@@ -56,30 +58,9 @@ def as_plan(
     return guidekit.compile(guidance, prediction=prediction, noise=noise, max_rows=max_rows)
 
 
-def _close(a: float, b: float) -> bool:
-    # the tolerance guidekit.state uses to recognise a noise level of the schedule
-    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
-
-
-def level_of(sigma: Any) -> float:
-    """The noise level of a call as a float (the first entry of a ``[B]`` tensor)."""
-    if isinstance(sigma, torch.Tensor):
-        values = sigma.detach().flatten().tolist()
-        if not values:
-            raise GuidanceValueError("sigma is an empty tensor")
-        if any(v != values[0] for v in values):
-            raise GuidanceValueError(
-                f"the noise level / time holds different values {values[:4]}...: guidekit "
-                f"needs one level per call (every sample at the same step)"
-            )
-        return float(values[0])
-    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
-        return float(sigma)
-    raise GuidanceTypeError(f"sigma must be a number or a tensor, got {sigma!r}")
-
-
-class SamplerRun:
-    """One sampling run's state, conditionings and call log around ``plan.step``.
+class SamplerRun(Run):
+    """A :class:`~guidekit.run.Run` (``on_rise="retreat"``) with the sampler adapters'
+    conditionings.
 
     ``conds`` are the conditionings given at construction (name -> dict of tensors, or a
     bare tensor meaning ``{cond_key: tensor}``); a sampler's per-call extra arguments named
@@ -87,12 +68,10 @@ class SamplerRun:
     (see :mod:`guidekit.state`). ``around_call`` (from :func:`guidekit.attention.install`) is
     handed to ``plan.step``, so attention-space terms (PAG, ...) run through the adapters.
 
-    Without a schedule every evaluation at a new, lower noise level is a step, and an
-    evaluation at a level *above* the current one is taken as the solver retreating (an
-    adaptive solver rejected a trial step): the steps evaluated below that level are undone,
-    i.e. the state returns to what it was before the first of them, and the call is a new
-    step from there. A level above the run's first level still raises (a new run needs
-    ``reset()``). With a schedule guidekit's own rules apply unchanged.
+    Without a schedule every evaluation at a new, lower noise level is a step, and one at a
+    level *above* the current one is an adaptive solver retreating (it rejected a trial
+    step): the steps evaluated below that level are undone (see :mod:`guidekit.run`). With a
+    schedule guidekit's own rules apply unchanged.
     """
 
     def __init__(
@@ -107,17 +86,14 @@ class SamplerRun:
         adapter: str,
         around_call: Any = None,
     ) -> None:
-        self.plan = plan
-        self.around_call = around_call
         self.models = dict(models)
         self.cond_key = cond_key
         self.adapter = adapter
         check_models(plan, self.models, where=f"{adapter}: ")
         self.conds = {n: self._as_dict(n, v) for n, v in conds.items() if v is not None}
-        self._sigmas = sigmas
-        self._seed = seed
-        self.calls: list[CallRecord] = []
-        self.reset()
+        super().__init__(
+            plan, sigmas=sigmas, seed=seed, around_call=around_call, on_rise="retreat"
+        )
 
     # -- conditionings ------------------------------------------------------------------------
     def _as_dict(self, name: str, value: Any) -> Mapping[str, Any]:
@@ -151,55 +127,12 @@ class SamplerRun:
         )
         return named
 
-    # -- state ----------------------------------------------------------------------------------
-    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
-        """Start a new run: fresh state, an empty call log and a fresh row splitter."""
-        if seed is not None:
-            self._seed = seed
-        if sigmas is not ...:
-            self._sigmas = sigmas
-        self.state: State = self.plan.init(self._seed, self._sigmas)
-        self.splitter = self.plan.splitter()
-        self.calls = []
-        # (level, state before the call that started that step), for roll-back
-        self._history: list[tuple[float, State]] = []
-
-    @property
-    def steps(self) -> int:
-        """Steps of this run so far (see the class docstring for what a step is)."""
-        return self.state.steps
-
-    def _roll_back(self, s: float) -> None:
-        state = self.state
-        if state.schedule is not None or state.level_sigma is None:
-            return
-        if s <= state.level_sigma or _close(s, state.level_sigma):
-            return
-        for k, (level, before) in enumerate(self._history):
-            if level < s or _close(level, s):
-                if k == 0 and not _close(level, s):
-                    return  # above the run's first level: a new run; plan.step says so
-                self.state = before
-                del self._history[k:]
-                return
-
     def __call__(
         self, x: torch.Tensor, sigma: Any, extras: Mapping[str, Any], output: str
     ) -> torch.Tensor:
         """One guided prediction at ``(x, sigma)`` in ``output`` space."""
         conds = self.conditionings(extras)
-        s = level_of(sigma)
-        self._roll_back(s)
-        before = self.state
-        y, self.state = self.plan.step(
-            before, x, sigma, conds, self.models,
-            splitter=self.splitter, on_call=self.calls.append, output=output,
-            around_call=self.around_call,
-        )
-        if self.state.level > before.level:
-            self._history.append((s, before))
-        return y
-
+        return self.step(x, sigma, conds, self.models, output=output)
 
 
 class SamplerAdapter:

@@ -25,7 +25,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Entry, Expr, atom_branches, fmt_number
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import FixedSplit, Splitter, calls_for, make_splitter, now, sync
-from guidekit.state import ForwardState, State, new_state
+from guidekit.state import ForwardState, State, level_of, new_state
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -410,19 +410,7 @@ class Plan:
                     f"sigma has shape {list(sigma.shape)}; it must be a number, a 0-d tensor or a "
                     f"[B] tensor with B = x.shape[0] = {batch}"
                 )
-            values = sigma.detach().flatten().tolist()
-            if not values:
-                raise GuidanceValueError("sigma is an empty tensor")
-            if any(v != values[0] for v in values):
-                raise GuidanceValueError(
-                    f"sigma holds different noise levels {values[:4]}...: guidekit needs one noise "
-                    f"level per call (every sample at the same step); call once per level"
-                )
-            s = float(values[0])
-        elif isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
-            s = float(sigma)
-        else:
-            raise GuidanceTypeError(f"sigma must be a number or a tensor, got {sigma!r}")
+        s = level_of(sigma)
         self.noise.check_sigma(s)
         return s
 

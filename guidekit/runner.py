@@ -9,8 +9,8 @@ import torch
 
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceValueError
-from guidekit.plan import CallRecord, ModelFn, Plan
-from guidekit.state import State
+from guidekit.plan import ModelFn, Plan
+from guidekit.run import Run
 
 
 def check_models(
@@ -48,13 +48,15 @@ def check_conditionings(
         )
 
 
-class Guided:
-    """Owns one run's state around a :class:`Plan`: call it like a denoiser.
+class Guided(Run):
+    """A :class:`~guidekit.run.Run` bound to its models and conditionings: call it like a
+    denoiser.
 
     ``guided(x, sigma)`` runs every forward group of the active branches (one model call
     each, unless a row budget splits it), combines the rows and returns the guided
     prediction in ``output`` space (default: the model's own). ``calls`` records every model
-    call; ``reset()`` starts a new run with fresh state.
+    call; ``reset()`` starts a new run with fresh state (state, splitter and step
+    recognition are the :class:`~guidekit.run.Run`'s).
     """
 
     def __init__(
@@ -71,7 +73,6 @@ class Guided:
         output: str | None = None,
         around_call: Any = None,
     ) -> None:
-        self.plan = plan
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
@@ -79,36 +80,12 @@ class Guided:
         named.update(conds or {})
         self.conds = named
         self.output = output
-        self.around_call = around_call
         check_models(plan, self.models)
         check_conditionings(plan, named)
-        self._sigmas = sigmas
-        self._seed = seed
-        self.calls: list[CallRecord] = []
-        self.reset()
-
-    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
-        """Start a new run: fresh state (and a fresh auto-split timing table)."""
-        if seed is not None:
-            self._seed = seed
-        if sigmas is not ...:
-            self._sigmas = sigmas
-        self.state: State = self.plan.init(self._seed, self._sigmas)
-        self.splitter = self.plan.splitter()
-        self.calls = []
+        super().__init__(plan, sigmas=sigmas, seed=seed, around_call=around_call)
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
-        y, self.state = self.plan.step(
-            self.state, x, sigma, self.conds, self.models,
-            splitter=self.splitter, on_call=self.calls.append, output=self.output,
-            around_call=self.around_call,
-        )
-        return y
-
-    @property
-    def steps(self) -> int:
-        """Sampler steps seen in this run."""
-        return self.state.steps
+        return self.step(x, sigma, self.conds, self.models, output=self.output)
 
 
 def guide(

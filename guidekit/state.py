@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
+import torch
 
-from guidekit.errors import GuidanceValueError
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 
 class CallKind(enum.Enum):
@@ -39,6 +40,24 @@ class CallKind(enum.Enum):
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+
+
+def level_of(sigma: Any, what: str = "sigma") -> float:
+    """A call's one noise level: a number, or the common value of a tensor's entries."""
+    if isinstance(sigma, torch.Tensor):
+        values = sigma.detach().flatten().tolist()
+        if not values:
+            raise GuidanceValueError(f"{what} is an empty tensor")
+        if any(v != values[0] for v in values):
+            raise GuidanceValueError(
+                f"{what} holds different values {values[:4]}... (different noise levels in one "
+                f"call): guidekit needs one noise level per call (every sample at the same "
+                f"step); call once per level"
+            )
+        return float(values[0])
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        return float(sigma)
+    raise GuidanceTypeError(f"{what} must be a number or a tensor, got {sigma!r}")
 
 
 @attrs.frozen(eq=False)

@@ -1,0 +1,181 @@
+"""The one owner of a sampling run's state: :class:`Run`.
+
+Every way of sampling with guidekit -- :func:`guidekit.guide`, the k-diffusion and flow
+adapters -- holds one :class:`Run` around its compiled :class:`~guidekit.Plan`. The run owns:
+
+* the :class:`~guidekit.State` (APG momentum, CADS's step, EMAG's averages) and its reset
+  (``reset(seed, sigmas)``: fresh state, an empty call log; ``start(sigmas)``: fresh state,
+  the call log kept, ``runs`` counted -- for callers that see many runs, such as a pipeline
+  called repeatedly inside one ``with`` block);
+* the row splitter (one per run: ``max_rows="auto"``'s timing table);
+* the call log (``calls``: one :class:`~guidekit.plan.CallRecord` per model call);
+* step recognition. How a call's noise level relates to the step is the state's rule
+  (:mod:`guidekit.state`: a new lower level is a step, the same level again recomputes it
+  -- Heun, a level off the schedule reads it -- DPM-2's midpoints, Euler's churn); what a
+  level *above* the current step means is the caller's, ``on_rise``:
+
+  - ``"raise"``: a new run on old state, an error (call ``reset()``);
+  - ``"retreat"``: without a schedule, an adaptive solver that rejected a trial step and
+    evaluates again at its start: the steps evaluated below that level are undone (the
+    state returns to what it was before the first of them); a level above the run's first
+    one still raises;
+  - ``"restart"``: a new run starts by itself (``start()`` with the run's ``sigmas``), as a
+    pipeline that is simply called again does.
+
+Nothing here knows a library: an adapter translates its calling convention and calls
+:meth:`Run.step` with guidekit's ``(x, sigma, conds, models)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from guidekit.errors import GuidanceValueError
+from guidekit.plan import CallRecord, ModelFn, Plan
+from guidekit.state import State
+from guidekit.state import level_of as state_level_of
+
+OnRise = Literal["raise", "retreat", "restart"]
+_ON_RISE = ("raise", "retreat", "restart")
+
+
+def close(a: float, b: float) -> bool:
+    """The tolerance :mod:`guidekit.state` uses to recognise a noise level of the schedule."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-9)
+
+
+def level_of(sigma: Any) -> float:
+    """The noise level of a call as a float (the first entry of a ``[B]`` tensor)."""
+    return state_level_of(sigma, what="the noise level / time")
+
+
+class Run:
+    """One sampling run around ``plan``: state, splitter, call log and step recognition.
+
+    ``sigmas`` is the sampler's schedule (see :mod:`guidekit.state`; ``None``: every new
+    lower level is a step), ``seed`` seeds CADS, ``around_call`` (from
+    :func:`guidekit.attention.install`) is handed to every ``plan.step``, ``on_rise`` says
+    what a level above the current step means (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        seed: int = 0,
+        around_call: Any = None,
+        on_rise: OnRise = "raise",
+    ) -> None:
+        if on_rise not in _ON_RISE:
+            raise GuidanceValueError(
+                f"Run(on_rise={on_rise!r}): use one of {', '.join(map(repr, _ON_RISE))}"
+            )
+        self.plan = plan
+        self.around_call = around_call
+        self.on_rise: OnRise = on_rise
+        self.runs = 0
+        self._sigmas = sigmas
+        self._seed = seed
+        self.calls: list[CallRecord] = []
+        self.reset()
+
+    # -- starting runs --------------------------------------------------------------------------
+    def start(self, sigmas: Any = ..., seed: int | None = None) -> None:
+        """Start a new run, keeping the call log: fresh state and a fresh row splitter."""
+        if seed is not None:
+            self._seed = seed
+        if sigmas is not ...:
+            self._sigmas = sigmas
+        self.state: State = self.plan.init(self._seed, self._sigmas)
+        self.splitter = self.plan.splitter()
+        self.last_sigma: float | None = None  # the level of the last call, midpoints included
+        # (level, state before the call that started that step), for "retreat"
+        self._history: list[tuple[float, State]] = []
+        self.runs += 1
+
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        """Start a new run with an empty call log (optionally a new seed / schedule)."""
+        self.start(sigmas, seed)
+        self.calls = []
+
+    @property
+    def steps(self) -> int:
+        """Steps of this run so far."""
+        return self.state.steps
+
+    @property
+    def seed(self) -> int:
+        """The seed of the current run (CADS's noise)."""
+        return self._seed
+
+    # -- step recognition -----------------------------------------------------------------------
+    def rose(self, sigma: float) -> bool:
+        """True when ``sigma`` lies above the last call's level (a new run or a retreat)."""
+        last = self.last_sigma
+        return last is not None and sigma > last * (1 + 1e-6) + 1e-12
+
+    def _retreat(self, s: float) -> None:
+        state = self.state
+        if state.schedule is not None or state.level_sigma is None:
+            return
+        if s <= state.level_sigma or close(s, state.level_sigma):
+            return
+        for k, (level, before) in enumerate(self._history):
+            if level < s or close(level, s):
+                if k == 0 and not close(level, s):
+                    return  # above the run's first level: a new run; plan.step says so
+                self.state = before
+                del self._history[k:]
+                return
+
+    def _recognise(self, s: float) -> None:
+        if self.on_rise == "retreat":
+            self._retreat(s)
+        elif self.on_rise == "restart" and self.rose(s):
+            self.start()
+
+    # -- one call -------------------------------------------------------------------------------
+    def step(
+        self,
+        x: torch.Tensor,
+        sigma: Any,
+        conds: Mapping[str, Mapping[str, Any]],
+        models: Mapping[str, ModelFn],
+        *,
+        output: str | None = None,
+        around_call: Any = ...,
+        level: float | None = None,
+    ) -> torch.Tensor:
+        """One guided prediction at ``(x, sigma)`` in ``output`` space; advances the state.
+
+        ``level`` is ``sigma`` as a float when the caller already has it; ``around_call``
+        overrides the run's for this call.
+        """
+        # with on_rise="raise" plan.step reads and checks sigma itself, so errors stay its own
+        s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
+        if s is not None:
+            self._recognise(s)
+        before = self.state
+        y, self.state = self.plan.step(
+            before, x, sigma, conds, models,
+            splitter=self.splitter, on_call=self.calls.append, output=output,
+            around_call=self.around_call if around_call is ... else around_call,
+        )
+        if s is None:
+            s = level_of(sigma)
+        self.last_sigma = s
+        if self.state.level > before.level:
+            self._history.append((s, before))
+        return y
+
+    def record(self) -> Callable[[CallRecord], None]:
+        """The ``on_call`` that appends to this run's call log (for callers of ``plan.step``)."""
+        return self.calls.append
+
+
+__all__ = ["OnRise", "Run", "close", "level_of"]
