@@ -30,8 +30,9 @@ How a layer is hooked (chosen per module, documented protocol):
   therefore do not reach perturbed rows (their linear layers, LoRA included, do). If the
   original processor is an ``nn.Module`` the wrapper is one too and takes its slot, so module
   order and ``state_dict`` keys are unchanged after exit (during the run the original's
-  parameters appear under ``processor.original``). Do not change processors while installed:
-  exit restores the ones found on entry.
+  parameters appear under ``processor.original``). Processors are read on ENTRY (``with``),
+  not by ``install()``: exit restores what the model held when the run began. Do not change
+  processors while installed.
 * **plain PyTorch modules** (named by path, or listed by ``attention_class``): the module's
   ``forward`` is wrapped (an instance attribute, deleted again on exit). While it runs,
   every call of ``torch.nn.functional.scaled_dot_product_attention`` it makes -- directly or
@@ -45,7 +46,11 @@ How a layer is hooked (chosen per module, documented protocol):
 Layers are resolved when the engine is built (before anything is hooked): unknown or
 out-of-range layers, cross-attention layers, joint text-image attention and overlapping
 layers raise :class:`~guidekit.errors.GuidanceValueError` and leave the model untouched. One
-engine serves one sampling run at a time.
+engine serves one sampling run at a time, and one engine holds a layer at a time: entering a
+second engine on a layer another one holds raises (nothing of the second is installed).
+``install(torch.compile(model), plan)`` hooks the compiled wrapper's ``_orig_mod``. A
+``copy.deepcopy`` or ``torch.save`` of the model during a run holds the ORIGINAL processors
+and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from guidekit.attention.hooks import (
     ProcessorWrapper,
     SdpaCall,
     check_rows,
+    compiled_original,
     intercepting_forward,
     restore_all,
     take,
@@ -370,6 +376,7 @@ class AttentionEngine:
                 f"install(model, plan) takes a compiled plan (guidekit.compile(...)), got "
                 f"{type(plan).__name__}"
             )
+        model = compiled_original(model)
         self.model = model
         self.plan = plan
         self.model_name = model_name
@@ -473,12 +480,7 @@ class AttentionEngine:
         if attention_cls is not None and isinstance(module, attention_cls):
             if getattr(module, "to_out", None) is None:
                 raise GuidanceValueError(f"layer {path!r} has no output projection (to_out)")
-            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
-            if isinstance(current, _RowAware):
-                raise GuidanceValueError(
-                    f"layer {path!r} is already hooked by another guidekit attention engine"
-                )
-            return LayerHook(path, module, "processor", current)
+            return LayerHook.processor(path, module)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the engine "
@@ -488,14 +490,17 @@ class AttentionEngine:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            row_aware = (RowAwareModuleProcessor if isinstance(hook.original, torch.nn.Module)
-                         else RowAwareProcessor)
-            hook.install(row_aware(self, hook.path, hook.original))
+            def row_aware(original: Any) -> ProcessorWrapper:
+                cls = (RowAwareModuleProcessor if isinstance(original, torch.nn.Module)
+                       else RowAwareProcessor)
+                return cls(self, hook.path, original)
+
+            hook.install(row_aware)
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook),
                 "its perturbed rows would equal the unperturbed ones",
-            ))
+            ), self)
 
     def _open_frame(self, hook: LayerHook) -> _Frame | None:
         """The frame of one call of a hooked plain module (``None``: not routed now)."""

@@ -434,12 +434,7 @@ class ModifierHooks:
                     f"layer {path!r} is a self-attention layer; NAG needs cross-attention "
                     f"(the negative prompt replaces the context)"
                 )
-            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
-            if isinstance(current, _ModifierBody) or type(current).__name__.startswith("RowAware"):
-                raise GuidanceValueError(
-                    f"layer {path!r} is already hooked by another guidekit attention engine"
-                )
-            return LayerHook(path, module, "processor", current)
+            return LayerHook.processor(path, module)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the "
@@ -458,13 +453,16 @@ class ModifierHooks:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            modifier = (ModifierModuleProcessor if isinstance(hook.original, torch.nn.Module)
-                        else ModifierProcessor)
-            hook.install(modifier(self, hook.path, hook.original))
+            def modifier(original: Any) -> ProcessorWrapper:
+                cls = (ModifierModuleProcessor if isinstance(original, torch.nn.Module)
+                       else ModifierProcessor)
+                return cls(self, hook.path, original)
+
+            hook.install(modifier)
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook), "its attention modifiers would do nothing"
-            ))
+            ), self)
 
     def _open_frame(self, hook: LayerHook) -> _Frame | None:
         """The frame of one call of a hooked plain module (``None``: not modified now)."""
