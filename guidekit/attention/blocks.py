@@ -60,6 +60,7 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
+from guidekit.attention.hooks import LayerHook
 from guidekit.attention.layers import LayerTable, check_disjoint, is_cross_attention, resolve_layers
 from guidekit.attention.ops import (
     AttentionPerturbation,
@@ -242,40 +243,6 @@ def _zero(out: Any, runs: tuple[tuple[int, int, bool], ...], rows: int, what: st
 # -- the hooks ---------------------------------------------------------------------------------
 
 
-@attrs.define(eq=False)
-class _ForwardHook:
-    """One replaced ``forward`` and what restores it."""
-
-    path: str
-    module: torch.nn.Module
-    make: Callable[[Any], Callable[..., Any]]
-    original: Any = None
-    had_forward: bool = False
-    installed: bool = False
-
-    def install(self) -> None:
-        current = self.module.forward
-        if getattr(current, "_guidekit_block", False):
-            raise GuidanceValueError(
-                f"{self.path!r} is already hooked by another guidekit SLG engine"
-            )
-        self.had_forward = "forward" in self.module.__dict__
-        self.original = self.module.__dict__.get("forward")
-        wrapper = self.make(current)
-        wrapper._guidekit_block = True  # type: ignore[attr-defined]
-        self.module.forward = wrapper  # type: ignore[method-assign]
-        self.installed = True
-
-    def restore(self) -> None:
-        if not self.installed:
-            return
-        self.installed = False
-        if self.had_forward:
-            self.module.forward = self.original  # type: ignore[method-assign]
-        else:
-            self.module.__dict__.pop("forward", None)
-
-
 class BlockSkipper:
     """Resolves SLG's blocks and hooks them while the attention engine is installed.
 
@@ -302,7 +269,7 @@ class BlockSkipper:
             self.paths: tuple[str, ...] = ()
             self.kinds: dict[str, set[str]] = {}
             self.attention: dict[str, tuple[str, ...]] = {}
-            self._hooks: list[_ForwardHook] = []
+            self._hooks: list[LayerHook] = []
             return
         self.table = block_table(model)
         for p in self.perturbations:
@@ -353,27 +320,26 @@ class BlockSkipper:
         """Hook the blocks; ``hooked`` are the attention paths the engine hooks (a block
         holding one runs on all rows). Atomic: on error nothing stays hooked."""
         inner = set(hooked) | {a for ps in self.attention.values() for a in ps}
-        hooks: list[_ForwardHook] = []
+        hooks: list[tuple[LayerHook, Callable[[Any], Callable[..., Any]]]] = []
         for path in self.paths:
             module = self.model.get_submodule(path)
             if "block" in self.kinds[path]:
                 full = any(h.startswith(path + ".") for h in inner)
-                hooks.append(_ForwardHook(path, module, self._block_forward(path, module, full)))
+                hooks.append((LayerHook.forward(path, module),
+                              self._block_forward(path, module, full)))
             for attn_path in self.attention.get(path, ()):
-                hooks.append(_ForwardHook(
-                    attn_path, self.model.get_submodule(attn_path),
-                    self._attention_forward(path, attn_path),
-                ))
-        done: list[_ForwardHook] = []
+                hooks.append((LayerHook.forward(attn_path, self.model.get_submodule(attn_path)),
+                              self._attention_forward(path, attn_path)))
+        done: list[LayerHook] = []
         try:
-            for hook in hooks:
-                hook.install()
+            for hook, make in hooks:
+                hook.install(make, self)
                 done.append(hook)
         except BaseException:
             for hook in reversed(done):
                 hook.restore()
             raise
-        self._hooks = hooks
+        self._hooks = done
 
     def restore(self) -> None:
         errors: list[BaseException] = []

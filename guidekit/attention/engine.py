@@ -30,8 +30,9 @@ How a layer is hooked (chosen per module, documented protocol):
   therefore do not reach perturbed rows (their linear layers, LoRA included, do). If the
   original processor is an ``nn.Module`` the wrapper is one too and takes its slot, so module
   order and ``state_dict`` keys are unchanged after exit (during the run the original's
-  parameters appear under ``processor.original``). Do not change processors while installed:
-  exit restores the ones found on entry.
+  parameters appear under ``processor.original``). Processors are read on ENTRY (``with``),
+  not by ``install()``: exit restores what the model held when the run began. Do not change
+  processors while installed.
 * **plain PyTorch modules** (named by path, or listed by ``attention_class``): the module's
   ``forward`` is wrapped (an instance attribute, deleted again on exit). While it runs,
   every call of ``torch.nn.functional.scaled_dot_product_attention`` it makes -- directly or
@@ -45,7 +46,11 @@ How a layer is hooked (chosen per module, documented protocol):
 Layers are resolved when the engine is built (before anything is hooked): unknown or
 out-of-range layers, cross-attention layers, joint text-image attention and overlapping
 layers raise :class:`~guidekit.errors.GuidanceValueError` and leave the model untouched. One
-engine serves one sampling run at a time.
+engine serves one sampling run at a time, and one engine holds a layer at a time: entering a
+second engine on a layer another one holds raises (nothing of the second is installed).
+``install(torch.compile(model), plan)`` hooks the compiled wrapper's ``_orig_mod``. A
+``copy.deepcopy`` or ``torch.save`` of the model during a run holds the ORIGINAL processors
+and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
 """
 
 from __future__ import annotations
@@ -56,7 +61,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
@@ -66,6 +70,7 @@ from guidekit.attention.hooks import (
     ProcessorWrapper,
     SdpaCall,
     check_rows,
+    compiled_original,
     intercepting_forward,
     restore_all,
     take,
@@ -82,8 +87,11 @@ from guidekit.attention.layers import (
     layer_table,
     resolve_layers,
 )
+from guidekit.attention.maths import perturbed_joint_attention, perturbed_self_attention
 from guidekit.attention.modifiers import ModifierHooks
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
+from guidekit.attention.route import add_block, plain_ranges
+from guidekit.attention.route import assemble as assemble_rows
 from guidekit.attention.seg import InputSize
 from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
@@ -114,7 +122,7 @@ class Route:
 
     @plain.default
     def _plain(self) -> tuple[tuple[int, int], ...]:
-        return tuple((a, b) for a, b, op in self.segments if op is None)
+        return plain_ranges(self.segments)
 
     def sample(self, row: int) -> int:
         """Index in the sampler's batch of the call's row ``row``."""
@@ -131,141 +139,7 @@ def assemble(
     perturbed: Callable[[AttentionPerturbation, int, int], LayerOutput],
 ) -> LayerOutput:
     """Run the plain rows in one call and each perturbed segment on its own; rows in order."""
-    ranges = route.plain
-    plain_out = plain(ranges) if ranges else None
-    pieces: list[Any] = []
-    offset = 0
-    for a, b, op in route.segments:
-        if op is None:
-            assert plain_out is not None
-            pieces.append(_rows(plain_out, offset, offset + b - a))
-            offset += b - a
-        else:
-            pieces.append(perturbed(op, a, b))
-    if len(pieces) == 1:
-        return pieces[0]
-    if isinstance(pieces[0], tuple):  # joint attention: (image stream, text stream)
-        return tuple(torch.cat(parts) for parts in zip(*pieces))
-    return torch.cat(pieces)
-
-
-def _rows(out: Any, a: int, b: int) -> Any:
-    return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
-
-
-# -- diffusers Attention: perturbed rows computed with the module's own layers ----------------
-
-
-def perturbed_self_attention(
-    attn: Any,
-    hidden_states: torch.Tensor,
-    op: AttentionPerturbation,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    temb: torch.Tensor | None = None,
-    attend_kwargs: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """Self-attention of a diffusers ``Attention`` module with ``op`` as the attention core.
-
-    Follows the module's own structure (as ``AttnProcessor2_0`` applies it): spatial norm,
-    4-D input flattened to tokens, group norm, projections, q/k norms, then ``op``, the
-    output projection and dropout, the residual connection and ``rescale_output_factor``.
-    """
-    residual = hidden_states
-    h = hidden_states
-    if attn.spatial_norm is not None:
-        h = attn.spatial_norm(h, temb)
-    image_shape = None
-    if h.ndim == 4:
-        image_shape = h.shape
-        b, ch, height, width = h.shape
-        h = h.view(b, ch, height * width).transpose(1, 2)
-    b, n, _ = h.shape
-    if attn.group_norm is not None:
-        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-    heads = attn.heads
-    value = attn.to_v(h)
-    head_dim = value.shape[-1] // heads
-    value = value.view(b, -1, heads, head_dim).transpose(1, 2)
-    query = key = mask = None
-    if op.needs_qk:
-        query = attn.to_q(h).view(b, -1, heads, head_dim).transpose(1, 2)
-        key = attn.to_k(h).view(b, -1, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, n, b)
-            mask = mask.view(b, heads, -1, mask.shape[-1])
-    extra = dict(attend_kwargs or {})
-    if getattr(op, "stateful", False):
-        extra.setdefault("scale", attn.scale)
-    out = op.attend(query, key, value, mask=mask, **extra)
-    out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(value.dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    if image_shape is not None:
-        out = out.transpose(-1, -2).reshape(image_shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
-
-
-def perturbed_joint_attention(
-    attn: Any,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None,
-    op: AttentionPerturbation,
-    *,
-    attend_kwargs: dict[str, Any] | None = None,
-) -> Any:
-    """Joint text-image attention (SD3's ``JointAttnProcessor2_0`` structure) with ``op``
-    applied to the IMAGE queries only.
-
-    Queries, keys and values of both streams are projected with the module's own layers
-    (q/k norms and the added text projections included) and joined image first, text
-    second. The image queries go through ``op`` over the joint keys (``image=(0, n)`` tells
-    it where the image keys are); the text queries attend over the joint keys unchanged,
-    so the text stream is never perturbed by accident. Returns ``(image, text)`` outputs as
-    the processor does (``image`` alone without text).
-    """
-    b, n, _ = hidden_states.shape
-    heads = attn.heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
-
-    query, key, value = (split(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    text_query = None
-    if encoder_hidden_states is not None:
-        tq, tk, tv = (
-            split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if getattr(attn, "norm_added_q", None) is not None:
-            tq = attn.norm_added_q(tq)
-        if getattr(attn, "norm_added_k", None) is not None:
-            tk = attn.norm_added_k(tk)
-        text_query = tq
-        key = torch.cat([key, tk], dim=2)
-        value = torch.cat([value, tv], dim=2)
-    extra = dict(attend_kwargs or {})
-    if getattr(op, "stateful", False):
-        extra.setdefault("scale", attn.scale)
-    image = op.attend(query, key, value, mask=None, image=(0, n), **extra)
-    image = image.transpose(1, 2).reshape(b, -1, image.shape[1] * image.shape[-1]).to(query.dtype)
-    image = attn.to_out[1](attn.to_out[0](image))
-    if text_query is None:
-        return image
-    text = F.scaled_dot_product_attention(text_query, key, value)
-    text = text.transpose(1, 2).reshape(b, -1, text.shape[1] * text.shape[-1]).to(query.dtype)
-    if not attn.context_pre_only:
-        text = attn.to_add_out(text)
-    return image, text
+    return assemble_rows(route.segments, plain, perturbed)  # type: ignore[no-any-return]
 
 
 class _RowAware(ProcessorWrapper):
@@ -371,6 +245,7 @@ class AttentionEngine:
                 f"install(model, plan) takes a compiled plan (guidekit.compile(...)), got "
                 f"{type(plan).__name__}"
             )
+        model = compiled_original(model)
         self.model = model
         self.plan = plan
         self.model_name = model_name
@@ -474,12 +349,7 @@ class AttentionEngine:
         if attention_cls is not None and isinstance(module, attention_cls):
             if getattr(module, "to_out", None) is None:
                 raise GuidanceValueError(f"layer {path!r} has no output projection (to_out)")
-            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
-            if isinstance(current, _RowAware):
-                raise GuidanceValueError(
-                    f"layer {path!r} is already hooked by another guidekit attention engine"
-                )
-            return LayerHook(path, module, "processor", current)
+            return LayerHook.processor(path, module)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the engine "
@@ -489,14 +359,17 @@ class AttentionEngine:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            row_aware = (RowAwareModuleProcessor if isinstance(hook.original, torch.nn.Module)
-                         else RowAwareProcessor)
-            hook.install(row_aware(self, hook.path, hook.original))
+            def row_aware(original: Any) -> ProcessorWrapper:
+                cls = (RowAwareModuleProcessor if isinstance(original, torch.nn.Module)
+                       else RowAwareProcessor)
+                return cls(self, hook.path, original)
+
+            hook.install(row_aware)
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook),
                 "its perturbed rows would equal the unperturbed ones",
-            ))
+            ), self)
 
     def _open_frame(self, hook: LayerHook) -> _Frame | None:
         """The frame of one call of a hooked plain module (``None``: not routed now)."""
@@ -631,10 +504,7 @@ class AttentionEngine:
                     mine = tuple(w for w in watchers if getattr(w, "source", COND) == branch.cond)
                     if mine:
                         op = Observe(mine)
-                if segments and segments[-1][2] == op and segments[-1][1] == start:
-                    segments[-1] = (segments[-1][0], stop, op)
-                else:
-                    segments.append((start, stop, op))
+                add_block(segments, start, stop, op)
             if any(op is not None for _, _, op in segments):
                 routes[path] = Route(layout.rows, tuple(segments), layout.offset, layout.batch)
         return routes

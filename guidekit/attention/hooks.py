@@ -60,11 +60,25 @@ def check_rows(path: str, got: int, rows: int, what: str) -> None:
         )
 
 
+def compiled_original(model: Any) -> Any:
+    """The module a ``torch.compile(model)`` wrapper compiles (its ``_orig_mod``): the layers
+    to hook live there, and the compiled wrapper calls them, hooks included."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module):
+        return inner
+    return model
+
+
 def _signature_of(fn: Any) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)
     except (TypeError, ValueError):
         return None
+
+
+def _unwrapped(original: Any) -> Any:
+    """What a copied or pickled guidekit wrapper becomes: the object it wraps."""
+    return original
 
 
 class ProcessorWrapper:
@@ -74,6 +88,10 @@ class ProcessorWrapper:
     keeps the original processor and makes the instance advertise the original's signature.
     A subclass that is also an ``nn.Module`` (for an original that is one) keeps the
     original as a child, so its parameters still move with ``.to()``.
+
+    ``copy.deepcopy`` and pickling (``torch.save(model)``) of a model during a run see the
+    ORIGINAL processor: the copy is the user's model, not one hooked forever by an engine
+    that will never restore it.
     """
 
     path: str
@@ -94,6 +112,35 @@ class ProcessorWrapper:
         if sig is not None:
             call.__signature__ = sig  # type: ignore[attr-defined]
         self.__dict__["__call__"] = call
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (_unwrapped, (self.original,))
+
+
+class ReplacedForward:
+    """A hooked module's instance ``forward``: calls ``fn``; ``owner`` is the engine part
+    that installed it. Copies and pickles of the module get ``original`` (the ``forward``
+    found at install, bound to the copy) instead, as :class:`ProcessorWrapper` does."""
+
+    def __init__(self, fn: Callable[..., Any], original: Any, owner: Any) -> None:
+        self.fn = fn
+        self.original = original
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (_unwrapped, (self.original,))
+
+
+def _taken(path: str, current: Any) -> None:
+    if isinstance(current, (ProcessorWrapper, ReplacedForward)):
+        raise GuidanceValueError(
+            f"layer {path!r} is already hooked by another guidekit attention engine (entered "
+            f"and not exited yet): one engine per layer at a time; exit the other `with` "
+            f"block first, or compile one plan with both expressions"
+        )
 
 
 class _SdpaOwner(Protocol):
@@ -120,50 +167,61 @@ class SdpaMode(TorchFunctionMode):
 @attrs.define(eq=False)
 class LayerHook:
     """One hooked layer and what restores it: its diffusers processor replaced by a
-    wrapper (``kind="processor"``), or its ``forward`` replaced so that the
-    ``scaled_dot_product_attention`` calls inside are intercepted (``kind="forward"``)."""
+    wrapper (``kind="processor"``), or its ``forward`` replaced (``kind="forward"``: the
+    ``scaled_dot_product_attention`` calls inside are intercepted, or SLG's block skip).
+
+    What is replaced is read when the hook is INSTALLED (the engine's ``__enter__``), not
+    when the engine is built, so exit puts back what the model held on entry.
+    """
 
     path: str
     module: torch.nn.Module
     kind: str
-    original: Any = None
-    had_forward: bool = False
     #: Flux joint attention: perturb the image queries only (text first)
     flux: bool = False
+    original: Any = None
+    had_forward: bool = False
     installed: bool = False
 
     @classmethod
     def processor(cls, path: str, module: torch.nn.Module) -> LayerHook:
-        """A processor hook of a diffusers ``Attention`` (the current processor is kept)."""
-        return cls(path, module, "processor", getattr(module, "get_processor")())  # noqa: B009
+        """A processor hook of a diffusers ``Attention``."""
+        return cls(path, module, "processor")
 
     @classmethod
     def forward(cls, path: str, module: torch.nn.Module, *, flux: bool = False) -> LayerHook:
-        """A forward hook of a plain module; refuses a module another engine has hooked."""
-        if getattr(module.forward, "_guidekit_engine", None) is not None:
-            raise GuidanceValueError(
-                f"layer {path!r} is already hooked by another guidekit attention engine"
-            )
-        return cls(path, module, "forward", module.forward, "forward" in module.__dict__,
-                   flux=flux)
+        """A forward hook of a plain module."""
+        return cls(path, module, "forward", flux=flux)
 
-    def install(self, wrapper: Any) -> None:
-        """Put ``wrapper`` in: the processor, or the new ``forward``."""
+    def install(self, make: Callable[[Any], Any], owner: Any = None) -> None:
+        """Put in ``make(current)``: the processor, or the new ``forward`` (then wrapped in a
+        :class:`ReplacedForward` of ``owner``). Refuses a layer another engine holds."""
         if self.kind == "processor":
+            current = getattr(self.module, "get_processor")()  # noqa: B009 (typed as a Tensor)
+            _taken(self.path, current)
+            wrapper = make(current)
+            self.original = current
             self.module.set_processor(wrapper)  # type: ignore[operator]
         else:
+            current = self.module.forward
+            _taken(self.path, current)
+            wrapper = ReplacedForward(make(current), current, owner)
+            self.had_forward = "forward" in self.module.__dict__
+            self.original = self.module.__dict__.get("forward")
             self.module.forward = wrapper  # type: ignore[method-assign]
         self.installed = True
 
     def restore(self) -> None:
         """Put back exactly what was found (an instance ``forward`` only if there was one)."""
+        if not self.installed:
+            return
+        self.installed = False
         if self.kind == "processor":
             self.module.set_processor(self.original)  # type: ignore[operator]
         elif self.had_forward:
             self.module.forward = self.original  # type: ignore[method-assign]
         else:
             self.module.__dict__.pop("forward", None)
-        self.installed = False
 
 
 def restore_all(hooks: Iterable[LayerHook]) -> list[BaseException]:
@@ -185,37 +243,40 @@ class _Counted(Protocol):
 
 def intercepting_forward(
     owner: _SdpaOwner, hook: LayerHook, open_frame: Callable[[], _Counted | None], lost: str
-) -> Callable[..., Any]:
-    """A ``forward`` for ``hook.module`` that, while ``open_frame()`` gives a frame, runs the
-    original with the module's SDPA calls routed to ``owner._sdpa`` (the frame counts them).
+) -> Callable[[Any], Callable[..., Any]]:
+    """A maker (for :meth:`LayerHook.install`) of a ``forward`` for ``hook.module`` that,
+    while ``open_frame()`` gives a frame, runs the original with the module's SDPA calls
+    routed to ``owner._sdpa`` (the frame counts them).
 
     A hooked layer that makes no SDPA call raises (``lost`` says what would be lost).
     """
-    original, path = hook.original, hook.path
+    path = hook.path
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        frame = open_frame()
-        if frame is None:
-            return original(*args, **kwargs)
-        outermost = not owner._frames
-        owner._frames.append(frame)
-        try:
-            if outermost:
-                with SdpaMode(owner):
+    def make(original: Any) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            frame = open_frame()
+            if frame is None:
+                return original(*args, **kwargs)
+            outermost = not owner._frames
+            owner._frames.append(frame)
+            try:
+                if outermost:
+                    with SdpaMode(owner):
+                        out = original(*args, **kwargs)
+                else:
                     out = original(*args, **kwargs)
-            else:
-                out = original(*args, **kwargs)
-        finally:
-            owner._frames.pop()
-        if frame.calls == 0:
-            raise GuidanceValueError(
-                f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
-                f"call, so {lost}; hook the module that calls it (see guidekit.attention.engine)"
-            )
-        return out
+            finally:
+                owner._frames.pop()
+            if frame.calls == 0:
+                raise GuidanceValueError(
+                    f"layer {path!r} made no torch.nn.functional.scaled_dot_product_attention "
+                    f"call, so {lost}; hook the module that calls it (see guidekit.attention.engine)"
+                )
+            return out
 
-    forward._guidekit_engine = owner  # type: ignore[attr-defined]
-    return forward
+        return forward
+
+    return make
 
 
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")

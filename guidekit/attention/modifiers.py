@@ -48,7 +48,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from guidekit.attention.hooks import (
     LayerHook,
@@ -74,6 +73,8 @@ from guidekit.attention.layers import (
     listed_layers,
     resolve_layers,
 )
+from guidekit.attention.maths import modified_attention
+from guidekit.attention.route import add_block, assemble
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 #: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
@@ -156,123 +157,20 @@ class LayerOps:
 class LayerCall:
     """How one hooked layer treats the rows of one model call.
 
-    ``segments`` cover ``0..rows`` in order as ``(start, stop, core, nag)``; a segment with
-    neither goes through the layer's own attention. ``negatives`` maps a sample index to the
+    ``segments`` cover ``0..rows`` in order as ``(start, stop, ops)``
+    (:mod:`guidekit.attention.route`); ``ops`` is a :class:`LayerOps`, or ``None`` for the
+    layer's own attention. ``negatives`` maps a sample index to the
     call's row of NAG's negative conditioning for that sample.
     """
 
     rows: int
-    segments: tuple[tuple[int, int, Any, Any], ...]
+    segments: tuple[tuple[int, int, LayerOps | None], ...]
     negatives: tuple[tuple[int, int], ...]
     layout: Any = attrs.field(eq=False, hash=False, repr=False)
-
-    @property
-    def plain(self) -> tuple[tuple[int, int], ...]:
-        return tuple((a, b) for a, b, core, nag in self.segments if core is None and nag is None)
 
     def negative_row(self, row: int) -> int | None:
         """The call's row holding the negative context of ``row``'s sample, if any."""
         return dict(self.negatives).get(self.layout.sample(row))
-
-
-def _assemble(
-    call: LayerCall,
-    plain: Callable[[tuple[tuple[int, int], ...]], torch.Tensor],
-    modified: Callable[[int, int, Any, Any], torch.Tensor],
-) -> torch.Tensor:
-    """The plain rows in one call, each modified segment on its own; rows in order."""
-    ranges = call.plain
-    plain_out = plain(ranges) if ranges else None
-    pieces, offset = [], 0
-    for a, b, core, nag in call.segments:
-        if core is None and nag is None:
-            assert plain_out is not None
-            pieces.append(plain_out[offset : offset + b - a])
-            offset += b - a
-        else:
-            pieces.append(modified(a, b, core, nag))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-# -- diffusers Attention: modified rows computed with the module's own layers --------------------
-
-
-def modified_attention(
-    attn: Any,
-    hidden_states: torch.Tensor,
-    context: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    *,
-    temb: torch.Tensor | None = None,
-    core: Any = None,
-    nag: Any = None,
-    negative_context: torch.Tensor | None = None,
-    negative_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """A diffusers ``Attention`` call with ``core`` as the attention and ``nag`` on top.
-
-    Follows ``AttnProcessor2_0``'s structure with the module's own layers: spatial norm,
-    4-D input flattened to tokens, group norm, ``to_q``, ``norm_cross`` on the context,
-    ``to_k`` / ``to_v``, q/k norms, the mask as ``prepare_attention_mask`` makes it, the
-    attention (``core.attend`` or ``scaled_dot_product_attention`` at its default scale
-    ``1 / sqrt(d)``, as that processor), NAG on the merged heads, ``to_out``, the residual
-    and ``rescale_output_factor``.
-    """
-    residual = hidden_states
-    h = hidden_states
-    if attn.spatial_norm is not None:
-        h = attn.spatial_norm(h, temb)
-    image_shape = None
-    if h.ndim == 4:
-        image_shape = h.shape
-        b, ch, height, width = h.shape
-        h = h.view(b, ch, height * width).transpose(1, 2)
-    b = h.shape[0]
-    if attn.group_norm is not None:
-        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
-    heads = attn.heads
-    query = attn.to_q(h)
-    head_dim = query.shape[-1] // heads
-    query = query.view(b, -1, heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-
-    def keys_values(
-        ctx: torch.Tensor | None, m: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if ctx is None:
-            ctx = h
-        elif attn.norm_cross:
-            ctx = attn.norm_encoder_hidden_states(ctx)
-        key = attn.to_k(ctx)
-        value = attn.to_v(ctx)
-        kv_dim = key.shape[-1] // heads
-        key = key.view(b, -1, heads, kv_dim).transpose(1, 2)
-        value = value.view(b, -1, heads, kv_dim).transpose(1, 2)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if m is not None:
-            m = attn.prepare_attention_mask(m, key.shape[-2], b)
-            m = m.view(b, heads, -1, m.shape[-1])
-        return key, value, m
-
-    def attend(key: torch.Tensor, value: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        if core is not None:
-            return core.attend(query, key, value, mask=m)  # type: ignore[no-any-return]
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=m)
-
-    out = attend(*keys_values(context, mask))
-    if nag is not None:
-        negative = attend(*keys_values(negative_context, negative_mask))
-        out = nag.combine(out, negative, dims=(-3, -1))
-    out = out.transpose(1, 2).reshape(b, -1, heads * head_dim).to(query.dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    if image_shape is not None:
-        out = out.transpose(-1, -2).reshape(image_shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor  # type: ignore[no-any-return]
 
 
 class _ModifierBody(ProcessorWrapper):
@@ -308,7 +206,8 @@ class _ModifierBody(ProcessorWrapper):
                 )
             return out
 
-        def modified(a: int, b: int, core: Any, nag: Any) -> torch.Tensor:
+        def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
+            core, nag = ops.core, ops.nag
             neg_ctx = neg_mask = None
             if nag is not None:
                 if context is None:
@@ -326,7 +225,7 @@ class _ModifierBody(ProcessorWrapper):
                 core=core, nag=nag, negative_context=neg_ctx, negative_mask=neg_mask,
             )
 
-        return _assemble(call, plain, modified)
+        return assemble(call.segments, plain, modified)  # type: ignore[no-any-return]
 
 
 class ModifierProcessor(_ModifierBody):
@@ -434,12 +333,7 @@ class ModifierHooks:
                     f"layer {path!r} is a self-attention layer; NAG needs cross-attention "
                     f"(the negative prompt replaces the context)"
                 )
-            current = getattr(module, "get_processor")()  # noqa: B009 (typed as a Tensor)
-            if isinstance(current, _ModifierBody) or type(current).__name__.startswith("RowAware"):
-                raise GuidanceValueError(
-                    f"layer {path!r} is already hooked by another guidekit attention engine"
-                )
-            return LayerHook(path, module, "processor", current)
+            return LayerHook.processor(path, module)
         if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
             raise GuidanceValueError(
                 f"layer {path!r} is a {type(module).__name__}, an attention class the "
@@ -458,13 +352,16 @@ class ModifierHooks:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            modifier = (ModifierModuleProcessor if isinstance(hook.original, torch.nn.Module)
-                        else ModifierProcessor)
-            hook.install(modifier(self, hook.path, hook.original))
+            def modifier(original: Any) -> ProcessorWrapper:
+                cls = (ModifierModuleProcessor if isinstance(original, torch.nn.Module)
+                       else ModifierProcessor)
+                return cls(self, hook.path, original)
+
+            hook.install(modifier)
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook), "its attention modifiers would do nothing"
-            ))
+            ), self)
 
     def _open_frame(self, hook: LayerHook) -> _Frame | None:
         """The frame of one call of a hooked plain module (``None``: not modified now)."""
@@ -507,14 +404,11 @@ class ModifierHooks:
     def _calls_for(self, layout: Any) -> dict[str, LayerCall]:
         out: dict[str, LayerCall] = {}
         for path, ops in self.ops.items():
-            segments: list[tuple[int, int, Any, Any]] = []
+            segments: list[tuple[int, int, LayerOps | None]] = []
             for branch, start, stop in layout.blocks:
                 nag = ops.nag if ops.nag is not None and ops.nag.applies_to(branch) else None
-                op = (ops.core, nag)
-                if segments and segments[-1][2:] == op and segments[-1][1] == start:
-                    segments[-1] = (segments[-1][0], stop, *op)
-                else:
-                    segments.append((start, stop, *op))
+                add_block(segments, start, stop,
+                          None if ops.core is None and nag is None else LayerOps(ops.core, nag))
             negatives: dict[int, int] = {}
             if ops.nag is not None:
                 # unperturbed rows of the negative conditioning first, then any
@@ -622,7 +516,8 @@ class ModifierHooks:
         bound, query, key, value = sdpa.bound, sdpa.query, sdpa.key, sdpa.value
         mask, row_mask = sdpa.mask, sdpa.row_mask
 
-        def modified(a: int, b: int, core: Any, nag: Any) -> torch.Tensor:
+        def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
+            core, nag = ops.core, ops.nag
             if bound.get("is_causal") or bound.get("dropout_p"):
                 raise GuidanceValueError(
                     f"layer {frame.path!r}: the attention modifiers need plain attention; this "
@@ -657,7 +552,7 @@ class ModifierHooks:
             dims = (-3, -1) if query.ndim >= 4 else (-1,)
             return nag.combine(out, negative, dims=dims)  # type: ignore[no-any-return]
 
-        return _assemble(call, sdpa.plain, modified)
+        return assemble(call.segments, sdpa.plain, modified)  # type: ignore[no-any-return]
 
     # -- text ------------------------------------------------------------------------------------------
     def describe(self) -> str:

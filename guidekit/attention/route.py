@@ -1,0 +1,63 @@
+"""Per-row dispatch, shared by perturbations and modifiers: which rows of a model call go
+through which op in one hooked layer, and putting the rows back in order.
+
+A layer's rows are cut into ``segments`` ``(start, stop, op)`` that cover ``0..rows`` in
+order; ``op is None`` means the layer's own attention (all such rows in ONE call), any
+other op (a perturbation, or a :class:`~guidekit.attention.modifiers.LayerOps`) is run on
+its segment by the caller's ``modified``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Ranges = tuple[tuple[int, int], ...]
+Segment = tuple[int, int, Any]
+
+
+def plain_ranges(segments: Sequence[Segment]) -> Ranges:
+    """The row ranges of ``segments`` that go through the layer's own attention."""
+    return tuple((a, b) for a, b, op in segments if op is None)
+
+
+def add_block(segments: list[Segment], start: int, stop: int, op: Any) -> None:
+    """Append rows ``start..stop`` with ``op``, merged into the last segment when they
+    continue it with the same op."""
+    if segments and segments[-1][2] == op and segments[-1][1] == start:
+        segments[-1] = (segments[-1][0], stop, op)
+    else:
+        segments.append((start, stop, op))
+
+
+def _rows(out: Any, a: int, b: int) -> Any:
+    return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
+
+
+def assemble(
+    segments: Sequence[Segment],
+    plain: Callable[[Ranges], Any],
+    modified: Callable[[Any, int, int], Any],
+) -> Any:
+    """Run the plain rows in one call and each other segment on its own; rows in order.
+
+    An output is one tensor, or a tuple of streams (joint attention: image, text), each
+    put back in order.
+    """
+    ranges = plain_ranges(segments)
+    plain_out = plain(ranges) if ranges else None
+    pieces: list[Any] = []
+    offset = 0
+    for a, b, op in segments:
+        if op is None:
+            pieces.append(_rows(plain_out, offset, offset + b - a))
+            offset += b - a
+        else:
+            pieces.append(modified(op, a, b))
+    if len(pieces) == 1:
+        return pieces[0]
+    if isinstance(pieces[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*pieces))
+    return torch.cat(pieces)
