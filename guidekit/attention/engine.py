@@ -70,7 +70,6 @@ from guidekit.attention.hooks import (
     ProcessorWrapper,
     SdpaCall,
     check_rows,
-    compiled_original,
     intercepting_forward,
     restore_all,
     take,
@@ -245,7 +244,7 @@ class AttentionEngine:
                 f"install(model, plan) takes a compiled plan (guidekit.compile(...)), got "
                 f"{type(plan).__name__}"
             )
-        model = compiled_original(model)
+        model = original_module(model)
         self.model = model
         self.plan = plan
         self.model_name = model_name

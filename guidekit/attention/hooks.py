@@ -60,15 +60,6 @@ def check_rows(path: str, got: int, rows: int, what: str) -> None:
         )
 
 
-def compiled_original(model: Any) -> Any:
-    """The module a ``torch.compile(model)`` wrapper compiles (its ``_orig_mod``): the layers
-    to hook live there, and the compiled wrapper calls them, hooks included."""
-    inner = getattr(model, "_orig_mod", None)
-    if isinstance(model, torch.nn.Module) and isinstance(inner, torch.nn.Module):
-        return inner
-    return model
-
-
 def _signature_of(fn: Any) -> inspect.Signature | None:
     try:
         return inspect.signature(fn)
