@@ -29,7 +29,7 @@ Nothing here knows a library: an adapter translates its calling convention and c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -172,10 +172,6 @@ class Run:
         if self.state.level > before.level:
             self._history.append((s, before))
         return y
-
-    def record(self) -> Callable[[CallRecord], None]:
-        """The ``on_call`` that appends to this run's call log (for callers of ``plan.step``)."""
-        return self.calls.append
 
 
 __all__ = ["OnRise", "Run", "close", "level_of"]
