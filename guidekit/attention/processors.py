@@ -73,6 +73,11 @@ class _RowAware(_Routed):
 
     lost = "which rows are perturbed"
 
+    def __init__(self, owner: Any, path: str, original: Any) -> None:
+        super().__init__(owner, path, original)
+        # read once: a per-call class-name walk would break torch.compile's graph here
+        self.joint = is_joint_attention(owner.model.get_submodule(path))
+
     def routing(self) -> Any:
         return self.owner.route(self.path)
 
@@ -82,7 +87,7 @@ class _RowAware(_Routed):
         ehs = kwargs.get("encoder_hidden_states")
         if ehs is None and args:
             ehs = args[0]
-        joint = is_joint_attention(attn)
+        joint = self.joint
         if ehs is not None and not joint:
             raise GuidanceValueError(
                 f"layer {self.path!r} was called with encoder_hidden_states (cross-attention); "
