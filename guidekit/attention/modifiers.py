@@ -105,6 +105,7 @@ class ModifierHooks:
         self._hooks: list[LayerHook] = []
         self._layout: Any = None
         self._calls: dict[Any, dict[str, LayerCall]] = {}
+        self._active: dict[str, LayerCall] | None = None
         self._negatives: dict[Any, torch.Tensor] = {}
         self._frames: list[Frame] = []
         if not self.modifiers:
@@ -194,7 +195,7 @@ class ModifierHooks:
     def restore(self) -> None:
         """Take every installed hook out, restoring the exact objects found; then raise the
         first error, if any (every other hook is still restored)."""
-        self._layout = None
+        self._layout = self._active = None
         self._calls.clear()
         self._negatives.clear()
         self._frames.clear()
@@ -205,24 +206,28 @@ class ModifierHooks:
     # -- per call ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self, layout: Any) -> Iterator[None]:
-        """Hold ``layout`` while one model call runs (the engine's ``around_call`` enters it)."""
-        previous, previous_neg = self._layout, self._negatives
+        """Hold ``layout`` while one model call runs (the engine's ``around_call`` enters it).
+
+        The layers' row routes are looked up (or built) HERE, outside the model call, so a
+        compiled model traces a plain dict lookup, not the routing (see docs/benchmarks.md)."""
+        previous = self._layout, self._active, self._negatives
         self._layout = layout if self._hooks and layout.model == self.model_name else None
+        self._active = None
+        if self._layout is not None:
+            calls = self._calls.get(layout)
+            if calls is None:
+                calls = self._calls[layout] = self._calls_for(layout)
+            self._active = calls
         self._negatives = {}
         try:
             yield
         finally:
-            self._layout, self._negatives = previous, previous_neg
+            self._layout, self._active, self._negatives = previous
 
     def call_for(self, path: str) -> LayerCall | None:
         """How layer ``path`` treats the rows of the current call (``None``: leave it alone)."""
-        layout = self._layout
-        if layout is None:
-            return None
-        calls = self._calls.get(layout)
-        if calls is None:
-            calls = self._calls[layout] = self._calls_for(layout)
-        return calls.get(path)
+        active = self._active
+        return None if active is None else active.get(path)
 
     def _calls_for(self, layout: Any) -> dict[str, LayerCall]:
         out: dict[str, LayerCall] = {}

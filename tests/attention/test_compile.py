@@ -10,19 +10,20 @@ import torch
 import torch._dynamo
 
 import guidekit
-from guidekit import CFG, EMAG, PAG, SEG
+from guidekit import CFG, EMAG, NAG, PAG, SEG
 from guidekit.attention import install
 
-from ._tiny import BATCH, dit_fn, tiny_dit
+from ._tiny import BATCH, dit_fn, pixart_fn, tiny_dit, tiny_pixart
 
 COND = {"class_labels": torch.tensor([3, 7])}
 UNCOND = {"class_labels": torch.tensor([0, 0])}
 
 
-def first_call(model: Any, plan: Any) -> tuple[Any, ...]:
+def first_call(model: Any, plan: Any, fn: Any = None, cond: Any = COND,
+               uncond: Any = UNCOND) -> tuple[Any, ...]:
     """The first model call of a guided step: its arguments and row layout."""
     calls: list[Any] = []
-    fn = dit_fn(model)
+    fn = fn or dit_fn(model)
 
     def recording(*args: Any, **kw: Any) -> Any:
         calls.append((args, kw))
@@ -35,7 +36,7 @@ def first_call(model: Any, plan: Any) -> tuple[Any, ...]:
             layouts.append(layout)
             return around(layout)
 
-        guidekit.guide(plan, recording, cond=COND, uncond=UNCOND, around_call=ac)(x, 1.0)
+        guidekit.guide(plan, recording, cond=cond, uncond=uncond, around_call=ac)(x, 1.0)
     return calls[0][0], calls[0][1], layouts[0]
 
 
@@ -74,3 +75,19 @@ def test_compiles_are_bounded_by_the_active_branch_sets() -> None:
                 guided(x, s)
         counts.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
     assert counts[0] <= 2 and counts[1:] == [0, 0], counts
+
+
+def test_nag_in_cross_attention_does_not_break_the_graph() -> None:
+    model = tiny_pixart()
+    fn = pixart_fn(model)
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = ({"text": torch.randn(BATCH, 5, 32, generator=g)} for _ in range(2))
+    plan = guidekit.compile(CFG(3) | NAG(2))
+    args, kw, layout = first_call(model, plan, fn, cond, uncond)
+    torch._dynamo.reset()
+    with torch.no_grad(), install(model, plan) as around, around(layout):
+        explained = torch._dynamo.explain(fn)(*args, **kw)
+        eager = fn(*args, **kw)
+        compiled = torch.compile(fn, backend="eager")(*args, **kw)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
