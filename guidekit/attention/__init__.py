@@ -9,9 +9,11 @@ and yields the ``around_call`` to pass to :func:`guidekit.guide` (see
 
 from guidekit.attention.blocks import BlockSkip, block_table
 from guidekit.attention.ema import EMAMapAttention, EMAQueryAttention, EMAState
-from guidekit.attention.engine import AttentionEngine, Route, install, perturbed_self_attention
+from guidekit.attention.engine import AttentionEngine, install
 from guidekit.attention.layers import LayerTable, layer_table, resolve_layers
+from guidekit.attention.maths import perturbed_self_attention
 from guidekit.attention.ops import AttentionPerturbation, IdentityAttention, identity_attention
+from guidekit.attention.route import Route
 from guidekit.attention.seg import BlurredQueryAttention
 
 __all__ = [

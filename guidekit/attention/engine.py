@@ -59,7 +59,6 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import attrs
 import torch
 
 from guidekit.attention.blocks import BlockSkipper
@@ -67,16 +66,9 @@ from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
 from guidekit.attention.hooks import (
     LayerHook,
-    ProcessorWrapper,
-    SdpaCall,
-    check_rows,
     intercepting_forward,
     restore_all,
-    take,
 )
-from guidekit.attention.hooks import row_slice as _row_slice
-from guidekit.attention.hooks import rows_of as _rows_of
-from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import (
     LayerTable,
     check_disjoint,
@@ -86,140 +78,16 @@ from guidekit.attention.layers import (
     layer_table,
     resolve_layers,
 )
-from guidekit.attention.maths import perturbed_joint_attention, perturbed_self_attention
 from guidekit.attention.modifiers import ModifierHooks
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
-from guidekit.attention.route import add_block, plain_ranges
-from guidekit.attention.route import assemble as assemble_rows
+from guidekit.attention.processors import RowAwareModuleProcessor, RowAwareProcessor, processor_for
+from guidekit.attention.route import Route, Segment, add_block
+from guidekit.attention.sdpa import Frame, perturbed_sdpa
 from guidekit.attention.seg import InputSize
 from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
-
-#: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
-ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
-
-Segment = tuple[int, int, AttentionPerturbation | None]
-
-
-@attrs.frozen
-class Route:
-    """How one hooked layer treats the rows of one model call.
-
-    ``segments`` cover ``0..rows`` in order; a segment with a perturbation is computed by it,
-    the others (``None``) go through the layer's own attention together.
-    """
-
-    rows: int
-    segments: tuple[Segment, ...]
-    #: the call's first row in its forward group and the sampler batch (see RowLayout)
-    offset: int = 0
-    batch: int = 0
-    #: the unperturbed row ranges, in order (derived from ``segments``)
-    plain: tuple[tuple[int, int], ...] = attrs.field(init=False)
-
-    @plain.default
-    def _plain(self) -> tuple[tuple[int, int], ...]:
-        return plain_ranges(self.segments)
-
-    def sample(self, row: int) -> int:
-        """Index in the sampler's batch of the call's row ``row``."""
-        return (row + self.offset) % self.batch if self.batch else row
-
-
-#: A layer's output: one tensor, or (image stream, text stream) for joint attention
-LayerOutput = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-def assemble(
-    route: Route,
-    plain: Callable[[tuple[tuple[int, int], ...]], LayerOutput],
-    perturbed: Callable[[AttentionPerturbation, int, int], LayerOutput],
-) -> LayerOutput:
-    """Run the plain rows in one call and each perturbed segment on its own; rows in order."""
-    return assemble_rows(route.segments, plain, perturbed)  # type: ignore[no-any-return]
-
-
-class _RowAware(ProcessorWrapper):
-    """Shared body of the row-aware processor (plain object or ``nn.Module``)."""
-
-    engine: AttentionEngine
-
-    def __init__(self, engine: AttentionEngine, path: str, original: Any) -> None:
-        super().__init__(path, original)
-        self.engine = engine
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        route = self.engine.route(self.path)
-        if route is None:
-            return self.original(attn, hidden_states, *args, **kwargs)
-        rows = route.rows
-        check_rows(self.path, hidden_states.shape[0], rows, "which rows are perturbed")
-        ehs = kwargs.get("encoder_hidden_states")
-        if ehs is None and args:
-            ehs = args[0]
-        joint = is_joint_attention(attn)
-        if ehs is not None and not joint:
-            raise GuidanceValueError(
-                f"layer {self.path!r} was called with encoder_hidden_states (cross-attention); "
-                f"the perturbations here are defined for self-attention only"
-            )
-
-        def plain(ranges: tuple[tuple[int, int], ...]) -> LayerOutput:
-            hs = take(hidden_states, ranges)
-            kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
-            a_args = tuple(take(t, ranges) if _rows_of(t, rows) else t for t in args)
-            out = self.original(attn, hs, *a_args, **kw)
-            if joint and isinstance(out, tuple):
-                return out
-            if not isinstance(out, torch.Tensor):
-                raise GuidanceTypeError(
-                    f"the processor of {self.path!r} returned {type(out).__name__}; the engine "
-                    f"handles attention that returns one tensor"
-                )
-            return out
-
-        def perturbed(op: AttentionPerturbation, a: int, b: int) -> Any:
-            if joint:
-                return perturbed_joint_attention(
-                    attn, hidden_states[a:b], None if ehs is None else ehs[a:b], op,
-                    attend_kwargs=self.engine.op_kwargs(op, self.path, route, a),
-                )
-            return perturbed_self_attention(
-                attn, hidden_states[a:b], op,
-                attention_mask=_row_slice(kwargs.get("attention_mask"), rows, a, b),
-                temb=_row_slice(kwargs.get("temb"), rows, a, b),
-                attend_kwargs=self.engine.op_kwargs(op, self.path, route, a),
-            )
-
-        return assemble(route, plain, perturbed)
-
-
-class RowAwareProcessor(_RowAware):
-    """Takes the place of a diffusers attention processor while the engine is installed."""
-
-    def __repr__(self) -> str:
-        return f"RowAwareProcessor({self.path!r}, original={self.original!r})"
-
-
-class RowAwareModuleProcessor(_RowAware, torch.nn.Module):
-    """The same, for an original processor that is an ``nn.Module`` (kept as a child, so
-    its parameters still move with ``.to()``)."""
-
-    __call__ = _RowAware.__call__
-
-
-# -- plain modules: intercept scaled_dot_product_attention ---------------------------------------
-
-
-@attrs.define(eq=False)
-class _Frame:
-    path: str
-    route: Route
-    calls: int = 0
-    #: Flux: the image tokens follow this many text tokens (None: not joint)
-    text: int | None = None
 
 
 class AttentionEngine:
@@ -307,7 +175,7 @@ class AttentionEngine:
         self._stateful: tuple[Any, ...] = tuple(
             p for p in self.layers if getattr(p, "stateful", False)
         )
-        self._frames: list[_Frame] = []
+        self._frames: list[Frame] = []
         self._installed = False
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -358,25 +226,21 @@ class AttentionEngine:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            def row_aware(original: Any) -> ProcessorWrapper:
-                cls = (RowAwareModuleProcessor if isinstance(original, torch.nn.Module)
-                       else RowAwareProcessor)
-                return cls(self, hook.path, original)
-
-            hook.install(row_aware)
+            hook.install(lambda original: processor_for(
+                self, hook.path, original, RowAwareProcessor, RowAwareModuleProcessor))
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook),
                 "its perturbed rows would equal the unperturbed ones",
             ), self)
 
-    def _open_frame(self, hook: LayerHook) -> _Frame | None:
+    def _open_frame(self, hook: LayerHook) -> Frame | None:
         """The frame of one call of a hooked plain module (``None``: not routed now)."""
         route = self.route(hook.path)
         if route is None:
             return None
         text = self.text_length.current(hook.path) if hook.flux and self.text_length else None
-        return _Frame(hook.path, route, text=text)
+        return Frame(hook.path, route, text=text)
 
     # -- context manager ---------------------------------------------------------------------------
     def __enter__(self) -> Callable[[RowLayout], contextlib.AbstractContextManager[None]]:
@@ -514,58 +378,7 @@ class AttentionEngine:
         return None if active is None else active.get(path)
 
     def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-        frame = self._frames[-1]
-        frame.calls += 1
-        route = frame.route
-        call = SdpaCall(func, args, kwargs, frame.path, route.rows)
-        bound, query, key, value = call.bound, call.query, call.key, call.value
-        mask, row_mask = call.mask, call.row_mask
-
-        def perturbed(op: AttentionPerturbation, a: int, b: int) -> torch.Tensor:
-            if op.self_only and query.shape[-2] != key.shape[-2]:
-                raise GuidanceValueError(
-                    f"layer {frame.path!r}: {op!r} needs self-attention, but the call has "
-                    f"{query.shape[-2]} queries and {key.shape[-2]} keys"
-                )
-            m = mask[a:b] if row_mask else mask
-            if getattr(op, "rewrites_query", False):  # SEG: the same call, its own queries
-                sub = dict(bound, key=key[a:b], value=value[a:b])
-                rewrite = op.rewrite_query  # type: ignore[attr-defined]
-                q, t = query[a:b], frame.text
-                if t is None:
-                    sub["query"] = rewrite(q, **self.size_kwargs(op))
-                else:  # Flux: the text queries (first) stay, the image queries are rewritten
-                    image_q = rewrite(q[..., t:, :], **self.size_kwargs(op))
-                    sub["query"] = torch.cat([q[..., :t, :], image_q], dim=-2)
-                if row_mask:
-                    sub["attn_mask"] = m
-                return func(**sub)  # type: ignore[no-any-return]
-            extra = self.scope_kwargs(op, frame.path, route, a)
-            if extra:
-                if bound.get("is_causal") or bound.get("dropout_p"):
-                    raise GuidanceValueError(
-                        f"layer {frame.path!r}: {op!r} needs plain attention; this call uses "
-                        f"is_causal or dropout"
-                    )
-                extra["scale"] = bound.get("scale")
-            if frame.text is not None:
-                # Flux: text queries first, attended as usual; the image queries perturbed
-                t, n = frame.text, query.shape[-2]
-                sub = dict(bound, query=query[a:b, ..., :t, :], key=key[a:b], value=value[a:b])
-                if row_mask:
-                    sub["attn_mask"] = m[..., :t, :] if m.ndim >= 2 else m
-                text_out = func(**sub)
-                if extra and "scale" not in extra:
-                    extra["scale"] = bound.get("scale")
-                image_mask = m[..., t:, :] if isinstance(m, torch.Tensor) and m.ndim >= 2 else m
-                image_out = op.attend(query[a:b, ..., t:, :], key[a:b], value[a:b],
-                                      mask=image_mask, image=(t, n), **extra)
-                return torch.cat([text_out, image_out.to(text_out.dtype)], dim=-2)
-            return op.attend(query[a:b], key[a:b], value[a:b], mask=m, **extra)
-
-        out = assemble(route, call.plain, perturbed)
-        assert isinstance(out, torch.Tensor)  # SDPA returns one tensor, never joint streams
-        return out
+        return perturbed_sdpa(self, func, args, kwargs)
 
     # -- text ----------------------------------------------------------------------------------------
     def describe(self) -> str:

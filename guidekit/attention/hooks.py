@@ -72,6 +72,28 @@ def _unwrapped(original: Any) -> Any:
     return original
 
 
+_ADVERTISING: dict[tuple[type, tuple[tuple[str, Any], ...]], type] = {}
+
+
+def _advertising(cls: type, sig: inspect.Signature) -> type:
+    """``cls`` with a ``__call__`` whose signature is ``sig`` (cached per class and names)."""
+    key = (cls, tuple((p.name, p.kind) for p in sig.parameters.values()))
+    sub = _ADVERTISING.get(key)
+    if sub is None:
+        base = cls.__call__  # type: ignore[operator]
+
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return base(self, *args, **kwargs)
+
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        call.__signature__ = sig.replace(  # type: ignore[attr-defined]
+            parameters=[self_param, *sig.parameters.values()])
+        sub = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+        _ADVERTISING[key] = sub
+    return sub
+
+
 class ProcessorWrapper:
     """Base of a processor that takes the place of a diffusers attention processor.
 
@@ -94,15 +116,12 @@ class ProcessorWrapper:
         self.path = path
         self.original = original
         # diffusers reads inspect.signature(processor.__call__) to decide which
-        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive
+        # cross_attention_kwargs to pass on: advertise the original's, so the same arrive.
+        # A class-level __call__ (one subclass per signature), not an instance attribute:
+        # torch.compile traces a class's __call__ but breaks the graph on an instance's.
         sig = _signature_of(original.__call__)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return type(self).__call__(self, *args, **kwargs)
-
         if sig is not None:
-            call.__signature__ = sig  # type: ignore[attr-defined]
-        self.__dict__["__call__"] = call
+            self.__class__ = _advertising(type(self), sig)
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         return (_unwrapped, (self.original,))

@@ -52,7 +52,7 @@ default: the last double-stream block (unmeasured).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -94,6 +94,12 @@ class LayerTable:
         items = [f"{i}: {p}" for i, p in enumerate(self.paths[:limit])]
         more = len(self.paths) - limit
         return ", ".join(items) + (f", ... ({more} more)" if more > 0 else "")
+
+
+#: Text and image tokens in one attention: no separate cross-attention layer to change.
+JOINT_ARCHITECTURES = (
+    "SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
+)
 
 
 def _class_names(model: Any) -> tuple[str, ...]:
@@ -285,3 +291,51 @@ def check_disjoint(paths: Sequence[str]) -> None:
                 raise GuidanceValueError(
                     f"layers {a!r} and {b!r} overlap (one contains the other); name one of them"
                 )
+
+
+# -- cross-attention layers: what attention modifiers address --------------------------------
+
+
+def cross_attention_table(
+    model: torch.nn.Module, *, attention_class: type | tuple[type, ...] | None = None
+) -> LayerTable:
+    """The cross-attention layers an attention modifier may address (see module docstring)."""
+    check_module(model)
+    arch = type(model).__name__
+    names = _class_names(model)
+    if attention_class is not None:
+        label, paths = listed_layers(model, attention_class)
+        return LayerTable(label, paths, paths, "every listed attention layer")
+    joint = next((n for n in names if n in JOINT_ARCHITECTURES), None)
+    if joint is None and any(is_joint_attention(m) for m in model.modules()):
+        joint = arch
+    if joint is not None:
+        raise GuidanceValueError(
+            f"{joint} uses joint text-image attention (text and image tokens in one "
+            f"attention, no separate cross-attention layer), which guidekit's attention "
+            f"modifiers (PLADIS, GAG, NAG) do not handle yet"
+        )
+    if any(n in BLOCK_MODELS or n in UNET_MODELS for n in names):
+        paths = tuple(
+            n for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] == "attn2" and m is not None and is_cross_attention(m)
+        )
+        rule = "every cross-attention layer (PLADIS: all cross-attention modules; NAG: every attn2)"
+        return LayerTable(arch, paths, paths, rule)
+    return LayerTable(arch, (), (), "none: name the layers", free=True)
+
+
+def context_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How ``model`` turns a conditioning's text tensor into its cross-attention context
+    (``None``: unknown, NAG then needs the negative rows in the same call)."""
+    names = _class_names(model)
+    if "PixArtTransformer2DModel" in names:
+        proj = getattr(model, "caption_projection", None)
+        return (lambda t: t) if proj is None else proj
+    if "UNet2DConditionModel" in names:
+        hid = getattr(model, "encoder_hid_proj", None)
+        if hid is None:
+            return lambda t: t
+        if getattr(getattr(model, "config", None), "encoder_hid_dim_type", None) == "text_proj":
+            return hid  # type: ignore[no-any-return]
+    return None

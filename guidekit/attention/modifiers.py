@@ -46,47 +46,28 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import attrs
 import torch
 
 from guidekit.attention.hooks import (
     LayerHook,
-    ProcessorWrapper,
-    SdpaCall,
-    check_rows,
     intercepting_forward,
     restore_all,
 )
-from guidekit.attention.hooks import row_slice as _slice
 from guidekit.attention.hooks import rows_of as _rows_of
-from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
-from guidekit.attention.hooks import take as _take
 from guidekit.attention.layers import (
-    BLOCK_MODELS,
-    UNET_MODELS,
     LayerTable,
     check_disjoint,
-    check_module,
+    context_projection,
+    cross_attention_table,
     diffusers_attention_class,
     is_cross_attention,
     is_joint_attention,
-    listed_layers,
     resolve_layers,
 )
-from guidekit.attention.maths import modified_attention
-from guidekit.attention.route import add_block, assemble
-from guidekit.errors import GuidanceTypeError, GuidanceValueError
-
-#: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
-_ROW_KWARGS = ("encoder_hidden_states", "attention_mask", "temb")
-#: Text and image tokens in one attention: no separate cross-attention layer to change.
-JOINT_ARCHITECTURES = (
-    "SD3Transformer2DModel", "FluxTransformer2DModel", "QwenImageTransformer2DModel",
-)
-
-
-def _class_names(obj: Any) -> tuple[str, ...]:
-    return tuple(c.__name__ for c in type(obj).__mro__)
+from guidekit.attention.processors import ModifierModuleProcessor, ModifierProcessor, processor_for
+from guidekit.attention.route import LayerCall, LayerOps, add_block
+from guidekit.attention.sdpa import Frame, modified_sdpa
+from guidekit.errors import GuidanceValueError
 
 
 def _is_core(m: Any) -> bool:
@@ -95,160 +76,6 @@ def _is_core(m: Any) -> bool:
 
 def _is_nag(m: Any) -> bool:
     return hasattr(m, "combine")
-
-
-# -- layers ---------------------------------------------------------------------------------------
-
-
-def cross_attention_table(
-    model: torch.nn.Module, *, attention_class: type | tuple[type, ...] | None = None
-) -> LayerTable:
-    """The cross-attention layers an attention modifier may address (see module docstring)."""
-    check_module(model)
-    arch = type(model).__name__
-    names = _class_names(model)
-    if attention_class is not None:
-        label, paths = listed_layers(model, attention_class)
-        return LayerTable(label, paths, paths, "every listed attention layer")
-    joint = next((n for n in names if n in JOINT_ARCHITECTURES), None)
-    if joint is None and any(is_joint_attention(m) for m in model.modules()):
-        joint = arch
-    if joint is not None:
-        raise GuidanceValueError(
-            f"{joint} uses joint text-image attention (text and image tokens in one "
-            f"attention, no separate cross-attention layer), which guidekit's attention "
-            f"modifiers (PLADIS, GAG, NAG) do not handle yet"
-        )
-    if any(n in BLOCK_MODELS or n in UNET_MODELS for n in names):
-        paths = tuple(
-            n for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] == "attn2" and m is not None and is_cross_attention(m)
-        )
-        rule = "every cross-attention layer (PLADIS: all cross-attention modules; NAG: every attn2)"
-        return LayerTable(arch, paths, paths, rule)
-    return LayerTable(arch, (), (), "none: name the layers", free=True)
-
-
-def context_projection(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """How ``model`` turns a conditioning's text tensor into its cross-attention context
-    (``None``: unknown, NAG then needs the negative rows in the same call)."""
-    names = _class_names(model)
-    if "PixArtTransformer2DModel" in names:
-        proj = getattr(model, "caption_projection", None)
-        return (lambda t: t) if proj is None else proj
-    if "UNet2DConditionModel" in names:
-        hid = getattr(model, "encoder_hid_proj", None)
-        if hid is None:
-            return lambda t: t
-        if getattr(getattr(model, "config", None), "encoder_hid_dim_type", None) == "text_proj":
-            return hid  # type: ignore[no-any-return]
-    return None
-
-
-@attrs.frozen
-class LayerOps:
-    """What one hooked layer applies: an attention core (PLADIS / GAG) and / or NAG."""
-
-    core: Any = None
-    nag: Any = None
-
-
-@attrs.frozen
-class LayerCall:
-    """How one hooked layer treats the rows of one model call.
-
-    ``segments`` cover ``0..rows`` in order as ``(start, stop, ops)``
-    (:mod:`guidekit.attention.route`); ``ops`` is a :class:`LayerOps`, or ``None`` for the
-    layer's own attention. ``negatives`` maps a sample index to the
-    call's row of NAG's negative conditioning for that sample.
-    """
-
-    rows: int
-    segments: tuple[tuple[int, int, LayerOps | None], ...]
-    negatives: tuple[tuple[int, int], ...]
-    layout: Any = attrs.field(eq=False, hash=False, repr=False)
-
-    def negative_row(self, row: int) -> int | None:
-        """The call's row holding the negative context of ``row``'s sample, if any."""
-        return dict(self.negatives).get(self.layout.sample(row))
-
-
-class _ModifierBody(ProcessorWrapper):
-    """Shared body of the modifier processor (plain object or ``nn.Module``)."""
-
-    hooks: ModifierHooks
-
-    def __init__(self, hooks: ModifierHooks, path: str, original: Any) -> None:
-        super().__init__(path, original)
-        self.hooks = hooks
-
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        call = self.hooks.call_for(self.path)
-        if call is None:
-            return self.original(attn, hidden_states, *args, **kwargs)
-        rows = call.rows
-        check_rows(self.path, hidden_states.shape[0], rows, "which rows to modify")
-        # AttnProcessor2_0's positional order after hidden_states
-        for name, value in zip(_ROW_KWARGS, args):
-            kwargs.setdefault(name, value)
-        args = ()
-        context = kwargs.get("encoder_hidden_states")
-        mask = kwargs.get("attention_mask")
-        temb = kwargs.get("temb")
-
-        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
-            kw = _slice_kwargs(kwargs, rows, ranges, _ROW_KWARGS)
-            out = self.original(attn, _take(hidden_states, ranges), **kw)
-            if not isinstance(out, torch.Tensor):
-                raise GuidanceTypeError(
-                    f"the processor of {self.path!r} returned {type(out).__name__}; the "
-                    f"attention modifiers handle attention that returns one tensor"
-                )
-            return out
-
-        def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
-            core, nag = ops.core, ops.nag
-            neg_ctx = neg_mask = None
-            if nag is not None:
-                if context is None:
-                    raise GuidanceValueError(
-                        f"layer {self.path!r} is called without encoder_hidden_states: "
-                        f"{nag!r} acts in cross-attention, where the negative prompt is the "
-                        f"context; choose cross-attention layers"
-                    )
-                neg_ctx, neg_mask = self.hooks.negative_context(
-                    call, nag, self.path, a, b, context, mask
-                )
-            return modified_attention(
-                attn, hidden_states[a:b], _slice(context, rows, a, b), _slice(mask, rows, a, b),
-                temb=_slice(temb, rows, a, b),
-                core=core, nag=nag, negative_context=neg_ctx, negative_mask=neg_mask,
-            )
-
-        return assemble(call.segments, plain, modified)  # type: ignore[no-any-return]
-
-
-class ModifierProcessor(_ModifierBody):
-    """Takes the place of a diffusers attention processor in a modifier's layer."""
-
-    def __repr__(self) -> str:
-        return f"ModifierProcessor({self.path!r}, original={self.original!r})"
-
-
-class ModifierModuleProcessor(_ModifierBody, torch.nn.Module):
-    """The same, for an original processor that is an ``nn.Module`` (kept as a child)."""
-
-    __call__ = _ModifierBody.__call__
-
-
-# -- plain modules: intercept scaled_dot_product_attention ---------------------------------------
-
-
-@attrs.define(eq=False)
-class _Frame:
-    path: str
-    call: LayerCall
-    calls: int = 0
 
 
 class ModifierHooks:
@@ -278,8 +105,9 @@ class ModifierHooks:
         self._hooks: list[LayerHook] = []
         self._layout: Any = None
         self._calls: dict[Any, dict[str, LayerCall]] = {}
+        self._active: dict[str, LayerCall] | None = None
         self._negatives: dict[Any, torch.Tensor] = {}
-        self._frames: list[_Frame] = []
+        self._frames: list[Frame] = []
         if not self.modifiers:
             return
         self.table = table = cross_attention_table(model, attention_class=attention_class)
@@ -352,26 +180,22 @@ class ModifierHooks:
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
-            def modifier(original: Any) -> ProcessorWrapper:
-                cls = (ModifierModuleProcessor if isinstance(original, torch.nn.Module)
-                       else ModifierProcessor)
-                return cls(self, hook.path, original)
-
-            hook.install(modifier)
+            hook.install(lambda original: processor_for(
+                self, hook.path, original, ModifierProcessor, ModifierModuleProcessor))
         else:
             hook.install(intercepting_forward(
                 self, hook, lambda: self._open_frame(hook), "its attention modifiers would do nothing"
             ), self)
 
-    def _open_frame(self, hook: LayerHook) -> _Frame | None:
+    def _open_frame(self, hook: LayerHook) -> Frame | None:
         """The frame of one call of a hooked plain module (``None``: not modified now)."""
         call = self.call_for(hook.path)
-        return None if call is None else _Frame(hook.path, call)
+        return None if call is None else Frame(hook.path, call)
 
     def restore(self) -> None:
         """Take every installed hook out, restoring the exact objects found; then raise the
         first error, if any (every other hook is still restored)."""
-        self._layout = None
+        self._layout = self._active = None
         self._calls.clear()
         self._negatives.clear()
         self._frames.clear()
@@ -382,24 +206,28 @@ class ModifierHooks:
     # -- per call ------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self, layout: Any) -> Iterator[None]:
-        """Hold ``layout`` while one model call runs (the engine's ``around_call`` enters it)."""
-        previous, previous_neg = self._layout, self._negatives
+        """Hold ``layout`` while one model call runs (the engine's ``around_call`` enters it).
+
+        The layers' row routes are looked up (or built) HERE, outside the model call, so a
+        compiled model traces a plain dict lookup, not the routing (see docs/benchmarks.md)."""
+        previous = self._layout, self._active, self._negatives
         self._layout = layout if self._hooks and layout.model == self.model_name else None
+        self._active = None
+        if self._layout is not None:
+            calls = self._calls.get(layout)
+            if calls is None:
+                calls = self._calls[layout] = self._calls_for(layout)
+            self._active = calls
         self._negatives = {}
         try:
             yield
         finally:
-            self._layout, self._negatives = previous, previous_neg
+            self._layout, self._active, self._negatives = previous
 
     def call_for(self, path: str) -> LayerCall | None:
         """How layer ``path`` treats the rows of the current call (``None``: leave it alone)."""
-        layout = self._layout
-        if layout is None:
-            return None
-        calls = self._calls.get(layout)
-        if calls is None:
-            calls = self._calls[layout] = self._calls_for(layout)
-        return calls.get(path)
+        active = self._active
+        return None if active is None else active.get(path)
 
     def _calls_for(self, layout: Any) -> dict[str, LayerCall]:
         out: dict[str, LayerCall] = {}
@@ -509,50 +337,7 @@ class ModifierHooks:
         return projected
 
     def _sdpa(self, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-        frame = self._frames[-1]
-        frame.calls += 1
-        call = frame.call
-        sdpa = SdpaCall(func, args, kwargs, frame.path, call.rows)
-        bound, query, key, value = sdpa.bound, sdpa.query, sdpa.key, sdpa.value
-        mask, row_mask = sdpa.mask, sdpa.row_mask
-
-        def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
-            core, nag = ops.core, ops.nag
-            if bound.get("is_causal") or bound.get("dropout_p"):
-                raise GuidanceValueError(
-                    f"layer {frame.path!r}: the attention modifiers need plain attention; this "
-                    f"call uses is_causal or dropout"
-                )
-            scale = bound.get("scale")
-
-            def attend(k: torch.Tensor, v: torch.Tensor, m: Any) -> torch.Tensor:
-                if core is not None:
-                    return core.attend(  # type: ignore[no-any-return]
-                        query[a:b], k, v, mask=m, logit_scale=scale
-                    )
-                extra = {"scale": scale} if scale is not None else {}
-                if bound.get("enable_gqa"):
-                    extra["enable_gqa"] = True
-                return func(query[a:b], k, v, attn_mask=m, **extra)  # type: ignore[no-any-return]
-
-            m = mask[a:b] if row_mask else mask
-            out = attend(key[a:b], value[a:b], m)
-            if nag is None:
-                return out
-            negs = [call.negative_row(r) for r in range(a, b)]
-            if any(n is None for n in negs):
-                raise GuidanceValueError(
-                    f"layer {frame.path!r}: {nag!r} needs rows of the conditioning "
-                    f"{nag.negative!r} in the same model call on a plain module (its keys and "
-                    f"values come from the module's own projections); e.g. CFG(w) | {nag!r}"
-                )
-            index = torch.tensor(negs, device=key.device)
-            neg_mask = mask.index_select(0, index) if row_mask else mask
-            negative = attend(key.index_select(0, index), value.index_select(0, index), neg_mask)
-            dims = (-3, -1) if query.ndim >= 4 else (-1,)
-            return nag.combine(out, negative, dims=dims)  # type: ignore[no-any-return]
-
-        return assemble(call.segments, sdpa.plain, modified)  # type: ignore[no-any-return]
+        return modified_sdpa(self, func, args, kwargs)
 
     # -- text ------------------------------------------------------------------------------------------
     def describe(self) -> str:

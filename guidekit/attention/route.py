@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 Ranges = tuple[tuple[int, int], ...]
@@ -61,3 +62,56 @@ def assemble(
     if isinstance(pieces[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*pieces))
     return torch.cat(pieces)
+
+
+@attrs.frozen
+class Route:
+    """How one hooked layer treats the rows of one model call.
+
+    ``segments`` cover ``0..rows`` in order; a segment with a perturbation is computed by it,
+    the others (``None``) go through the layer's own attention together.
+    """
+
+    rows: int
+    segments: tuple[Segment, ...]
+    #: the call's first row in its forward group and the sampler batch (see RowLayout)
+    offset: int = 0
+    batch: int = 0
+    #: the unperturbed row ranges, in order (derived from ``segments``)
+    plain: tuple[tuple[int, int], ...] = attrs.field(init=False)
+
+    @plain.default
+    def _plain(self) -> tuple[tuple[int, int], ...]:
+        return plain_ranges(self.segments)
+
+    def sample(self, row: int) -> int:
+        """Index in the sampler's batch of the call's row ``row``."""
+        return (row + self.offset) % self.batch if self.batch else row
+
+
+@attrs.frozen
+class LayerOps:
+    """What one hooked layer applies: an attention core (PLADIS / GAG) and / or NAG."""
+
+    core: Any = None
+    nag: Any = None
+
+
+@attrs.frozen
+class LayerCall:
+    """How one hooked layer treats the rows of one model call.
+
+    ``segments`` cover ``0..rows`` in order as ``(start, stop, ops)``
+    (:mod:`guidekit.attention.route`); ``ops`` is a :class:`LayerOps`, or ``None`` for the
+    layer's own attention. ``negatives`` maps a sample index to the
+    call's row of NAG's negative conditioning for that sample.
+    """
+
+    rows: int
+    segments: tuple[tuple[int, int, LayerOps | None], ...]
+    negatives: tuple[tuple[int, int], ...]
+    layout: Any = attrs.field(eq=False, hash=False, repr=False)
+
+    def negative_row(self, row: int) -> int | None:
+        """The call's row holding the negative context of ``row``'s sample, if any."""
+        return dict(self.negatives).get(self.layout.sample(row))

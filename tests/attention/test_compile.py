@@ -1,0 +1,93 @@
+"""torch.compile with the attention engine: no graph break per hooked layer, and compiles
+bounded by the distinct active-branch sets (counted on CPU with ``backend="eager"``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+
+import guidekit
+from guidekit import CFG, EMAG, NAG, PAG, SEG
+from guidekit.attention import install
+
+from ._tiny import BATCH, dit_fn, pixart_fn, tiny_dit, tiny_pixart
+
+COND = {"class_labels": torch.tensor([3, 7])}
+UNCOND = {"class_labels": torch.tensor([0, 0])}
+
+
+def first_call(model: Any, plan: Any, fn: Any = None, cond: Any = COND,
+               uncond: Any = UNCOND) -> tuple[Any, ...]:
+    """The first model call of a guided step: its arguments and row layout."""
+    calls: list[Any] = []
+    fn = fn or dit_fn(model)
+
+    def recording(*args: Any, **kw: Any) -> Any:
+        calls.append((args, kw))
+        return fn(*args, **kw)
+
+    layouts: list[Any] = []
+    x = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), install(model, plan) as around:
+        def ac(layout: Any) -> Any:
+            layouts.append(layout)
+            return around(layout)
+
+        guidekit.guide(plan, recording, cond=cond, uncond=uncond, around_call=ac)(x, 1.0)
+    return calls[0][0], calls[0][1], layouts[0]
+
+
+@pytest.mark.parametrize("expr", [CFG(3) + PAG(2, layers=[0, 1]), CFG(3) + SEG(2, layers=[0, 1]),
+                                  CFG(3) + EMAG(1.5)], ids=["PAG", "SEG", "EMAG"])
+def test_hooked_layers_do_not_break_the_graph(expr: Any) -> None:
+    model = tiny_dit()
+    plan = guidekit.compile(expr)
+    args, kw, layout = first_call(model, plan)
+    torch._dynamo.reset()
+    with torch.no_grad(), install(model, plan) as around, around(layout):
+        explained = torch._dynamo.explain(dit_fn(model))(*args, **kw)
+        eager = dit_fn(model)(*args, **kw)
+        compiled = torch.compile(dit_fn(model), backend="eager")(*args, **kw)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_are_bounded_by_the_active_branch_sets() -> None:
+    """PAG gated to sigma in [0.5, 10]: two active sets (with and without the p rows), so at
+    most two compiles in the first run and none in a second run or after a new install."""
+    model = tiny_dit()
+    plan = guidekit.compile(CFG(3) + PAG(2, layers=[0, 1]).between(0.5, 10))
+    compiled = torch.compile(dit_fn(model), backend="eager")
+    x = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counts = []
+    engine = install(model, plan)
+    for fresh in (False, False, True):
+        if fresh:
+            engine = install(model, plan)
+        before = torch._dynamo.utils.counters["frames"]["ok"]
+        with torch.no_grad(), engine as around:
+            guided = guidekit.guide(plan, compiled, cond=COND, uncond=UNCOND, around_call=around)
+            for s in (12.0, 8.0, 2.0, 0.2):
+                guided(x, s)
+        counts.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
+    assert counts[0] <= 2 and counts[1:] == [0, 0], counts
+
+
+def test_nag_in_cross_attention_does_not_break_the_graph() -> None:
+    model = tiny_pixart()
+    fn = pixart_fn(model)
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = ({"text": torch.randn(BATCH, 5, 32, generator=g)} for _ in range(2))
+    plan = guidekit.compile(CFG(3) | NAG(2))
+    args, kw, layout = first_call(model, plan, fn, cond, uncond)
+    torch._dynamo.reset()
+    with torch.no_grad(), install(model, plan) as around, around(layout):
+        explained = torch._dynamo.explain(fn)(*args, **kw)
+        eager = fn(*args, **kw)
+        compiled = torch.compile(fn, backend="eager")(*args, **kw)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
