@@ -23,6 +23,7 @@ from guidekit.branch import COND, Branch
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Entry, Expr, atom_branches, fmt_number
+from guidekit.processor import AttentionModifier
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import FixedSplit, Splitter, calls_for, make_splitter, now, sync
 from guidekit.state import ForwardState, State, new_state
@@ -161,8 +162,6 @@ class Plan:
         """Attention modifiers (PLADIS, GAG, NAG): applied inside the forward by the
         attention engine (:func:`guidekit.attention.install`), in pipe order."""
         # imported here: combinators import terms, whose attention terms import this module
-        from guidekit.combinators.base import AttentionModifier
-
         return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
     @property

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import torch
 
-from guidekit.branch import uncond
-from guidekit.combinators.base import Processor
+from guidekit.branch import Branch, uncond
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Expr
-from guidekit.terms.base import Branch, NonlinearPrediction, finite, positive_or_none, to_float
+from guidekit.fields import finite, positive_or_none, to_float
+from guidekit.processor import Processor
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import torch
 
-from guidekit.combinators.base import InputModifier
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.terms.base import fmt_value, nonnegative, to_float, unit_interval
+from guidekit.fields import nonnegative, to_float, unit_interval
+from guidekit.processor import InputModifier
+from guidekit.text import fmt_value
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext

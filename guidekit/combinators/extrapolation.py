@@ -35,9 +35,9 @@ from guidekit.attention.extrapolation import (
 )
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, Branch
-from guidekit.combinators.base import AttentionModifier
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.terms.base import finite, name, positive_or_none, to_float, unit_interval
+from guidekit.fields import finite, name, positive_or_none, to_float, unit_interval
+from guidekit.processor import AttentionModifier
 
 
 def _sparse(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

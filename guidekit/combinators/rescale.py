@@ -13,8 +13,8 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond
-from guidekit.combinators.base import Processor
-from guidekit.terms.base import to_float, unit_interval
+from guidekit.fields import to_float, unit_interval
+from guidekit.processor import Processor
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext

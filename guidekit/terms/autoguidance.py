@@ -12,7 +12,8 @@ from typing import ClassVar
 import attrs
 
 from guidekit.branch import Branch, cond
-from guidekit.terms.base import DirectionTerm, finite, name, to_float
+from guidekit.fields import finite, name, to_float
+from guidekit.terms.base import DirectionTerm
 
 
 @attrs.frozen(repr=False)

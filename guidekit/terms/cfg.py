@@ -10,7 +10,8 @@ from typing import ClassVar
 import attrs
 
 from guidekit.branch import MAIN, Branch, cond, uncond
-from guidekit.terms.base import LinearTerm, finite, name, to_float
+from guidekit.fields import finite, name, to_float
+from guidekit.terms.base import LinearTerm
 
 
 @attrs.frozen(repr=False)

@@ -34,7 +34,8 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import DirectionTerm
 from guidekit.terms.cfg import CFG
 
 #: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.

@@ -21,7 +21,8 @@ import attrs
 
 from guidekit.attention.ops import IdentityAttention, Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import DirectionTerm
 
 
 @attrs.frozen(repr=False)

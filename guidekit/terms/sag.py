@@ -16,7 +16,8 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.sag import SAGDegrade, _odd, _positive
 from guidekit.branch import MAIN, UNCOND, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import DirectionTerm
 
 
 @attrs.frozen(repr=False)

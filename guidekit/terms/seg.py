@@ -24,7 +24,8 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.seg import BlurredQueryAttention, _blur_sigma, _float
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import DirectionTerm
 
 
 @attrs.frozen(repr=False)

@@ -26,7 +26,8 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr, fmt_number
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import DirectionTerm
 
 #: The SD3.5 recipe: scale (diffusers' SD3 pipeline default; Stability's reference config
 #: for SD3.5 Medium uses 2.5 with CFG 4), and the fraction of the steps it is active.

@@ -14,7 +14,8 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.terms.base import NonlinearPrediction, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext

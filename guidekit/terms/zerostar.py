@@ -14,7 +14,8 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.terms.base import NonlinearPrediction, count, finite, to_float
+from guidekit.fields import count, finite, to_float
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
