@@ -18,24 +18,17 @@ from PIL import Image
 
 import guidekit
 import guidekit.models
-from guidekit.demo_models import (
-    DIGITS,
-    HEADER,
-    PAD,
-    ZOOM,
+from guidekit.errors import GuidanceError
+from guidekit.models.cache import DIGITS, ModelCache, digit_labels
+from guidekit.models.demo import (
     DemoRow,
     Entry,
-    ModelCache,
-    cell_box,
     check_calls,
     default_entries,
-    digit_labels,
-    grid_size,
     run_entry,
     run_model_demo,
-    to_pixels,
 )
-from guidekit.errors import GuidanceError
+from guidekit.models.grid import HEADER, PAD, ZOOM, cell_box, grid_size, to_pixels
 from guidekit.plan import CallRecord
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from guidekit.sweep import read_csv, run_sweep
+from guidekit.models.sweep import read_csv, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = dict(models=("eps",), methods=("none", "CFG", "Autoguidance", "CADS"), scales=(2.0,),

@@ -20,7 +20,7 @@ import torch
 
 import guidekit
 from guidekit import APG, CADS, CFG, Autoguidance, Cond, Rescale
-from guidekit.demo import ToyDenoiser, default_guidance, run_demo
+from guidekit.models.toy import ToyDenoiser, default_guidance, run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = ["README.md", "docs/semantics.md", "docs/terms.md", "docs/recipes.md"]
