@@ -8,12 +8,27 @@ turn numbers into floats and reject anything else with the constructor and field
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.text import display_name, fmt_number, is_number
+
+
+@attrs.frozen
+class Range:
+    """Any number in ``[lo, hi]``: a field's example values as an interval."""
+
+    lo: float
+    hi: float
+
+
+#: ``field_examples`` of a term or processor class: field name -> example values (a tuple,
+#: whose items may be :class:`Range`) or one :class:`Range`. The docs show them and the
+#: property tests draw from them; a field left out draws from its validator's own range.
+Examples = Mapping[str, tuple[Any, ...] | Range]
 
 
 def to_float(value: Any) -> Any:

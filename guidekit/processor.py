@@ -23,6 +23,7 @@ from guidekit.branch import Branch
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, _AlgebraMeta, not_a_processor, operand
 from guidekit.expr import pipe as pipe
+from guidekit.fields import Examples
 from guidekit.text import ATOM, PIPE, SUM, fmt_call
 
 if TYPE_CHECKING:
@@ -82,7 +83,10 @@ class Processor(PipeStep):
     level: ClassVar[int] = ATOM
     space: ClassVar[str] = "native"
     _name: ClassVar[str] = "Processor"
+    _kind: ClassVar[str] = "processor"
     _example: ClassVar[str] = "APG()"
+    #: example values per field (see :data:`guidekit.fields.Examples`)
+    field_examples: ClassVar[Examples] = {}
 
     # -- semantics ---------------------------------------------------------------------------
     def check(self, left: Expr) -> None:
@@ -124,6 +128,7 @@ class InputModifier(Processor):
     """A processor that changes the conditioning inputs of the branches it covers."""
 
     __slots__ = ()
+    _kind: ClassVar[str] = "modifier"
 
     def modify(
         self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
@@ -142,6 +147,7 @@ class AttentionModifier(Processor):
     """
 
     __slots__ = ()
+    _kind: ClassVar[str] = "attention"
     negative: ClassVar[str | None] = None
 
     def applies_to(self, branch: Branch) -> bool:

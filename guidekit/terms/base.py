@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 from guidekit.branch import Branch
 from guidekit.expr import Entry, Expr
 from guidekit.fields import (  # re-exported: terms have imported the validators from here
+    Examples,
     count,
     finite,
     name,
@@ -44,8 +45,11 @@ class Term(Expr):
     __slots__ = ()
     level: ClassVar[int] = ATOM
     _name: ClassVar[str] = "Term"
+    _kind: ClassVar[str] = "prediction"
     _positional: ClassVar[tuple[str, ...]] = ()
     _example: ClassVar[str] = "Term()"
+    #: example values per field (see :data:`guidekit.fields.Examples`)
+    field_examples: ClassVar[Examples] = {}
 
     def _fmt(self) -> str:
         return fmt_call(self)
@@ -71,6 +75,7 @@ class DirectionTerm(LinearTerm):
     """``scale * (positive - negative)``: the additive guidance convention of PAG/SEG/SLG."""
 
     __slots__ = ()
+    _kind: ClassVar[str] = "direction"
 
     def negative(self) -> Branch:
         raise NotImplementedError
@@ -96,6 +101,7 @@ class NonlinearPrediction(Term):
 
     __slots__ = ()
     space: ClassVar[str] = "native"
+    _kind: ClassVar[str] = "nonlinear"
 
     @property
     def weight(self) -> int:

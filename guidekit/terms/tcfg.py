@@ -15,12 +15,14 @@ import torch
 
 from guidekit.branch import Branch, cond, uncond
 from guidekit.fields import finite, to_float
+from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
 
 
+@register
 @attrs.frozen(repr=False)
 class TCFGTerm(NonlinearPrediction):
     """``u' + w (c - u')`` with ``u'`` the projection of ``u`` on the top singular direction."""

@@ -191,3 +191,12 @@ def test_the_core_never_imports_an_adapter() -> None:
         if target.startswith(ADAPTERS)
     ]
     assert not offenders, "the core imports an adapter:\n" + "\n".join(offenders)
+
+
+def test_the_registry_imports_no_term() -> None:
+    # terms register themselves; a registry that imported them would be a list to edit
+    graph = import_graph(typing_too=True)
+    assert not {
+        t for t in graph["guidekit.registry"]
+        if t.startswith(("guidekit.terms", "guidekit.combinators"))
+    }
