@@ -594,6 +594,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_compile_layout_does_not_depend_on_the_hash_seed() -> None:
     outputs = []
     for seed in ("0", "4242"):

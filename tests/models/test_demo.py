@@ -129,6 +129,7 @@ def test_rows_text_shows_a_range_when_a_gate_changes_rows() -> None:
     assert DemoRow(Entry("eps", "x"), rows=(30, 30)).rows_text == "30"
 
 
+@pytest.mark.slow
 def test_cli_runs_given_expressions(tmp_path: Path) -> None:
     out = tmp_path / "g.png"
     result = subprocess.run(

@@ -16,6 +16,7 @@ the circle check (they never run; annotations are strings here) but not of the a
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,7 @@ def _targets(stmt: ast.stmt, importer: str, is_package: bool, modules: set[str])
     return out
 
 
+@functools.cache
 def import_graph(typing_too: bool = False) -> dict[str, set[str]]:
     """Module -> the modules of guidekit/ and adapters/ that it imports."""
     files = module_files()
