@@ -3,7 +3,7 @@
     python examples/custom_sampler.py
     python examples/custom_sampler.py --guidance "CFG(3) | APG(eta=0)" --batch 8
 
-The code lives in :mod:`guidekit.demo` (so ``python -m guidekit demo --toy`` runs the same thing):
+The code lives in :mod:`guidekit.models.toy` (so ``python -m guidekit demo --toy`` runs the same thing):
 a class-conditional ``model(x, sigma, y)`` with a null class for the unconditional branch and
 a degraded copy for Autoguidance, Karras sigmas, and the loop
 

@@ -8,11 +8,10 @@ from typing import Any
 import attrs
 
 from guidekit.branch import COND, MAIN, UNCOND, Branch
-from guidekit.combinators.base import AttentionModifier, InputModifier, Processor
-from guidekit.combinators.pipe import Piped, Pipeline
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
 from guidekit.plan import ForwardGroup, Plan
+from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.spaces import as_noise, check_prediction
 from guidekit.split import make_splitter
 

@@ -17,62 +17,32 @@ the fewest parentheses Python's precedence allows (``*`` > ``+``/``-`` > ``|``).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import attrs
 
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.linear import INF, Entry, atom_branches
+from guidekit.text import (
+    ATOM,
+    PIPE,
+    PRODUCT,
+    SUM,
+    class_instead_of_instance,
+    display_name,
+    fmt_number,
+    is_number,
+    is_tensor,
+)
 
-if TYPE_CHECKING:
-    from guidekit.combinators.interval import Gated
-    from guidekit.combinators.pipe import Piped
-
-# Printing precedence levels, loosest first.
-PIPE, SUM, PRODUCT, ATOM = 0, 1, 2, 3
-INF = math.inf
-
-
-@attrs.frozen
-class Entry:
-    """One term of an expression's linear form: ``coef * atom`` while ``lo < sigma <= hi``.
-
-    ``atom`` is a :class:`~guidekit.branch.Branch` or a nonlinear prediction term (such as
-    ``CFGZeroStar``) that the plan evaluates from its own branches.
-    """
-
-    atom: Any
-    coef: float
-    lo: float = -INF
-    hi: float = INF
-
-    def active(self, sigma: float) -> bool:
-        return self.lo < sigma <= self.hi
-
-
-def fmt_number(value: float) -> str:
-    """Shortest text that reads back to the same float: ``7`` not ``7.0``, ``inf``, ``0.1``."""
-    value = float(value)
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def is_number(value: Any) -> bool:
-    """A real Python or NumPy number; booleans and tensors are not numbers here."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_tensor(value)
-
-
-def _is_tensor(value: Any) -> bool:
-    return type(value).__module__.startswith(("torch", "numpy")) and hasattr(value, "shape")
-
-
-def display_name(cls: type) -> str:
-    return str(getattr(cls, "_name", cls.__name__))
+# the linear form and the printing helpers are re-exported: code has imported them from here
+__all__ = [
+    "ATOM", "INF", "PIPE", "PRODUCT", "SUM", "Entry", "Expr", "Gated", "Scaled", "Sum", "add",
+    "atom_branches", "class_instead_of_instance", "display_name", "fmt_number", "gate",
+    "is_number", "not_a_processor", "operand", "pipe", "scale", "scaled", "sub", "total",
+]
 
 
 class _AlgebraMeta(type):
@@ -87,14 +57,6 @@ class _AlgebraMeta(type):
     __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _misuse
 
 
-def class_instead_of_instance(cls: type) -> str:
-    name = display_name(cls)
-    example = getattr(cls, "_example", f"{name}()")
-    return (
-        f"{name} is a term class, not a term: call it to make a value, e.g. {example}"
-    )
-
-
 class Expr(metaclass=_AlgebraMeta):
     """Base of every guidance expression node.
 
@@ -104,6 +66,8 @@ class Expr(metaclass=_AlgebraMeta):
 
     __slots__ = ()
     level: ClassVar[int] = ATOM
+    #: a piped expression is final: it cannot be added to or scaled (the pipe applies last)
+    final: ClassVar[bool] = False
 
     # -- structure -------------------------------------------------------------------------
     @property
@@ -179,9 +143,7 @@ class Expr(metaclass=_AlgebraMeta):
     def __pos__(self) -> Expr:
         return self
 
-    def __or__(self, other: Any) -> Piped:
-        from guidekit.combinators.pipe import pipe
-
+    def __or__(self, other: Any) -> Expr:
         return pipe(self, other)
 
     def __ror__(self, other: Any) -> Any:
@@ -202,18 +164,10 @@ class Expr(metaclass=_AlgebraMeta):
         computed there); a gated prediction falls back to the plain conditional ``Cond()``,
         which is the guidance-interval paper's "no guidance" (arXiv 2404.07724).
         """
-        from guidekit.combinators.interval import gate
-
         return gate(self, lo, hi)
 
 
-def atom_branches(atom: Any) -> tuple[Branch, ...]:
-    if isinstance(atom, Branch):
-        return (atom,)
-    return tuple(atom.atom_branches())
-
-
-# -- the two structural nodes ------------------------------------------------------------
+# -- the structural nodes of + and * ------------------------------------------------------
 
 
 @attrs.frozen(repr=False)
@@ -272,15 +226,54 @@ class Scaled(Expr):
         return f"{fmt_number(self.factor)} * {self.expr.fmt_at(ATOM)}"
 
 
+# -- the structural node of .between --------------------------------------------------------
+
+
+@attrs.frozen(repr=False)
+class Gated(Expr):
+    """``expr.between(lo, hi)``: active while ``lo < sigma <= hi`` (the guidance interval).
+
+    https://arxiv.org/abs/2404.07724 -- guidance only on a range of noise levels, scheduled by
+    sigma, never by step count.
+    Outside the interval a direction is zero (its branches are not computed) and a
+    prediction ``P`` is ``Cond()``: ``P.between(lo, hi) == Cond() + (P - Cond()).between(lo, hi)``.
+    Nested gates intersect.
+    """
+
+    expr: Expr
+    lo: float
+    hi: float
+    level: ClassVar[int] = ATOM
+
+    @property
+    def weight(self) -> int:
+        return self.expr.weight
+
+    def children(self) -> tuple[Expr, ...]:
+        return (self.expr,)
+
+    def entries(self) -> tuple[Entry, ...]:
+        out = []
+        if self.expr.weight == 1:
+            out.append(Entry(Branch(), 1.0))
+        for e in self.expr.entries():
+            lo, hi = max(e.lo, self.lo), min(e.hi, self.hi)
+            if lo < hi:
+                out.append(Entry(e.atom, e.coef, lo, hi))
+        if self.expr.weight == 1:
+            out.append(Entry(Branch(), -1.0, self.lo, self.hi))
+        return tuple(out)
+
+    def _fmt(self) -> str:
+        return f"{self.expr.fmt_at(ATOM)}.between({fmt_number(self.lo)}, {fmt_number(self.hi)})"
+
+
 # -- named operations -----------------------------------------------------------------------
 
 
 def operand(value: Any, op: str, other: Any) -> Expr:
     """Check one side of an arithmetic operator and say what to write instead."""
-    from guidekit.combinators.base import Processor
-    from guidekit.combinators.pipe import Piped, Pipeline
-
-    if isinstance(value, Piped):
+    if isinstance(value, Expr) and value.final:
         raise GuidanceTypeError(
             f"({value!r}) {op} ...: a pipe applies last. Write the sum first and pipe it, "
             f"e.g. (a + b) | P; Python already reads a + b | P that way"
@@ -289,12 +282,12 @@ def operand(value: Any, op: str, other: Any) -> Expr:
         return value
     if isinstance(value, type):
         raise GuidanceTypeError(class_instead_of_instance(value))
-    if isinstance(value, (Processor, Pipeline)):
+    if hasattr(value, "pipe_after"):
         raise GuidanceTypeError(
             f"{value!r} is a post-processor: it goes after |, e.g. CFG(7) | {value!r}, "
             f"not {op}"
         )
-    if _is_tensor(value):
+    if is_tensor(value):
         raise GuidanceTypeError(
             f"cannot {op} a tensor and {other!r}: scales in a guidance expression are Python "
             f"numbers; use float(t) for a one-element tensor"
@@ -310,9 +303,8 @@ def operand(value: Any, op: str, other: Any) -> Expr:
 
 
 def _two_predictions(a: Expr, b: Expr) -> GuidanceTypeError:
-    from guidekit.terms.base import LinearTerm
-
-    if isinstance(b, LinearTerm) and len(b.coefficients()) == 1:
+    entries = b.entries()
+    if not b.children() and len(entries) == 1 and isinstance(entries[0].atom, Branch):
         return GuidanceTypeError(
             f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a "
             f"direction. {b!r} is a plain model prediction. Probably meant a direction instead, "
@@ -388,3 +380,50 @@ def total(exprs: Iterable[Any]) -> Expr:
     for item in items[1:]:
         result = add(result, item)
     return result
+
+
+def gate(expr: Any, lo: Any, hi: Any) -> Gated:
+    expr = operand(expr, "gate", None)
+    where = f"{expr!r}.between({lo!r}, {hi!r})"
+    for value in (lo, hi):
+        if not is_number(value) or math.isnan(float(value)):
+            raise GuidanceTypeError(f"{where}: the bounds must be numbers (noise levels sigma)")
+    lo, hi = float(lo), float(hi)
+    if lo > hi:
+        raise GuidanceValueError(
+            f"{where}: lo > hi, the interval is empty; the bounds are noise levels (sigma, "
+            f"large = noisy) with lo < hi, probably meant .between({fmt_number(hi)}, {fmt_number(lo)})"
+        )
+    if lo == hi:
+        raise GuidanceValueError(
+            f"{where}: lo == hi, the interval (lo, hi] is empty; give lo < hi, e.g. "
+            f".between({fmt_number(lo)}, {fmt_number(hi * 2 if hi > 0 else 1)})"
+        )
+    if lo < 0 or math.isinf(lo):
+        raise GuidanceValueError(
+            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
+        )
+    return Gated(expr, lo, hi)
+
+
+def pipe(left: Any, right: Any) -> Expr:
+    """``left | right``: the right side, a post-processor or pipeline, builds the piped expression.
+
+    Anything with ``pipe_after(left)`` may stand right of ``|``: the classes that do
+    (:mod:`guidekit.processor`) sit above this module, which names only the method.
+    """
+    if not isinstance(right, type) and hasattr(right, "pipe_after"):
+        return right.pipe_after(left)
+    raise not_a_processor(right, f"{left!r} | ...")
+
+
+def not_a_processor(value: Any, where: str) -> GuidanceTypeError:
+    """The error for ``value`` standing right of ``|`` where a post-processor belongs."""
+    if isinstance(value, type):
+        return GuidanceTypeError(class_instead_of_instance(value))
+    if isinstance(value, Expr):
+        return GuidanceTypeError(
+            f"... | {value!r}: the right side of | must be a post-processor such as APG(...) "
+            f"or Rescale(...); {value!r} is a guidance term: combine terms with +"
+        )
+    return GuidanceTypeError(f"{where}: expected a post-processor such as APG(...), got {value!r}")

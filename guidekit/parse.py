@@ -27,10 +27,9 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from guidekit.combinators.base import Processor
-from guidekit.combinators.pipe import Piped, Pipeline, chain, pipe
 from guidekit.errors import GuidanceError, GuidanceTypeError, ParseError
 from guidekit.expr import Expr, add, class_instead_of_instance, is_number, scale, sub
+from guidekit.processor import Piped, Pipeline, Processor, chain, pipe
 from guidekit.registry import CONSTRUCTORS
 
 _TOKEN = re.compile(

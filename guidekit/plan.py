@@ -22,100 +22,31 @@ import torch
 from guidekit.branch import COND, Branch
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.expr import Entry, Expr, atom_branches, fmt_number
+from guidekit.explain import describe, explain
+from guidekit.expr import Entry, Expr, atom_branches
+from guidekit.processor import AttentionModifier
+from guidekit.program import Program, atom_label, fmt_term
+from guidekit.rows import (
+    CallRecord,
+    ForwardGroup,
+    RowLayout,
+    check_output,
+    concat_conds,
+    layout_rows,
+    slice_conds,
+)
 from guidekit.spaces import Noise, check_prediction
-from guidekit.split import FixedSplit, Splitter, calls_for, make_splitter, now, sync
+from guidekit.split import Splitter, calls_for, make_splitter, now, sync
 from guidekit.state import ForwardState, State, level_of, new_state
 
 ModelFn = Callable[..., torch.Tensor]
 
-
-@attrs.frozen
-class ForwardGroup:
-    """The branches of one model that run together as one batched call.
-
-    ``stage`` 1 marks a DEPENDENT group: its branches' inputs are made from the outputs of
-    the stage-0 groups of the same step (SAG's degraded input), so it runs after them, as
-    a second call.
-    """
-
-    model: str
-    branches: tuple[Branch, ...]
-    stage: int = 0
-
-    @property
-    def labels(self) -> str:
-        return " ".join(b.label for b in self.branches)
-
-    @property
-    def title(self) -> str:
-        """``main [c u]``, or ``main (2nd call) [u[SAG...]]`` for a dependent group."""
-        return f"{self.model}{' (2nd call)' if self.stage else ''} [{self.labels}]"
-
-
-@attrs.frozen
-class CallRecord:
-    """One model call made by ``Plan.step``: for tests, logs and benchmarks."""
-
-    model: str
-    rows: int
-    branches: tuple[str, ...]
-    sigma: float
-    step: int
-
-
-@attrs.frozen
-class RowLayout:
-    """Which rows of one model call belong to which branch: ``(branch, start, stop)`` blocks.
-
-    Passed to ``around_call`` so that code running inside the forward (an attention
-    engine, for example) can treat each branch's rows differently. ``offset`` is the call's
-    first row within its forward group (non-zero only when a row budget splits the group)
-    and ``batch`` the sampler's batch ``B``, so row ``r`` of a block is sample
-    ``(r + offset) % batch``. ``state`` is the step's :class:`~guidekit.state.ForwardState`
-    (not part of equality: equal layouts route rows alike whatever the state).
-    """
-
-    model: str
-    rows: int
-    blocks: tuple[tuple[Branch, int, int], ...]
-    offset: int = 0
-    batch: int = 0
-    state: Any = attrs.field(default=None, eq=False, hash=False, repr=False)
-
-    def sample(self, row: int) -> int:
-        """Index in the sampler's batch of the call's row ``row``."""
-        return (row + self.offset) % self.batch if self.batch else row
-
-
-@attrs.frozen(eq=False)
-class Program:
-    """What runs for noise levels in one interval: active atoms and forward groups."""
-
-    coefs: tuple[tuple[Any, float], ...]
-    groups: tuple[ForwardGroup, ...]
-    formula: str
-
-    @property
-    def coef_map(self) -> dict[Any, float]:
-        return dict(self.coefs)
-
-    @property
-    def branches(self) -> tuple[Branch, ...]:
-        return tuple(b for g in self.groups for b in g.branches)
-
-
-def _term(coef: float, label: str, first: bool) -> str:
-    sign = "-" if coef < 0 else "+"
-    mag = abs(coef)
-    body = label if mag == 1 else f"{fmt_number(mag)}·{label}"
-    if first:
-        return body if sign == "+" else f"-{body}"
-    return f"{sign} {body}"
-
-
-def _atom_label(atom: Any) -> str:
-    return atom.label if isinstance(atom, Branch) else repr(atom)
+# the row layout, programs and text live in rows.py, program.py and explain.py; code imports
+# them from here as before
+__all__ = [
+    "CallRecord", "ForwardGroup", "ModelFn", "Plan", "Program", "RowLayout", "concat_conds",
+    "slice_conds",
+]
 
 
 @attrs.define(eq=False)
@@ -161,8 +92,6 @@ class Plan:
         """Attention modifiers (PLADIS, GAG, NAG): applied inside the forward by the
         attention engine (:func:`guidekit.attention.install`), in pipe order."""
         # imported here: combinators import terms, whose attention terms import this module
-        from guidekit.combinators.base import AttentionModifier
-
         return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
     @property
@@ -219,7 +148,7 @@ class Plan:
             active = tuple(b for b in g.branches if b in needed)
             if active:
                 groups.append(attrs.evolve(g, branches=active))
-        parts = [_term(c, _atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
+        parts = [fmt_term(c, atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
         formula = "out = " + " ".join(parts)
         if self.post or self.modifiers:
             formula += " | " + " | ".join(repr(p) for p in self.post + self.modifiers)
@@ -461,9 +390,9 @@ class Plan:
                 if around_call is None:
                     out = model(xs, sig_rows[lo:hi], **sub)
                 else:
-                    with around_call(_layout(group, batch, lo, hi, forward_state)):
+                    with around_call(layout_rows(group, batch, lo, hi, forward_state)):
                         out = model(xs, sig_rows[lo:hi], **sub)
-                _check_output(out, group.model, hi - lo, xs)
+                check_output(out, group.model, hi - lo, xs)
                 outs.append(out)
                 if on_call is not None:
                     labels = tuple(
@@ -493,146 +422,14 @@ class Plan:
         assert y is not None  # a prediction always has a nonzero coefficient
         return y
 
-    # -- text -----------------------------------------------------------------------------------
-    def _budget(self) -> str:
-        if self.max_rows is None:
-            return "one call per forward group"
-        if self.max_rows == "auto":
-            return "auto (times one call vs one call per branch, keeps the faster)"
-        return f"at most {self.max_rows} rows per call"
-
+    # -- text: guidekit/explain.py -----------------------------------------------------------
     def __str__(self) -> str:
-        lines = [
-            f"Plan for {self.expr!r}",
-            f"  model predicts {self.prediction} (noise {self.noise.kind}); "
-            f"row budget: {self._budget()}",
-            "  forward groups: "
-            + "; ".join(g.title for g in self.groups),
-        ]
-        for lo, hi, prog in self.regions():
-            where = "all sigma" if not self.breakpoints else (
-                f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
-            )
-            calls = "; ".join(f"{g.title} {len(g.branches)}xB rows" for g in prog.groups)
-            nfe = f"NFE {len(prog.groups)}" + (
-                " before the row budget" if self.max_rows is not None else ""
-            )
-            lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
-        return "\n".join(lines)
+        return describe(self)
 
     def __repr__(self) -> str:
         return f"<Plan {self.expr!r}: {len(self.branches)} branches in {len(self.groups)} group(s)>"
 
     def explain(self, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
         """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""
-        if isinstance(sigmas, torch.Tensor):
-            sigmas = sigmas.detach().flatten().tolist()
-        levels = [float(s) for s in sigmas if float(s) > 0]
-        split = FixedSplit(None if self.max_rows in (None, "auto") else self.max_rows)
-        rows_total = calls_total = 0
-        lines = [str(self).splitlines()[0], f"  batch B = {batch}; {self._budget()}"]
-        header = f"  {'steps':<9} {'sigma':<18} {'model calls (rows)':<44} {'NFE':>3}  combine"
-        lines.append(header)
-        i = 0
-        while i < len(levels):
-            prog = self.program(levels[i])
-            j = i
-            while j + 1 < len(levels) and self.program(levels[j + 1]) is prog:
-                j += 1
-            calls = []
-            nfe = 0
-            for g in prog.groups:
-                r = len(g.branches) * batch
-                n = calls_for(r, split.chunk(g.model, r, batch))
-                nfe += n
-                tag = f"{g.model}{' (2nd call)' if g.stage else ''}[{g.labels}]"
-                calls.append(f"{tag} {n}x ({len(g.branches)}x{batch}={r})")
-                rows_total += r * (j - i + 1)
-            calls_total += nfe * (j - i + 1)
-            steps = f"{i}" if i == j else f"{i}-{j}"
-            sig = fmt_number(round(levels[i], 4)) if i == j else (
-                f"{round(levels[i], 4):g} .. {round(levels[j], 4):g}"
-            )
-            lines.append(f"  {steps:<9} {sig:<18} {'; '.join(calls):<44} {nfe:>3}  {prog.formula}")
-            i = j + 1
-        lines.append(
-            f"  total: {len(levels)} steps, {calls_total} model calls, {rows_total} rows"
-            + (" (auto split may use more calls)" if self.max_rows == "auto" else "")
-        )
-        return "\n".join(lines)
+        return explain(self, sigmas, batch)
 
-
-def _layout(
-    group: ForwardGroup, batch: int, lo: int, hi: int, state: ForwardState | None = None
-) -> RowLayout:
-    blocks = []
-    for i, branch in enumerate(group.branches):
-        start, stop = max(i * batch, lo), min((i + 1) * batch, hi)
-        if start < stop:
-            blocks.append((branch, start - lo, stop - lo))
-    return RowLayout(group.model, hi - lo, tuple(blocks), lo, batch, state)
-
-
-def concat_conds(
-    names: Sequence[str], conds: Mapping[str, Mapping[str, Any]], batch: int
-) -> dict[str, Any]:
-    """Concatenate each named conditioning's tensors along the batch axis, in order."""
-    dicts = []
-    for n in names:
-        if n not in conds:
-            raise GuidanceValueError(
-                f"the plan needs the conditioning {n!r} but got only "
-                f"{', '.join(map(repr, conds)) or 'none'}: pass {n}=... (a dict of tensors)"
-            )
-        dicts.append(conds[n])
-    first_name, first = names[0], dicts[0]
-    for n, d in zip(names[1:], dicts[1:]):
-        if d.keys() != first.keys():
-            raise GuidanceValueError(
-                f"conditionings {first_name!r} and {n!r} have different keys "
-                f"({sorted(first)} vs {sorted(d)}): they must match so their rows share a batch"
-            )
-    out: dict[str, Any] = {}
-    for key, value in first.items():
-        if isinstance(value, torch.Tensor):
-            for n, d in zip(names, dicts):
-                v = d[key]
-                if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != batch:
-                    got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise GuidanceValueError(
-                        f"conditioning {n!r} key {key!r} has shape {got}: its first axis must "
-                        f"be the batch, B = x.shape[0] = {batch}"
-                    )
-                if v.shape[1:] != value.shape[1:]:
-                    raise GuidanceValueError(
-                        f"conditionings {first_name!r} and {n!r} differ at key {key!r}: shape "
-                        f"{list(value.shape)} vs {list(v.shape)}; pad or mask them to the same "
-                        f"shape so their rows share one batch"
-                    )
-            out[key] = value if len(dicts) == 1 else torch.cat([d[key] for d in dicts])
-        else:
-            for n, d in zip(names[1:], dicts[1:]):
-                if d[key] is not value and d[key] != value:
-                    raise GuidanceValueError(
-                        f"conditionings {first_name!r} and {n!r} differ at non-tensor key "
-                        f"{key!r}; only tensors may differ between rows"
-                    )
-            out[key] = value
-    return out
-
-
-def slice_conds(cond_rows: Mapping[str, Any], lo: int, hi: int) -> dict[str, Any]:
-    return {k: v[lo:hi] if isinstance(v, torch.Tensor) else v for k, v in cond_rows.items()}
-
-
-def _check_output(out: Any, model: str, rows: int, x_rows: torch.Tensor) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise GuidanceTypeError(
-            f"model {model!r} returned {type(out).__name__}; the custom-sampler API needs a "
-            f"tensor (wrap the model, e.g. lambda *a, **k: model(*a, **k).sample)"
-        )
-    if out.shape != x_rows.shape:
-        raise GuidanceValueError(
-            f"model {model!r} returned shape {list(out.shape)} for {rows} rows; expected "
-            f"{list(x_rows.shape)} (the shape of its input x)"
-        )

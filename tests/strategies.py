@@ -2,9 +2,10 @@
 
 Three parts:
 
-* **Values.** One strategy per class in :data:`guidekit.registry.TERM_CLASSES` and
-  :data:`~guidekit.registry.PROCESSOR_CLASSES` (:data:`TERM_STRATEGIES`,
-  :data:`PROCESSOR_STRATEGIES`), and recursive expression strategies built from them:
+* **Values.** One strategy per registered class (:func:`strategy_for`), DERIVED from its attrs
+  fields: a field draws from the class's ``field_examples`` when it names the field, else from
+  its validator's range (:data:`BY_VALIDATOR`), else keeps its default; values the term's own
+  validators reject are discarded. Recursive expression strategies are built from them:
   :func:`directions`, :func:`predictions`, :func:`piped`. They reuse drawn subtrees
   (``d + d``, ``p + (d - d)``) so that deduplication is exercised.
 * **Worlds.** :class:`World` fixes the batch, prediction space, noise convention, seed and
@@ -18,21 +19,24 @@ Three parts:
   and without ``Plan.step``, so "batched evaluation equals evaluating each branch
   separately" compares two different computations.
 
-A new term or post-processor must get a strategy here (a law test checks that), a
-reference formula (:data:`TERM_REFERENCE` / :data:`PROCESSOR_REFERENCE`) and a
-coefficient rule (:data:`TERM_COEFFICIENTS`).
+A new linear or direction term needs nothing here: its strategy comes from its fields and
+the reference reads its ``coefficients()`` (its formula is checked by its own oracle test,
+see docs/contributing.md). A nonlinear term or a post-processor needs a reference formula
+(:data:`TERM_REFERENCE` / :func:`_apply`); a law test names what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import torch
+from hypothesis import reject
 from hypothesis import strategies as st
 
 import guidekit
@@ -45,31 +49,20 @@ from guidekit import (
     CFGZeroStarTerm,
     CondTerm,
     Gated,
+    GuidanceError,
     GuidanceTypeError,
     Piped,
     Scaled,
     Sum,
     TCFGTerm,
     UncondTerm,
+    fields,
 )
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
-from guidekit.registry import PROCESSOR_CLASSES, PROCESSORS, TERM_CLASSES, TERMS, kind
-
-#: Attention-perturbation terms come with the attention engine; looked up by name so these
-#: strategies work with or without them.
-PAGTerm: type | None = TERMS.get("PAG")
-#: EMAG's terms keep state inside the forward (moving averages of attention).
-EMAG_TERMS: tuple[type, ...] = tuple(t for n in ("EMAG", "EMAGQ") if (t := TERMS.get(n)))
-#: SAG's negative is a second, dependent call on a degraded input.
-SAGTerm: type | None = TERMS.get("SAG")
-#: SEG (blurred queries) and SLG (skipped blocks): perturbed branches like PAG's.
-SEGTerm: type | None = TERMS.get("SEG")
-SLGTerm: type | None = TERMS.get("SLG")
-#: Attention modifiers (PLADIS, GAG, NAG) change the attention inside the forward.
-ATTENTION_MODIFIERS: tuple[type, ...] = tuple(
-    c for n in ("PLADIS", "GAG", "NAG") if (c := PROCESSORS.get(n))
-)
+from guidekit.fields import Range
+from guidekit.registry import kind, processor_classes, term_classes
+from guidekit.terms.base import DirectionTerm, LinearTerm
 
 # -- numbers ------------------------------------------------------------------------------------
 
@@ -93,108 +86,75 @@ GATE_POINTS = (0.0, 0.05, 0.3, 0.5, 0.75, 1.0, 2.5, 4.0, 7.0, 20.0)
 #: every interval between them, so every region of a plan is visited.
 ROW_SIGMAS = (50.0, 20.0, 10.0, 7.0, 5.0, 4.0, 3.0, 2.5, 1.5, 1.0, 0.9, 0.75, 0.6, 0.5, 0.4,
               0.3, 0.1, 0.05, 0.01)
+#: the models the test worlds answer for besides ``main`` (Autoguidance's weak models)
 AUTOGUIDANCE_MODELS = ("weak", "small")
 
-# -- one strategy per registered class ----------------------------------------------------------
+# -- one strategy per registered class, derived from its fields ----------------------------------
 
-TERM_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
-    CondTerm: st.builds(CondTerm, model=st.sampled_from([MAIN, "weak"])),
-    UncondTerm: st.builds(UncondTerm, model=st.sampled_from([MAIN, "weak"])),
-    CFGTerm: st.builds(CFGTerm, SCALES),
-    AutoguidanceTerm: st.builds(
-        AutoguidanceTerm, SCALES, model=st.sampled_from(AUTOGUIDANCE_MODELS)
-    ),
-    CFGZeroStarTerm: st.builds(
-        CFGZeroStarTerm, SCALES, zero_init_steps=st.integers(0, 2)
-    ),
-    TCFGTerm: st.builds(TCFGTerm, SCALES),
+#: a field without ``field_examples`` draws from its validator's range
+BY_VALIDATOR: dict[Any, st.SearchStrategy[Any]] = {
+    fields.finite: SCALES,
+    fields.unit_interval: numbers(0, 1),
+    fields.nonnegative: numbers(0, 8),
+    fields.positive_or_none: st.none() | numbers(0.5, 20, 1),
+    fields.count: st.integers(0, 2),
 }
-if PAGTerm is not None:
-    # distinct layer choices are distinct perturbed branches; equal ones share a row block
-    TERM_STRATEGIES[PAGTerm] = st.builds(
-        PAGTerm, SCALES, layers=st.sampled_from([None, -1, (1, 2), "blocks.0.attn1"])
-    )
-if SAGTerm is not None:
-    TERM_STRATEGIES[SAGTerm] = st.builds(
-        SAGTerm, SCALES, layers=st.sampled_from([None, -1]),
-        blur_sigma=st.sampled_from([1.0, 2.0]), kernel=st.just(3),  # the worlds are 4 x 4
-    )
-if SEGTerm is not None:
-    TERM_STRATEGIES[SEGTerm] = st.builds(
-        SEGTerm, SCALES, blur_sigma=st.sampled_from([math.inf, 1.0, 10.0]),
-        layers=st.sampled_from([None, -1, (1, 2)]),
-    )
-if SLGTerm is not None:
-    TERM_STRATEGIES[SLGTerm] = st.builds(
-        SLGTerm, SCALES, layers=st.sampled_from([None, (7, 8, 9), -1]),
-        skip=st.sampled_from(["block", "attention"]),
-    )
-for _emag in EMAG_TERMS:
-    TERM_STRATEGIES[_emag] = st.builds(
-        _emag, SCALES, layers=st.sampled_from([None, (1, 2)]),
-        beta=st.sampled_from([0.988, 0.9]),
+
+
+def _examples(spec: Any) -> st.SearchStrategy[Any]:
+    if isinstance(spec, Range):
+        return numbers(spec.lo, spec.hi)
+    if not any(isinstance(v, Range) for v in spec):
+        return st.sampled_from(spec)
+    return st.one_of([_examples(v) if isinstance(v, Range) else st.just(v) for v in spec])
+
+
+def field_strategy(cls: type, field: attrs.Attribute) -> st.SearchStrategy[Any]:
+    """The values one field of a registered class draws (see the module docstring)."""
+    declared = getattr(cls, "field_examples", {})
+    if field.name in declared:
+        return _examples(declared[field.name])
+    if field.validator in BY_VALIDATOR:
+        return BY_VALIDATOR[field.validator]
+    if field.default is not attrs.NOTHING:
+        return st.just(field.default)
+    raise KeyError(
+        f"{cls.__name__}.{field.name} has no default, no field_examples and a validator the "
+        f"tests do not know: declare field_examples = {{{field.name!r}: (...)}} on the class"
     )
 
 
-@st.composite
-def _cads(draw: st.DrawFn) -> CADSAnnealing:
-    tau1, tau2 = sorted(draw(st.lists(numbers(0, 1), min_size=2, max_size=2, unique=True)))
-    return CADSAnnealing(
-        tau1=tau1,
-        tau2=tau2,
-        noise_scale=draw(numbers(0, 0.5)),
-        psi=draw(numbers(0, 1)),
-        keys=draw(st.sampled_from([None, ("emb",)])),
-        conds=draw(st.sampled_from([None, ("cond",), ("cond", "uncond")])),
-    )
-
-
-PROCESSOR_STRATEGIES: dict[type, st.SearchStrategy[Any]] = {
-    APGProjection: st.builds(
-        APGProjection,
-        eta=numbers(0, 1),
-        norm_threshold=st.none() | numbers(0.5, 20, 1),
-        momentum=numbers(-0.9, 0.9),
-    ),
-    CFGRescale: st.builds(CFGRescale, numbers(0, 1)),
-    CADSAnnealing: _cads(),
-}
-_MODIFIER_LAYERS = st.sampled_from([None, -1, (0, 1), "blocks.0.attn2"])
-_MODIFIER_ARGS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
-    "PLADIS": {"sparse": st.sampled_from(["entmax15", "sparsemax"])},
-    "GAG": {"eta": st.none() | numbers(1, 20, 1), "zeta": numbers(0, 1)},
-    "NAG": {"tau": st.none() | numbers(1, 5, 1), "alpha": numbers(0, 1)},
-}
-for _mod in ATTENTION_MODIFIERS:
-    PROCESSOR_STRATEGIES[_mod] = st.builds(
-        _mod, numbers(0, 8), layers=_MODIFIER_LAYERS, **_MODIFIER_ARGS.get(_mod._name, {})
-    )
-
-
+@functools.cache
 def strategy_for(cls: type) -> st.SearchStrategy[Any]:
-    """The strategy for one registered class; a clear error for a class without one."""
-    table = {**TERM_STRATEGIES, **PROCESSOR_STRATEGIES}
-    if cls not in table:
-        raise KeyError(
-            f"{cls.__name__} is in guidekit.registry but tests/strategies.py has no strategy "
-            f"for it: add one to TERM_STRATEGIES or PROCESSOR_STRATEGIES"
-        )
-    return table[cls]
+    """The strategy for one registered class; a clear error for a field it cannot draw."""
+    drawn = {
+        getattr(f, "alias", f.name): field_strategy(cls, f) for f in attrs.fields(cls) if f.init
+    }
+
+    @st.composite
+    def build(draw: st.DrawFn) -> Any:
+        kwargs = {name: draw(strategy) for name, strategy in drawn.items()}
+        try:
+            return cls(**kwargs)
+        except GuidanceError:  # a combination the term refuses (CADS's tau1 >= tau2)
+            reject()
+
+    return build()
 
 
 def _classes(*kinds: str) -> list[type]:
-    return [c for c in TERM_CLASSES if kind(c) in kinds]
+    return [c for c in term_classes() if kind(c) in kinds]
 
 
 def terms(*kinds: str) -> st.SearchStrategy[Any]:
     """Any registered term of the given kinds (all kinds when none is given)."""
-    classes = _classes(*kinds) if kinds else list(TERM_CLASSES)
+    classes = _classes(*kinds) if kinds else list(term_classes())
     return st.one_of([strategy_for(c) for c in classes])
 
 
 def processors() -> st.SearchStrategy[Any]:
     """Any registered post-processor or input modifier."""
-    return st.one_of([strategy_for(c) for c in PROCESSOR_CLASSES])
+    return st.one_of([strategy_for(c) for c in processor_classes()])
 
 
 @st.composite
@@ -740,22 +700,44 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     TCFGTerm: lambda t: [(t, 1.0)],
 }
 
-for _direction_term in (
-    *(t for t in (PAGTerm, SAGTerm, SEGTerm, SLGTerm) if t is not None), *EMAG_TERMS
-):
-    TERM_REFERENCE[_direction_term] = _direction
-    TERM_COEFFICIENTS[_direction_term] = lambda t: [
-        (t.positive(), t.scale), (t.negative(), -t.scale)
-    ]
 
 
-def _lookup(table: Mapping[type, Any], node: Any, what: str) -> Any:
-    if type(node) not in table:
-        raise KeyError(
-            f"tests/strategies.py has no {what} for {type(node).__name__}: add one to "
-            f"{'TERM_REFERENCE' if what == 'reference formula' else 'TERM_COEFFICIENTS'}"
-        )
-    return table[type(node)]
+def _linear(t: Any) -> list[tuple[Any, float]]:
+    """Any other linear term's own ``coefficients()`` (its oracle test checks them)."""
+    return list(t.coefficients().items())
+
+
+def _from_coefficients(t: Any, env: Env) -> torch.Tensor:
+    pairs = _linear(t)
+    total = pairs[0][1] * env.value(pairs[0][0])
+    for branch, coef in pairs[1:]:
+        total = total + coef * env.value(branch)
+    return total
+
+
+def term_reference(node: Any) -> Callable[[Any, Env], torch.Tensor]:
+    """The reference value of a term: its formula here, or from its coefficients."""
+    if type(node) in TERM_REFERENCE:
+        return TERM_REFERENCE[type(node)]
+    if isinstance(node, DirectionTerm):
+        return _direction
+    if isinstance(node, LinearTerm):
+        return _from_coefficients
+    raise KeyError(
+        f"tests/strategies.py has no reference formula for the nonlinear term "
+        f"{type(node).__name__}: add one to TERM_REFERENCE and atom_branches()"
+    )
+
+
+def term_coefficients(node: Any) -> list[tuple[Any, float]]:
+    """A term's linear form as (atom, coefficient) pairs."""
+    if type(node) in TERM_COEFFICIENTS:
+        return TERM_COEFFICIENTS[type(node)](node)
+    if isinstance(node, DirectionTerm):  # PAG, SEG, SLG, SAG, EMAG: s (positive - negative)
+        return [(node.positive(), node.scale), (node.negative(), -node.scale)]
+    if isinstance(node, LinearTerm):
+        return _linear(node)
+    return [(node, 1.0)]  # a nonlinear term is its own atom
 
 
 def active(gate: Gated, sigma: float) -> bool:
@@ -778,7 +760,7 @@ def reference_value(expr: Expr, env: Env) -> torch.Tensor:
         # outside: a direction is zero, a prediction falls back to plain c (arXiv 2404.07724)
         c = env.value(_c())
         return c if expr.expr.weight == 1 else torch.zeros_like(c)
-    return _lookup(TERM_REFERENCE, expr, "reference formula")(expr, env)
+    return term_reference(expr)(expr, env)
 
 
 def contributions(expr: Expr, sigma: float) -> dict[Any, list[float]]:
@@ -799,7 +781,7 @@ def contributions(expr: Expr, sigma: float) -> dict[Any, list[float]]:
             elif node.expr.weight == 1:
                 out.setdefault(_c(), []).append(factor)
         else:
-            for atom, coef in _lookup(TERM_COEFFICIENTS, node, "coefficient rule")(node):
+            for atom, coef in term_coefficients(node):
                 out.setdefault(atom, []).append(factor * coef)
 
     walk(expr, 1.0)
@@ -911,14 +893,21 @@ def _apply(
     if isinstance(proc, CADSAnnealing):
         # CADS changes only `emb`, which the fake models ignore: no effect on the outputs
         return y, state
-    if isinstance(proc, ATTENTION_MODIFIERS):
+    if kind(type(proc)) == "attention":
         return y, state  # their effect is in the branch outputs (Env.value)
     raise KeyError(
         f"tests/strategies.py has no reference for the post-processor {type(proc).__name__}"
     )
 
 
-PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing, *ATTENTION_MODIFIERS)
+#: the processors :func:`_apply` knows, and every attention modifier (their effect is in the
+#: branch outputs, see :func:`modified`)
+PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing)
+
+
+def has_reference(cls: type) -> bool:
+    """Whether :func:`reference` can evaluate the processor class ``cls``."""
+    return cls in PROCESSOR_REFERENCE or kind(cls) == "attention"
 
 
 @attrs.frozen
@@ -936,7 +925,7 @@ def reference(expr: Expr, world: World) -> Reference:
     outputs = []
     ambiguous = False
     for step, sigma in enumerate(world.sigmas):
-        mods = tuple(s for s in steps if isinstance(s, ATTENTION_MODIFIERS))
+        mods = tuple(s for s in steps if kind(type(s)) == "attention")
         env = Env(world, step, sigma, sample_x(world, step), modifiers=mods)
         y = reference_value(left, env)
         for i, proc in enumerate(steps):

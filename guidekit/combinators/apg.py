@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import torch
 
-from guidekit.branch import uncond
-from guidekit.combinators.base import Processor
+from guidekit.branch import Branch, uncond
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Expr
-from guidekit.terms.base import Branch, NonlinearPrediction, finite, positive_or_none, to_float
+from guidekit.fields import Examples, Range, finite, positive_or_none, to_float
+from guidekit.processor import Processor
+from guidekit.registry import register
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
@@ -44,6 +46,7 @@ def _dims(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(1, t.ndim))
 
 
+@register
 @attrs.frozen(repr=False)
 class APGProjection(Processor):
     """``APG(eta, norm_threshold, momentum)``: Algorithm 1 of the APG paper, in x0 space.
@@ -61,6 +64,9 @@ class APGProjection(Processor):
     space: ClassVar[str] = "x0"
     _name: ClassVar[str] = "APG"
     _example: ClassVar[str] = "APG(eta=0)"
+    field_examples: ClassVar[Examples] = {
+        "eta": Range(0, 1), "norm_threshold": (None, Range(0.5, 20)), "momentum": Range(-0.9, 0.9),
+    }
 
     def check(self, left: Expr) -> None:
         atoms = [e.atom for e in left.entries()]

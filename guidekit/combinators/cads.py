@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import torch
 
-from guidekit.combinators.base import InputModifier
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.terms.base import fmt_value, nonnegative, to_float, unit_interval
+from guidekit.fields import Examples, Range, nonnegative, to_float, unit_interval
+from guidekit.processor import InputModifier
+from guidekit.registry import register
+from guidekit.text import fmt_value
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
@@ -48,6 +50,7 @@ def _to_names(value: Any) -> Any:
     return value
 
 
+@register
 @attrs.frozen(repr=False)
 class CADSAnnealing(InputModifier):
     """``expr | CADS(tau1, tau2, noise_scale, psi)``: anneal the conditioning of ``expr``'s branches.
@@ -68,6 +71,10 @@ class CADSAnnealing(InputModifier):
     )
     _name: ClassVar[str] = "CADS"
     _example: ClassVar[str] = "CADS(tau1=0.6, tau2=0.9, noise_scale=0.1)"
+    field_examples: ClassVar[Examples] = {
+        "noise_scale": Range(0, 0.5), "keys": (None, ("emb",)),
+        "conds": (None, ("cond",), ("cond", "uncond")),
+    }
 
     def __attrs_post_init__(self) -> None:
         if not self.tau1 < self.tau2:

@@ -35,9 +35,10 @@ from guidekit.attention.extrapolation import (
 )
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, Branch
-from guidekit.combinators.base import AttentionModifier
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.terms.base import finite, name, positive_or_none, to_float, unit_interval
+from guidekit.fields import Examples, Range, finite, name, positive_or_none, to_float, unit_interval
+from guidekit.processor import AttentionModifier
+from guidekit.registry import register
 
 
 def _sparse(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -74,6 +75,11 @@ class AttentionCore(AttentionModifier):
         raise NotImplementedError
 
 
+#: layer choices the examples and property tests use (distinct ones are distinct modifiers)
+_LAYER_EXAMPLES = (None, -1, (0, 1), "blocks.0.attn2")
+
+
+@register
 @attrs.frozen(repr=False)
 class PLADISModifier(AttentionCore):
     """``expr | PLADIS(scale)``: sparse-dense attention extrapolation, https://arxiv.org/abs/2503.07677.
@@ -91,6 +97,9 @@ class PLADISModifier(AttentionCore):
     _name: ClassVar[str] = "PLADIS"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "PLADIS(2)"
+    field_examples: ClassVar[Examples] = {
+        "scale": Range(0, 8), "sparse": ("entmax15", "sparsemax"), "layers": _LAYER_EXAMPLES,
+    }
 
     def attend(
         self,
@@ -107,6 +116,7 @@ class PLADISModifier(AttentionCore):
         )
 
 
+@register
 @attrs.frozen(repr=False)
 class GAGModifier(AttentionCore):
     """``expr | GAG(scale, eta=15, zeta=0)``: geometry-aware attention guidance,
@@ -127,6 +137,10 @@ class GAGModifier(AttentionCore):
     _name: ClassVar[str] = "GAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "GAG(5, eta=15)"
+    field_examples: ClassVar[Examples] = {
+        "scale": Range(0, 8), "eta": (None, Range(1, 20)), "zeta": Range(0, 1),
+        "layers": _LAYER_EXAMPLES,
+    }
 
     def attend(
         self,
@@ -143,6 +157,7 @@ class GAGModifier(AttentionCore):
         )
 
 
+@register
 @attrs.frozen(repr=False)
 class NAGModifier(AttentionModifier):
     """``expr | NAG(scale, tau=2.5, alpha=0.25)``: normalized attention guidance,
@@ -173,6 +188,9 @@ class NAGModifier(AttentionModifier):
     _name: ClassVar[str] = "NAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "NAG(4)"
+    field_examples: ClassVar[Examples] = {
+        "scale": Range(0, 8), "tau": (None, Range(1, 5)), "layers": _LAYER_EXAMPLES,
+    }
 
     def __attrs_post_init__(self) -> None:
         if self.negative == COND:

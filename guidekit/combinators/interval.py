@@ -1,77 +1,10 @@
 """Guidance interval: restrict a term to a range of noise levels.
 
 https://arxiv.org/abs/2404.07724 -- guidance applied only for ``sigma`` in ``(lo, hi]``,
-plain ``c`` elsewhere; scheduled by noise level, never by step count.
+plain ``c`` elsewhere; scheduled by noise level, never by step count. ``expr.between(lo, hi)``
+builds the :class:`Gated` node, which lives with the other nodes in :mod:`guidekit.expr`.
 """
 
-from __future__ import annotations
+from guidekit.expr import Gated, gate
 
-import math
-from typing import Any, ClassVar
-
-import attrs
-
-from guidekit.branch import Branch
-from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.expr import ATOM, Entry, Expr, fmt_number, is_number, operand
-
-
-@attrs.frozen(repr=False)
-class Gated(Expr):
-    """``expr.between(lo, hi)``: active while ``lo < sigma <= hi``.
-
-    Outside the interval a direction is zero (its branches are not computed) and a
-    prediction ``P`` is ``Cond()``: ``P.between(lo, hi) == Cond() + (P - Cond()).between(lo, hi)``.
-    Nested gates intersect.
-    """
-
-    expr: Expr
-    lo: float
-    hi: float
-    level: ClassVar[int] = ATOM
-
-    @property
-    def weight(self) -> int:
-        return self.expr.weight
-
-    def children(self) -> tuple[Expr, ...]:
-        return (self.expr,)
-
-    def entries(self) -> tuple[Entry, ...]:
-        out = []
-        if self.expr.weight == 1:
-            out.append(Entry(Branch(), 1.0))
-        for e in self.expr.entries():
-            lo, hi = max(e.lo, self.lo), min(e.hi, self.hi)
-            if lo < hi:
-                out.append(Entry(e.atom, e.coef, lo, hi))
-        if self.expr.weight == 1:
-            out.append(Entry(Branch(), -1.0, self.lo, self.hi))
-        return tuple(out)
-
-    def _fmt(self) -> str:
-        return f"{self.expr.fmt_at(ATOM)}.between({fmt_number(self.lo)}, {fmt_number(self.hi)})"
-
-
-def gate(expr: Any, lo: Any, hi: Any) -> Gated:
-    expr = operand(expr, "gate", None)
-    where = f"{expr!r}.between({lo!r}, {hi!r})"
-    for value in (lo, hi):
-        if not is_number(value) or math.isnan(float(value)):
-            raise GuidanceTypeError(f"{where}: the bounds must be numbers (noise levels sigma)")
-    lo, hi = float(lo), float(hi)
-    if lo > hi:
-        raise GuidanceValueError(
-            f"{where}: lo > hi, the interval is empty; the bounds are noise levels (sigma, "
-            f"large = noisy) with lo < hi, probably meant .between({fmt_number(hi)}, {fmt_number(lo)})"
-        )
-    if lo == hi:
-        raise GuidanceValueError(
-            f"{where}: lo == hi, the interval (lo, hi] is empty; give lo < hi, e.g. "
-            f".between({fmt_number(lo)}, {fmt_number(hi * 2 if hi > 0 else 1)})"
-        )
-    if lo < 0 or math.isinf(lo):
-        raise GuidanceValueError(
-            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
-        )
-    return Gated(expr, lo, hi)
+__all__ = ["Gated", "gate"]

@@ -13,13 +13,15 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond
-from guidekit.combinators.base import Processor
-from guidekit.terms.base import to_float, unit_interval
+from guidekit.fields import to_float, unit_interval
+from guidekit.processor import Processor
+from guidekit.registry import register
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
 
 
+@register
 @attrs.frozen(repr=False)
 class CFGRescale(Processor):
     """``Rescale(phi)``: pull the guided prediction's std back towards the conditional's.

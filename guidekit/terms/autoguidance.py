@@ -12,9 +12,12 @@ from typing import ClassVar
 import attrs
 
 from guidekit.branch import Branch, cond
-from guidekit.terms.base import DirectionTerm, finite, name, to_float
+from guidekit.fields import Examples, finite, name, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 
 
+@register
 @attrs.frozen(repr=False)
 class AutoguidanceTerm(DirectionTerm):
     """``scale * (c - c_weak)``; ``c_weak`` is the conditional prediction of ``model``.
@@ -27,6 +30,7 @@ class AutoguidanceTerm(DirectionTerm):
     _name: ClassVar[str] = "Autoguidance"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "Autoguidance(2, model='weak')"
+    field_examples: ClassVar[Examples] = {"model": ("weak", "small")}
 
     def __attrs_post_init__(self) -> None:
         from guidekit.branch import MAIN

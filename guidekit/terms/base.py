@@ -6,123 +6,34 @@ tensors or callables), so equal terms hash equal and two equal terms are one ato
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import attrs
+from typing import TYPE_CHECKING, ClassVar
 
 from guidekit.branch import Branch
-from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.expr import ATOM, Entry, Expr, display_name, fmt_number, is_number
+from guidekit.expr import Entry, Expr
+from guidekit.fields import (  # re-exported: terms have imported the validators from here
+    Examples,
+    count,
+    finite,
+    name,
+    nonnegative,
+    number,
+    positive_or_none,
+    to_float,
+    unit_interval,
+)
+from guidekit.text import ATOM, fmt_call, fmt_value
 
 if TYPE_CHECKING:
     import torch
 
     from guidekit.context import StepContext
 
-
-def fmt_value(value: Any) -> str:
-    """Text for a field value that :func:`guidekit.parse` reads back."""
-    if is_number(value):
-        return fmt_number(value)
-    if isinstance(value, tuple):
-        inner = ", ".join(fmt_value(v) for v in value)
-        return f"({inner},)" if len(value) == 1 else f"({inner})"
-    return repr(value)
-
-
-def fmt_call(obj: Any) -> str:
-    """``Name(positional..., keyword=value...)`` with defaults left out."""
-    cls = type(obj)
-    positional: tuple[str, ...] = getattr(cls, "_positional", ())
-    args = []
-    for field in attrs.fields(cls):
-        if not field.init or not field.repr:
-            continue
-        value = getattr(obj, field.name)
-        if field.name in positional:
-            args.append(fmt_value(value))
-        elif field.default is attrs.NOTHING or value != field.default:
-            args.append(f"{field.name}={fmt_value(value)}")
-    return f"{display_name(cls)}({', '.join(args)})"
-
-
-# -- field converters and validators that name the term ---------------------------------------
-
-
-def to_float(value: Any) -> Any:
-    """Convert numbers to float; leave anything else for the validator to reject by name."""
-    return float(value) if is_number(value) else value
-
-
-def _where(instance: Any, attribute: attrs.Attribute) -> str:
-    return f"{display_name(type(instance))}({attribute.name}=...)"
-
-
-def number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, float):
-        raise GuidanceTypeError(
-            f"{_where(instance, attribute)}: {attribute.name} must be a Python number, "
-            f"got {type(value).__name__} {value!r}"
-            + ("; use float(t) for a tensor" if hasattr(value, "shape") else "")
-        )
-    if math.isnan(value):
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} is NaN; it must be a finite number"
-        )
-
-
-def finite(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    number(instance, attribute, value)
-    if not math.isfinite(value):
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} must be finite, got {value}"
-        )
-
-
-def nonnegative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    finite(instance, attribute, value)
-    if value < 0:
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} must be >= 0, got {fmt_number(value)}"
-        )
-
-
-def positive_or_none(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value is None:
-        return
-    finite(instance, attribute, value)
-    if value <= 0:
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} must be > 0 (or None to turn it "
-            f"off), got {fmt_number(value)}"
-        )
-
-
-def unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    finite(instance, attribute, value)
-    if not 0 <= value <= 1:
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} must lie in [0, 1], "
-            f"got {fmt_number(value)}"
-        )
-
-
-def name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value.isidentifier():
-        raise GuidanceTypeError(
-            f"{_where(instance, attribute)}: {attribute.name} must be a name such as 'weak', "
-            f"got {value!r}"
-        )
-
-
-def count(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GuidanceValueError(
-            f"{_where(instance, attribute)}: {attribute.name} must be a whole number >= 0, "
-            f"got {value!r}"
-        )
+__all__ = [
+    "Branch", "DirectionTerm", "LinearTerm", "NonlinearPrediction", "Term", "count", "finite",
+    "fmt_call", "fmt_value", "name", "nonnegative", "number", "positive_or_none", "to_float",
+    "unit_interval",
+]
 
 
 # -- term kinds ---------------------------------------------------------------------------------
@@ -134,8 +45,11 @@ class Term(Expr):
     __slots__ = ()
     level: ClassVar[int] = ATOM
     _name: ClassVar[str] = "Term"
+    _kind: ClassVar[str] = "prediction"
     _positional: ClassVar[tuple[str, ...]] = ()
     _example: ClassVar[str] = "Term()"
+    #: example values per field (see :data:`guidekit.fields.Examples`)
+    field_examples: ClassVar[Examples] = {}
 
     def _fmt(self) -> str:
         return fmt_call(self)
@@ -161,6 +75,7 @@ class DirectionTerm(LinearTerm):
     """``scale * (positive - negative)``: the additive guidance convention of PAG/SEG/SLG."""
 
     __slots__ = ()
+    _kind: ClassVar[str] = "direction"
 
     def negative(self) -> Branch:
         raise NotImplementedError
@@ -186,6 +101,7 @@ class NonlinearPrediction(Term):
 
     __slots__ = ()
     space: ClassVar[str] = "native"
+    _kind: ClassVar[str] = "nonlinear"
 
     @property
     def weight(self) -> int:

@@ -10,9 +10,12 @@ from typing import ClassVar
 import attrs
 
 from guidekit.branch import MAIN, Branch, cond, uncond
-from guidekit.terms.base import LinearTerm, finite, name, to_float
+from guidekit.fields import Examples, finite, name, to_float
+from guidekit.registry import register
+from guidekit.terms.base import LinearTerm
 
 
+@register
 @attrs.frozen(repr=False)
 class CondTerm(LinearTerm):
     """The conditional prediction ``c`` of ``model`` (``Cond()``)."""
@@ -20,11 +23,13 @@ class CondTerm(LinearTerm):
     model: str = attrs.field(default=MAIN, validator=name)
     _name: ClassVar[str] = "Cond"
     _example: ClassVar[str] = "Cond()"
+    field_examples: ClassVar[Examples] = {"model": ("main", "weak")}
 
     def coefficients(self) -> dict[Branch, float]:
         return {cond(self.model): 1.0}
 
 
+@register
 @attrs.frozen(repr=False)
 class UncondTerm(LinearTerm):
     """The unconditional prediction ``u`` of ``model`` (``Uncond()``)."""
@@ -32,11 +37,13 @@ class UncondTerm(LinearTerm):
     model: str = attrs.field(default=MAIN, validator=name)
     _name: ClassVar[str] = "Uncond"
     _example: ClassVar[str] = "Uncond()"
+    field_examples: ClassVar[Examples] = {"model": ("main", "weak")}
 
     def coefficients(self) -> dict[Branch, float]:
         return {uncond(self.model): 1.0}
 
 
+@register
 @attrs.frozen(repr=False)
 class CFGTerm(LinearTerm):
     """Classifier-free guidance, https://arxiv.org/abs/2207.12598.

@@ -34,7 +34,9 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import Examples, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 from guidekit.terms.cfg import CFG
 
 #: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.
@@ -110,6 +112,7 @@ class _EMAGBase(DirectionTerm):
         return CFG(w) + cls(float(w) * (float(w_e) - 1.0), **kwargs).between(lo, hi)
 
 
+@register
 @attrs.frozen(repr=False)
 class EMAGTerm(_EMAGBase):
     """``scale * (c - e)``; ``e`` = ``c`` with the selected candidate layer's attention map
@@ -122,9 +125,11 @@ class EMAGTerm(_EMAGBase):
 
     _name: ClassVar[str] = "EMAG"
     _example: ClassVar[str] = "EMAG(1.5, layers=(2, 3))"
+    field_examples: ClassVar[Examples] = {"layers": (None, (1, 2)), "beta": (0.988, 0.9)}
     _perturbation: ClassVar[type[MovingAverage]] = EMAMapAttention
 
 
+@register
 @attrs.frozen(repr=False)
 class EMAGQTerm(_EMAGBase):
     """``scale * (c - e_q)``; ``e_q`` = ``c`` with the selected candidate layer's QUERIES
@@ -132,6 +137,7 @@ class EMAGQTerm(_EMAGBase):
 
     _name: ClassVar[str] = "EMAGQ"
     _example: ClassVar[str] = "EMAGQ(1.5, layers=(2, 3))"
+    field_examples: ClassVar[Examples] = {"layers": (None, (1, 2)), "beta": (0.988, 0.9)}
     _perturbation: ClassVar[type[MovingAverage]] = EMAQueryAttention
 
 

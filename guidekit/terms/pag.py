@@ -21,9 +21,12 @@ import attrs
 
 from guidekit.attention.ops import IdentityAttention, Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import Examples, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 
 
+@register
 @attrs.frozen(repr=False)
 class PAGTerm(DirectionTerm):
     """``scale * (c - p)``, ``p`` = ``c`` with identity self-attention in ``layers``.
@@ -39,6 +42,7 @@ class PAGTerm(DirectionTerm):
     _name: ClassVar[str] = "PAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "PAG(3, layers=(7, 8, 9))"
+    field_examples: ClassVar[Examples] = {"layers": (None, -1, (1, 2), "blocks.0.attn1")}
 
     @property
     def perturbation(self) -> Any:

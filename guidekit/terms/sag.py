@@ -16,9 +16,12 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.sag import SAGDegrade, _odd, _positive
 from guidekit.branch import MAIN, UNCOND, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import Examples, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 
 
+@register
 @attrs.frozen(repr=False)
 class SAGTerm(DirectionTerm):
     """``scale * (u - d)``; ``d`` = ``u`` on the input blurred where the unconditional
@@ -37,6 +40,9 @@ class SAGTerm(DirectionTerm):
     _name: ClassVar[str] = "SAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "SAG(0.75, layers=-1)"
+    field_examples: ClassVar[Examples] = {
+        "layers": (None, -1), "blur_sigma": (1.0, 2.0), "kernel": (3,),
+    }
 
     @property
     def perturbation(self) -> Any:

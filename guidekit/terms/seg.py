@@ -24,9 +24,12 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.seg import BlurredQueryAttention, _blur_sigma, _float
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import Examples, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 
 
+@register
 @attrs.frozen(repr=False)
 class SEGTerm(DirectionTerm):
     """``scale * (c - g)``, ``g`` = ``c`` with Gaussian-blurred queries in ``layers``.
@@ -43,6 +46,9 @@ class SEGTerm(DirectionTerm):
     _name: ClassVar[str] = "SEG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "SEG(3, blur_sigma=10, layers=-1)"
+    field_examples: ClassVar[Examples] = {
+        "blur_sigma": (math.inf, 1.0, 10.0), "layers": (None, -1, (1, 2)),
+    }
 
     @property
     def perturbation(self) -> Any:

@@ -26,7 +26,9 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr, fmt_number
-from guidekit.terms.base import DirectionTerm, finite, to_float
+from guidekit.fields import Examples, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import DirectionTerm
 
 #: The SD3.5 recipe: scale (diffusers' SD3 pipeline default; Stability's reference config
 #: for SD3.5 Medium uses 2.5 with CFG 4), and the fraction of the steps it is active.
@@ -62,6 +64,7 @@ def step_window(
     return (levels[last + 1] if last + 1 < n else 0.0), levels[active[0]]
 
 
+@register
 @attrs.frozen(repr=False)
 class SLGTerm(DirectionTerm):
     """``scale * (c - k)``, ``k`` = ``c`` with the blocks ``layers`` skipped.
@@ -78,6 +81,9 @@ class SLGTerm(DirectionTerm):
     _name: ClassVar[str] = "SLG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "SLG(2.8, layers=(7, 8, 9))"
+    field_examples: ClassVar[Examples] = {
+        "layers": (None, (7, 8, 9), -1), "skip": ("block", "attention"),
+    }
 
     @property
     def perturbation(self) -> Any:

@@ -14,12 +14,15 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.terms.base import NonlinearPrediction, finite, to_float
+from guidekit.fields import finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
 
 
+@register
 @attrs.frozen(repr=False)
 class TCFGTerm(NonlinearPrediction):
     """``u' + w (c - u')`` with ``u'`` the projection of ``u`` on the top singular direction."""

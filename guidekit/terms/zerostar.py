@@ -14,12 +14,15 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.terms.base import NonlinearPrediction, count, finite, to_float
+from guidekit.fields import count, finite, to_float
+from guidekit.registry import register
+from guidekit.terms.base import NonlinearPrediction
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
 
 
+@register
 @attrs.frozen(repr=False)
 class CFGZeroStarTerm(NonlinearPrediction):
     """``a u + w (c - a u)`` with ``a = <c, u> / (||u||^2 + 1e-8)`` per sample.

@@ -392,6 +392,7 @@ def test_attention_terms_run_through_the_adapter(K, setup):
     assert (out - plain).abs().max() > 1e-3  # the perturbed branch really differed from c
 
 
+@pytest.mark.slow
 def test_adapters_import_their_library_lazily_and_core_imports_none():
     code = (
         "import sys, guidekit\n"

@@ -160,6 +160,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_layer_choice_is_independent_of_pythonhashseed() -> None:
     """Defect 5 of diffusers' guiders: block discovery depended on the hash seed."""
     tests = str(Path(__file__).resolve().parent.parent)

@@ -28,13 +28,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, currently_in_test_context, given, settings
 from hypothesis import strategies as st
 from strategies import (
-    PROCESSOR_REFERENCE,
-    PROCESSOR_STRATEGIES,
     ROW_SIGMAS,
     SCALES,
-    TERM_COEFFICIENTS,
-    TERM_REFERENCE,
-    TERM_STRATEGIES,
     World,
     apg_lefts,
     assert_close,
@@ -43,6 +38,7 @@ from strategies import (
     directions,
     expressions,
     gate_bounds,
+    has_reference,
     needed_branches,
     piped,
     predictions,
@@ -51,6 +47,8 @@ from strategies import (
     run_plan,
     strategy_for,
     structural_branches,
+    term_coefficients,
+    term_reference,
     worlds,
 )
 
@@ -68,7 +66,7 @@ from guidekit import (
     Uncond,
 )
 from guidekit.expr import Expr
-from guidekit.registry import PROCESSOR_CLASSES, TERM_CLASSES
+from guidekit.registry import processor_classes, term_classes
 
 BATCHES = st.integers(1, 3)
 #: Row laws about gates also look at sigma = 0, the end of sampling: a gate ``(0, hi]`` is off
@@ -542,15 +540,19 @@ def test_law_example(law: Law, example: Any) -> None:
 
 
 def test_every_registered_class_has_a_strategy_and_reference() -> None:
-    for cls in TERM_CLASSES:
-        strategy_for(cls)  # raises, naming the class, when a strategy is missing
-        assert cls in TERM_REFERENCE, f"no reference formula for {cls.__name__}"
-        assert cls in TERM_COEFFICIENTS, f"no coefficient rule for {cls.__name__}"
-    for cls in PROCESSOR_CLASSES:
-        strategy_for(cls)
-        assert cls in PROCESSOR_REFERENCE, f"no reference for {cls.__name__}"
-    assert set(TERM_STRATEGIES) == set(TERM_CLASSES)
-    assert set(PROCESSOR_STRATEGIES) == set(PROCESSOR_CLASSES)
+    @settings(max_examples=5, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def draw(data: st.DataObject) -> None:
+        for cls in (*term_classes(), *processor_classes()):
+            value = data.draw(strategy_for(cls), label=cls.__name__)
+            assert type(value) is cls
+            if cls in term_classes():
+                term_reference(value)  # raises, naming the class, when a formula is missing
+                term_coefficients(value)
+            else:
+                assert has_reference(cls), f"no reference for {cls.__name__}"
+
+    draw()
 
 
 def test_strategies_draw_from_the_whole_registry() -> None:
@@ -563,7 +565,7 @@ def test_strategies_draw_from_the_whole_registry() -> None:
         seen.update(classes_in(expr))
 
     collect()
-    missing = (set(TERM_CLASSES) | set(PROCESSOR_CLASSES)) - seen
+    missing = (set(term_classes()) | set(processor_classes())) - seen
     assert not missing, f"never drawn: {sorted(c.__name__ for c in missing)}"
 
 
@@ -592,6 +594,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_compile_layout_does_not_depend_on_the_hash_seed() -> None:
     outputs = []
     for seed in ("0", "4242"):

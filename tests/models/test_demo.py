@@ -18,24 +18,17 @@ from PIL import Image
 
 import guidekit
 import guidekit.models
-from guidekit.demo_models import (
-    DIGITS,
-    HEADER,
-    PAD,
-    ZOOM,
+from guidekit.errors import GuidanceError
+from guidekit.models.cache import DIGITS, ModelCache, digit_labels
+from guidekit.models.demo import (
     DemoRow,
     Entry,
-    ModelCache,
-    cell_box,
     check_calls,
     default_entries,
-    digit_labels,
-    grid_size,
     run_entry,
     run_model_demo,
-    to_pixels,
 )
-from guidekit.errors import GuidanceError
+from guidekit.models.grid import HEADER, PAD, ZOOM, cell_box, grid_size, to_pixels
 from guidekit.plan import CallRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +129,7 @@ def test_rows_text_shows_a_range_when_a_gate_changes_rows() -> None:
     assert DemoRow(Entry("eps", "x"), rows=(30, 30)).rows_text == "30"
 
 
+@pytest.mark.slow
 def test_cli_runs_given_expressions(tmp_path: Path) -> None:
     out = tmp_path / "g.png"
     result = subprocess.run(

@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from guidekit.sweep import read_csv, run_sweep
+import pytest
+
+from guidekit.models.sweep import read_csv, run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = dict(models=("eps",), methods=("none", "CFG", "Autoguidance", "CADS"), scales=(2.0,),
@@ -24,6 +26,7 @@ def _comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k not in ("seconds", "rank")} for r in rows]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     single = tmp_path / "single"
     run_sweep(**GRID, out=single, threads=1, speed=False, plots=False, progress=False,

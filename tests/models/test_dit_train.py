@@ -114,6 +114,7 @@ def _blobs(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", [EpsConvention(), FlowConvention()], ids=["eps", "flow"])
 def test_tiny_training_run_lowers_the_loss(conv: EpsConvention | FlowConvention) -> None:
     images, labels = _blobs()

@@ -262,6 +262,7 @@ def test_guidekit_compile_of_a_bundled_model(eps: Bundled) -> None:
 QUALITY_LABELS = torch.arange(10).repeat_interleave(10)
 
 
+@pytest.mark.slow
 def test_shipped_eps_reproduces_its_documented_quality(eps: Bundled) -> None:
     plain = evaluate(sample(eps, Cond(), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
     cfg = evaluate(sample(eps, CFG(1.5), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
@@ -272,6 +273,7 @@ def test_shipped_eps_reproduces_its_documented_quality(eps: Bundled) -> None:
     assert cfg.fd < plain.fd and cfg.diversity < plain.diversity, (plain, cfg)
 
 
+@pytest.mark.slow
 def test_shipped_flow_reproduces_its_documented_quality(flow: Bundled) -> None:
     plain = evaluate(sample(flow, Cond(), QUALITY_LABELS, steps=20).images, QUALITY_LABELS)
     assert 0.8 <= plain.accuracy <= 0.96, plain

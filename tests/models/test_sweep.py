@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import guidekit
-from guidekit.demo_models import ModelCache
-from guidekit.sweep import (
+from guidekit.models.cache import ModelCache
+from guidekit.models.sweep import (
     METHODS,
     Job,
     check_methods,

@@ -20,7 +20,7 @@ import torch
 
 import guidekit
 from guidekit import APG, CADS, CFG, Autoguidance, Cond, Rescale
-from guidekit.demo import ToyDenoiser, default_guidance, run_demo
+from guidekit.models.toy import ToyDenoiser, default_guidance, run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = ["README.md", "docs/semantics.md", "docs/terms.md", "docs/recipes.md"]
@@ -219,12 +219,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_demo_help() -> None:
     result = _cli("demo", "--help")
     assert result.returncode == 0, result.stderr
     assert "--guidance" in result.stdout and "--toy" in result.stdout  # both demos
 
 
+@pytest.mark.slow
 def test_cli_bad_guidance_is_a_message_not_a_traceback() -> None:
     result = _cli("demo", "--guidance", "CFG(7) + CFG(3)")
     assert result.returncode == 2
@@ -242,6 +244,7 @@ def test_cli_main_in_process() -> None:
         assert main([]) == 2  # no command: help, non-zero
 
 
+@pytest.mark.slow
 def test_example_script_runs() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "custom_sampler.py"), "--steps", "4"],

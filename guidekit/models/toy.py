@@ -5,7 +5,7 @@
 a toy class-conditional data set exactly (each class is a Gaussian blob), so the demo
 samples something meaningful in well under a second on a CPU, with no download. The demo
 with the bundled diffusion models (``python -m guidekit demo``) is
-:mod:`guidekit.demo_models`.
+:mod:`guidekit.models.demo`.
 
 What it shows:
 
@@ -27,7 +27,7 @@ import torch
 
 import guidekit
 from guidekit import APG, CFG, Autoguidance
-from guidekit.combinators.base import InputModifier
+from guidekit.combinators import InputModifier
 from guidekit.expr import Expr
 from guidekit.plan import CallRecord, Plan
 

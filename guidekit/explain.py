@@ -1,0 +1,81 @@
+"""Reading a plan: ``print(plan)`` and ``plan.explain(sigmas, batch)`` in words."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from guidekit.split import FixedSplit, calls_for
+from guidekit.text import fmt_number
+
+if TYPE_CHECKING:
+    from guidekit.plan import Plan
+
+
+def budget(plan: Plan) -> str:
+    """The row budget in words."""
+    if plan.max_rows is None:
+        return "one call per forward group"
+    if plan.max_rows == "auto":
+        return "auto (times one call vs one call per branch, keeps the faster)"
+    return f"at most {plan.max_rows} rows per call"
+
+def describe(plan: Plan) -> str:
+    """``print(plan)``: groups, and per interval of sigma the calls, NFE and combine."""
+    lines = [
+        f"Plan for {plan.expr!r}",
+        f"  model predicts {plan.prediction} (noise {plan.noise.kind}); "
+        f"row budget: {budget(plan)}",
+        "  forward groups: "
+        + "; ".join(g.title for g in plan.groups),
+    ]
+    for lo, hi, prog in plan.regions():
+        where = "all sigma" if not plan.breakpoints else (
+            f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
+        )
+        calls = "; ".join(f"{g.title} {len(g.branches)}xB rows" for g in prog.groups)
+        nfe = f"NFE {len(prog.groups)}" + (
+            " before the row budget" if plan.max_rows is not None else ""
+        )
+        lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
+    return "\n".join(lines)
+
+def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
+    """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""
+    if isinstance(sigmas, torch.Tensor):
+        sigmas = sigmas.detach().flatten().tolist()
+    levels = [float(s) for s in sigmas if float(s) > 0]
+    split = FixedSplit(None if plan.max_rows in (None, "auto") else plan.max_rows)
+    rows_total = calls_total = 0
+    lines = [describe(plan).splitlines()[0], f"  batch B = {batch}; {budget(plan)}"]
+    header = f"  {'steps':<9} {'sigma':<18} {'model calls (rows)':<44} {'NFE':>3}  combine"
+    lines.append(header)
+    i = 0
+    while i < len(levels):
+        prog = plan.program(levels[i])
+        j = i
+        while j + 1 < len(levels) and plan.program(levels[j + 1]) is prog:
+            j += 1
+        calls = []
+        nfe = 0
+        for g in prog.groups:
+            r = len(g.branches) * batch
+            n = calls_for(r, split.chunk(g.model, r, batch))
+            nfe += n
+            tag = f"{g.model}{' (2nd call)' if g.stage else ''}[{g.labels}]"
+            calls.append(f"{tag} {n}x ({len(g.branches)}x{batch}={r})")
+            rows_total += r * (j - i + 1)
+        calls_total += nfe * (j - i + 1)
+        steps = f"{i}" if i == j else f"{i}-{j}"
+        sig = fmt_number(round(levels[i], 4)) if i == j else (
+            f"{round(levels[i], 4):g} .. {round(levels[j], 4):g}"
+        )
+        lines.append(f"  {steps:<9} {sig:<18} {'; '.join(calls):<44} {nfe:>3}  {prog.formula}")
+        i = j + 1
+    lines.append(
+        f"  total: {len(levels)} steps, {calls_total} model calls, {rows_total} rows"
+        + (" (auto split may use more calls)" if plan.max_rows == "auto" else "")
+    )
+    return "\n".join(lines)
