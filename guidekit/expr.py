@@ -177,7 +177,12 @@ class Expr(metaclass=_AlgebraMeta):
         return scale(-1.0, self)
 
     def __pos__(self) -> Expr:
-        return self
+        # Unary + does nothing to a term, so it is almost always a doubled operator
+        # (``CFG(3) + + PAG(1)``); refusing it keeps Python and parse() agreeing.
+        raise GuidanceTypeError(
+            f"+{self!r}: unary + does nothing to a guidance term and usually means a doubled "
+            f"operator (a + + b); remove the extra +"
+        )
 
     def __or__(self, other: Any) -> Piped:
         from guidekit.combinators.pipe import pipe
