@@ -85,6 +85,18 @@ class _AlgebraMeta(type):
 
     __or__ = __ror__ = __add__ = __radd__ = _misuse
     __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _misuse
+    __neg__ = __pos__ = _misuse
+
+    @property
+    def between(cls) -> Any:
+        """``CFG.between(lo, hi)`` on the class: say to make a term first (a data descriptor
+        here wins over the instance method, on the class only)."""
+
+        def misuse(*_: Any, **__: Any) -> Any:
+            gate = f", then gate it: {display_name(cls)}(...).between(lo, hi)"
+            raise GuidanceTypeError(class_instead_of_instance(cls) + (gate if issubclass(cls, Expr) else ""))
+
+        return misuse
 
 
 def class_instead_of_instance(cls: type) -> str:
@@ -378,7 +390,13 @@ def scale(k: Any, e: Any) -> Expr:
 def scaled(k: float, e: Expr) -> Expr:
     """Build ``k * e`` in normal form (no nesting, no factor 1) without kind checks."""
     if isinstance(e, Scaled):
-        k, e = k * e.factor, e.expr
+        product = k * e.factor
+        if not math.isfinite(product):  # two finite scales whose product overflows
+            raise GuidanceValueError(
+                f"{fmt_number(k)} * ({e!r}): the scales multiply to {fmt_number(product)}, which "
+                f"is not a finite number; use a smaller scale on {e.expr!r}"
+            )
+        k, e = product, e.expr
     if k == 1:
         return e
     return Scaled(float(k), e)

@@ -65,6 +65,10 @@ def gate(expr: Any, lo: Any, hi: Any) -> Gated:
             f"{where}: lo > hi, the interval is empty; the bounds are noise levels (sigma, "
             f"large = noisy) with lo < hi, probably meant .between({fmt_number(hi)}, {fmt_number(lo)})"
         )
+    if lo < 0 or math.isinf(lo):
+        raise GuidanceValueError(
+            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
+        )
     if lo == hi:
         raise GuidanceValueError(
             f"{where}: lo == hi, the interval (lo, hi] is empty; give lo < hi, e.g. "
