@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from guidekit.branch import COND, Branch
+from guidekit.combinators.interval import snap
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Entry, Expr, atom_branches, fmt_number
@@ -184,12 +185,14 @@ class Plan:
         return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
 
     def region(self, sigma: float) -> int:
+        sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
         if sigma <= 0:
             return -1  # gates are (lo, hi] with lo >= 0: sigma 0 is its own region
         return bisect.bisect_left(self.breakpoints, sigma)
 
     def program(self, sigma: float) -> Program:
         """The program for noise level ``sigma`` (cached per interval between breakpoints)."""
+        sigma = snap(sigma, self.breakpoints)
         key = self.region(sigma)
         prog = self._programs.get(key)
         if prog is None:

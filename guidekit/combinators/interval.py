@@ -6,7 +6,9 @@ plain ``c`` elsewhere; scheduled by noise level, never by step count.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -14,6 +16,23 @@ import attrs
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import ATOM, Entry, Expr, fmt_number, is_number, operand
+
+#: A sigma this close (relatively) to a gate bound is that bound: float32 rounding of a float64
+#: schedule moves a sigma by at most 2**-24 relatively, far less than two steps apart.
+RTOL = 1e-6
+
+
+def snap(sigma: float, bounds: Sequence[float], rtol: float = RTOL) -> float:
+    """``sigma``, or the bound of the sorted ``bounds`` within ``rtol`` of it.
+
+    Gates compare ``lo < sigma <= hi`` on the bound itself, so the same steps are selected
+    whether the sampler hands sigmas over in float64 or rounded to float32.
+    """
+    i = bisect.bisect_left(bounds, sigma)
+    for b in bounds[max(i - 1, 0) : i + 1]:
+        if abs(sigma - b) <= rtol * abs(b):
+            return float(b)
+    return sigma
 
 
 @attrs.frozen(repr=False)

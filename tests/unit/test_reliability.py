@@ -43,3 +43,46 @@ def test_clear_error(build, kind, fragments):
 def test_finite_products_still_build():
     assert str(1e154 * (1e154 * Autoguidance(1))) == f"{1e308!r} * Autoguidance(1)"
     assert CFG(7).between(0, inf).lo == 0
+
+
+# -- gates select the same steps whatever the sigma dtype ---------------------------------------
+
+
+def _gated_steps(expr, sigmas) -> list[int]:
+    import guidekit
+
+    plan = guidekit.compile(expr, prediction="eps", noise="ve")
+    rows = [plan.rows(s) for s in sigmas.tolist()[:-1]]
+    return [i for i, r in enumerate(rows) if r > min(rows)]
+
+
+def _schedule():
+    import numpy as np
+    import torch
+
+    # float64 levels that float32 cannot hold exactly, so rounding moves some of them up
+    return torch.tensor([*np.geomspace(14.6, 0.03, 28), 0.0], dtype=torch.float64)
+
+
+def test_emag_preset_same_steps_with_float32_sigmas():
+    from guidekit import EMAG
+
+    sig = _schedule()
+    expr = EMAG.sd3(sig)
+    assert _gated_steps(expr, sig) == list(range(5, 23))
+    assert _gated_steps(expr, sig.float()) == list(range(5, 23))  # was 6..22
+
+
+def test_between_same_steps_with_float32_sigmas():
+    sig = _schedule()
+    expr = CFG(4) + Autoguidance(1).between(float(sig[20]), float(sig[5]))
+    assert _gated_steps(expr, sig) == list(range(5, 20))
+    assert _gated_steps(expr, sig.float()) == list(range(5, 20))  # was 6..19
+
+
+def test_snap_only_moves_sigmas_within_float32_rounding():
+    from guidekit.combinators.interval import snap
+
+    assert snap(1.0 + 1e-8, (0.5, 1.0)) == 1.0
+    assert snap(1.0 + 1e-4, (0.5, 1.0)) == 1.0 + 1e-4
+    assert snap(0.3, ()) == 0.3
