@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from guidekit.branch import COND, Branch
+from guidekit.checks import check_sigmas
 from guidekit.combinators.interval import snap
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
@@ -426,6 +427,7 @@ class Plan:
             s = float(sigma)
         else:
             raise GuidanceTypeError(f"sigma must be a number or a tensor, got {sigma!r}")
+        check_sigmas((s,), "sigma")
         self.noise.check_sigma(s)
         return s
 

@@ -86,3 +86,49 @@ def test_snap_only_moves_sigmas_within_float32_rounding():
     assert snap(1.0 + 1e-8, (0.5, 1.0)) == 1.0
     assert snap(1.0 + 1e-4, (0.5, 1.0)) == 1.0 + 1e-4
     assert snap(0.3, ()) == 0.3
+
+
+# -- non-finite noise levels are refused where they enter ----------------------------------------
+
+
+def _guided(**kwargs):
+    import torch
+
+    import guidekit
+
+    def model(x, sigma, y):
+        return x * 0 + y.view(-1, 1)
+
+    plan = guidekit.compile(CFG(3))
+    return guidekit.guide(plan, model, cond={"y": torch.ones(1)}, uncond={"y": torch.zeros(1)},
+                          **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "fragment"),
+    [([1.0, math.nan, 0.0], "sigmas[1] = nan"), ([inf, 1.0, 0.0], "sigmas[0] = inf"),
+     ([1.0, -0.5, 0.0], "sigmas[1] = -0.5"), ("tensor", "sigmas[2] = nan")],
+)
+def test_schedule_with_non_finite_levels_is_refused(sigmas, fragment):
+    import torch
+
+    if sigmas == "tensor":
+        sigmas = torch.tensor([2.0, 1.0, math.nan, 0.0])
+    with pytest.raises(GuidanceValueError, match=r"finite numbers >= 0|must be >= 0") as info:
+        _guided(sigmas=sigmas)
+    assert fragment in str(info.value)
+    g = _guided(sigmas=[1.0, 0.5, 0.0])
+    with pytest.raises(GuidanceValueError, match=fragment.replace("[", r"\[")):
+        g.reset(sigmas=sigmas)
+
+
+@pytest.mark.parametrize("sigma", [inf, -inf, math.nan])
+def test_call_at_a_non_finite_sigma_is_refused(sigma):
+    import torch
+
+    g = _guided()
+    with pytest.raises(GuidanceValueError, match="sigma"):
+        g(torch.ones(1, 2), sigma)
+    with pytest.raises(GuidanceValueError, match="sigma"):
+        g(torch.ones(1, 2), torch.tensor(sigma))
+    assert torch.equal(g(torch.ones(1, 2), 1.0), torch.full((1, 2), 3.0))  # still usable
