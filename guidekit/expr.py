@@ -55,6 +55,18 @@ class _AlgebraMeta(type):
 
     __or__ = __ror__ = __add__ = __radd__ = _misuse
     __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _misuse
+    __neg__ = __pos__ = _misuse
+
+    @property
+    def between(cls) -> Any:
+        """``CFG.between(lo, hi)`` on the class: say to make a term first (a data descriptor
+        here wins over the instance method, on the class only)."""
+
+        def misuse(*_: Any, **__: Any) -> Any:
+            gate = f", then gate it: {display_name(cls)}(...).between(lo, hi)"
+            raise GuidanceTypeError(class_instead_of_instance(cls) + (gate if issubclass(cls, Expr) else ""))
+
+        return misuse
 
 
 class Expr(metaclass=_AlgebraMeta):
@@ -141,7 +153,12 @@ class Expr(metaclass=_AlgebraMeta):
         return scale(-1.0, self)
 
     def __pos__(self) -> Expr:
-        return self
+        # Unary + does nothing to a term, so it is almost always a doubled operator
+        # (``CFG(3) + + PAG(1)``); refusing it keeps Python and parse() agreeing.
+        raise GuidanceTypeError(
+            f"+{self!r}: unary + does nothing to a guidance term and usually means a doubled "
+            f"operator (a + + b); remove the extra +"
+        )
 
     def __or__(self, other: Any) -> Expr:
         return pipe(self, other)
@@ -365,7 +382,13 @@ def scale(k: Any, e: Any) -> Expr:
 def scaled(k: float, e: Expr) -> Expr:
     """Build ``k * e`` in normal form (no nesting, no factor 1) without kind checks."""
     if isinstance(e, Scaled):
-        k, e = k * e.factor, e.expr
+        product = k * e.factor
+        if not math.isfinite(product):  # two finite scales whose product overflows
+            raise GuidanceValueError(
+                f"{fmt_number(k)} * ({e!r}): the scales multiply to {fmt_number(product)}, which "
+                f"is not a finite number; use a smaller scale on {e.expr!r}"
+            )
+        k, e = product, e.expr
     if k == 1:
         return e
     return Scaled(float(k), e)
@@ -393,6 +416,10 @@ def gate(expr: Any, lo: Any, hi: Any) -> Gated:
         raise GuidanceValueError(
             f"{where}: lo > hi, the interval is empty; the bounds are noise levels (sigma, "
             f"large = noisy) with lo < hi, probably meant .between({fmt_number(hi)}, {fmt_number(lo)})"
+        )
+    if lo < 0 or math.isinf(lo):
+        raise GuidanceValueError(
+            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
         )
     if lo == hi:
         raise GuidanceValueError(

@@ -20,6 +20,7 @@ import attrs
 import torch
 
 from guidekit.branch import COND, Branch
+from guidekit.checks import check_sigmas, snap
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.explain import describe, explain
@@ -113,12 +114,14 @@ class Plan:
         return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
 
     def region(self, sigma: float) -> int:
+        sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
         if sigma <= 0:
             return -1  # gates are (lo, hi] with lo >= 0: sigma 0 is its own region
         return bisect.bisect_left(self.breakpoints, sigma)
 
     def program(self, sigma: float) -> Program:
         """The program for noise level ``sigma`` (cached per interval between breakpoints)."""
+        sigma = snap(sigma, self.breakpoints)
         key = self.region(sigma)
         prog = self._programs.get(key)
         if prog is None:
@@ -340,6 +343,7 @@ class Plan:
                     f"[B] tensor with B = x.shape[0] = {batch}"
                 )
         s = level_of(sigma)
+        check_sigmas((s,), "sigma")
         self.noise.check_sigma(s)
         return s
 

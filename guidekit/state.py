@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import torch
 
+from guidekit.checks import check_sigmas
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 
@@ -133,7 +134,7 @@ def new_state(
         raise GuidanceValueError(f"seed must be an int, got {seed!r}")
     schedule = None
     if sigmas is not None:
-        schedule = tuple(float(s) for s in sigmas)
+        schedule = check_sigmas(sigmas, "sigmas")
     names = tuple(n for n, _ in components)
     values = tuple(c.init_state() for _, c in components)
     return State(seed=seed, schedule=schedule, components=names, before=values, current=values)

@@ -5,7 +5,8 @@ In x0 space, with ``c``, ``u`` the conditional and unconditional predictions and
 1. ``D = c - u``
 2. momentum ``beta`` (may be negative): ``m <- D + beta m``; ``D <- m``
 3. norm threshold ``r``: ``D <- D min(1, r / ||D||)`` (norm over all non-batch dims)
-4. ``D_par = (<D, c> / <c, c>) c``, ``D_perp = D - D_par`` (in float64)
+4. ``D_par = (<D, c> / <c, c>) c``, ``D_perp = D - D_par`` (in float64; ``D_par = 0`` for a
+   sample whose ``c`` is exactly zero)
 5. ``out = c + (w - 1) (D_perp + eta D_par)``
 
 guidekit reads any prediction ``y`` on the left of ``|`` in CFG form ``y = u + w (X - u)``:
@@ -103,7 +104,10 @@ class APGProjection(Processor):
         if self.norm_threshold is not None:
             norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
             diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
-        unit = cond_like / cond_like.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
+        c_norm = cond_like.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
+        # a sample whose guided conditional is exactly zero has no direction to project on:
+        # its parallel part is zero (not 0/0 = NaN)
+        unit = torch.where(c_norm > 0, cond_like / torch.where(c_norm > 0, c_norm, 1.0), 0.0)
         parallel = (diff * unit).sum(_dims(diff), keepdim=True) * unit
         orthogonal = diff - parallel
         out = cond_like + (w - 1.0) * (orthogonal + self.eta * parallel)

@@ -5,6 +5,7 @@ plain ``c`` elsewhere; scheduled by noise level, never by step count. ``expr.bet
 builds the :class:`Gated` node, which lives with the other nodes in :mod:`guidekit.expr`.
 """
 
+from guidekit.checks import RTOL, snap
 from guidekit.expr import Gated, gate
 
-__all__ = ["Gated", "gate"]
+__all__ = ["RTOL", "Gated", "gate", "snap"]

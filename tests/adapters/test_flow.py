@@ -257,6 +257,19 @@ def test_x0_space_processor_at_sigma_zero(odeint, data):
     torch.testing.assert_close(guided.velocity(data["noise"], 0.0), v_plain)
 
 
+
+@torch.no_grad()
+def test_x0_space_processor_with_dopri5(odeint, data):
+    # dopri5 evaluates at t = 1 and past it (clamped to sigma = 0): APG is skipped there, as
+    # docs/adapters.md says, and the run stays finite.
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    guided = FlowGuided(CFG(3) | APG(eta=0), data["main"], cond=data["cond"],
+                        uncond=data["uncond"])
+    out = odeint(guided.odeint_func(), data["noise"], ends, method="dopri5", rtol=1e-6,
+                 atol=1e-6)[-1]
+    assert any(t >= 1 for t in data["main"].times)
+    assert torch.isfinite(out).all()
+
 class Attention(torch.nn.Module):
     """Two-head self-attention through ``F.scaled_dot_product_attention`` ([B, H, L, D])."""
 

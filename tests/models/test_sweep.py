@@ -78,6 +78,10 @@ def test_mean_std_and_summary() -> None:
     assert row["rows_per_step"] == 20 and row["seeds"] == 2
     assert math.isnan(row["fd_vs_none_mean"])  # no baseline rows
     assert "| eps | `CFG(2)` | 0.850 ± 0.071 | 4.0 ± 1.4 |" in markdown_table([row])
+    # a pipe in the expression is escaped, so the table keeps its 8 columns
+    piped = markdown_table([{**row, "expression": "CFG(2) | APG(eta=0)"}]).splitlines()[-1]
+    assert "`CFG(2) \\| APG(eta=0)`" in piped
+    assert len(piped.replace("\\|", "").split("|")) == 10
     # paired with the unguided run of the same seed: FD 3 - 10 and 5 - 11
     base = [{**rows[k], "method": "none", "scale": "0", "expression": "Cond()",
              "accuracy": 0.5, "fd": f} for k, f in enumerate([10.0, 11.0])]

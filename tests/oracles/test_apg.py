@@ -76,7 +76,8 @@ def apg_step(
     if r is not None:  # 3: D <- D min(1, r / ||D||)
         d = d * np.minimum(1.0, r / per_sample_norm(d))
     axes = tuple(range(1, c.ndim))
-    coef = (d * c).sum(axes, keepdims=True) / (c * c).sum(axes, keepdims=True)
+    cc = (c * c).sum(axes, keepdims=True)
+    coef = np.where(cc > 0, (d * c).sum(axes, keepdims=True) / np.where(cc > 0, cc, 1.0), 0.0)
     d_par = coef * c  # 4
     d_perp = d - d_par
     return c + (w - 1.0) * (d_perp + eta * d_par), m  # 5
@@ -277,3 +278,27 @@ def test_midpoint_call_reads_momentum_without_committing() -> None:
             np.testing.assert_allclose(out_mid, from_x0(mid_x0, "eps", xm, mid, "ve"),
                                        rtol=1e-9, atol=1e-9, err_msg=f"midpoint after {k}")
     assert guided.steps == len(VE_SIGMAS)
+
+
+def test_apg_zero_guided_conditional_has_no_parallel_part() -> None:
+    """A sample whose guided conditional is exactly zero: D_par = 0 there (not NaN), the other
+    sample exactly as Algorithm 1."""
+    import torch
+
+    class ZeroCond:
+        def __call__(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = torch.ones_like(x) * (1.0 + y.view(-1, *([1] * (x.ndim - 1))))
+            out[0] = torch.where(y[0] > 0, 0.0, out[0])  # sample 0's conditional is zero
+            return out
+
+    plan = guidekit.compile(CFG(W) | APG(eta=0.3), prediction="x0", noise="ve")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    g = guidekit.guide(plan, ZeroCond(), cond={"y": torch.tensor([1.0, 1.0])},
+                       uncond={"y": torch.tensor([0.0, 0.0])}, sigmas=[2.0, 1.0])
+    out = g(x, 2.0).numpy()
+    assert np.isfinite(out).all()
+    c = np.stack([np.zeros((3, 4, 4)), np.full((3, 4, 4), 2.0)])
+    u = np.ones((2, 3, 4, 4))
+    want, _ = apg_step(c, u, W, 0.3, None, 0.0, None)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[0], c[0] + (W - 1.0) * (c[0] - u[0]))  # all of D is D_perp

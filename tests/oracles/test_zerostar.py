@@ -99,3 +99,22 @@ def test_zerostar_when_c_is_a_multiple_of_u() -> None:
     guided = guidekit.guide(plan, model, cond=conditioning("cond"), uncond=conditioning("uncond"))
     out = np64(guided(t64(x_at(0)), 0.5))
     np.testing.assert_allclose(out, lam * branch("main", "uncond", 0.5), rtol=1e-9)
+
+
+def test_zerostar_zero_uncond_is_guarded() -> None:
+    """The documented ``1e-8`` guard: a sample whose ``u`` is exactly zero gets ``a = 0``, so
+    the output is ``w c`` there (not NaN); the other sample follows the formula."""
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.view(-1, *([1] * (x.ndim - 1)))
+        return torch.where(y == 0, 0.0, torch.ones_like(x) * (1.0 + y))  # y = 0: zero output
+
+    plan = guidekit.compile(CFGZeroStar(W), prediction="eps", noise="ve")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    guided = guidekit.guide(plan, model, cond={"y": torch.tensor([1.0, 1.0])},
+                            uncond={"y": torch.tensor([0.0, 0.5])}, sigmas=[2.0, 1.0])
+    out = np64(guided(x, 2.0))  # sample 0's unconditional is zero
+    c = np.full((2, 3, 4, 4), 2.0)
+    np.testing.assert_allclose(out[0], W * c[0], rtol=0, atol=0)
+    np.testing.assert_allclose(out[1], zerostar_oracle(c, np.full((2, 3, 4, 4), 1.5), W)[1],
+                               rtol=1e-8, atol=0)  # the guard's 1e-8 / ||u||^2, amplified by w

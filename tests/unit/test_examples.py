@@ -253,3 +253,15 @@ def test_example_script_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "exactly one model call per forward group per step" in result.stdout
+
+
+def test_models_using_them_block_runs() -> None:
+    # docs/models.md "Using them" (issue 11: it raised NameError once); run with one label
+    # per digit instead of 100 so the suite stays short, everything else as written
+    text = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+    block = text.split("## Using them", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "repeat_interleave(100)" in block
+    code = block.replace("repeat_interleave(100)", "repeat_interleave(1)")
+    namespace: dict = {"__name__": "models_doc"}
+    exec(compile(code, "docs/models.md", "exec"), namespace)
+    assert len(namespace["result"].calls) > 0

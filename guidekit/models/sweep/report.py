@@ -82,7 +82,8 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     lines = ["| model | expression | accuracy | FD | diversity gap | Δ accuracy vs none "
              "| Δ FD vs none | rows/step |", "|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['model']} | `{r['expression']}` | {pm(r, 'accuracy', 3)} | "
+        expr = str(r["expression"]).replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| {r['model']} | `{expr}` | {pm(r, 'accuracy', 3)} | "
                      f"{pm(r, 'fd', 1)} | {pm(r, 'diversity_gap', 2)} | "
                      f"{pm(r, 'accuracy_vs_none', 3)} | {pm(r, 'fd_vs_none', 1)} | "
                      f"{r['rows_per_step']:g} |")
