@@ -220,7 +220,8 @@ def failure(err: BaseException) -> str:
 
 def bench_model(spec: gm.Spec, args: argparse.Namespace, device: torch.device,
                 tables: Tables) -> None:
-    net = spec.build().to(device)
+    with torch.device(device):  # initialise the weights where they run (2B on SD3)
+        net = spec.build().to(device)
     fn = spec.fn(net)
     sigmas = spec.sigmas(args.steps)
     b = args.batch
