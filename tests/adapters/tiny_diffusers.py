@@ -208,3 +208,21 @@ def sd_pipeline(scheduler: Any = None) -> Any:
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ))
+
+
+def sd_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny SD pipeline with a ControlNet built from its UNet; every ControlNet parameter
+    is moved by ``0.05 * randn`` (its zero-initialised outputs would add nothing)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    sd = sd_pipeline()
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return _quiet(StableDiffusionControlNetPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        controlnet=controlnet.eval(), scheduler=sd.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ))
