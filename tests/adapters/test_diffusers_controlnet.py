@@ -1,9 +1,9 @@
-"""ControlNet pipelines through guided(...): the residuals follow the plan's rows.
+"""ControlNet pipelines under ``guided(...)``: the residuals follow the plan's rows.
 
-StableDiffusionControlNetPipeline passes the ControlNet's residuals to the UNet with the CFG
-batch as leading dimension (``[uncond, cond]``; with ``guess_mode`` zeros for the uncond
-rows). guidekit lays them out with its rows like the text embeddings, so plain CFG equals
-the pipeline's own and a PAG branch gets the conditional residuals.
+A tiny ``StableDiffusionControlNetPipeline`` (ControlNet from the tiny UNet, every parameter
+perturbed so that its residuals matter), float64. Plain ``CFG(w)`` must equal the pipeline's
+own CFG, with and without ``guess_mode`` (ControlNet on the conditional rows only, zeros for
+the others); ``CFG(w) + PAG(s)`` must hand each row block the residuals of its conditioning.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import torch
 
 from guidekit import CFG, PAG, GuidanceValueError
 from guidekit.adapters.diffusers import guided
-from guidekit.branch import UNCOND
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
 
 from adapters._diffusers_rows import Leaf, fill, take_apart  # noqa: E402
 
-PROMPTS = ["a cat", "a photo of a big dog"]
-B = len(PROMPTS)
+F64 = torch.float64
+W = 4.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,79 +39,78 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def pipe() -> Any:
-    return tiny.sd_controlnet_pipeline()
+    return tiny.sd_controlnet_pipeline().to(F64)
 
 
-def _run(pipe: Any, **kw: Any) -> torch.Tensor:
-    out = pipe(
-        prompt=PROMPTS, image=tiny.control_image(), height=tiny.IMAGE, width=tiny.IMAGE,
-        num_inference_steps=3, guidance_scale=4.0, output_type="latent",
-        generator=torch.Generator().manual_seed(0), **kw,
-    )
-    return out.images
+def run(pipe: Any, **kwargs: Any) -> torch.Tensor:
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+    return pipe(
+        prompt=["a cat", "a photo of a dog"], image=image, height=16, width=16,
+        num_inference_steps=3, guidance_scale=W, output_type="latent",
+        generator=torch.Generator().manual_seed(0), **kwargs,
+    ).images
 
 
 @pytest.mark.parametrize("guess_mode", [False, True])
-def test_plain_cfg_equals_the_pipelines_own(pipe: Any, guess_mode: bool) -> None:
-    ref = _run(pipe, guess_mode=guess_mode)
-    with guided(pipe, CFG(4)):
-        out = _run(pipe, guess_mode=guess_mode)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+@torch.no_grad()
+def test_plain_cfg_equals_the_controlnet_pipelines_own(pipe: Any, guess_mode: bool) -> None:
+    ref = run(pipe, guess_mode=guess_mode)
+    with guided(pipe, CFG(W)) as g:
+        out = run(pipe, guess_mode=guess_mode)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert [c.rows for c in g.calls] == [4, 4, 4]
+    # the residuals matter: without them the sample is another one
+    assert (run(pipe, guess_mode=guess_mode, controlnet_conditioning_scale=0.0) - ref).abs().max() > 1e-3
 
 
-def test_cfg_plus_pag_runs_and_perturbs(pipe: Any) -> None:
-    ref = _run(pipe)
-    with guided(pipe, CFG(4) + PAG(3)) as run:
-        out = _run(pipe)
-    assert all(c.rows == 3 * B for c in run.calls)
-    assert torch.isfinite(out).all()
-    assert (out - ref).abs().max() > 1e-3
-
-
-def test_residuals_follow_the_rows(pipe: Any) -> None:
-    """Each row block of the UNet's residuals is the pipeline's rows of its branch's cond."""
-    sent: list[tuple[list[torch.Tensor], torch.Tensor]] = []
-    got: list[dict[str, Any]] = []
+@pytest.mark.parametrize("guess_mode", [False, True])
+@torch.no_grad()
+def test_pag_rows_get_the_residuals_of_their_conditioning(pipe: Any, guess_mode: bool) -> None:
+    """What the UNet adds after its mid block, per row, is the ControlNet's mid residual of
+    that row's conditioning: rows [c, u, c perturbed] get [res_c, res_u, res_c]."""
     unet = pipe.unet
-
-    def record(*args: Any, **kwargs: Any) -> Any:
-        got.append(kwargs)
-        return type(unet).forward(unet, *args, **kwargs)
-
-    hook = pipe.controlnet.register_forward_hook(lambda m, a, out: sent.append(out))
-    unet.forward = record  # a user's instance forward: guidekit calls through it
+    seen: dict[str, list[torch.Tensor]] = {"res": [], "mid": [], "up_in": []}
+    handles = [
+        pipe.controlnet.register_forward_hook(lambda m, a, out: seen["res"].append(out[1])),
+        unet.mid_block.register_forward_hook(lambda m, a, out: seen["mid"].append(out)),
+        unet.up_blocks[0].register_forward_pre_hook(
+            lambda m, a, kw: seen["up_in"].append(kw.get("hidden_states", a[0] if a else None)),
+            with_kwargs=True,
+        ),
+    ]
     try:
-        with guided(pipe, CFG(4) + PAG(3)) as run:
-            _run(pipe)
+        cfg_only = run(pipe, guess_mode=guess_mode)
+        for v in seen.values():
+            v.clear()
+        with guided(pipe, CFG(W) + PAG(3.0)) as g:
+            out = run(pipe, guess_mode=guess_mode)
     finally:
-        hook.remove()
-        del unet.forward
-    assert len(sent) == len(got) == len(run.calls) == 3
-    for (down, mid), kwargs, rec in zip(sent, got, run.calls):
-        (group,) = run.plan.program(rec.sigma).groups
-        assert any(b.perturbation is not None for b in group.branches)
-        theirs = [*kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]]
-        for mine, their in zip([*down, mid], theirs):
-            assert their.shape[0] == len(group.branches) * B
-            for j, branch in enumerate(group.branches):
-                rows = slice(0, B) if branch.cond == UNCOND else slice(B, 2 * B)
-                torch.testing.assert_close(their[j * B : (j + 1) * B], mine[rows], rtol=0, atol=0)
+        for h in handles:
+            h.remove()
+    assert [c.rows for c in g.calls] == [6, 6, 6]
+    assert g.calls[0].branches == ("c", "u", "c[IdentityAttention()]")
+    assert torch.isfinite(out).all() and (out - cfg_only).abs().max() > 1e-4
+    for res, mid, up_in in zip(seen["res"], seen["mid"], seen["up_in"]):
+        if guess_mode:  # the ControlNet ran on the conditional rows only
+            res_u, res_c = torch.zeros_like(res), res
+        else:
+            res_u, res_c = res.chunk(2)
+        torch.testing.assert_close(up_in - mid, torch.cat([res_c, res_u, res_c]), rtol=0, atol=1e-12)
 
 
-def _unet_args(pipe: Any, rows: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    return {
-        "sample": torch.randn(1, 4, 8, 8).repeat(rows, 1, 1, 1),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(rows, 77, 32),
-    }
-
-
-def test_residual_with_other_rows_is_refused_by_name(pipe: Any) -> None:
-    args = _unet_args(pipe, 2 * B)
-    args["mid_block_additional_residual"] = torch.zeros(3, 8, 4, 4)
-    with guided(pipe, CFG(4)), pytest.raises(GuidanceValueError, match="mid_block_additional_residual"):
-        pipe.unet(**args)
+@torch.no_grad()
+def test_a_residual_with_other_rows_is_refused_by_name(pipe: Any) -> None:
+    unet = pipe.unet
+    x = torch.randn(2, 4, 8, 8, dtype=F64).repeat(2, 1, 1, 1)  # the CFG batch [x, x]
+    text = torch.randn(4, 77, 32, dtype=F64)
+    with guided(pipe, CFG(W)) as g:
+        g._batch = 2  # the pipeline's sample batch, as prepare_latents would record it
+        with pytest.raises(GuidanceValueError, match="mid_block_additional_residual"):
+            unet(x, torch.tensor(500), encoder_hidden_states=text,
+                 mid_block_additional_residual=torch.randn(3, 8, 4, 4, dtype=F64))
+        with pytest.raises(GuidanceValueError, match="added_cond_kwargs.extra"):
+            unet(x, torch.tensor(500), encoder_hidden_states=text,
+                 added_cond_kwargs={"extra": torch.randn(2, 5, dtype=F64)})
 
 
 @dataclasses.dataclass
@@ -120,11 +118,13 @@ class _Embeds:
     values: torch.Tensor
 
 
-def test_per_row_tensor_in_an_opaque_object_is_refused_by_name(pipe: Any) -> None:
-    args = _unet_args(pipe, 2 * B)
-    args["cross_attention_kwargs"] = {"extra": _Embeds(torch.zeros(2 * B, 3))}
-    with guided(pipe, CFG(4)), pytest.raises(GuidanceValueError, match="cross_attention_kwargs.extra"):
-        pipe.unet(**args)
+@torch.no_grad()
+def test_per_row_tensors_in_an_opaque_object_are_refused_by_name(pipe: Any) -> None:
+    x = torch.randn(2, 4, 8, 8, dtype=F64).repeat(2, 1, 1, 1)
+    text = torch.randn(4, 77, 32, dtype=F64)
+    with guided(pipe, CFG(W)), pytest.raises(GuidanceValueError, match="cross_attention_kwargs.extra"):
+        pipe.unet(x, torch.tensor(500), encoder_hidden_states=text,
+                  cross_attention_kwargs={"extra": _Embeds(torch.zeros(4, 3, dtype=F64))})
 
 
 def test_take_apart_and_fill_round_trip_through_nested_containers() -> None:
@@ -149,6 +149,7 @@ def test_take_apart_and_fill_round_trip_through_nested_containers() -> None:
     halves = {k: v[:2] for k, v in {**parts.rows, **parts.shared}.items()}
     back = fill(parts.template, halves)
     assert isinstance(back["down_block_additional_residuals"], tuple)
-    assert torch.equal(back["added_cond_kwargs"]["image_embeds"][0], args["added_cond_kwargs"]["image_embeds"][0][:2])
+    embeds = args["added_cond_kwargs"]["image_embeds"][0]
+    assert torch.equal(back["added_cond_kwargs"]["image_embeds"][0], embeds[:2])
     assert back["cross_attention_kwargs"]["scale"] == 0.5
     assert back["cross_attention_kwargs"]["table"] is args["cross_attention_kwargs"]["table"]

@@ -226,38 +226,3 @@ def sd_controlnet_pipeline(seed: int = 5) -> Any:
         controlnet=controlnet.eval(), scheduler=sd.scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     ))
-
-
-# -- ControlNet ---------------------------------------------------------------------------------
-
-
-def _jolt(model: Any, seed: int = 5) -> Any:
-    """Perturb every parameter: a ControlNet's zero-initialised outputs make it a no-op."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def controlnet(base: Any) -> Any:
-    """A ControlNet for the tiny UNet whose residuals matter (parameters jolted)."""
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(4)
-    return _jolt(ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(4, 8)))
-
-
-def sd_controlnet_pipeline() -> Any:
-    from diffusers import StableDiffusionControlNetPipeline
-
-    sd = sd_pipeline()
-    return _quiet(StableDiffusionControlNetPipeline(
-        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        controlnet=controlnet(sd.unet), scheduler=sd.scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ))
-
-
-def control_image(seed: int = 1) -> torch.Tensor:
-    return torch.rand(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
