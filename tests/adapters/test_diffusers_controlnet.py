@@ -153,3 +153,27 @@ def test_take_apart_and_fill_round_trip_through_nested_containers() -> None:
     assert torch.equal(back["added_cond_kwargs"]["image_embeds"][0], embeds[:2])
     assert back["cross_attention_kwargs"]["scale"] == 0.5
     assert back["cross_attention_kwargs"]["table"] is args["cross_attention_kwargs"]["table"]
+
+
+@torch.no_grad()
+def test_sd3_controlnet_cfg_equals_the_pipelines_own_and_pag_runs_in_one_call() -> None:
+    pipe = tiny.sd3_controlnet_pipeline().to(F64)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+
+    def sd3(**kwargs: Any) -> torch.Tensor:
+        torch.manual_seed(3)  # the pipeline samples the VAE encoding of the control image
+        return pipe(
+            prompt=["a cat", "a dog"], control_image=image, height=16, width=16,
+            num_inference_steps=3, guidance_scale=W, output_type="latent",
+            max_sequence_length=16, generator=torch.Generator().manual_seed(0), **kwargs,
+        ).images
+
+    ref = sd3()
+    assert (sd3(controlnet_conditioning_scale=0.0) - ref).abs().max() > 1e-3
+    with guided(pipe, CFG(W)):
+        out = sd3()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    with guided(pipe, CFG(W) + PAG(3.0)) as g:
+        pag = sd3()
+    assert [c.rows for c in g.calls] == [6, 6, 6]
+    assert torch.isfinite(pag).all() and (pag - ref).abs().max() > 1e-4

@@ -226,3 +226,20 @@ def sd_controlnet_pipeline(seed: int = 5) -> Any:
         controlnet=controlnet.eval(), scheduler=sd.scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     ))
+
+
+def sd3_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny SD3 pipeline with a one-block SD3 ControlNet, parameters moved by ``0.05 randn``."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    sd3 = sd3_pipeline()
+    torch.manual_seed(seed)
+    controlnet = SD3ControlNetModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
+    )
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return _quiet(StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet.eval()))
