@@ -39,6 +39,7 @@ from ._diffusers_guider_attention import (
     enter_engine,
     refuse_unsupported,
 )
+from ._diffusers_guider_rows import concat_values, tile_inputs
 from ._diffusers_schedule import conventions, sigma_for
 
 LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
@@ -286,10 +287,7 @@ class GuidekitGuidance(BaseGuidance):
                     if value is not None and len(branches) > 1:
                         value = torch.cat([value] * len(branches))
                 else:
-                    values = [conds[b.cond][key] for b in branches]
-                    value = values[0]
-                    if len(values) > 1 and isinstance(value, torch.Tensor):
-                        value = torch.cat(values)
+                    value = concat_values(key, [conds[b.cond][key] for b in branches])
                 fields[key] = value
             ident = _identifier(branches[0]) if len(branches) == 1 else f"pred_{model}"
             fields[self._identifier_key] = ident
@@ -323,6 +321,8 @@ class GuidekitGuidance(BaseGuidance):
                 )
             self._undo.append(_redirect(denoiser, other))
         batch = self._batch_size()
+        if len(branches) > 1 and self._x is None:  # the loop's latents have B rows: tile them
+            self._undo.append(tile_inputs(denoiser, batch, len(branches)))
         blocks = tuple((b, j * batch, (j + 1) * batch) for j, b in enumerate(branches))
         layout = RowLayout(model, batch * len(branches), blocks, 0, batch)
         if self._around_call is not None:

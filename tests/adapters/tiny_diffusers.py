@@ -243,3 +243,17 @@ def sd3_controlnet_pipeline(seed: int = 5) -> Any:
         for p in controlnet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return _quiet(StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet.eval()))
+
+
+def sdxl_unet(seed: int = 0) -> Any:
+    """The tiny UNet with SDXL's text-time conditioning (pooled text 16 wide, 6 time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=2, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
+    ).eval()
