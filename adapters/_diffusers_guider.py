@@ -33,6 +33,13 @@ from guidekit.plan import ForwardGroup, Plan, RowLayout
 from guidekit.terms.base import NonlinearPrediction
 
 from ._diffusers_cads import for_guider as cads_for_guider
+from ._diffusers_guider_attention import (
+    attention_models,
+    engine_for,
+    enter_engine,
+    refuse_unsupported,
+)
+from ._diffusers_guider_rows import concat_values, tile_inputs
 from ._diffusers_schedule import conventions, sigma_for
 
 LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
@@ -130,17 +137,20 @@ class GuidekitGuidance(BaseGuidance):
         self._conds: dict[str, dict[str, Any]] = {}
         self._undo: list[Callable[[], None]] = []
         self._entered: Any = None
+        self._engines: dict[tuple[str, int, int], Any] = {}
 
     # -- set-up -------------------------------------------------------------------------------------
     def _compile(self) -> Plan:
         pred, noise = ("eps", _DDPM_FALLBACK)
         if self._scheduler is not None:
             pred, noise = conventions(self._scheduler)
-        return compile(
+        plan = compile(
             self._expr,
             prediction=self._prediction or pred,
             noise=self._noise if self._noise is not None else noise,
         )
+        refuse_unsupported(plan)
+        return plan
 
     @property
     def plan(self) -> Plan:
@@ -277,10 +287,7 @@ class GuidekitGuidance(BaseGuidance):
                     if value is not None and len(branches) > 1:
                         value = torch.cat([value] * len(branches))
                 else:
-                    values = [conds[b.cond][key] for b in branches]
-                    value = values[0]
-                    if len(values) > 1 and isinstance(value, torch.Tensor):
-                        value = torch.cat(values)
+                    value = concat_values(key, [conds[b.cond][key] for b in branches])
                 fields[key] = value
             ident = _identifier(branches[0]) if len(branches) == 1 else f"pred_{model}"
             fields[self._identifier_key] = ident
@@ -313,12 +320,24 @@ class GuidekitGuidance(BaseGuidance):
                     f"{self._expr!r} needs the model {model!r}: call guider.attach({model}=...)"
                 )
             self._undo.append(_redirect(denoiser, other))
+        batch = self._batch_size()
+        if len(branches) > 1 and self._x is None:  # the loop's latents have B rows: tile them
+            self._undo.append(tile_inputs(denoiser, batch, len(branches)))
+        blocks = tuple((b, j * batch, (j + 1) * batch) for j, b in enumerate(branches))
+        layout = RowLayout(model, batch * len(branches), blocks, 0, batch)
         if self._around_call is not None:
-            batch = self._batch_size()
-            blocks = tuple((b, j * batch, (j + 1) * batch) for j, b in enumerate(branches))
-            layout = RowLayout(model, batch * len(branches), blocks)
             self._entered = self._around_call(layout)
             self._entered.__enter__()
+        elif model in attention_models(self._plan):
+            target = denoiser if model == MAIN else self._models[model]
+            self._undo.append(enter_engine(self._engine(model, target), layout))
+
+    def _engine(self, model: str, target: Any) -> Any:
+        """The attention engine of ``model`` on ``target`` for the current plan (built once)."""
+        key = (model, id(target), id(self._plan))
+        if key not in self._engines:
+            self._engines[key] = engine_for(self._plan, model, target)
+        return self._engines[key]
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         entered, self._entered = self._entered, None

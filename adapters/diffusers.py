@@ -50,26 +50,17 @@ from guidekit.runner import check_models
 
 from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
 from ._diffusers_cads import adapt as cads_plans
+from ._diffusers_rows import NOT_ROW_ARGS, SHARED_ROW_ARGS, fill, first_difference, take_apart
 from ._diffusers_schedule import conventions, schedule_of, sigma_for
 
 if TYPE_CHECKING:
     from ._diffusers_guider import GuidekitGuidance
 
-__all__ = ["GuidedPipeline", "GuidekitGuidance", "Layout", "guided", "layout_for"]
+__all__ = [
+    "NOT_ROW_ARGS", "SHARED_ROW_ARGS", "GuidedPipeline", "GuidekitGuidance", "Layout", "guided",
+    "layout_for",
+]
 
-# Keyword arguments of the denoisers that hold one value per row but are the same for every
-# conditioning: they are tiled to the rows of each call instead of being split.
-SHARED_ROW_ARGS = frozenset({"timestep", "guidance", "timestep_cond"})
-# Arguments that are never per-row, even when a dimension happens to equal the batch.
-NOT_ROW_ARGS = frozenset({
-    "txt_ids", "img_ids", "joint_attention_kwargs", "cross_attention_kwargs",
-    "attention_kwargs", "return_dict", "controlnet_block_samples",
-    "controlnet_single_block_samples", "down_block_additional_residuals",
-    "mid_block_additional_residual", "down_intrablock_additional_residuals",
-})
-# Dict-valued arguments whose tensors are split by row like top-level ones (SDXL's
-# text_embeds / time_ids, PixArt's resolution / aspect_ratio).
-NESTED_ROW_ARGS = frozenset({"added_cond_kwargs"})
 DIT_NULL_CLASS = 1000  # the label DiTPipeline hard-codes for its unconditional rows
 
 
@@ -146,15 +137,6 @@ def _tile(v: torch.Tensor, k: int) -> torch.Tensor:
     return v if k == 1 else v.repeat(k, *([1] * (v.ndim - 1)))
 
 
-def _set(kwargs: dict[str, Any], name: str, value: Any) -> None:
-    """Set ``name`` (``"outer.inner"`` for a nested row argument) in a call's kwargs."""
-    if "." in name:
-        outer, inner = name.split(".", 1)
-        kwargs[outer] = {**(kwargs.get(outer) or {}), inner: value}
-    else:
-        kwargs[name] = value
-
-
 @attrs.define(eq=False)
 class _Call:
     """One denoiser call, normalised: keyword arguments by name and the rows they hold."""
@@ -166,19 +148,6 @@ class _Call:
     @property
     def rows(self) -> int:
         return int(self.x.shape[0])
-
-    def row_args(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` of every argument with one entry per row (nested as a.b)."""
-        n = self.rows
-        for name, v in self.arguments.items():
-            if name == self.x_name or name in NOT_ROW_ARGS:
-                continue
-            if name in NESTED_ROW_ARGS and isinstance(v, Mapping):
-                for inner, w in v.items():
-                    if isinstance(w, torch.Tensor) and w.ndim >= 1 and w.shape[0] == n:
-                        yield f"{name}.{inner}", w
-            elif isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
-                yield name, v
 
     def timestep(self) -> float:
         t = self.arguments.get("timestep")
@@ -200,7 +169,7 @@ class _Split:
     x: torch.Tensor
     conds: dict[str, dict[str, torch.Tensor]]
     shared: dict[str, torch.Tensor]
-    template: dict[str, Any]
+    template: dict[str, Any]  # the arguments, per-row tensors as Leaf placeholders
 
 
 class GuidedPipeline:
@@ -337,21 +306,12 @@ class GuidedPipeline:
 
     def _split(self, call: _Call, blocks: dict[str, slice]) -> _Split:
         """Split ``call``'s rows into conditionings (``blocks`` names their row ranges)."""
-        conds: dict[str, dict[str, torch.Tensor]] = {name: {} for name in blocks}
-        shared: dict[str, torch.Tensor] = {}
-        template = dict(call.arguments)
-        template.pop(call.x_name)
         first = next(iter(blocks.values()))
-        for name, v in call.row_args():
-            top = name.split(".", 1)[0]
-            if name in SHARED_ROW_ARGS:
-                shared[name] = v[first]
-            else:
-                for cname, rows in blocks.items():
-                    conds[cname][name] = v[rows]
-            if top == name:  # nested dicts stay: each call overrides their row entries
-                template.pop(name)
-        return _Split(call.x[first], conds, shared, template)
+        batch = int(call.x[first].shape[0])
+        parts = take_apart(call.arguments, call.x_name, call.rows, batch)
+        conds = {name: {p: v[rows] for p, v in parts.rows.items()} for name, rows in blocks.items()}
+        shared = {p: v[first] for p, v in parts.shared.items()}
+        return _Split(call.x[first], conds, shared, parts.template)
 
     def _forward_batched(self, call: _Call) -> Any:
         n = call.rows
@@ -398,15 +358,12 @@ class GuidedPipeline:
         b = call.rows
         cond_split = self._split(cond_call, {COND: slice(0, b)})
         uncond_split = self._split(call, {UNCOND: slice(0, b)})
-        for name, v in cond_split.template.items():
-            w = uncond_split.template.get(name)
-            if isinstance(v, torch.Tensor) and (
-                not isinstance(w, torch.Tensor) or not torch.equal(v, w)
-            ):
-                raise GuidanceValueError(
-                    f"the conditional and unconditional calls differ at {name!r}, which is not "
-                    f"per-row; pad both prompts to the same length so their rows share a batch"
-                )
+        name = first_difference(cond_split.template, uncond_split.template)
+        if name is not None:
+            raise GuidanceValueError(
+                f"the conditional and unconditional calls differ at {name!r}, which is not "
+                f"per-row; pad both prompts to the same length so their rows share a batch"
+            )
         cond_split.conds[UNCOND] = uncond_split.conds[UNCOND]
         sample, proto, extra = self._guide(cond_call, cond_split, b)
         out = self._assemble(sample, extra, 1)
@@ -453,12 +410,9 @@ class GuidedPipeline:
         def make(fn: Callable[..., Any], main: bool) -> Callable[..., torch.Tensor]:
             def model(x_rows: torch.Tensor, sigma_rows: torch.Tensor, **cond_rows: Any) -> torch.Tensor:
                 k = x_rows.shape[0] // batch
-                kwargs = dict(split.template)
+                values = {name: _tile(v, k) for name, v in split.shared.items()}
+                kwargs = fill(split.template, {**values, **cond_rows})
                 kwargs[call.x_name] = x_rows
-                for name, v in split.shared.items():
-                    _set(kwargs, name, _tile(v, k))
-                for name, v in cond_rows.items():
-                    _set(kwargs, name, v)
                 out = fn(**kwargs)
                 if found["proto"] is None:
                     found["proto"] = out

@@ -208,3 +208,52 @@ def sd_pipeline(scheduler: Any = None) -> Any:
         scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ))
+
+
+def sd_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny SD pipeline with a ControlNet built from its UNet; every ControlNet parameter
+    is moved by ``0.05 * randn`` (its zero-initialised outputs would add nothing)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    sd = sd_pipeline()
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return _quiet(StableDiffusionControlNetPipeline(
+        vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+        controlnet=controlnet.eval(), scheduler=sd.scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ))
+
+
+def sd3_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny SD3 pipeline with a one-block SD3 ControlNet, parameters moved by ``0.05 randn``."""
+    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+
+    sd3 = sd3_pipeline()
+    torch.manual_seed(seed)
+    controlnet = SD3ControlNetModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
+    )
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return _quiet(StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet.eval()))
+
+
+def sdxl_unet(seed: int = 0) -> Any:
+    """The tiny UNet with SDXL's text-time conditioning (pooled text 16 wide, 6 time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=2, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
+    ).eval()
