@@ -27,7 +27,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from guidekit import GuidanceTypeError, GuidanceValueError, Noise, compile, parse
 from guidekit.branch import COND, MAIN, UNCOND, Branch
-from guidekit.compiled import call_slot
+from guidekit.compiled import call_slot, swap
 from guidekit.expr import Expr
 from guidekit.plan import ForwardGroup, Plan, RowLayout
 from guidekit.terms.base import NonlinearPrediction
@@ -409,15 +409,4 @@ def _pick(value: Any, index: int) -> Any:
 def _redirect(module: torch.nn.Module, other: Callable[..., Any]) -> Callable[[], None]:
     """Route ``module``'s calls to ``other`` (an instance ``forward``, or the compiled call
     of a module compiled in place, so Dynamo never traces the redirect); return the undo."""
-    slot = call_slot(module)
-    had = slot in module.__dict__
-    old = module.__dict__.get(slot)
-    object.__setattr__(module, slot, lambda *a, **k: other(*a, **k))
-
-    def undo() -> None:
-        if had:
-            object.__setattr__(module, slot, old)
-        else:
-            module.__dict__.pop(slot, None)
-
-    return undo
+    return swap(module, call_slot(module), lambda *a, **k: other(*a, **k))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from guidekit import GuidanceValueError
-from guidekit.compiled import call_slot, current_call
+from guidekit.compiled import call_slot, current_call, swap
 
 SAMPLE_KEYS = ("sample", "hidden_states", "x")
 
@@ -28,9 +28,6 @@ def _repeat(v: Any, batch: int, k: int) -> Any:
 def tile_inputs(module: torch.nn.Module, batch: int, k: int) -> Callable[[], None]:
     """Make ``module``'s calls repeat their ``batch``-row latents and timestep ``k`` times
     (the batch's branches); return the undo."""
-    slot = call_slot(module)
-    had = slot in module.__dict__
-    old = module.__dict__.get(slot)
     inner = current_call(module)
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -43,15 +40,7 @@ def tile_inputs(module: torch.nn.Module, batch: int, k: int) -> Callable[[], Non
             args = (args[0], _repeat(args[1], batch, k), *args[2:])
         return inner(*args, **kwargs)
 
-    object.__setattr__(module, slot, call)
-
-    def undo() -> None:
-        if had:
-            object.__setattr__(module, slot, old)
-        else:
-            module.__dict__.pop(slot, None)
-
-    return undo
+    return swap(module, call_slot(module), call)
 
 
 def concat_values(key: str, values: list[Any]) -> Any:

@@ -44,6 +44,7 @@ import torch
 from guidekit import GuidanceValueError, Noise, compile
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.compiled import call_slot, current_call, forward_class
+from guidekit.compiled import swap as _swap
 from guidekit.expr import Expr
 from guidekit.plan import CallRecord, Plan, RowLayout
 from guidekit.runner import check_models
@@ -459,21 +460,6 @@ class GuidedPipeline:
             if self._cads is not None and self._at is not None:
                 stack.enter_context(self._cads.call(layout, self._at))
             yield
-
-
-def _swap(obj: Any, name: str, value: Any) -> Callable[[], None]:
-    """Set ``obj.name`` as an instance attribute; return the undo (restores ``__dict__``)."""
-    had = name in obj.__dict__
-    old = obj.__dict__.get(name)
-    object.__setattr__(obj, name, value)
-
-    def undo() -> None:
-        if had:
-            object.__setattr__(obj, name, old)
-        else:
-            obj.__dict__.pop(name, None)
-
-    return undo
 
 
 @contextlib.contextmanager

@@ -49,9 +49,27 @@ def current_call(model: torch.nn.Module) -> Callable[..., Any]:
     return call
 
 
+def swap(obj: Any, name: str, value: Any) -> Callable[[], None]:
+    """Set ``obj.name`` as an instance attribute; return the undo, which puts back exactly
+    what the instance ``__dict__`` held (or removes the attribute if it held none)."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    object.__setattr__(obj, name, value)
+
+    def undo() -> None:
+        if had:
+            object.__setattr__(obj, name, old)
+        else:
+            obj.__dict__.pop(name, None)
+
+    return undo
+
+
 def forward_class(model: Any) -> type[Any]:
     """The class whose ``forward`` signature names ``model``'s arguments."""
     return type(original_module(model))
 
 
-__all__ = ["call_slot", "compiled_in_place", "current_call", "forward_class", "original_module"]
+__all__ = [
+    "call_slot", "compiled_in_place", "current_call", "forward_class", "original_module", "swap",
+]
