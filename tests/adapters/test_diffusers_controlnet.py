@@ -23,7 +23,7 @@ from guidekit.adapters.diffusers import guided
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
 
-from adapters._diffusers_rows import Leaf, fill, take_apart  # noqa: E402
+from guidekit.adapters._diffusers_rows import Leaf, fill, take_apart  # noqa: E402
 
 F64 = torch.float64
 W = 4.0
