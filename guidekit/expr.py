@@ -426,10 +426,6 @@ def gate(expr: Any, lo: Any, hi: Any) -> Gated:
             f"{where}: lo == hi, the interval (lo, hi] is empty; give lo < hi, e.g. "
             f".between({fmt_number(lo)}, {fmt_number(hi * 2 if hi > 0 else 1)})"
         )
-    if lo < 0 or math.isinf(lo):
-        raise GuidanceValueError(
-            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
-        )
     return Gated(expr, lo, hi)
 
 

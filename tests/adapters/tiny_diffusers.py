@@ -7,8 +7,10 @@ VAE, CLIP and T5 text encoders of ~50k parameters, tokenizers built in memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 
 IMAGE = 16  # pixels; the tiny VAE halves it to 8x8 latents
@@ -257,3 +259,12 @@ def sdxl_unet(seed: int = 0) -> Any:
         attention_head_dim=2, norm_num_groups=2, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a test module (its float64 references and timings stay stable)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
