@@ -14,6 +14,9 @@ at this noise level (``cond``, ``uncond``, a weak model's ``cond`` ...), or, wit
 loops that pass the latents through the guider, as the SD3 blocks do). Batches of another
 model (Autoguidance's weak model) run on that model: ``prepare_models`` points the loop's
 denoiser at it for that batch and ``cleanup_models`` undoes it.
+
+The run's state (APG momentum, CADS's step) lives on a :class:`guidekit.run.Run`: each
+pipeline call (step 0) starts a fresh run, and so does a level above the last one.
 """
 
 from __future__ import annotations
@@ -30,39 +33,29 @@ from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.compiled import call_slot, swap
 from guidekit.expr import Expr
 from guidekit.plan import ForwardGroup, Plan, RowLayout
-from guidekit.terms.base import NonlinearPrediction
+from guidekit.run import Run
 
+from . import _diffusers_guider_batches as batches_
 from ._diffusers_cads import for_guider as cads_for_guider
+from ._diffusers_guider_args import (
+    cfg_scale,
+    check_guidance_scale,
+    refuse_setting,
+    refuse_unknown,
+    with_rescale,
+)
 from ._diffusers_guider_attention import (
     attention_models,
     engine_for,
     enter_engine,
     refuse_unsupported,
 )
-from ._diffusers_guider_rows import concat_values, tile_inputs
-from ._diffusers_schedule import conventions, sigma_for
+from ._diffusers_guider_level import needs_x, step_level
+from ._diffusers_guider_rows import tile_inputs
+from ._diffusers_schedule import conventions
 
-LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
+LATENT_KEYS = batches_.LATENT_KEYS
 _DDPM_FALLBACK = Noise("vp")
-
-
-def _identifier(branch: Branch) -> str:
-    if branch.model == MAIN and branch.perturbation is None and branch.cond in (COND, UNCOND):
-        return f"pred_{branch.cond}"  # the names diffusers' own loops know
-    return f"pred_{branch.label}"
-
-
-def _needs_x(plan: Plan) -> bool:
-    """Whether combining needs the latents (a conversion between prediction spaces)."""
-    spaces = [getattr(p, "space", "native") for p in plan.post]
-    spaces += [
-        e.atom.space for e in plan.entries if isinstance(e.atom, NonlinearPrediction)
-    ]
-    return any(s not in ("native", plan.prediction) for s in spaces)
-
-
-def _sigma_sensitive(plan: Plan) -> bool:
-    return bool(plan.breakpoints or plan.post or plan.modifiers or _needs_x(plan))
 
 
 class GuidekitGuidance(BaseGuidance):
@@ -80,6 +73,9 @@ class GuidekitGuidance(BaseGuidance):
             expression converts between spaces (APG, for example).
         start, stop, enabled: diffusers' step-fraction window: outside it, or when disabled,
             the guider runs only the conditional batch and returns it.
+        guidance_scale: as in diffusers' guiders, accepted where it equals the expression's
+            CFG scale (a different one is refused: write it in the expression).
+        guidance_rescale: ``phi > 0`` pipes the expression into ``Rescale(phi)``.
 
     Call :meth:`attach` with the pipeline's scheduler (exact noise levels: needed for
     intervals, APG and CADS) and any extra models (``weak=...``) before running.
@@ -99,7 +95,10 @@ class GuidekitGuidance(BaseGuidance):
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
     ) -> None:
+        expr: Any
         if isinstance(expression, str):
             expr = parse(expression)
         elif isinstance(expression, Expr):
@@ -109,7 +108,6 @@ class GuidekitGuidance(BaseGuidance):
                 f"GuidekitGuidance(expression=...) takes a guidance expression or its text, "
                 f"got {type(expression).__name__}"
             )
-        self._expr = expr
         # The config holds the expression as text (a saved guider is read back with
         # guidekit.parse) and every value as given: register_to_config marks positional
         # arguments as unused defaults, which from_config / new() would then drop.
@@ -117,8 +115,12 @@ class GuidekitGuidance(BaseGuidance):
         config.update(
             expression=repr(expr), prediction=prediction, noise=noise, seed=seed,
             batched=batched, latent_key=latent_key, start=start, stop=stop, enabled=enabled,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         )
         self._internal_dict = FrozenDict(config)
+        self._given = expr
+        self._expr = with_rescale(expr, guidance_rescale)
+        self._guidance_scale = guidance_scale
         self._prediction = prediction
         self._noise = noise
         self._seed = seed
@@ -128,16 +130,25 @@ class GuidekitGuidance(BaseGuidance):
         self._models: dict[str, Callable[..., Any]] = {}
         self._around_call: Any = None
         self._plan = self._compile()
-        self._input_predictions = [_identifier(b) for b in self._plan.branches]
+        self._run = Run(self._plan, seed=seed, on_rise="restart")
+        self._input_predictions = [batches_.identifier(b) for b in self._plan.branches]
         super().__init__(start, stop, enabled)
-        self._run_state: Any = None
         self._sigma: float | None = None
-        self._batches: list[tuple[str, tuple[Branch, ...]]] = []
+        self._batches: list[batches_.Unit] = []
         self._x: torch.Tensor | None = None
         self._conds: dict[str, dict[str, Any]] = {}
         self._undo: list[Callable[[], None]] = []
         self._entered: Any = None
         self._engines: dict[tuple[str, int, int], Any] = {}
+
+    @classmethod
+    def from_config(  # type: ignore[override]
+        cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> Any:
+        """diffusers' ``from_config`` (and so ``new`` and ``from_pretrained``), refusing the
+        settings this guider does not take instead of dropping them."""
+        refuse_unknown(cls, [*(config if isinstance(config, Mapping) else {}), *kwargs])
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # -- set-up -------------------------------------------------------------------------------------
     def _compile(self) -> Plan:
@@ -149,6 +160,7 @@ class GuidekitGuidance(BaseGuidance):
             prediction=self._prediction or pred,
             noise=self._noise if self._noise is not None else noise,
         )
+        check_guidance_scale(plan, self._guidance_scale, repr(self._given))
         refuse_unsupported(plan)
         return plan
 
@@ -156,6 +168,38 @@ class GuidekitGuidance(BaseGuidance):
     def plan(self) -> Plan:
         """The compiled plan (recompiled by :meth:`attach` when a scheduler is given)."""
         return self._plan
+
+    @property
+    def run(self) -> Run:
+        """The current pipeline call's run: its state (``run.state.named()``) and steps."""
+        return self._run
+
+    @property
+    def guidance_scale(self) -> float:
+        """The expression's CFG scale, as diffusers' guiders expose theirs (the SDXL blocks
+        read it for a UNet with a guidance embedding)."""
+        w = cfg_scale(self._plan)
+        if w is None:
+            raise GuidanceValueError(
+                f"{self._expr!r} has no one CFG scale (it changes with the noise level), which "
+                f"this pipeline reads as guider.guidance_scale: use an ungated CFG term"
+            )
+        return w
+
+    @guidance_scale.setter
+    def guidance_scale(self, value: float) -> None:
+        if value != cfg_scale(self._plan):
+            raise refuse_setting("guidance_scale", value, "guider.new(expression=...)")
+
+    @property
+    def guidance_rescale(self) -> float:
+        """The ``Rescale`` phi added by ``guidance_rescale`` (0: none)."""
+        return float(self.config["guidance_rescale"])
+
+    @guidance_rescale.setter
+    def guidance_rescale(self, value: float) -> None:
+        if value != self.guidance_rescale:
+            raise refuse_setting("guidance_rescale", value, f"guider.new(guidance_rescale={value!r})")
 
     def attach(
         self,
@@ -173,6 +217,7 @@ class GuidekitGuidance(BaseGuidance):
         if scheduler is not None:
             self._scheduler = scheduler
             self._plan = self._compile()
+            self._run = Run(self._plan, seed=self._seed, on_rise="restart")
         self._models.update(models or {})
         self._models.update(named_models)
         if around_call is not None:
@@ -191,21 +236,10 @@ class GuidekitGuidance(BaseGuidance):
 
     def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
         super().set_state(step, num_inference_steps, timestep)
-        t = float(torch.as_tensor(timestep).detach().flatten()[0])
-        if self._scheduler is not None:
-            sigma, _ = sigma_for(self._scheduler, t)
-        elif _sigma_sensitive(self._plan):
-            raise GuidanceValueError(
-                f"{self._expr!r} depends on the noise level: call guider.attach(scheduler="
-                f"pipe.scheduler) so timesteps map to sigma exactly"
-            )
-        elif self._plan.noise.kind == "flow":
-            sigma = t / 1000.0
-        else:
-            sigma = 1.0  # only the CFG-style combine runs: the level does not matter
-        rose = self._sigma is not None and sigma > self._sigma * (1 + 1e-6) + 1e-12
-        if step == 0 or self._run_state is None or rose:
-            self._run_state = self._plan.init(self._seed)
+        sigma = step_level(self._plan, self._scheduler, step, num_inference_steps, timestep)
+        # step 0 is a new pipeline call; a level above the last one is a new run too
+        if step == 0 or self._run.rose(sigma):
+            self._run.start()
         self._sigma = sigma
 
     def _current_sigma(self) -> float:
@@ -234,7 +268,7 @@ class GuidekitGuidance(BaseGuidance):
         ``data`` maps each model input to ``(cond_value, uncond_value)`` or to one value
         shared by both, as diffusers' loops pass it.
         """
-        return self._prepare(lambda key, i: _pick(data[key], i), list(data))
+        return self._prepare(lambda key, i: batches_.pick(data[key], i), list(data))
 
     def prepare_inputs_from_block_state(
         self, data: Any, input_fields: Mapping[str, Any]
@@ -248,63 +282,27 @@ class GuidekitGuidance(BaseGuidance):
 
         return self._prepare(get, list(input_fields))
 
-    def _prepare(self, get: Callable[[str, int], Any], keys: list[str]) -> list[Any]:
-        from diffusers.modular_pipelines.modular_pipeline import BlockState
-
+    def _prepare(self, get: batches_.Getter, keys: list[str]) -> list[Any]:
         groups = self._groups()
         latent_key = self._latent_key or next((k for k in LATENT_KEYS if k in keys), None)
         self._x = get(latent_key, 0) if latent_key is not None else None
-        # the conditionings as guidekit sees them: per name, each input's value
-        needed = {b.cond for g in groups for b in g.branches}
-        conds: dict[str, dict[str, Any]] = {}
-        for name, index in ((COND, 0), (UNCOND, 1)):
-            if name in needed:
-                conds[name] = {k: get(k, index) for k in keys if k != latent_key}
-        extra = needed - {COND, UNCOND}
-        if extra:
-            raise GuidanceValueError(
-                f"{self._expr!r} uses conditioning(s) {sorted(extra)}; a diffusers guider "
-                f"receives only (cond, uncond) pairs"
-            )
-        if UNCOND in conds and all(v is None for v in conds[UNCOND].values()):
-            raise GuidanceValueError(
-                f"{self._expr!r} needs the unconditional inputs, but the pipeline passed none "
-                f"(give it a negative prompt or negative embeddings)"
-            )
-        self._conds = conds
-        conds = self._modified(conds)
-        batches, self._batches = [], []
-        units: list[tuple[str, tuple[Branch, ...]]] = [
-            (g.model, (b,)) for g in groups for b in g.branches
-        ]
-        if self._batched:
-            units = [(g.model, g.branches) for g in groups]
-        for model, branches in units:
-            fields: dict[str, Any] = {}
-            for key in keys:
-                if key == latent_key:
-                    value = self._x
-                    if value is not None and len(branches) > 1:
-                        value = torch.cat([value] * len(branches))
-                else:
-                    value = concat_values(key, [conds[b.cond][key] for b in branches])
-                fields[key] = value
-            ident = _identifier(branches[0]) if len(branches) == 1 else f"pred_{model}"
-            fields[self._identifier_key] = ident
-            batches.append(BlockState(**fields))
-            self._batches.append((model, branches))
-        return batches
+        self._conds = batches_.read_conds(repr(self._expr), groups, get, keys, latent_key)
+        self._batches = batches_.units(groups, self._batched)
+        return batches_.make_batches(
+            self._batches, keys, latent_key, self._x, self._modified(self._conds),
+            self._identifier_key,
+        )
 
-    def _modified(self, conds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _modified(self, conds: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
         """The conditionings after the plan's input modifiers (CADS), as ``Plan.step`` does."""
         if not self._plan.modifiers or not self._active():
             return conds
         batch = self._batch_size()
-        tensors = _batch_tensors(conds, batch)
+        tensors = batches_.batch_tensors(conds, batch)
         x = self._x if self._x is not None else torch.zeros(batch)
         # CADS() anneals the token embeddings, not pooled ones (as with guided(...))
         plan = cads_for_guider(self._plan, {k for d in conds.values() for k in d})
-        modified = plan.modify(self._run_state, x, self._current_sigma(), tensors)
+        modified = plan.modify(self._run.state, x, self._current_sigma(), tensors)
         return {c: {**conds[c], **modified[c]} for c in conds}
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
@@ -347,27 +345,10 @@ class GuidekitGuidance(BaseGuidance):
             self._undo.pop()()
 
     def _batch_size(self) -> int:
-        for d in self._conds.values():
-            for v in d.values():
-                if isinstance(v, torch.Tensor) and v.ndim >= 1:
-                    return int(v.shape[0])
-        if self._x is not None:
-            return int(self._x.shape[0])
-        raise GuidanceValueError("cannot tell the batch size: the guider got no tensors")
+        return batches_.batch_size(self._conds, self._x)
 
     def __call__(self, data: list[Any]) -> GuiderOutput:
-        if len(data) != len(self._batches):
-            raise GuidanceValueError(
-                f"the guider prepared {len(self._batches)} batches but got {len(data)} back"
-            )
-        preds: dict[Branch, torch.Tensor] = {}
-        for (_model, branches), batch in zip(self._batches, data):
-            pred = getattr(batch, "noise_pred", None)
-            if not isinstance(pred, torch.Tensor):
-                raise GuidanceValueError("every guider batch needs its noise_pred set")
-            parts = (pred,) if len(branches) == 1 else pred.chunk(len(branches))
-            for b, part in zip(branches, parts):
-                preds[b] = part
+        preds = batches_.predictions(self._batches, data)
         cond = preds.get(Branch(MAIN, COND))
         uncond = preds.get(Branch(MAIN, UNCOND))
         if not self._active():
@@ -375,35 +356,17 @@ class GuidekitGuidance(BaseGuidance):
         any_pred = next(iter(preds.values()))
         x = self._x
         if x is None or x.shape != any_pred.shape:
-            if _needs_x(self._plan):
+            if needs_x(self._plan):
                 raise GuidanceValueError(
                     f"{self._expr!r} converts between prediction spaces, which needs the "
                     f"latents: pass them through the guider inputs (e.g. hidden_states=(latents, "
                     f"latents)) or name them with latent_key="
                 )
             x = torch.zeros_like(any_pred)
-
-        out, self._run_state = self._plan.step(
-            self._run_state, x, self._current_sigma(), {}, {}, native=preds
+        out = self._run.step(
+            x, self._current_sigma(), {}, {}, native=preds, level=self._current_sigma()
         )
         return GuiderOutput(pred=out, pred_cond=cond, pred_uncond=uncond)
-
-
-def _batch_tensors(conds: Mapping[str, Mapping[str, Any]], batch: int) -> dict[str, dict[str, Any]]:
-    """Each conditioning's tensors with a leading batch axis of ``batch`` (what CADS anneals)."""
-    return {
-        c: {
-            k: v for k, v in d.items()
-            if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == batch
-        }
-        for c, d in conds.items()
-    }
-
-
-def _pick(value: Any, index: int) -> Any:
-    if isinstance(value, tuple):
-        return value[index] if index < len(value) else None
-    return value
 
 
 def _redirect(module: torch.nn.Module, other: Callable[..., Any]) -> Callable[[], None]:

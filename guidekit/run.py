@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from guidekit.branch import Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import CallRecord, ModelFn, Plan
 from guidekit.state import State
@@ -139,6 +140,13 @@ class Run:
         elif self.on_rise == "restart" and self.rose(s):
             self.start()
 
+    def modify(
+        self, x: torch.Tensor, sigma: Any, conds: Mapping[str, Mapping[str, Any]]
+    ) -> Mapping[str, Mapping[str, Any]]:
+        """The conditionings after the plan's input modifiers (CADS) for the step the run's
+        state says a call at ``sigma`` belongs to (for callers that run the model themselves)."""
+        return self.plan.modify(self.state, x, sigma, conds)
+
     # -- one call -------------------------------------------------------------------------------
     def step(
         self,
@@ -150,11 +158,13 @@ class Run:
         output: str | None = None,
         around_call: Any = ...,
         level: float | None = None,
+        native: Mapping[Branch, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One guided prediction at ``(x, sigma)`` in ``output`` space; advances the state.
 
         ``level`` is ``sigma`` as a float when the caller already has it; ``around_call``
-        overrides the run's for this call.
+        overrides the run's for this call; ``native`` hands over branch outputs the caller
+        computed itself (a guider inside someone else's loop, see ``Plan.step``).
         """
         # with on_rise="raise" plan.step reads and checks sigma itself, so errors stay its own
         s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
@@ -165,6 +175,7 @@ class Run:
             before, x, sigma, conds, models,
             splitter=self.splitter, on_call=self.calls.append, output=output,
             around_call=self.around_call if around_call is ... else around_call,
+            native=native,
         )
         if s is None:
             s = level_of(sigma)

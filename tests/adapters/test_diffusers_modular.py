@@ -1,10 +1,12 @@
-"""The modular ``guider=`` component with attention-space terms: the perturbation happens.
+"""The modular ``guider=`` component: attention terms, run state and guidance settings.
 
 A tiny modular SD3 denoise step (float64) with ``GuidekitGuidance``: PAG and SEG batches run
 with guidekit's attention engine installed on the transformer the guider's
 ``prepare_models`` is handed, so the result equals ``guided(pipe, ...)`` on the classic
 pipeline with the same inputs (and differs from plain CFG); terms a guider cannot honour are
-refused when it is built.
+refused when it is built. Each pipeline call starts a fresh run (``guidekit.run.Run``), and
+diffusers' guidance settings (``guidance_scale``, ``guidance_rescale``) are honoured or
+refused by name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from typing import Any
 import pytest
 import torch
 
-from guidekit import CFG, EMAG, PAG, SAG, SEG, Cond, GuidanceValueError
+from guidekit import (
+    APG,
+    CFG,
+    EMAG,
+    EMAGQ,
+    PAG,
+    SAG,
+    SEG,
+    CFGZeroStar,
+    Cond,
+    GuidanceValueError,
+    Rescale,
+)
 from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,16 +62,20 @@ def sd3() -> tuple[Any, dict[str, Any]]:
     return pipe, inputs
 
 
-def _modular(pipe: Any, inputs: dict[str, Any], expr: Any, batched: bool = False) -> torch.Tensor:
+def _sd3_modular(pipe: Any, guider: Any) -> Any:
     from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
         StableDiffusion3T2ICoreDenoiseStep,
     )
 
     modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
-    guider = GuidekitGuidance(expr, batched=batched).attach(scheduler=pipe.scheduler)
     modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
     modular.set_progress_bar_config(disable=True)
-    out: torch.Tensor = modular(output="latents", **inputs)
+    return modular
+
+
+def _modular(pipe: Any, inputs: dict[str, Any], expr: Any, batched: bool = False) -> torch.Tensor:
+    guider = GuidekitGuidance(expr, batched=batched).attach(scheduler=pipe.scheduler)
+    out: torch.Tensor = _sd3_modular(pipe, guider)(output="latents", **inputs)
     return out
 
 
@@ -87,6 +105,118 @@ def test_modular_attention_terms_perturb_and_equal_the_classic_adapter(
 def test_terms_a_guider_cannot_run_are_refused_at_construction(expr: Any, match: str) -> None:
     with pytest.raises(GuidanceValueError, match=match):
         GuidekitGuidance(expr)
+
+
+@pytest.mark.parametrize("term", [EMAG(1.0), EMAGQ(2.0, layers=(0,))], ids=["emag", "emagq"])
+def test_stateful_emag_refusal_names_the_term_and_what_to_do(term: Any) -> None:
+    """Issue 11: the message named ``native=`` (never passed) and the perturbation's repr."""
+    with pytest.raises(GuidanceValueError) as err:
+        GuidekitGuidance(CFG(W) + term)
+    text = str(err.value)
+    assert repr(term) in text and "native" not in text
+    assert "with guided(pipe" in text and "guidekit.guide" in text and "PAG" in text
+
+
+# -- run state: one guidekit.run.Run per pipeline call --------------------------------------------
+
+APG_EXPR = CFG(W) | APG(eta=0.0, momentum=-0.5)
+
+
+@torch.no_grad()
+def test_each_modular_call_starts_a_fresh_run(sd3: Any) -> None:
+    """Two identical calls give identical latents; a 3-step call after a 5-step one equals a
+    fresh guider's 3-step call (APG's momentum is not carried over)."""
+    pipe, inputs = sd3
+    guider = GuidekitGuidance(APG_EXPR).attach(scheduler=pipe.scheduler)
+    modular = _sd3_modular(pipe, guider)
+    first = modular(output="latents", **inputs)
+    again = modular(output="latents", **inputs)
+    assert torch.equal(first, again)
+    assert guider.run.steps == inputs["num_inference_steps"]
+
+    modular(output="latents", **{**inputs, "num_inference_steps": 5})
+    assert guider.run.steps == 5
+    after = modular(output="latents", **inputs)
+    assert guider.run.steps == inputs["num_inference_steps"]
+    torch.testing.assert_close(after, first, rtol=0, atol=0)
+    fresh = GuidekitGuidance(APG_EXPR).attach(scheduler=pipe.scheduler)
+    torch.testing.assert_close(_sd3_modular(pipe, fresh)(output="latents", **inputs), first)
+    # the momentum matters, so a stale run would show
+    assert (first - _modular(pipe, inputs, CFG(W) | APG(eta=0.0))).abs().max() > 1e-4
+
+
+def _contract_step(guider: Any, step: int, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One step of a modular loop by hand: the model returns its conditioning."""
+    guider.set_state(step=step, num_inference_steps=3, timestep=torch.tensor(999 - 300 * step))
+    batches = guider.prepare_inputs({"encoder_hidden_states": (c, u)})
+    for b in batches:
+        guider.prepare_models(torch.nn.Identity())
+        b.noise_pred = b.encoder_hidden_states
+        guider.cleanup_models(torch.nn.Identity())
+    out: torch.Tensor = guider(batches).pred
+    return out
+
+
+def test_steps_are_counted_without_a_scheduler() -> None:
+    """CFG-Zero*'s zero-init needs the step count; without a scheduler every step used to
+    read as the same level, so the output stayed zero at every step."""
+    guider = GuidekitGuidance(CFGZeroStar(3.0, zero_init_steps=1))
+    c, u = torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64)
+    assert torch.equal(_contract_step(guider, 0, c, u), torch.zeros_like(c))
+    assert _contract_step(guider, 1, c, u).abs().max() > 1e-3
+    assert guider.run.steps == 2
+    assert torch.equal(_contract_step(guider, 0, c, u), torch.zeros_like(c))  # a new call
+    assert guider.run.steps == 1
+
+
+# -- diffusers' guidance settings: honoured or refused by name -----------------------------------
+
+
+@torch.no_grad()
+def test_guidance_rescale_is_rescale_and_equals_diffusers_own_guider(sd3: Any) -> None:
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    pipe, inputs = sd3
+    peer = ClassifierFreeGuidance(guidance_scale=W, guidance_rescale=0.7)
+    ref = _sd3_modular(pipe, peer)(output="latents", **inputs)
+    guider = GuidekitGuidance(CFG(W), guidance_scale=W, guidance_rescale=0.7)
+    assert guider.plan.expr == CFG(W) | Rescale(0.7)
+    out = _sd3_modular(pipe, guider.attach(scheduler=pipe.scheduler))(output="latents", **inputs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    assert (out - _modular(pipe, inputs, CFG(W))).abs().max() > 1e-4  # the rescale mattered
+    again = guider.new(guidance_rescale=0.0)
+    assert again.plan.expr == CFG(W) and again.config["expression"] == repr(CFG(W))
+
+
+def test_guidance_scale_the_expression_does_not_use_is_refused(tmp_path: Path) -> None:
+    expr = CFG(W) + PAG(3.0)
+    guider = GuidekitGuidance(expr, guidance_scale=W)
+    assert guider.guidance_scale == W  # what the SDXL blocks read for a guidance embedding
+    with pytest.raises(GuidanceValueError, match=r"guidance_scale=2.*CFG scale is 4.*CFG\(2\)"):
+        GuidekitGuidance(expr, guidance_scale=2)
+    with pytest.raises(GuidanceValueError, match="guidance_scale=2"):
+        guider.new(guidance_scale=2)
+    with pytest.raises(GuidanceValueError, match="changes with sigma"):
+        GuidekitGuidance(CFG(W).between(1, 2), guidance_scale=W)
+    with pytest.raises(GuidanceValueError, match="no one CFG scale"):
+        _ = GuidekitGuidance(CFG(W).between(1, 2)).guidance_scale
+    guider.save_pretrained(tmp_path)
+    assert GuidekitGuidance.from_pretrained(tmp_path).config["guidance_scale"] == W
+
+
+def test_guidance_settings_assigned_or_unknown_are_refused_by_name() -> None:
+    guider = GuidekitGuidance(CFG(W))
+    with pytest.raises(GuidanceValueError, match=r"guider.guidance_scale = 2.*expression="):
+        guider.guidance_scale = 2.0
+    with pytest.raises(GuidanceValueError, match=r"guidance_rescale=0.7"):
+        guider.guidance_rescale = 0.7
+    guider.guidance_scale = W  # what it already is: nothing to refuse
+    assert guider.plan.expr == CFG(W)
+    # another guider's setting, which diffusers' from_config would drop with a log line
+    with pytest.raises(GuidanceValueError, match="'use_original_formulation'"):
+        guider.new(use_original_formulation=True)
+    with pytest.raises(GuidanceValueError, match="'perturbed_guidance_scale'"):
+        GuidekitGuidance.from_config({"expression": "CFG(3)", "perturbed_guidance_scale": 2.8})
 
 
 def _modular_sdxl(unet: Any, expr: Any, batched: bool, **inputs: Any) -> torch.Tensor:
