@@ -1,6 +1,6 @@
 """The guidance algebra's laws, as data, checked with hypothesis over every registered term.
 
-Each :class:`Law` pairs a strategy (built from ``tests/strategies.py``, which draws from the
+Each :class:`Law` pairs a strategy (built from ``tests/strategies/``, which draws from the
 whole registry) with a check; :func:`test_law` runs hypothesis once per law. Numeric laws
 compare float64 outputs to 1e-9; row laws compare what the plan runs (``plan.rows``, the
 active branches) at many noise levels.
