@@ -12,6 +12,8 @@ Operators are thin: ``__add__`` forwards to :func:`add` and so on. Sums are n-ar
 their *left* operand only, so the tree mirrors how Python (and :func:`guidekit.parse`) read
 the text and ``parse(str(e)) == e`` holds exactly. ``repr`` prints the parsed structure with
 the fewest parentheses Python's precedence allows (``*`` > ``+``/``-`` > ``|``).
+What the operators say when they refuse an operand (and the metaclass that refuses a class
+used as an instance) is in :mod:`guidekit.misuse`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ import attrs
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.linear import INF, Entry, atom_branches
+from guidekit.misuse import (
+    AlgebraMeta,
+    gate_bounds,
+    not_an_expression,
+    piped_operand,
+    prediction_from_direction,
+    scaled_prediction,
+    two_predictions,
+)
 from guidekit.text import (
     ATOM,
     PIPE,
@@ -34,7 +45,6 @@ from guidekit.text import (
     display_name,
     fmt_number,
     is_number,
-    is_tensor,
 )
 
 # the linear form and the printing helpers are re-exported: code has imported them from here
@@ -45,28 +55,7 @@ __all__ = [
 ]
 
 
-class _AlgebraMeta(type):
-    """Metaclass of terms and post-processors: using the class where an instance belongs
-    (``CFG | APG``, ``CFG(7) + PAG``) raises a clear error instead of building a
-    ``types.UnionType`` or failing deep inside an operator."""
-
-    def _misuse(cls, *_: Any) -> Any:
-        raise GuidanceTypeError(class_instead_of_instance(cls))
-
-    __or__ = __ror__ = __add__ = __radd__ = _misuse
-    __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _misuse
-    __neg__ = __pos__ = _misuse
-
-    @property
-    def between(cls) -> Any:
-        """``CFG.between(lo, hi)`` on the class: say to make a term first (a data descriptor
-        here wins over the instance method, on the class only)."""
-
-        def misuse(*_: Any, **__: Any) -> Any:
-            gate = f", then gate it: {display_name(cls)}(...).between(lo, hi)"
-            raise GuidanceTypeError(class_instead_of_instance(cls) + (gate if issubclass(cls, Expr) else ""))
-
-        return misuse
+_AlgebraMeta = AlgebraMeta  # the name processor.py and older code import
 
 
 class Expr(metaclass=_AlgebraMeta):
@@ -78,6 +67,8 @@ class Expr(metaclass=_AlgebraMeta):
 
     __slots__ = ()
     level: ClassVar[int] = ATOM
+    #: expressions take ``.between`` (the metaclass names it when a class is used instead)
+    gateable: ClassVar[bool] = True
     #: a piped expression is final: it cannot be added to or scaled (the pipe applies last)
     final: ClassVar[bool] = False
 
@@ -291,47 +282,10 @@ class Gated(Expr):
 def operand(value: Any, op: str, other: Any) -> Expr:
     """Check one side of an arithmetic operator and say what to write instead."""
     if isinstance(value, Expr) and value.final:
-        raise GuidanceTypeError(
-            f"({value!r}) {op} ...: a pipe applies last. Write the sum first and pipe it, "
-            f"e.g. (a + b) | P; Python already reads a + b | P that way"
-        )
+        raise piped_operand(value, op)
     if isinstance(value, Expr):
         return value
-    if isinstance(value, type):
-        raise GuidanceTypeError(class_instead_of_instance(value))
-    if hasattr(value, "pipe_after"):
-        raise GuidanceTypeError(
-            f"{value!r} is a post-processor: it goes after |, e.g. CFG(7) | {value!r}, "
-            f"not {op}"
-        )
-    if is_tensor(value):
-        raise GuidanceTypeError(
-            f"cannot {op} a tensor and {other!r}: scales in a guidance expression are Python "
-            f"numbers; use float(t) for a one-element tensor"
-        )
-    if is_number(value):
-        raise GuidanceTypeError(
-            f"cannot {op} the number {value!r} and {other!r}: numbers only scale directions, "
-            f"e.g. 2 * Autoguidance(1)"
-        )
-    raise GuidanceTypeError(
-        f"cannot {op} {value!r} ({type(value).__name__}) and a guidance expression"
-    )
-
-
-def _two_predictions(a: Expr, b: Expr) -> GuidanceTypeError:
-    entries = b.entries()
-    if not b.children() and len(entries) == 1 and isinstance(entries[0].atom, Branch):
-        return GuidanceTypeError(
-            f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a "
-            f"direction. {b!r} is a plain model prediction. Probably meant a direction instead, "
-            f"e.g. {a!r} + Autoguidance(1) or {a!r} + 0.5 * (Cond() - Uncond())"
-        )
-    return GuidanceTypeError(
-        f"{a!r} + {b!r} adds two predictions, which is neither a prediction nor a direction. "
-        f"A sum holds one prediction plus directions. Probably meant: {a!r} + ({b!r} - Cond()) "
-        f"to add {b!r}'s guidance direction, or 0.5 * ({a!r} - {b!r}) + {b!r} to average them"
-    )
+    raise not_an_expression(value, op, other)
 
 
 def add(a: Any, b: Any) -> Expr:
@@ -339,7 +293,7 @@ def add(a: Any, b: Any) -> Expr:
     a = operand(a, "add", b)
     b = operand(b, "add", a)
     if a.weight + b.weight not in (0, 1):
-        raise _two_predictions(a, b)
+        raise two_predictions(a, b)
     left = a.terms if isinstance(a, Sum) else (a,)
     return Sum(left + (b,))
 
@@ -349,11 +303,7 @@ def sub(a: Any, b: Any) -> Expr:
     a = operand(a, "subtract", b)
     b = operand(b, "subtract", a)
     if a.weight - b.weight not in (0, 1):
-        raise GuidanceTypeError(
-            f"{a!r} - {b!r} subtracts a prediction from a direction: the result is neither a "
-            f"prediction nor a direction. Probably meant: {b!r} - ({a!r}) reversed, or "
-            f"a prediction minus a prediction"
-        )
+        raise prediction_from_direction(a, b)
     left = a.terms if isinstance(a, Sum) else (a,)
     return Sum(left + (scaled(-1.0, b),))
 
@@ -371,11 +321,7 @@ def scale(k: Any, e: Any) -> Expr:
     if not math.isfinite(k):
         raise GuidanceValueError(f"{fmt_number(k)} * {e!r}: the scale must be finite")
     if e.weight != 0 and k != 1:
-        raise GuidanceTypeError(
-            f"{fmt_number(k)} * {e!r} scales a prediction, which is not a prediction any more. "
-            f"Probably meant a guidance scale on a direction, e.g. CFG({fmt_number(k)}) or "
-            f"{fmt_number(k)} * ({e!r} - Cond())"
-        )
+        raise scaled_prediction(k, e)
     return scaled(k, e)
 
 
@@ -406,26 +352,9 @@ def total(exprs: Iterable[Any]) -> Expr:
 
 
 def gate(expr: Any, lo: Any, hi: Any) -> Gated:
+    """``expr.between(lo, hi)`` for noise levels ``0 <= lo < hi``."""
     expr = operand(expr, "gate", None)
-    where = f"{expr!r}.between({lo!r}, {hi!r})"
-    for value in (lo, hi):
-        if not is_number(value) or math.isnan(float(value)):
-            raise GuidanceTypeError(f"{where}: the bounds must be numbers (noise levels sigma)")
-    lo, hi = float(lo), float(hi)
-    if lo > hi:
-        raise GuidanceValueError(
-            f"{where}: lo > hi, the interval is empty; the bounds are noise levels (sigma, "
-            f"large = noisy) with lo < hi, probably meant .between({fmt_number(hi)}, {fmt_number(lo)})"
-        )
-    if lo < 0 or math.isinf(lo):
-        raise GuidanceValueError(
-            f"{where}: lo must be a finite noise level >= 0 (use 0 for 'down to the end')"
-        )
-    if lo == hi:
-        raise GuidanceValueError(
-            f"{where}: lo == hi, the interval (lo, hi] is empty; give lo < hi, e.g. "
-            f".between({fmt_number(lo)}, {fmt_number(hi * 2 if hi > 0 else 1)})"
-        )
+    lo, hi = gate_bounds(f"{expr!r}.between({lo!r}, {hi!r})", lo, hi)
     return Gated(expr, lo, hi)
 
 
