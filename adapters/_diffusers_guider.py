@@ -34,6 +34,7 @@ from guidekit.compiled import call_slot, swap
 from guidekit.expr import Expr
 from guidekit.plan import ForwardGroup, Plan, RowLayout
 from guidekit.run import Run
+from guidekit.state import ForwardState
 
 from . import _diffusers_guider_batches as batches_
 from ._diffusers_cads import for_guider as cads_for_guider
@@ -52,6 +53,7 @@ from ._diffusers_guider_attention import (
 )
 from ._diffusers_guider_level import needs_x, step_level
 from ._diffusers_guider_rows import tile_inputs
+from ._diffusers_guider_state import combine_stateful
 from ._diffusers_schedule import conventions
 
 LATENT_KEYS = batches_.LATENT_KEYS
@@ -137,6 +139,7 @@ class GuidekitGuidance(BaseGuidance):
         self._batches: list[batches_.Unit] = []
         self._x: torch.Tensor | None = None
         self._conds: dict[str, dict[str, Any]] = {}
+        self._forward_state: ForwardState | None = None
         self._undo: list[Callable[[], None]] = []
         self._entered: Any = None
         self._engines: dict[tuple[str, int, int], Any] = {}
@@ -288,6 +291,9 @@ class GuidekitGuidance(BaseGuidance):
         self._x = get(latent_key, 0) if latent_key is not None else None
         self._conds = batches_.read_conds(repr(self._expr), groups, get, keys, latent_key)
         self._batches = batches_.units(groups, self._batched)
+        self._forward_state = None
+        if self._plan.stateful and self._active():  # EMAG: observed in the batches' calls
+            self._forward_state = self._run.forward_state(self._batch_size(), self._current_sigma())
         return batches_.make_batches(
             self._batches, keys, latent_key, self._x, self._modified(self._conds),
             self._identifier_key,
@@ -322,7 +328,7 @@ class GuidekitGuidance(BaseGuidance):
         if len(branches) > 1 and self._x is None:  # the loop's latents have B rows: tile them
             self._undo.append(tile_inputs(denoiser, batch, len(branches)))
         blocks = tuple((b, j * batch, (j + 1) * batch) for j, b in enumerate(branches))
-        layout = RowLayout(model, batch * len(branches), blocks, 0, batch)
+        layout = RowLayout(model, batch * len(branches), blocks, 0, batch, self._forward_state)
         if self._around_call is not None:
             self._entered = self._around_call(layout)
             self._entered.__enter__()
@@ -363,9 +369,11 @@ class GuidekitGuidance(BaseGuidance):
                     f"latents)) or name them with latent_key="
                 )
             x = torch.zeros_like(any_pred)
-        out = self._run.step(
-            x, self._current_sigma(), {}, {}, native=preds, level=self._current_sigma()
-        )
+        sigma = self._current_sigma()
+        if self._forward_state is not None:
+            out = combine_stateful(self._run, x, sigma, preds, self._forward_state)
+        else:
+            out = self._run.step(x, sigma, {}, {}, native=preds, level=sigma)
         return GuiderOutput(pred=out, pred_cond=cond, pred_uncond=uncond)
 
 

@@ -38,32 +38,6 @@ def refuse_unsupported(plan: Plan) -> None:
                 f"({dependent[0].title}), but a modular pipeline prepares every guider batch "
                 f"before it runs any; use guided(pipe, ...) on a classic pipeline"
             )
-    stateful = {p for p, _ in plan.stateful}
-    if stateful:
-        names = ", ".join(repr(t) for t in _terms_of(plan.expr, stateful)) or ", ".join(
-            map(repr, stateful)
-        )
-        raise GuidanceValueError(
-            f"GuidekitGuidance({plan.expr!r}): {names} keeps moving averages of the model's "
-            f"attention across steps, which this guider cannot carry (a modular pipeline runs "
-            f"the guider's batches itself and hands back only their predictions). What you can "
-            f"do: run the classic pipeline `with guided(pipe, expression):`, sample in your own "
-            f"loop with guidekit.guide(...), or keep the modular pipeline with a stateless "
-            f"attention term such as PAG, SEG or SLG in place of {names}"
-        )
-
-
-def _terms_of(expr: Any, perturbations: set[Any]) -> list[Any]:
-    """The terms of ``expr`` whose negative branch carries one of ``perturbations``."""
-    found: list[Any] = []
-    stack = [expr]
-    while stack:
-        node = stack.pop()
-        negative = getattr(node, "negative", None)
-        if callable(negative) and getattr(negative(), "perturbation", None) in perturbations:
-            found.append(node)
-        stack.extend(reversed(node.children()))
-    return found
 
 
 def engine_for(plan: Plan, model: str, target: Any) -> Any:

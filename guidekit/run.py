@@ -37,7 +37,7 @@ import torch
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import CallRecord, ModelFn, Plan
-from guidekit.state import State
+from guidekit.state import ForwardState, State
 from guidekit.state import level_of as state_level_of
 
 OnRise = Literal["raise", "retreat", "restart"]
@@ -146,6 +146,18 @@ class Run:
         """The conditionings after the plan's input modifiers (CADS) for the step the run's
         state says a call at ``sigma`` belongs to (for callers that run the model themselves)."""
         return self.plan.modify(self.state, x, sigma, conds)
+
+    def forward_state(self, batch: int, sigma: float) -> ForwardState:
+        """The :class:`~guidekit.state.ForwardState` of a step at ``sigma`` (each stateful
+        perturbation's input state, chosen as ``Plan.step`` chooses it), for callers whose
+        model calls run before the step is combined (a modular pipeline's guider)."""
+        kind = self.state.classify(sigma)
+        inputs = self.state.inputs(kind)
+        first = len(self.plan.post) + len(self.plan.modifiers)
+        return ForwardState(
+            batch=batch, level=self.state.level_for(kind),
+            inputs={p: inputs[first + i] for i, (p, _) in enumerate(self.plan.stateful)},
+        )
 
     # -- one call -------------------------------------------------------------------------------
     def step(
