@@ -240,9 +240,10 @@ class GuidekitGuidance(BaseGuidance):
     def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
         super().set_state(step, num_inference_steps, timestep)
         sigma = step_level(self._plan, self._scheduler, step, num_inference_steps, timestep)
-        # step 0 is a new pipeline call; a level above the last one is a new run too
+        # step 0 is a new pipeline call; a level above the last one is a new run too. Each
+        # starts with an empty call log, so a guider reused for many calls holds one run's.
         if step == 0 or self._run.rose(sigma):
-            self._run.start()
+            self._run.reset()
         self._sigma = sigma
 
     def _current_sigma(self) -> float:
