@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from guidekit.attention.ema import (
-    EMAMapAttention,
-    EMAQueryAttention,
-    MovingAverage,
+from guidekit.attention.ema import EMAMapAttention, EMAQueryAttention, MovingAverage
+from guidekit.attention.ema_state import (
+    EMAState,
+    StepMemo,
     _beta,
     _float,
     _lam,
@@ -80,6 +80,13 @@ class _EMAGBase(DirectionTerm):
     @property
     def perturbation(self) -> MovingAverage:
         return self._perturbation(self.layers, self.beta, self.lam, self.state_dtype)
+
+    def update(self, state: EMAState, observations: StepMemo | None) -> EMAState:
+        """The state transition of this term's averages, a pure function: ``state`` and one
+        step's ``observations`` (handed back by the attention engine) give the next state
+        (:func:`guidekit.attention.ema_state.update`). ``Plan.step`` applies it once per
+        step and commits the result under the state's name (``"EMAG"``)."""
+        return self.perturbation.commit(state, observations)
 
     @classmethod
     def paper(cls, w: float, w_e: float, **kwargs: Any) -> Expr:
