@@ -67,6 +67,15 @@ from guidekit.attention.ops import (
 from guidekit.errors import GuidanceValueError
 from guidekit.state import ForwardState
 
+#: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.
+DIT_XL_LAYERS = (12, 13, 14, 15)
+SD3_MEDIUM_LAYERS = (6, 7, 8)
+#: each preset's constructor and the model it was chosen for
+PRESETS = {
+    DIT_XL_LAYERS: ("dit", "DiT-XL/2 (28 layers)"),
+    SD3_MEDIUM_LAYERS: ("sd3", "SD3-Medium (24 layers)"),
+}
+
 # the state, its update and the explicit-softmax maths moved to ema_state.py and
 # explicit.py; code imports them from here as before
 __all__ = [
@@ -121,6 +130,21 @@ class MovingAverage(AttentionPerturbation):
         if hi <= lo:
             hi = lo + 1
         return paths[min(lo, n - 1) : min(hi, n)]
+
+    def check_model(self, count: int, architecture: str) -> None:
+        """Refuse a preset's candidate layers on a model too shallow for them (checked
+        when the engine is built), naming the preset, the model's depth and the fix."""
+        preset = PRESETS.get(self.layers)  # type: ignore[arg-type]
+        if preset is None or all(-count <= i < count for i in self.layers):  # type: ignore[union-attr]
+            return
+        ctor, source = preset
+        raise GuidanceValueError(
+            f"{self!r}: layers={self.layers} is the {self.state_name}.{ctor}(...) preset, the "
+            f"paper's {source} candidates, but this {architecture} has {count} attention "
+            f"layer{'s' if count != 1 else ''} (0..{count - 1}): pass layers= that this model "
+            f"has, e.g. {self.state_name}.{ctor}(..., layers=None) for the paper's choice "
+            f"scaled to its depth"
+        )
 
     # -- run state ------------------------------------------------------------------------
     def init_state(self) -> EMAState:

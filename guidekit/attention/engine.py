@@ -141,6 +141,9 @@ class AttentionEngine:
             self.table = layer_table(model, attention_class=attention_class)
             for p in mine:
                 spec = p.layers
+                check = getattr(p, "check_model", None)  # EMAG's presets name themselves
+                if check is not None and spec is not None and self.table.paths:
+                    check(len(self.table.paths), self.table.architecture)
                 default = getattr(p, "default_layers", None)
                 if spec is None and default is not None and self.table.paths:
                     spec = default(self.table.paths, self.table.architecture)

@@ -21,7 +21,13 @@ from typing import Any, ClassVar
 import attrs
 import torch
 
-from guidekit.attention.ema import EMAMapAttention, EMAQueryAttention, MovingAverage
+from guidekit.attention.ema import (
+    DIT_XL_LAYERS,
+    SD3_MEDIUM_LAYERS,
+    EMAMapAttention,
+    EMAQueryAttention,
+    MovingAverage,
+)
 from guidekit.attention.ema_state import (
     EMAState,
     StepMemo,
@@ -38,10 +44,6 @@ from guidekit.fields import Examples, finite, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 from guidekit.terms.cfg import CFG
-
-#: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.
-DIT_XL_LAYERS = (12, 13, 14, 15)
-SD3_MEDIUM_LAYERS = (6, 7, 8)
 
 
 def _window(sigmas: Sequence[float] | torch.Tensor, first: int, last_off: int) -> tuple[float, float]:
