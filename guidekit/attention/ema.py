@@ -135,7 +135,8 @@ class MovingAverage(AttentionPerturbation):
         """Refuse a preset's candidate layers on a model too shallow for them (checked
         when the engine is built), naming the preset, the model's depth and the fix."""
         preset = PRESETS.get(self.layers)  # type: ignore[arg-type]
-        if preset is None or all(-count <= i < count for i in self.layers):  # type: ignore[union-attr]
+        indices = [i for i in self.layers or () if isinstance(i, int)]
+        if preset is None or all(-count <= i < count for i in indices):
             return
         ctor, source = preset
         raise GuidanceValueError(
