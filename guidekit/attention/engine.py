@@ -46,8 +46,11 @@ How a layer is hooked (chosen per module, documented protocol):
 Layers are resolved when the engine is built (before anything is hooked): unknown or
 out-of-range layers, cross-attention layers, joint text-image attention and overlapping
 layers raise :class:`~guidekit.errors.GuidanceValueError` and leave the model untouched. One
-engine serves one sampling run at a time, and one engine holds a layer at a time: entering a
-second engine on a layer another one holds raises (nothing of the second is installed).
+engine holds a layer at a time: entering a second engine on a layer another one holds raises
+(nothing of the second is installed). Runs keep their state themselves (EMAG's averages are
+in each run's :class:`~guidekit.State`), so one engine serves any number of runs; threads
+that sample separate runs through one engine take its model calls in turn (a lock around
+each call) and get what the same runs give one after the other.
 ``install(torch.compile(model), plan)`` hooks the compiled wrapper's ``_orig_mod``. A
 ``copy.deepcopy`` or ``torch.save`` of the model during a run holds the ORIGINAL processors
 and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
@@ -56,6 +59,7 @@ and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -180,6 +184,9 @@ class AttentionEngine:
         )
         self._frames: list[Frame] = []
         self._installed = False
+        # the state of the call in progress (routes, layout state, frames, modifiers) is the
+        # engine's: threads that share it take their model calls in turn
+        self._lock = threading.RLock()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _plan_hook(self, path: str) -> LayerHook:
@@ -295,17 +302,18 @@ class AttentionEngine:
                 "inside `with guidekit.attention.install(model, plan) as around_call:`"
             )
         selection = self._selection(layout)
-        routes = self._routes.get((layout, selection))
-        if routes is None:
-            routes = self._routes_for(layout, dict(selection))
-            self._routes[(layout, selection)] = routes
-        previous, previous_state = self._active, self._state
-        self._active, self._state = routes, layout.state
-        try:
-            with self.modifiers.active(layout):
-                yield
-        finally:
-            self._active, self._state = previous, previous_state
+        with self._lock:
+            routes = self._routes.get((layout, selection))
+            if routes is None:
+                routes = self._routes_for(layout, dict(selection))
+                self._routes[(layout, selection)] = routes
+            previous, previous_state = self._active, self._state
+            self._active, self._state = routes, layout.state
+            try:
+                with self.modifiers.active(layout):
+                    yield
+            finally:
+                self._active, self._state = previous, previous_state
 
     def _selection(self, layout: RowLayout) -> tuple[tuple[Any, str | None], ...]:
         """The layer each stateful perturbation acts in at this step (from its state)."""
