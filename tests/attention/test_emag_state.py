@@ -4,6 +4,8 @@ and its errors (a batch change)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -13,6 +15,12 @@ from guidekit.attention.ema import EMAState, StepMemo
 
 from ._tiny import BATCH, dit_fn, tiny_dit
 from .test_emag import LABELS, NULL, PATHS, SIGMAS, guided_run, reference_run, start
+
+
+def guided(model: Any, plan: Any, around: Any, labels: torch.Tensor = LABELS) -> Any:
+    return guidekit.guide(plan, dit_fn(model), cond={"class_labels": labels},
+                          uncond={"class_labels": torch.full_like(labels, 10)},
+                          sigmas=SIGMAS, around_call=around)
 
 
 def names(expr: object) -> list[str]:
@@ -34,8 +42,7 @@ def test_run_state_named_shows_each_component() -> None:
     plan = guidekit.compile(CFG(2) + EMAG(1.5, layers=(1, 2)) | APG(momentum=-0.5),
                             prediction="eps", noise="ve")
     with torch.no_grad(), guidekit.attention.install(model, plan) as around:
-        g = guidekit.guide(plan, dit_fn(model), cond={"class_labels": LABELS},
-                           uncond={"class_labels": NULL}, sigmas=SIGMAS, around_call=around)
+        g = guided(model, plan, around)
         g(start(), SIGMAS[0])
         named = g.state.named()
     assert list(named) == ["APG", "EMAG"]
@@ -89,9 +96,7 @@ def test_a_nan_sample_leaves_the_healthy_sample_unchanged() -> None:
     def run(x: torch.Tensor, labels: torch.Tensor) -> tuple[list[torch.Tensor], list[str | None]]:
         outs, used = [], []
         with torch.no_grad(), guidekit.attention.install(model, plan) as around:
-            g = guidekit.guide(plan, dit_fn(model), cond={"class_labels": labels},
-                               uncond={"class_labels": torch.full_like(labels, 10)},
-                               sigmas=SIGMAS, around_call=around)
+            g = guided(model, plan, around, labels)
             for i, sigma in enumerate(SIGMAS[:-1]):
                 out = g(x, sigma)
                 outs.append(out)
@@ -129,8 +134,7 @@ def test_a_batch_change_names_both_shapes() -> None:
     plan = guidekit.compile(CFG(2) + EMAG(1.5, layers=(1, 2)), prediction="eps", noise="ve")
     x = start()
     with torch.no_grad(), guidekit.attention.install(model, plan) as around:
-        g = guidekit.guide(plan, dit_fn(model), cond={"class_labels": LABELS},
-                           uncond={"class_labels": NULL}, sigmas=SIGMAS, around_call=around)
+        g = guided(model, plan, around)
         g(x, SIGMAS[0])
         g.conds = {"cond": {"class_labels": LABELS[:1]}, "uncond": {"class_labels": NULL[:1]}}
         with pytest.raises(GuidanceValueError) as err:
