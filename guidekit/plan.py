@@ -38,7 +38,14 @@ from guidekit.rows import (
 )
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import Splitter, calls_for, make_splitter, now, sync
-from guidekit.state import ForwardState, State, level_of, new_state
+from guidekit.state import (
+    ForwardState,
+    State,
+    component_names,
+    keeps_state,
+    level_of,
+    new_state,
+)
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -108,10 +115,18 @@ class Plan:
 
     @property
     def components(self) -> tuple[tuple[str, Any], ...]:
-        """Stateful parts (post-processors, modifiers, stateful perturbations), named
-        ``index:repr``."""
-        parts = self.post + self.modifiers + tuple(p for p, _ in self.stateful)
-        return tuple((f"{i}:{p!r}", p) for i, p in enumerate(parts))
+        """``(name, part)`` for each part that keeps run state (post-processors, modifiers,
+        perturbations whose state is built inside the forward), by its stable name
+        (:func:`guidekit.state.component_names`: ``"APG"``, ``"EMAG"``, ``"EMAG#2"``)."""
+        return tuple((n, p) for n, p in self._named_parts() if n is not None)
+
+    def _named_parts(self) -> list[tuple[str | None, Any]]:
+        """Every post-processor, modifier and stateful perturbation with its state name
+        (``None``: it keeps no state), in that order."""
+        parts = (*self.post, *self.modifiers, *(p for p, _ in self.stateful))
+        keep = [keeps_state(p) for p in parts]
+        names = iter(component_names([p for p, k in zip(parts, keep) if k]))
+        return [(next(names) if k else None, p) for p, k in zip(parts, keep)]
 
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
@@ -273,10 +288,13 @@ class Plan:
                     f"needs at sigma={s:g}; plan.program(sigma).branches lists them"
                 )
             ctx.native = dict(native)
-        first = len(self.post) + len(self.modifiers)
+        named = self._named_parts()
+        post_names = [n for n, _ in named[: len(self.post)]]
+        # a perturbation's state by its name; None for one without (SAG keeps nothing)
+        pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
         forward_state = ForwardState(
             batch=x.shape[0], level=level,
-            inputs={p: inputs[first + i] for i, (p, _) in enumerate(stateful)},
+            inputs={p: inputs.get(pert_names[p]) for p, _ in stateful},  # type: ignore[arg-type]
         )
         if native is None:
             conds = self._modified(conds, ctx)
@@ -286,8 +304,8 @@ class Plan:
                 prog, x, s, conds, models, split, on_call, level, around_call, forward_state
             )
         y = self._combine(prog, ctx)
-        results = list(inputs)
-        for i, (p, model) in enumerate(stateful):
+        results = dict(inputs)
+        for p, model in stateful:
             memo = forward_state.memos.get(p)
             source = Branch(model=model, cond=getattr(p, "source", COND))
             if memo is None and source in prog.branches:
@@ -296,22 +314,26 @@ class Plan:
                     f"{source.label} ran: the around_call given does not belong to an "
                     f"attention engine installed for this plan"
                 )
-            results[first + i] = p.commit(inputs[first + i], memo)
+            name = pert_names[p]
+            if name is not None:  # the step's observations -> the next state, by name
+                results[name] = p.commit(inputs[name], memo)
         space = self.prediction
         # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself:
         # a processor working in another space can change nothing, and x0 cannot be turned
         # back into noise or a velocity. Skip it there; its state carries over.
         noiseless = self.noise.coefficients(s)[1] == 0.0
-        for i, proc in enumerate(self.post):
+        for name, proc in zip(post_names, self.post):
             target = ctx.space_of(proc.space)
             if noiseless and target != self.prediction:
                 continue
             y = ctx.convert(y, space, target)
             space = target
-            y, results[i] = proc.apply(y, ctx, inputs[i])
+            y, after = proc.apply(y, ctx, inputs.get(name) if name is not None else None)
+            if name is not None:
+                results[name] = after
         out_space = self.prediction if output is None else check_prediction(output, "output")
         y = ctx.convert(y, space, out_space)
-        return y, state.after(kind, s, tuple(results))
+        return y, state.after(kind, s, results)
 
     def modify(
         self, state: State, x: torch.Tensor, sigma: Any, conds: Mapping[str, Mapping[str, Any]]

@@ -15,8 +15,17 @@ guidekit advances state once per **noise level of the schedule**:
   it (the midpoints of DPM-2, DPM++ 2S, DPM++ SDE, or Euler's churned sigma) reads the state
   as committed by the current step (after it, not before) and commits nothing.
 
+With a schedule, a call that cannot belong to the run the state follows raises instead of
+silently reusing old state: a schedule level that skips levels of the schedule, or a level
+off the schedule below the next level (a sampler running another schedule after
+``reset()`` without its ``sigmas``, or a new run that starts below the last one's level).
 Without a schedule every new noise level is a step. A level above the current one means a
 new run was started on old state, which raises: call ``plan.init`` (or ``Guided.reset``).
+
+**Names.** Each component that keeps state (APG's momentum, EMAG's averages) is one typed
+value under a stable, readable name (:func:`component_names`): its kind (``"APG"``,
+``"EMAG"``), and ``"#2"``, ``"#3"`` for further components of the same kind, in plan order.
+Adding a component of another kind renames nothing. ``State.named()`` maps names to values.
 """
 
 from __future__ import annotations
@@ -61,12 +70,37 @@ def level_of(sigma: Any, what: str = "sigma") -> float:
     raise GuidanceTypeError(f"{what} must be a number or a tensor, got {sigma!r}")
 
 
+def _kind(component: Any) -> str:
+    """The readable kind of a stateful component: its ``state_name``, else its term name."""
+    name = getattr(component, "state_name", None) or getattr(type(component), "_name", None)
+    return str(name or type(component).__name__)
+
+
+def keeps_state(component: Any) -> bool:
+    """Whether ``component`` keeps run state (its ``init_state()`` is not ``None``)."""
+    init = getattr(component, "init_state", None)
+    return init is not None and init() is not None
+
+
+def component_names(components: Sequence[Any]) -> tuple[str, ...]:
+    """Stable names for ``components`` in plan order: the kind, then ``#2``, ``#3``... for
+    further components of the same kind (``("APG", "EMAG", "EMAG#2")``)."""
+    seen: dict[str, int] = {}
+    names = []
+    for c in components:
+        kind = _kind(c)
+        seen[kind] = seen.get(kind, 0) + 1
+        names.append(kind if seen[kind] == 1 else f"{kind}#{seen[kind]}")
+    return tuple(names)
+
+
 @attrs.frozen(eq=False)
 class State:
-    """One run's state: the step index and each stateful component's value.
+    """One run's state: the step index and each stateful component's value, by name.
 
-    ``before`` holds the components' state at the start of the current step, ``current``
-    after it. ``components`` lists the stateful parts' names in plan order.
+    ``components`` are the stateful parts' names (:func:`component_names`) in plan order;
+    ``before`` holds their values at the start of the current step, ``current`` after it
+    (tuples in the order of ``components``; :meth:`named` gives them by name).
     """
 
     seed: int
@@ -83,7 +117,7 @@ class State:
         return self.level + 1
 
     def named(self) -> dict[str, Any]:
-        """Each component's current state by name, for inspection."""
+        """Each component's current state by name (``{"APG": APGState(...), "EMAG": ...}``)."""
         return dict(zip(self.components, self.current))
 
     def classify(self, sigma: float) -> CallKind:
@@ -93,8 +127,10 @@ class State:
             if self.level_sigma is None:
                 raise GuidanceValueError(
                     f"the first call's noise level sigma={sigma:g} is not in the schedule given "
-                    f"to plan.init(sigmas=...): pass the sampler's own sigmas"
+                    f"to plan.init(sigmas=...): the sampler runs another schedule; pass the "
+                    f"sigmas it samples with (reset(sigmas=...) on a guided model)"
                 )
+            self._check_next(sigma)
             return CallKind.MIDPOINT
         if self.level_sigma is not None and sigma > self.level_sigma:
             raise GuidanceValueError(
@@ -102,55 +138,83 @@ class State:
                 f"new sampling run, which needs fresh state. Call plan.init(...) again (or "
                 f"reset() on the guided model) before each run"
             )
+        self._check_next(sigma)
         return CallKind.NEW
 
-    def inputs(self, kind: CallKind) -> tuple[Any, ...]:
-        """Component states a call of ``kind`` computes from."""
-        if kind is CallKind.NEW:
-            return self.current
-        if kind is CallKind.REPEAT:
-            return self.before
-        return self.current
+    def _check_next(self, sigma: float) -> None:
+        """A call below the current step must not pass a level of the schedule: the run's
+        next step is the schedule's next level (midpoints lie above it)."""
+        if self.schedule is None or self.level_sigma is None or sigma >= self.level_sigma:
+            return
+        passed = [
+            s for s in self.schedule
+            if sigma < s < self.level_sigma and not _close(s, sigma)
+            and not _close(s, self.level_sigma)
+        ]
+        if passed:
+            raise GuidanceValueError(
+                f"a call at sigma={sigma:g} follows the step at sigma={self.level_sigma:g}, "
+                f"passing the schedule's level{'s' if len(passed) > 1 else ''} "
+                f"{', '.join(f'{s:g}' for s in passed[:3])}: this is not the run of the "
+                f"schedule the state follows ({len(self.schedule)} levels given as sigmas). A "
+                f"new run, or another schedule, needs fresh state: call plan.init(seed, sigmas) "
+                f"(reset(sigmas=...) on a guided model) with the sampler's own sigmas"
+            )
+
+    def inputs(self, kind: CallKind) -> dict[str, Any]:
+        """Component states a call of ``kind`` computes from, by name."""
+        values = self.before if kind is CallKind.REPEAT else self.current
+        return dict(zip(self.components, values))
 
     def level_for(self, kind: CallKind) -> int:
         return self.level + 1 if kind is CallKind.NEW else max(self.level, 0)
 
-    def after(self, kind: CallKind, sigma: float, results: tuple[Any, ...]) -> State:
-        """The state once a call of ``kind`` at ``sigma`` produced ``results``."""
+    def after(self, kind: CallKind, sigma: float, results: Mapping[str, Any]) -> State:
+        """The state once a call of ``kind`` at ``sigma`` produced ``results`` (by name)."""
+        if kind is CallKind.MIDPOINT:
+            return self
+        missing = [n for n in self.components if n not in results]
+        if missing:
+            raise GuidanceValueError(f"no next state for the component(s) {', '.join(missing)}")
+        values = tuple(results[n] for n in self.components)
         if kind is CallKind.NEW:
             return attrs.evolve(
-                self, before=self.current, current=results, level=self.level + 1,
+                self, before=self.current, current=values, level=self.level + 1,
                 level_sigma=sigma,
             )
-        if kind is CallKind.REPEAT:
-            return attrs.evolve(self, current=results)
-        return self
+        return attrs.evolve(self, current=values)
 
 
 def new_state(
     seed: int, components: Sequence[tuple[str, Any]], sigmas: Sequence[float] | None
 ) -> State:
+    """Fresh state for ``components`` (``(name, component)`` pairs, see :func:`component_names`)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise GuidanceValueError(f"seed must be an int, got {seed!r}")
     schedule = None
     if sigmas is not None:
         schedule = check_sigmas(sigmas, "sigmas")
     names = tuple(n for n, _ in components)
+    if len(set(names)) != len(names):
+        raise GuidanceValueError(f"state component names must be unique, got {names}")
     values = tuple(c.init_state() for _, c in components)
     return State(seed=seed, schedule=schedule, components=names, before=values, current=values)
 
 
 @attrs.define(eq=False)
 class ForwardState:
-    """State read and written INSIDE the model calls of one step (EMAG's moving averages).
+    """What the model calls of one step see of the run state, and what they observe.
 
     ``Plan.step`` makes one per step and hands it to ``around_call`` through each call's
     :class:`~guidekit.plan.RowLayout`. ``inputs`` maps each stateful perturbation to its
     state as the step starts (chosen by the rules above: a repeated level recomputes from
-    the previous step's state, a midpoint reads the current one); whatever observes the
-    forward (the attention engine) builds the step's result in ``memos``, and ``Plan.step``
-    turns it into the next state with the perturbation's ``commit``. Nothing here outlives
-    the step, so runs never share it.
+    the previous step's state, a midpoint reads the current one); it is read, never
+    written. Whatever observes the forward (the attention engine) hands the step's
+    observations back in ``memos`` (EMAG: this step's maps of the conditional rows; SAG: the
+    map its second call needs); after the forward ``Plan.step`` computes each component's
+    next state from its input and its observations -- a pure function, the component's
+    ``commit`` -- and commits it under the component's name. Nothing here outlives the
+    step, so runs never share it.
     """
 
     batch: int

@@ -28,20 +28,35 @@ attends with ``(1 - lam) q + lam E_q`` and keeps fused attention; layers are sel
 ``mean |E_q - q|`` in the same way (the paper does not spell out EMAG-Q's selection: this
 rule is guidekit's documented choice).
 
-The state of one run is an :class:`EMAState` value, created by ``Plan.init`` and advanced
-once per sampler step by ``Plan.step`` (see :mod:`guidekit.state`). Buffers may be kept in
-float16 / bfloat16 (``state_dtype``) to halve their memory; the arithmetic is float32.
+The state of one run is an :class:`~guidekit.attention.ema_state.EMAState` value under the
+perturbation's name in the run state, created by ``Plan.init`` and advanced once per
+sampler step by ``Plan.step`` with the pure :func:`~guidekit.attention.ema_state.update`
+(see :mod:`guidekit.attention.ema_state`): inside the forward this module only reads the
+state and records the step's observations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import attrs
 import torch
-import torch.nn.functional as F
 
+from guidekit.attention.ema_state import (
+    STATE_DTYPES,
+    EMAState,
+    StepMemo,
+    _beta,
+    _float,
+    _lam,
+    _state_dtype,
+    blend,
+    check_batch,
+    select,
+    storage_dtype,
+    update,
+)
+from guidekit.attention.explicit import apply_probs, attention_probs, compute_dtype, fused
 from guidekit.attention.ops import (
     AttentionPerturbation,
     Layers,
@@ -52,125 +67,22 @@ from guidekit.attention.ops import (
 from guidekit.errors import GuidanceValueError
 from guidekit.state import ForwardState
 
-STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.
+DIT_XL_LAYERS = (12, 13, 14, 15)
+SD3_MEDIUM_LAYERS = (6, 7, 8)
+#: each preset's constructor and the model it was chosen for
+PRESETS = {
+    DIT_XL_LAYERS: ("dit", "DiT-XL/2 (28 layers)"),
+    SD3_MEDIUM_LAYERS: ("sd3", "SD3-Medium (24 layers)"),
+}
 
-
-def _state_dtype(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in STATE_DTYPES:
-        raise GuidanceValueError(
-            f"{type(instance).__name__}(state_dtype=...) must be one of "
-            f"{', '.join(map(repr, STATE_DTYPES))}, got {value!r}"
-        )
-
-
-def _beta(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, float) or not 0.0 <= value < 1.0:
-        raise GuidanceValueError(
-            f"{type(instance).__name__}(beta=...) must be a number in [0, 1), got {value!r} "
-            f"(the paper uses 0.988)"
-        )
-
-
-def _lam(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, float) or not 0.0 < value <= 1.0:
-        raise GuidanceValueError(
-            f"{type(instance).__name__}(lam=...) must be a number in (0, 1], got {value!r} "
-            f"(1 replaces the map by its average, the paper's default)"
-        )
-
-
-def _float(value: Any) -> Any:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-@attrs.frozen
-class EMAState:
-    """One run's EMAG state for one perturbation.
-
-    ``ema``: each candidate layer's average (``[B, heads, Q, K]`` maps or ``[B, heads, Q,
-    d]`` queries) in the state dtype; ``delta``: each layer's ``mean |E - A|`` of the last
-    committed step, which selects the next step's layer; ``used``: the layer the EMAG rows
-    used at that step (``None``: none); ``steps``: steps observed.
-    """
-
-    ema: Mapping[str, torch.Tensor] = attrs.field(factory=dict, eq=False)
-    delta: Mapping[str, float] = attrs.field(factory=dict)
-    used: str | None = None
-    steps: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the averages."""
-        return sum(t.numel() * t.element_size() for t in self.ema.values())
-
-
-@attrs.define(eq=False)
-class StepMemo:
-    """What one step's forward has built so far (per perturbation)."""
-
-    ema: dict[str, torch.Tensor] = attrs.field(factory=dict)
-    seen: dict[str, int] = attrs.field(factory=dict)
-    abs_sum: dict[str, torch.Tensor] = attrs.field(factory=dict)
-    count: dict[str, int] = attrs.field(factory=dict)
-    used: str | None = None
-
-
-def select(delta: Mapping[str, float], candidates: tuple[str, ...]) -> str | None:
-    """The candidate with the largest ``delta`` (ties: the first in layer order)."""
-    best, best_value = None, -1.0
-    for path in candidates:
-        value = delta.get(path)
-        if value is not None and value > best_value:
-            best, best_value = path, value
-    return best
-
-
-def attention_probs(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    *,
-    scale: float | None = None,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The post-softmax map ``softmax(q k^T scale + mask)`` in float32, ``[..., Q, K]``.
-
-    A boolean mask keeps the ``True`` positions (as ``scaled_dot_product_attention``); a
-    float mask is added to the logits. Fewer key heads than query heads are shared.
-    """
-    key = _share_heads(key, query.shape[-3]) if query.ndim >= 3 and key.ndim >= 3 else key
-    s = query.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * s
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        else:
-            logits = logits + mask.float()
-    return logits.softmax(dim=-1)
-
-
-def _share_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    if t.ndim < 4 or t.shape[-3] == heads:
-        return t
-    if heads % t.shape[-3]:
-        raise GuidanceValueError(f"{heads} query heads cannot share {t.shape[-3]} key/value heads")
-    return t.repeat_interleave(heads // t.shape[-3], dim=-3)
-
-
-def apply_probs(probs: torch.Tensor, value: torch.Tensor, heads: int | None) -> torch.Tensor:
-    """``probs @ value`` in the value's dtype (value heads shared as in grouped queries)."""
-    if heads is not None:
-        value = _share_heads(value, heads)
-    return torch.matmul(probs.to(value.dtype), value)
-
-
-def fused(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-    scale: float | None, mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """The model's usual fused attention of these rows."""
-    if query.ndim >= 4 and key.shape[-3] != query.shape[-3]:
-        key, value = _share_heads(key, query.shape[-3]), _share_heads(value, query.shape[-3])
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+# the state, its update and the explicit-softmax maths moved to ema_state.py and
+# explicit.py; code imports them from here as before
+__all__ = [
+    "STATE_DTYPES", "EMAMapAttention", "EMAQueryAttention", "EMAState", "MovingAverage",
+    "Observe", "Scope", "StepMemo", "_beta", "_float", "_lam", "_state_dtype",
+    "apply_probs", "attention_probs", "fused", "select",
+]
 
 
 @attrs.define(eq=False)
@@ -201,6 +113,8 @@ class MovingAverage(AttentionPerturbation):
     averages: ClassVar[str] = "map"
     #: the name ``repr`` shows
     label: ClassVar[str] = "EMA"
+    #: the name of this perturbation's state in the run state (:mod:`guidekit.state`)
+    state_name: ClassVar[str] = "EMA"
 
     # -- defaults -------------------------------------------------------------------------
     @staticmethod
@@ -217,6 +131,22 @@ class MovingAverage(AttentionPerturbation):
             hi = lo + 1
         return paths[min(lo, n - 1) : min(hi, n)]
 
+    def check_model(self, count: int, architecture: str) -> None:
+        """Refuse a preset's candidate layers on a model too shallow for them (checked
+        when the engine is built), naming the preset, the model's depth and the fix."""
+        preset = PRESETS.get(self.layers)  # type: ignore[arg-type]
+        indices = [i for i in self.layers or () if isinstance(i, int)]
+        if preset is None or all(-count <= i < count for i in indices):
+            return
+        ctor, source = preset
+        raise GuidanceValueError(
+            f"{self!r}: layers={self.layers} is the {self.state_name}.{ctor}(...) preset, the "
+            f"paper's {source} candidates, but this {architecture} has {count} attention "
+            f"layer{'s' if count != 1 else ''} (0..{count - 1}): pass layers= that this model "
+            f"has, e.g. {self.state_name}.{ctor}(..., layers=None) for the paper's choice "
+            f"scaled to its depth"
+        )
+
     # -- run state ------------------------------------------------------------------------
     def init_state(self) -> EMAState:
         return EMAState()
@@ -228,55 +158,35 @@ class MovingAverage(AttentionPerturbation):
         return select(state.delta, candidates)
 
     def commit(self, state: EMAState, memo: StepMemo | None) -> EMAState:
-        """The next state from this step's observations (``None``: nothing observed)."""
-        if memo is None:
-            return state
-        ema = dict(state.ema)
-        ema.update(memo.ema)
-        delta = dict(state.delta)
-        for path, total in memo.abs_sum.items():
-            delta[path] = float(total) / max(memo.count[path], 1)
-        return EMAState(ema=ema, delta=delta, used=memo.used, steps=state.steps + 1)
+        """The next state from this step's observations: the pure
+        :func:`~guidekit.attention.ema_state.update` (``None``: nothing observed)."""
+        return update(state, memo, self.beta)
 
-    # -- inside the forward ---------------------------------------------------------------
+    # -- inside the forward: read the state, record observations --------------------------
     def _observe(self, scope: Scope, current: torch.Tensor) -> None:
-        """Fold this step's ``current`` (maps or queries of the conditional rows starting at
-        ``scope.sample``) into the average; record ``|E - current|`` for the selection."""
+        """Record this step's ``current`` (maps or queries of the conditional rows starting
+        at ``scope.sample``) as an observation; the state itself is not touched."""
         fs = scope.state
         memo: StepMemo = fs.memo(self, StepMemo)
-        state: EMAState = fs.inputs[self]
         rows = current.shape[0]
         lo, hi = scope.sample, scope.sample + rows
-        prev = state.ema.get(scope.path)
-        cur = current.detach().float()
-        if prev is None:
-            new = cur
-        else:
-            if prev.shape[1:] != cur.shape[1:] or prev.shape[0] != fs.batch:
-                raise GuidanceValueError(
-                    f"{self!r}: layer {scope.path!r} has shape {list(cur.shape[1:])} at this step "
-                    f"but {list(prev.shape[1:])} before (batch {prev.shape[0]} vs {fs.batch}): "
-                    f"the batch or image size changed within one run; call plan.init() again"
-                )
-            new = prev[lo:hi].float().mul(self.beta).add_(cur, alpha=1.0 - self.beta)
-        buf = memo.ema.get(scope.path)
+        shape = (fs.batch, *current.shape[1:])
+        check_batch(repr(self), scope.path, fs.inputs[self].ema.get(scope.path), shape)
+        buf = memo.observed.get(scope.path)
         if buf is None:
-            buf = memo.ema[scope.path] = torch.empty(
-                (fs.batch, *cur.shape[1:]), dtype=STATE_DTYPES[self.state_dtype],
-                device=cur.device,
+            buf = memo.observed[scope.path] = torch.empty(
+                shape, dtype=storage_dtype(self.state_dtype, current.dtype),
+                device=current.device,
             )
-        buf[lo:hi] = new
-        # kept on the device: one host sync per step, at commit, not one per layer
-        diff = (new - cur).abs().sum()
-        prev_sum = memo.abs_sum.get(scope.path)
-        memo.abs_sum[scope.path] = diff if prev_sum is None else prev_sum + diff
-        memo.count[scope.path] = memo.count.get(scope.path, 0) + cur.numel()
+        buf[lo:hi] = current.detach()
         memo.seen[scope.path] = memo.seen.get(scope.path, 0) + rows
+        memo.batch = fs.batch
 
     def _average(self, scope: Scope, rows: int) -> torch.Tensor:
-        """This step's average of layer ``scope.path`` for the perturbed rows (float32)."""
+        """This step's average of layer ``scope.path`` for the perturbed rows: the state's
+        average blended with this step's observation of the same samples."""
         memo: StepMemo | None = scope.state.memos.get(self)
-        buf = None if memo is None else memo.ema.get(scope.path)
+        buf = None if memo is None else memo.observed.get(scope.path)
         lo, hi = scope.sample, scope.sample + rows
         if buf is None or memo is None or memo.seen.get(scope.path, 0) < hi:
             raise GuidanceValueError(
@@ -285,7 +195,8 @@ class MovingAverage(AttentionPerturbation):
                 f"conditional branch out first, so a custom around_call reordered the rows"
             )
         memo.used = scope.path
-        return buf[lo:hi].float()
+        held = scope.state.inputs[self].ema.get(scope.path)
+        return blend(None if held is None else held[lo:hi], buf[lo:hi], self.beta)
 
     def __repr__(self) -> str:
         parts = [] if self.layers is None else [fmt_layers(self.layers)]
@@ -305,6 +216,7 @@ class EMAMapAttention(MovingAverage):
 
     averages: ClassVar[str] = "map"
     label: ClassVar[str] = "EMAMap"
+    state_name: ClassVar[str] = "EMAG"
 
     def observe(
         self, scope: Scope, probs: torch.Tensor, query: torch.Tensor,
@@ -345,6 +257,7 @@ class EMAQueryAttention(MovingAverage):
 
     averages: ClassVar[str] = "query"
     label: ClassVar[str] = "EMAQuery"
+    state_name: ClassVar[str] = "EMAGQ"
 
     def observe(
         self, scope: Scope, probs: torch.Tensor | None, query: torch.Tensor,
@@ -365,9 +278,9 @@ class EMAQueryAttention(MovingAverage):
     ) -> torch.Tensor:
         assert query is not None and key is not None and scope is not None
         average = self._average(scope, query.shape[0])
-        q = average if self.lam == 1.0 else query.float().mul(1.0 - self.lam).add_(
-            average, alpha=self.lam
-        )
+        q = average if self.lam == 1.0 else query.to(compute_dtype(query.dtype)).mul(
+            1.0 - self.lam
+        ).add_(average, alpha=self.lam)
         return fused(q.to(query.dtype), key, value, scale=scale, mask=mask)
 
 

@@ -16,38 +16,16 @@ perturbed attention, and ALL other rows (cond, uncond, branches perturbed elsewh
 the layer's own attention, unchanged and in one call, then puts the rows back in order.
 Outside a guided call (no layout) a hooked layer behaves exactly as before.
 
-How a layer is hooked (chosen per module, documented protocol):
-
-* **diffusers ``Attention`` modules** (``attn1`` of DiT, PixArt, UNet): the module's processor
-  is replaced, through ``get_processor()`` / ``set_processor()``, by a row-aware processor
-  holding the original. Unperturbed rows go through the ORIGINAL processor object -- the
-  fused ``AttnProcessor2_0`` or any custom processor the user installed -- with the same
-  arguments (the wrapper advertises the original's call signature, so diffusers forwards
-  the same ``cross_attention_kwargs``). Perturbed rows are computed by guidekit following
-  ``AttnProcessor2_0``'s structure with the module's own layers: spatial norm, group norm,
-  ``to_q``/``to_k``/``to_v``, q/k norms, the perturbed attention, ``to_out``, the residual
-  connection and ``rescale_output_factor``. A custom processor's own changes to attention
-  therefore do not reach perturbed rows (their linear layers, LoRA included, do). If the
-  original processor is an ``nn.Module`` the wrapper is one too and takes its slot, so module
-  order and ``state_dict`` keys are unchanged after exit (during the run the original's
-  parameters appear under ``processor.original``). Processors are read on ENTRY (``with``),
-  not by ``install()``: exit restores what the model held when the run began. Do not change
-  processors while installed.
-* **plain PyTorch modules** (named by path, or listed by ``attention_class``): the module's
-  ``forward`` is wrapped (an instance attribute, deleted again on exit). While it runs,
-  every call of ``torch.nn.functional.scaled_dot_product_attention`` it makes -- directly or
-  in its children, however the function was imported -- is intercepted by a
-  ``TorchFunctionMode``. The protocol: ``query``, ``key`` and ``value`` have the model call's
-  rows as their FIRST axis (``[rows, heads, tokens, dim]`` or ``[rows, tokens, dim]``), as
-  they do when a module splits heads without folding them into the batch. A hooked module
-  whose forward makes no such call while perturbed rows are present raises instead of
-  silently leaving the branch unperturbed.
+How a layer is hooked (per module kind) is :mod:`guidekit.attention.sites`.
 
 Layers are resolved when the engine is built (before anything is hooked): unknown or
 out-of-range layers, cross-attention layers, joint text-image attention and overlapping
 layers raise :class:`~guidekit.errors.GuidanceValueError` and leave the model untouched. One
-engine serves one sampling run at a time, and one engine holds a layer at a time: entering a
-second engine on a layer another one holds raises (nothing of the second is installed).
+engine holds a layer at a time: entering a second engine on a layer another one holds raises
+(nothing of the second is installed). Runs keep their state themselves (EMAG's averages are
+in each run's :class:`~guidekit.State`), so one engine serves any number of runs; threads
+that sample separate runs through one engine take its model calls in turn (a lock around
+each call) and get what the same runs give one after the other.
 ``install(torch.compile(model), plan)`` hooks the compiled wrapper's ``_orig_mod``. A
 ``copy.deepcopy`` or ``torch.save`` of the model during a run holds the ORIGINAL processors
 and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
@@ -56,6 +34,7 @@ and forwards (the wrappers reduce to what they wrap), so the copy runs unhooked.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,27 +42,20 @@ import torch
 
 from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
-from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
+from guidekit.attention.flux import TextLength, is_flux
 from guidekit.attention.hooks import (
     LayerHook,
     intercepting_forward,
     restore_all,
 )
-from guidekit.attention.layers import (
-    LayerTable,
-    check_disjoint,
-    diffusers_attention_class,
-    is_cross_attention,
-    is_joint_attention,
-    layer_table,
-    resolve_layers,
-)
+from guidekit.attention.layers import LayerTable, check_disjoint, layer_table, resolve_layers
 from guidekit.attention.modifiers import ModifierHooks
 from guidekit.attention.ops import AttentionPerturbation, perturbations_in
 from guidekit.attention.processors import RowAwareModuleProcessor, RowAwareProcessor, processor_for
 from guidekit.attention.route import Route, Segment, add_block
 from guidekit.attention.sdpa import Frame, perturbed_sdpa
 from guidekit.attention.seg import InputSize
+from guidekit.attention.sites import layer_hook
 from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
@@ -141,6 +113,9 @@ class AttentionEngine:
             self.table = layer_table(model, attention_class=attention_class)
             for p in mine:
                 spec = p.layers
+                check = getattr(p, "check_model", None)  # EMAG's presets name themselves
+                if check is not None and spec is not None and self.table.paths:
+                    check(len(self.table.paths), self.table.architecture)
                 default = getattr(p, "default_layers", None)
                 if spec is None and default is not None and self.table.paths:
                     spec = default(self.table.paths, self.table.architecture)
@@ -177,52 +152,14 @@ class AttentionEngine:
         )
         self._frames: list[Frame] = []
         self._installed = False
+        # the state of the call in progress (routes, layout state, frames, modifiers) is the
+        # engine's: threads that share it take their model calls in turn
+        self._lock = threading.RLock()
 
     # -- set-up ------------------------------------------------------------------------------------
     def _plan_hook(self, path: str) -> LayerHook:
-        module = self.model.get_submodule(path)
         users = [p for p, ps in self.layers.items() if path in ps]
-        if is_flux_attention(module):
-            unsupported = [p for p in users if not getattr(p, "joint", False)]
-            if unsupported or self.text_length is None:
-                raise GuidanceValueError(
-                    f"layer {path!r} is Flux joint text-image attention; "
-                    + (f"{unsupported[0]!r} does not support it" if unsupported else
-                       "hook the FluxTransformer2DModel itself (its text length is needed)")
-                )
-            backend = getattr(getattr(module, "get_processor")(), "_attention_backend", None)  # noqa: B009
-            if backend not in (None, "native"):
-                raise GuidanceValueError(
-                    f"layer {path!r} uses attention backend "
-                    f"{backend!r}; the engine intercepts "
-                    f"torch's scaled_dot_product_attention (the native backend)"
-                )
-            return LayerHook.forward(path, module, flux=True)
-        if is_joint_attention(module):
-            unsupported = [p for p in users if not getattr(p, "joint", False)]
-            if unsupported or not hasattr(module, "add_q_proj") or not hasattr(module, "to_q"):
-                what = f"{unsupported[0]!r}" if unsupported else type(module).__name__
-                raise GuidanceValueError(
-                    f"layer {path!r} ({type(module).__name__}) is a joint text-image "
-                    f"attention; the engine perturbs SD3-style joint attention for PAG, EMAG, "
-                    f"EMAG-Q and SAG only, not {what}"
-                )
-        if is_cross_attention(module) and any(p.self_only for p in users):
-            raise GuidanceValueError(
-                f"layer {path!r} is a cross-attention layer; {users[0]!r} is defined for "
-                f"self-attention only"
-            )
-        attention_cls = diffusers_attention_class()
-        if attention_cls is not None and isinstance(module, attention_cls):
-            if getattr(module, "to_out", None) is None:
-                raise GuidanceValueError(f"layer {path!r} has no output projection (to_out)")
-            return LayerHook.processor(path, module)
-        if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
-            raise GuidanceValueError(
-                f"layer {path!r} is a {type(module).__name__}, an attention class the engine "
-                f"does not support yet"
-            )
-        return LayerHook.forward(path, module)
+        return layer_hook(self.model, path, users, flux_text=self.text_length is not None)
 
     def _install(self, hook: LayerHook) -> None:
         if hook.kind == "processor":
@@ -292,17 +229,18 @@ class AttentionEngine:
                 "inside `with guidekit.attention.install(model, plan) as around_call:`"
             )
         selection = self._selection(layout)
-        routes = self._routes.get((layout, selection))
-        if routes is None:
-            routes = self._routes_for(layout, dict(selection))
-            self._routes[(layout, selection)] = routes
-        previous, previous_state = self._active, self._state
-        self._active, self._state = routes, layout.state
-        try:
-            with self.modifiers.active(layout):
-                yield
-        finally:
-            self._active, self._state = previous, previous_state
+        with self._lock:
+            routes = self._routes.get((layout, selection))
+            if routes is None:
+                routes = self._routes_for(layout, dict(selection))
+                self._routes[(layout, selection)] = routes
+            previous, previous_state = self._active, self._state
+            self._active, self._state = routes, layout.state
+            try:
+                with self.modifiers.active(layout):
+                    yield
+            finally:
+                self._active, self._state = previous, previous_state
 
     def _selection(self, layout: RowLayout) -> tuple[tuple[Any, str | None], ...]:
         """The layer each stateful perturbation acts in at this step (from its state)."""

@@ -22,9 +22,15 @@ import attrs
 import torch
 
 from guidekit.attention.ema import (
+    DIT_XL_LAYERS,
+    SD3_MEDIUM_LAYERS,
     EMAMapAttention,
     EMAQueryAttention,
     MovingAverage,
+)
+from guidekit.attention.ema_state import (
+    EMAState,
+    StepMemo,
     _beta,
     _float,
     _lam,
@@ -38,10 +44,6 @@ from guidekit.fields import Examples, finite, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 from guidekit.terms.cfg import CFG
-
-#: The paper's candidate layers: DiT-XL/2 blocks 12-15 (of 28), SD3-Medium blocks 6-8.
-DIT_XL_LAYERS = (12, 13, 14, 15)
-SD3_MEDIUM_LAYERS = (6, 7, 8)
 
 
 def _window(sigmas: Sequence[float] | torch.Tensor, first: int, last_off: int) -> tuple[float, float]:
@@ -80,6 +82,13 @@ class _EMAGBase(DirectionTerm):
     @property
     def perturbation(self) -> MovingAverage:
         return self._perturbation(self.layers, self.beta, self.lam, self.state_dtype)
+
+    def update(self, state: EMAState, observations: StepMemo | None) -> EMAState:
+        """The state transition of this term's averages, a pure function: ``state`` and one
+        step's ``observations`` (handed back by the attention engine) give the next state
+        (:func:`guidekit.attention.ema_state.update`). ``Plan.step`` applies it once per
+        step and commits the result under the state's name (``"EMAG"``)."""
+        return self.perturbation.commit(state, observations)
 
     @classmethod
     def paper(cls, w: float, w_e: float, **kwargs: Any) -> Expr:

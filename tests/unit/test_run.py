@@ -78,3 +78,62 @@ def test_start_with_a_schedule_and_a_bad_policy_is_refused():
 def test_guided_is_a_run():
     g = Guided(PLAN, Tiny(0), cond=CONDS[COND], uncond=CONDS[UNCOND])
     assert isinstance(g, Run) and g.on_rise == "raise"
+
+
+def karras(n):
+    """An n-step schedule from 10 to 0.1 (then 0), as k-diffusion's Karras schedule."""
+    ramp = torch.linspace(0, 1, n)
+    lo, hi = 0.1 ** (1 / 7), 10.0 ** (1 / 7)
+    return [float(s) for s in (hi + ramp * (lo - hi)) ** 7] + [0.0]
+
+
+def sample(run, sigmas):
+    return [step(run, s) for s in sigmas[:-1]]
+
+
+@torch.no_grad()
+def test_reset_without_the_new_sigmas_after_a_schedule_change_is_refused():
+    """A run set up for 5 steps and reset() without the 8-step schedule it then samples:
+    refused at the first call that cannot belong to the 5-step run (it used to advance
+    only where the two schedules met). A schedule that refines the old one (9 steps of
+    the same ramp hold all 5 levels) looks exactly like a sampler with midpoints and is
+    not caught: reset(sigmas=...) is the documented fix."""
+    five, nine = karras(5), karras(8)
+    run = Run(PLAN, sigmas=five)
+    sample(run, five)
+    run.reset()
+    with pytest.raises(GuidanceValueError, match=r"reset\(sigmas=\.\.\.\)"):
+        sample(run, nine)
+    run.reset(sigmas=nine)  # with the new schedule: a correct 9-step run
+    got = sample(run, nine)
+    assert run.steps == 8
+    fresh = Run(PLAN, sigmas=nine)
+    for a, b in zip(got, sample(fresh, nine)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_new_run_below_the_last_level_without_reset_is_refused():
+    """A run stopped part-way, then a new one on the same schedule that starts lower (an
+    image-to-image run) without reset(): it would reuse the old APG momentum."""
+    sigmas = karras(9)
+    run = Run(PLAN, sigmas=sigmas)
+    sample(run, sigmas[:4])  # stopped after 3 steps
+    with pytest.raises(GuidanceValueError, match="passing the schedule's level"):
+        step(run, sigmas[5])
+    run.reset()
+    fresh = Run(PLAN, sigmas=sigmas)
+    torch.testing.assert_close(step(run, sigmas[5]), step(fresh, sigmas[5]), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_midpoints_within_a_step_are_still_midpoints():
+    sigmas = karras(5)
+    run = Run(PLAN, sigmas=sigmas)
+    step(run, sigmas[0])
+    for mid in (0.75 * sigmas[0] + 0.25 * sigmas[1], 0.5 * (sigmas[0] + sigmas[1])):
+        step(run, mid)  # bosh3-like: two midpoints in one interval
+    step(run, sigmas[1] * (1 + 1e-7))  # an ancestral midpoint that lands on the next level
+    assert run.steps == 2
+    step(run, sigmas[1] * 1.3)  # Euler's churn lifts the level a little above the step
+    assert run.steps == 2

@@ -30,7 +30,7 @@ def test_state_is_a_value_and_step_returns_a_new_one():
     _, s1 = PLAN.step(s0, x, 2.0, CONDS, {"main": model})
     assert s0.level == -1 and momentum(s0) is None
     assert s1.level == 0 and momentum(s1) is not None
-    assert list(s1.named()) == ["0:APG(momentum=-0.5)"]
+    assert list(s1.named()) == ["APG"]
 
 
 def test_repeated_calls_at_a_level_do_not_advance_state():

@@ -1,0 +1,70 @@
+"""Attention with an explicit softmax: the post-softmax map, applied to values, or fused.
+
+EMAG reads and replaces whole attention maps, so the rows it watches or perturbs are
+computed here rather than by the fused kernel. The arithmetic runs in the query's dtype,
+at least float32: a float64 model keeps float64 maps (and matches a float64 separate pass
+to round-off), half-precision models get float32 softmaxes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from guidekit.errors import GuidanceValueError
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype explicit attention maths runs in for inputs of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def share_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key / value heads repeated to ``heads`` query heads (grouped-query attention)."""
+    if t.ndim < 4 or t.shape[-3] == heads:
+        return t
+    if heads % t.shape[-3]:
+        raise GuidanceValueError(f"{heads} query heads cannot share {t.shape[-3]} key/value heads")
+    return t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
+def attention_probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The post-softmax map ``softmax(q k^T scale + mask)``, ``[..., Q, K]``, in
+    :func:`compute_dtype` of the query.
+
+    A boolean mask keeps the ``True`` positions (as ``scaled_dot_product_attention``); a
+    float mask is added to the logits. Fewer key heads than query heads are shared.
+    """
+    key = share_heads(key, query.shape[-3]) if query.ndim >= 3 and key.ndim >= 3 else key
+    s = query.shape[-1] ** -0.5 if scale is None else scale
+    dtype = compute_dtype(query.dtype)
+    logits = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * s
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.to(dtype)
+    return logits.softmax(dim=-1)
+
+
+def apply_probs(probs: torch.Tensor, value: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """``probs @ value`` in the value's dtype (value heads shared as in grouped queries)."""
+    if heads is not None:
+        value = share_heads(value, heads)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def fused(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+    scale: float | None, mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The model's usual fused attention of these rows."""
+    if query.ndim >= 4 and key.shape[-3] != query.shape[-3]:
+        key, value = share_heads(key, query.shape[-3]), share_heads(value, query.shape[-3])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
