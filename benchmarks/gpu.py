@@ -5,7 +5,7 @@
 
 Models (``_gpu_models.py``): an SD3-Medium-shaped transformer at 1024 x 1024 and a
 DiT-XL/2-shaped one at 256 x 256. Expressions: CFG, CFG + PAG, CFG + EMAG, CFG + EMAG-Q,
-CFG + SEG, CFG + SAG. Modes: guidekit in one call per forward group (``max_rows=None``),
+CFG + SEG, CFG + SAG. Modes: guidekit in one call per forward group (``max_rows="one call"``),
 guidekit one call per branch (``max_rows=B``), and diffusers' own guider driven the way its
 modular denoise loop does (one forward per condition) where diffusers has one (CFG, PAG,
 SEG). Per config: the median time of a sampling step (steps 1.. of each run, step 0 left out:
@@ -146,7 +146,7 @@ def run_config(
 
 def guidekit_predict(
     spec: gm.Spec, expr: Any, fn: Callable[..., Any], cond: Any, uncond: Any,
-    sigmas: list[float], max_rows: int | None, stack: contextlib.ExitStack, net: Any,
+    sigmas: list[float], max_rows: int | str | None, stack: contextlib.ExitStack, net: Any,
 ) -> tuple[Any, Any]:
     plan = guidekit.compile(expr, prediction=spec.prediction, noise=spec.noise, max_rows=max_rows)
     around = None
@@ -247,7 +247,7 @@ def bench_model(spec: gm.Spec, args: argparse.Namespace, device: torch.device,
                             predict = peer_predict(guider, fn, net, cond, uncond, len(sigmas))
                             reset: Callable[[], None] = lambda: None  # noqa: E731
                         else:
-                            max_rows = None if mode == "guidekit one call" else b
+                            max_rows = "one call" if mode == "guidekit one call" else b
                             predict, guided = guidekit_predict(
                                 spec, expr, fn, cond, uncond, sigmas, max_rows, stack, net)
                             reset = guided.reset

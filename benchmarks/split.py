@@ -34,7 +34,7 @@ import _bench as bench  # noqa: E402
 import guidekit  # noqa: E402
 from guidekit import CFG  # noqa: E402
 from guidekit.branch import Branch  # noqa: E402
-from guidekit.split import AutoSplit, Splitter  # noqa: E402
+from guidekit.split import AutoSplit, Splitter, make_splitter  # noqa: E402
 from guidekit.terms.base import DirectionTerm, finite, to_float  # noqa: E402
 
 BATCHES = (1, 8, 32)
@@ -66,7 +66,9 @@ def make_run(
     """One Euler run of ``len(sigmas)`` steps; ``splitter=None``: a fresh one per run."""
 
     def run() -> torch.Tensor:
-        split = plan.splitter() if splitter is None else splitter
+        # make_splitter(policy): a fresh copy with empty decision tables (plan.splitter()
+        # would share the plan's decisions, so only the first run would pay the trial)
+        split = make_splitter(plan.policy) if splitter is None else splitter
         state = plan.init(0, sigmas)
 
         def predict(x: torch.Tensor, s: float) -> torch.Tensor:
@@ -94,11 +96,13 @@ def measure(model: bench.Model, steps: int, repeats: int) -> list[dict[str, Any]
                 "cond": {"class_labels": cond}, "uncond": {"class_labels": uncond},
                 "other": {"class_labels": other},
             }
-            one_plan = guidekit.compile(expr, prediction="eps", noise="ve")
+            one_plan = guidekit.compile(expr, prediction="eps", noise="ve", max_rows="one call")
             split_plan = guidekit.compile(expr, prediction="eps", noise="ve", max_rows=b)
-            auto_plan = guidekit.compile(expr, prediction="eps", noise="ve", max_rows="auto")
+            # no gate: this script compares the timing policy itself at every size
+            auto_plan = guidekit.compile(expr, prediction="eps", noise="ve",
+                                         max_rows=AutoSplit(min_seconds=0.0))
             assert one_plan.rows(sigmas[0], b) == k * b
-            steady = AutoSplit()
+            steady = AutoSplit(min_seconds=0.0)
             auto_run = make_run(auto_plan, model, conds, x_init, sigmas, None)
             variants = {
                 "one": make_run(one_plan, model, conds, x_init, sigmas, None),
@@ -132,7 +136,7 @@ def measure(model: bench.Model, steps: int, repeats: int) -> list[dict[str, Any]
                 "best": best,
                 "picked_one": sum(1 for p in picks if p == k * b),
                 "picked_split": sum(1 for p in picks if p == b),
-                "steady_pick": "one" if steady.chosen[("main", k * b, b)] == k * b else "split",
+                "steady_pick": "one" if max(steady.chosen.values()) == k * b else "split",
                 "runs": len(picks),
             })
     return results

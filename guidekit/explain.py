@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from guidekit.split import FixedSplit, calls_for
+from guidekit.forward import group_key
+from guidekit.split import AutoSplit, FixedSplit, PerBranch, calls_for, planned_chunk, split_label
 from guidekit.text import fmt_number
 
 if TYPE_CHECKING:
@@ -15,19 +16,43 @@ if TYPE_CHECKING:
 
 
 def budget(plan: Plan) -> str:
-    """The row budget in words."""
-    if plan.max_rows is None:
+    """The split policy in words."""
+    policy = plan.policy
+    if isinstance(policy, AutoSplit):
+        cap = "" if policy.max_rows is None else f", at most {policy.max_rows} rows a call"
+        mem = "" if policy.memory is None else ", memory-capped"
+        return (
+            f"auto split (one call; one call per branch where measured faster, for calls of "
+            f"{policy.min_seconds * 1e3:g} ms and more{cap}{mem})"
+        )
+    if isinstance(policy, PerBranch):
+        return "one call per branch"
+    if isinstance(policy, FixedSplit) and policy.max_rows is None:
         return "one call per forward group"
-    if plan.max_rows == "auto":
-        return "auto (times one call vs one call per branch, keeps the faster)"
     return f"at most {plan.max_rows} rows per call"
+
+
+def decisions(plan: Plan) -> list[str]:
+    """The auto split's decisions so far, one line per forward group, rows and batch."""
+    policy = plan.policy
+    if not isinstance(policy, AutoSplit):
+        return []
+    lines = []
+    for (group, rows, batch), seen in sorted(policy.timings.items()):
+        chunk = policy.chosen.get((group, rows, batch))
+        how = "deciding" if chunk is None else split_label(rows, batch, chunk)
+        times = ", ".join(
+            f"{split_label(rows, batch, c)} {min(ts) * 1e3:.3g} ms" for c, ts in seen.items() if ts
+        )
+        lines.append(f"  split {group} at {rows // batch}x{batch} rows: {how} ({times})")
+    return lines
 
 def describe(plan: Plan) -> str:
     """``print(plan)``: groups, and per interval of sigma the calls, NFE and combine."""
     lines = [
         f"Plan for {plan.expr!r}",
         f"  model predicts {plan.prediction} (noise {plan.noise.kind}); "
-        f"row budget: {budget(plan)}",
+        f"split: {budget(plan)}",
         "  forward groups: "
         + "; ".join(g.title for g in plan.groups),
     ]
@@ -37,17 +62,17 @@ def describe(plan: Plan) -> str:
         )
         calls = "; ".join(f"{g.title} {len(g.branches)}xB rows" for g in prog.groups)
         nfe = f"NFE {len(prog.groups)}" + (
-            " before the row budget" if plan.max_rows is not None else ""
+            " before the row budget"
+            if isinstance(plan.policy, FixedSplit) and plan.policy.max_rows is not None else ""
         )
         lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
-    return "\n".join(lines)
+    return "\n".join(lines + decisions(plan))
 
 def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
     """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""
     if isinstance(sigmas, torch.Tensor):
         sigmas = sigmas.detach().flatten().tolist()
     levels = [float(s) for s in sigmas if float(s) > 0]
-    split = FixedSplit(None if plan.max_rows in (None, "auto") else plan.max_rows)
     rows_total = calls_total = 0
     lines = [describe(plan).splitlines()[0], f"  batch B = {batch}; {budget(plan)}"]
     header = f"  {'steps':<9} {'sigma':<18} {'model calls (rows)':<44} {'NFE':>3}  combine"
@@ -62,7 +87,7 @@ def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) 
         nfe = 0
         for g in prog.groups:
             r = len(g.branches) * batch
-            n = calls_for(r, split.chunk(g.model, r, batch))
+            n = calls_for(r, planned_chunk(plan.policy, group_key(g), r, batch))
             nfe += n
             tag = f"{g.model}{' (2nd call)' if g.stage else ''}[{g.labels}]"
             calls.append(f"{tag} {n}x ({len(g.branches)}x{batch}={r})")
@@ -76,6 +101,6 @@ def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) 
         i = j + 1
     lines.append(
         f"  total: {len(levels)} steps, {calls_total} model calls, {rows_total} rows"
-        + (" (auto split may use more calls)" if plan.max_rows == "auto" else "")
+
     )
     return "\n".join(lines)

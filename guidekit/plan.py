@@ -25,19 +25,13 @@ from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.explain import describe, explain
 from guidekit.expr import Entry, Expr, atom_branches
+from guidekit.forward import ModelFn, group_key, run_groups
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
-from guidekit.rows import (
-    CallRecord,
-    ForwardGroup,
-    RowLayout,
-    check_output,
-    concat_conds,
-    layout_rows,
-    slice_conds,
-)
+from guidekit.requires import check_engine, check_native
+from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
 from guidekit.spaces import Noise, check_prediction
-from guidekit.split import Splitter, calls_for, make_splitter, now, sync
+from guidekit.split import Splitter, calls_for, make_splitter, per_run, planned_chunk
 from guidekit.state import (
     ForwardState,
     State,
@@ -46,8 +40,6 @@ from guidekit.state import (
     level_of,
     new_state,
 )
-
-ModelFn = Callable[..., torch.Tensor]
 
 # the row layout, programs and text live in rows.py, program.py and explain.py; code imports
 # them from here as before
@@ -76,6 +68,7 @@ class Plan:
     groups: tuple[ForwardGroup, ...]
     breakpoints: tuple[float, ...]
     _programs: dict[int, Program] = attrs.field(factory=dict, repr=False)
+    _policy: Any = attrs.field(default=None, repr=False)
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -187,10 +180,10 @@ class Plan:
         return sum(len(g.branches) for g in self.program(sigma).groups) * batch
 
     def nfe(self, sigma: float, batch: int = 1) -> int:
-        """Model calls per step at ``sigma`` under the plan's fixed row budget."""
-        split = make_splitter(None if self.max_rows == "auto" else self.max_rows)
+        """Model calls per step at ``sigma``: under a fixed policy, or the auto split's
+        decisions so far (one call where it has not decided)."""
         return sum(
-            calls_for(r, split.chunk(g.model, r, batch))
+            calls_for(r, planned_chunk(self.policy, group_key(g), r, batch))
             for g in self.program(sigma).groups
             for r in [len(g.branches) * batch]
         )
@@ -203,9 +196,17 @@ class Plan:
             sigmas = sigmas.detach().flatten().tolist()
         return new_state(seed, self.components, sigmas)
 
+    @property
+    def policy(self) -> Any:
+        """The plan's split policy (:mod:`guidekit.split`); an :class:`~guidekit.AutoSplit`
+        holds the decisions taken so far, per forward group, active branches and batch."""
+        if self._policy is None:
+            self._policy = make_splitter(self.max_rows)
+        return self._policy
+
     def splitter(self) -> Splitter:
-        """A fresh splitter for the plan's ``max_rows`` policy (one per run)."""
-        return make_splitter(self.max_rows)  # type: ignore[no-any-return]
+        """The splitter for one run: the plan's policy, sharing its decisions."""
+        return per_run(self.policy)  # type: ignore[no-any-return]
 
     def step(
         self,
@@ -241,52 +242,13 @@ class Plan:
         inputs = state.inputs(kind)
         prog = self.program(s)
         stateful = self.stateful
-        if stateful and (around_call is None or native is not None):
-            names = ", ".join(repr(p) for p, _ in stateful)
-            how = (
-                "a guider fed with finished predictions (native=...) cannot observe the "
-                "forward: sample through guidekit.guide or an adapter that calls the model"
-                if native is not None else
-                "use `with guidekit.attention.install(model, plan) as around_call:` and pass "
-                "around_call=around_call to guide() or plan.step()"
-            )
-            raise GuidanceValueError(
-                f"{self.expr!r} keeps state inside the model's forward ({names}), which "
-                f"needs the attention engine at every step, also where its branch is "
-                f"inactive: {how}"
-            )
-        if native is None and around_call is None and any(b.perturbation is not None for b in prog.branches):
-            perturbed = ", ".join(b.label for b in prog.branches if b.perturbation is not None)
-            raise GuidanceValueError(
-                f"{self.expr!r} needs branches perturbed inside the forward ({perturbed}), but "
-                f"no around_call was given, so they would equal the unperturbed ones: use "
-                f"`with guidekit.attention.install(model, plan) as around_call:` and pass "
-                f"around_call=around_call to guide() or plan.step()"
-            )
-        if self.attention and (around_call is None or native is not None):
-            names = ", ".join(repr(m) for m in self.attention)
-            how = (
-                "a guider fed with finished predictions (native=...) cannot change the "
-                "attention of a forward it did not run"
-                if native is not None else
-                "use `with guidekit.attention.install(model, plan) as around_call:` and pass "
-                "around_call=around_call to guide() or plan.step()"
-            )
-            raise GuidanceValueError(
-                f"{self.expr!r} changes the attention inside the model's forward ({names}), "
-                f"which needs the attention engine, or the model would run unchanged: {how}"
-            )
+        check_engine(self, prog, around_call, native)
         ctx = StepContext(
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={},
         )
         if native is not None:
-            missing = [b.label for b in prog.branches if b not in native]
-            if missing:
-                raise GuidanceValueError(
-                    f"native= lacks the branch(es) {', '.join(missing)} that {self.expr!r} "
-                    f"needs at sigma={s:g}; plan.program(sigma).branches lists them"
-                )
+            check_native(self, prog, native, s)
             ctx.native = dict(native)
         named = self._named_parts()
         post_names = [n for n, _ in named[: len(self.post)]]
@@ -299,9 +261,10 @@ class Plan:
         if native is None:
             conds = self._modified(conds, ctx)
             forward_state.conds = conds  # NAG reads its negative conditioning from here
-            split = splitter if splitter is not None else self.splitter()
-            ctx.native = self._forward(
-                prog, x, s, conds, models, split, on_call, level, around_call, forward_state
+            ctx.native = run_groups(
+                prog, x, s, conds, models, splitter if splitter is not None else self.splitter(),
+                prediction=self.prediction, noise=self.noise, on_call=on_call, level=level,
+                around_call=around_call, forward_state=forward_state,
             )
         y = self._combine(prog, ctx)
         results = dict(inputs)
@@ -368,70 +331,6 @@ class Plan:
         check_sigmas((s,), "sigma")
         self.noise.check_sigma(s)
         return s
-
-    def _forward(
-        self,
-        prog: Program,
-        x: torch.Tensor,
-        sigma: float,
-        conds: Mapping[str, Mapping[str, Any]],
-        models: Mapping[str, ModelFn],
-        split: Splitter,
-        on_call: Callable[[CallRecord], None] | None,
-        level: int,
-        around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
-        forward_state: ForwardState | None = None,
-    ) -> dict[Branch, torch.Tensor]:
-        batch = x.shape[0]
-        native: dict[Branch, torch.Tensor] = {}
-        for group in prog.groups:
-            model = models.get(group.model)
-            if model is None:
-                raise GuidanceValueError(
-                    f"the plan needs a model named {group.model!r} (for "
-                    f"{', '.join(b.label for b in group.branches)}): pass "
-                    f"models={{{group.model!r}: ...}}"
-                )
-            k = len(group.branches)
-            rows = k * batch
-            if group.stage:
-                x_rows = torch.cat([
-                    b.perturbation.prepare(  # type: ignore[union-attr]
-                        x, sigma, native, forward_state, self.prediction, self.noise, b
-                    ) if getattr(b.perturbation, "dependent", False) else x
-                    for b in group.branches
-                ])
-            else:
-                x_rows = x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
-            dtype = x.dtype if x.is_floating_point() else torch.float32
-            sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
-            cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
-            chunk = split.chunk(group.model, rows, batch)
-            start = now() if split.timing else 0.0
-            outs = []
-            for lo in range(0, rows, chunk):
-                hi = min(lo + chunk, rows)
-                sub = cond_rows if (lo, hi) == (0, rows) else slice_conds(cond_rows, lo, hi)
-                xs = x_rows if (lo, hi) == (0, rows) else x_rows[lo:hi]
-                if around_call is None:
-                    out = model(xs, sig_rows[lo:hi], **sub)
-                else:
-                    with around_call(layout_rows(group, batch, lo, hi, forward_state)):
-                        out = model(xs, sig_rows[lo:hi], **sub)
-                check_output(out, group.model, hi - lo, xs)
-                outs.append(out)
-                if on_call is not None:
-                    labels = tuple(
-                        group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
-                    )
-                    on_call(CallRecord(group.model, hi - lo, labels, sigma, level))
-            full = outs[0] if len(outs) == 1 else torch.cat(outs)
-            if split.timing:
-                sync(full)
-                split.observe(group.model, rows, batch, chunk, now() - start)
-            for i, branch in enumerate(group.branches):
-                native[branch] = full[i * batch : (i + 1) * batch]
-        return native
 
     def _combine(self, prog: Program, ctx: StepContext) -> torch.Tensor:
         y: torch.Tensor | None = None

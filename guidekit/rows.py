@@ -52,6 +52,9 @@ class CallRecord:
     branches: tuple[str, ...]
     sigma: float
     step: int
+    #: how the group was split: "one call", "per branch", "N-row calls", "+ (trial)" while
+    #: the auto split is still timing (not part of equality: the same call whatever the policy)
+    split: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen

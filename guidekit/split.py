@@ -1,33 +1,50 @@
 """How a forward group's rows are split into model calls.
 
 One call of ``K x B`` rows is usually fastest, but not always: once ``K x B`` rows saturate
-the device, ``K`` calls of ``B`` rows cost about the same or less (on a 2-core CPU with a
-2M-parameter DiT the two are within about 7 % at ``B = 32``, and which one wins changes
-from run to run; see docs/benchmarks.md).
-Policies:
+the device, ``K`` calls of ``B`` rows can cost less (on one CPU thread a width-256 DiT of 64
+tokens ran 2 x 16 rows about 20 % faster as two calls; see docs/benchmarks.md). Policies
+(``compile(..., max_rows=...)``):
 
-* :class:`FixedSplit` (``max_rows=None``: one call; ``max_rows=N``: the fewest calls of at
-  most ``N`` rows each -- a row budget).
-* :class:`AutoSplit` (``max_rows="auto"``): on the first calls of a run with a given row
-  count it times "one call" and "one call per branch", alternating, and keeps the faster for
-  the rest of the run. Splitting never changes which rows are computed, only how many go into
-  each call, so the outputs are the same up to float rounding.
+* the default, ``max_rows=None`` or ``"auto"``: :class:`AutoSplit` measures "one call"
+  against "one call per branch" on a forward group's first steps and keeps the faster, under
+  a :class:`~guidekit.budget.MemoryBudget`; the choice is kept by the plan (per forward group,
+  active-branch set and batch), so later runs of the same plan pay no trial;
+* ``"one call"`` (or ``"all"``): :class:`FixedSplit` ``(None)``, one call per forward group;
+* ``"branch"``: :class:`PerBranch`, one call per branch (``B`` rows);
+* an int ``N``: :class:`FixedSplit` ``(N)``, the fewest calls of at most ``N`` rows;
+* an :class:`AutoSplit` value: its settings, for every run of the plan.
+
+Splitting never changes which rows are computed, only how many go into each call, so the
+outputs are the same up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import attrs
 import torch
 
+from guidekit.budget import MemoryBudget
 from guidekit.errors import GuidanceValueError
+
+#: A forward group's key for a split decision: ``(group, rows, batch)``, where ``group`` names
+#: the model and its active branches (``"main [c u]"``).
+Key = tuple[str, int, int]
 
 
 class Splitter(Protocol):
-    """What ``Plan.step`` asks of a split policy (one instance per sampling run)."""
+    """What ``Plan.step`` asks of a split policy (one instance per sampling run).
+
+    Optional extras a policy may define, which ``Plan.step`` uses when present:
+    ``deciding(group, rows, batch) -> bool`` (time this group? defaults to ``timing``),
+    ``clock() -> float`` (the clock to time with; defaults to :func:`now`) and
+    ``memory`` (a :class:`~guidekit.budget.MemoryBudget` that measures the group's calls).
+    """
 
     def chunk(self, model: str, rows: int, batch: int) -> int:
         """Rows per call for a group of ``rows`` rows (``rows // batch`` branches)."""
@@ -59,6 +76,21 @@ class FixedSplit:
         return None
 
 
+@attrs.frozen
+class PerBranch:
+    """One call per branch: ``B`` rows per call (``max_rows="branch"``)."""
+
+    timing: bool = False
+
+    def chunk(self, model: str, rows: int, batch: int) -> int:
+        """The sampler's batch ``B``: one branch's block of rows."""
+        return min(rows, batch)
+
+    def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
+        """Nothing to learn: a fixed policy ignores timings."""
+        return None
+
+
 def _positive_int(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise GuidanceValueError(
@@ -76,39 +108,52 @@ def _at_least(low: float) -> Any:
     return check
 
 
+def now() -> float:
+    """A monotonic clock in seconds (the one the auto split times with)."""
+    return time.perf_counter()
+
+
 @attrs.define
 class AutoSplit:
-    """Time one call vs one call per branch on the first steps of a run, keep the faster.
+    """Time one call vs one call per branch on a group's first steps, keep the faster.
 
-    Trial phase, per ``(model, rows, batch)``: the candidates (``rows`` rows per call, and
-    ``batch`` rows per call) take turns, largest chunk first, and each forward group's time
-    is recorded. A candidate's estimate is the **minimum** of its times: timing noise on a
-    shared machine only ever adds time, and the first call at a new shape (lazy
-    initialisation, kernel selection) is slow, so the minimum discards both without a
-    separate, wasted warm-up call. The decision:
+    Per key ``(group, rows, batch)`` (``group``: the model and its active branches):
 
-    * once every candidate has ``trials`` times: keep the fastest if it beats the next by
-      more than ``margin`` (relative); otherwise, while the two are that close, keep timing,
-      up to ``max_trials`` times each, then keep the fastest (a close call costs little);
-    * early: once the fastest has ``trials`` times, keep it if every other candidate's times
-      are all more than ``drop`` times slower, without trying those again (at small batches
-      one call per branch is often 1.5-2.5x slower, and each trial of it costs a step).
+    * **gate**: the first ``trials`` calls run as one call; if the fastest of them took
+      less than ``min_seconds``, one call is kept without trying anything else. Below that a
+      call is dominated by per-call overhead, where one call per branch lost by 1.4-2.2x in
+      every measurement (docs/benchmarks.md), and a cheap model never pays a trial;
+    * **trial**: otherwise the candidates (one call, one call per branch) take turns, and
+      a candidate's estimate is the **minimum** of its times (noise of a shared machine
+      only adds time; the first call at a new shape pays lazy initialisation);
+    * **decision**: once every candidate has ``trials`` times, keep the fastest if it beats
+      the next by more than ``margin``; while closer, keep timing up to ``max_trials`` each,
+      then keep the fastest (a close call costs little). Early: once the fastest has
+      ``trials`` times and every other candidate is more than ``drop`` times slower, keep it
+      without trying the others again.
 
-    With the defaults a clear case takes 3 or 4 steps and an even one at most 8. The choice
-    is then kept for the rest of the run (``Guided.reset`` starts a new splitter).
-
-    ``chosen`` maps ``(model, rows, batch)`` to the chunk size in use; ``timings`` keeps the
-    measured seconds per candidate, so a benchmark or a user can see why.
+    Trial cost, per key and plan: at most ``max_trials`` calls of the slower candidate (2 when
+    it is clearly slower), each costing the difference of the two; nothing below the gate.
+    ``memory`` caps every candidate by the free memory (see :mod:`guidekit.budget`).
+    ``chosen`` maps keys to the chunk in use and ``timings`` keeps the seconds measured per
+    candidate: a plan hands the same two dicts to every splitter it makes, so its decisions
+    carry over to its later runs (``print(plan)`` lists them). ``clock`` is what groups are
+    timed with (a test injects its own).
     """
 
     trials: int = attrs.field(default=2, validator=_positive_int)
     max_trials: int = attrs.field(default=4, validator=_positive_int)
     margin: float = attrs.field(default=0.05, validator=_at_least(0.0))
     drop: float = attrs.field(default=1.5, validator=_at_least(1.0))
+    min_seconds: float = attrs.field(default=0.05, validator=_at_least(0.0))
     max_rows: int | None = None
+    memory: MemoryBudget | None = None
+    clock: Callable[[], float] = now
     timing: bool = True
-    chosen: dict[tuple[str, int, int], int] = attrs.field(factory=dict)
-    timings: dict[tuple[str, int, int], dict[int, list[float]]] = attrs.field(factory=dict)
+    chosen: dict[Key, int] = attrs.field(factory=dict)
+    timings: dict[Key, dict[int, list[float]]] = attrs.field(factory=dict)
+    device: dict[Key, torch.device] = attrs.field(factory=dict, repr=False)
+    last: dict[Key, int] = attrs.field(factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.max_trials < self.trials:
@@ -116,25 +161,61 @@ class AutoSplit:
                 f"AutoSplit(max_trials={self.max_trials}) must be >= trials={self.trials}"
             )
 
-    def candidates(self, rows: int, batch: int) -> list[int]:
+    def candidates(self, rows: int, batch: int, cap: int | None = None) -> list[int]:
         """Chunk sizes to try, largest first: one call, and one call per branch."""
         cands = [rows, batch] if rows != batch else [rows]
-        if self.max_rows is not None:
-            cands = sorted({min(c, self.max_rows) for c in cands}, reverse=True)
+        for limit in (self.max_rows, cap):
+            if limit is not None:
+                cands = sorted({min(c, limit) for c in cands}, reverse=True)
         return cands
 
+    def _cap(self, key: Key) -> int | None:
+        device = self.device.get(key)
+        if self.memory is None or device is None:
+            return None
+        return self.memory.cap(key, device)
+
     def chunk(self, model: str, rows: int, batch: int) -> int:
-        """The chosen chunk, or during the trial the candidate with the fewest timings."""
+        """The chosen chunk, or during the trial the candidate whose turn it is."""
         key = (model, rows, batch)
+        cap = self._cap(key)
         if key in self.chosen:
-            return self.chosen[key]
-        cands = self.candidates(rows, batch)
+            chunk = self.chosen[key] if cap is None else min(self.chosen[key], cap)
+        else:
+            chunk = self._trial(key, rows, batch, cap)
+        self.last[key] = chunk
+        return chunk
+
+    def _trial(self, key: Key, rows: int, batch: int, cap: int | None) -> int:
+        cands = self.candidates(rows, batch, cap)
         if len(cands) == 1:
             self.chosen[key] = cands[0]
             return cands[0]
-        seen = self.timings.setdefault(key, {c: [] for c in cands})
+        seen = self.timings.setdefault(key, {})
+        for c in [c for c in seen if c not in cands]:
+            del seen[c]  # the memory cap moved: timings of a chunk no longer tried
+        for c in cands:
+            seen.setdefault(c, [])
+        if len(seen[cands[0]]) < self.trials:
+            return cands[0]  # the gate's calls: one call first
         # Round-robin: the candidates alternate, so drift of the machine hits both alike.
         return min(cands, key=lambda c: (len(seen[c]), cands.index(c)))
+
+    @contextmanager
+    def measure(self, model: str, rows: int, batch: int, device: torch.device) -> Iterator[None]:
+        """Around a group's calls (entered before :meth:`chunk`): the device for the memory
+        cap, and the memory budget's per-row measurement while it has none."""
+        key = (model, rows, batch)
+        self.device[key] = device
+        if self.memory is None or not self.memory.measuring(key):
+            yield
+            return
+        with self.memory.measure(key, device, lambda: self.last.get(key, rows)):
+            yield
+
+    def deciding(self, model: str, rows: int, batch: int) -> bool:
+        """Whether this group is still on trial (only then is it timed)."""
+        return (model, rows, batch) not in self.chosen
 
     def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
         """Record one timed forward group; decide once the data allow it."""
@@ -145,12 +226,15 @@ class AutoSplit:
         if seen is None or chunk not in seen:
             return  # not a trial call of this splitter (e.g. a group it never proposed)
         seen[chunk].append(float(seconds))
-        best = self._decide(seen)
+        best = self._decide(seen, max(seen))
         if best is not None:
-            self.chosen[key] = best
+            # the largest candidate is "one call" (under the memory cap of the moment)
+            self.chosen[key] = rows if best == max(seen) else best
 
-    def _decide(self, seen: dict[int, list[float]]) -> int | None:
+    def _decide(self, seen: dict[int, list[float]], one: int) -> int | None:
         """The chunk to keep, or ``None`` while the timings so far cannot tell."""
+        if len(seen[one]) >= self.trials and min(seen[one]) < self.min_seconds:
+            return one  # below the gate: one call, nothing else tried
         if any(not ts for ts in seen.values()):
             return None
         est = {c: min(ts) for c, ts in seen.items()}
@@ -167,16 +251,56 @@ class AutoSplit:
         return None
 
 
+#: ``max_rows`` words and the fixed policy each names
+_WORDS = {"one call": FixedSplit(None), "all": FixedSplit(None), "branch": PerBranch()}
+
+
 def make_splitter(max_rows: Any) -> Any:
-    """The split policy for ``compile(..., max_rows=...)``: validates the value."""
+    """The split policy for ``compile(..., max_rows=...)``: validates the value.
+
+    An :class:`AutoSplit` comes with empty decision tables (a copy of a given one's
+    settings); a plan keeps it and hands :func:`per_run` copies that share its tables.
+    """
+    if isinstance(max_rows, AutoSplit):
+        memory = None if max_rows.memory is None else attrs.evolve(
+            max_rows.memory, per_row={}, tries={}, caps={}
+        )
+        return attrs.evolve(max_rows, chosen={}, timings={}, device={}, last={}, memory=memory)
     if max_rows is None or max_rows == "auto":
-        return AutoSplit() if max_rows == "auto" else FixedSplit(None)
+        return AutoSplit(memory=MemoryBudget())
+    if isinstance(max_rows, str) and max_rows in _WORDS:
+        return _WORDS[max_rows]
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise GuidanceValueError(
-            f"max_rows must be None (one call per forward group), 'auto' or a whole number "
-            f">= 1, got {max_rows!r}"
+            f"max_rows must be None or 'auto' (measure and keep the faster split), 'one call' "
+            f"(or 'all'), 'branch', an AutoSplit(...) or a whole number >= 1 (a row budget), "
+            f"got {max_rows!r}"
         )
     return FixedSplit(max_rows)
+
+
+def per_run(policy: Any) -> Any:
+    """The splitter for one run of a plan whose policy is ``policy``: fixed policies are
+    values; an :class:`AutoSplit` is a shallow copy that shares the plan's decisions."""
+    return attrs.evolve(policy) if isinstance(policy, AutoSplit) else policy
+
+
+def planned_chunk(policy: Any, group: str, rows: int, batch: int) -> int:
+    """The chunk ``policy`` uses for a group, without running anything: a fixed policy's,
+    or an :class:`AutoSplit`'s decision so far (one call, capped, where it has none)."""
+    if isinstance(policy, AutoSplit):
+        chunk = policy.chosen.get((group, rows, batch), rows)
+        return chunk if policy.max_rows is None else min(chunk, policy.max_rows)
+    return int(policy.chunk(group, rows, batch))
+
+
+def split_label(rows: int, batch: int, chunk: int) -> str:
+    """How a group of ``rows`` rows was split, in words (for call records and ``print``)."""
+    if chunk >= rows:
+        return "one call"
+    if chunk == batch:
+        return "per branch"
+    return f"{chunk}-row calls"
 
 
 def calls_for(rows: int, chunk: int) -> int:
@@ -188,8 +312,3 @@ def sync(t: torch.Tensor) -> None:
     """Wait for ``t``'s device so that a timing covers the work, not just its launch."""
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
-
-
-def now() -> float:
-    """A monotonic clock in seconds (the one the auto split times with)."""
-    return time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 import guidekit
 from guidekit.models.cache import DIGITS, ModelCache, digit_labels, weak_name
 from guidekit.models.grid import render_grid
+from guidekit.split import FixedSplit
 
 #: The demo's main guidance scale: the bundled models are deliberately under-trained, so
 #: a mild CFG already fixes most wrong digits (docs/benchmarks.md has the sweep).
@@ -67,6 +68,11 @@ def default_entries() -> list[Entry]:
 def rows_per_step(plan: Any, sigmas: torch.Tensor, batch: int) -> list[int]:
     """``plan.rows(sigma, batch)`` at every step of the schedule (the final 0 excluded)."""
     return [plan.rows(float(s), batch) for s in sigmas[:-1]]
+
+
+def one_call(plan: Any) -> bool:
+    """Whether the plan's split policy is one call per forward group, always."""
+    return plan.policy == FixedSplit(None)
 
 
 def check_calls(plan: Any, calls: Sequence[Any], sigmas: torch.Tensor, batch: int,
@@ -135,7 +141,7 @@ def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: 
     weak = models(weak_name(entry.model)) if _uses_weak(expr, bundled) else None
     result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak, max_rows=max_rows)
     plan, sigmas, batch = result.plan, bundled.sigmas(steps), labels.shape[0]
-    check_calls(plan, result.calls, sigmas, batch, budget=max_rows is not None)
+    check_calls(plan, result.calls, sigmas, batch, budget=not one_call(plan))
     metrics = evaluate(result.images, labels)
     return DemoRow(
         entry, images=result.images, labels=labels, calls=len(result.calls),
@@ -192,7 +198,8 @@ def run_model_demo(
         per_digit: samples per digit (N = 10 per_digit per expression).
         steps: Euler steps on each model's schedule.
         seed: seeds the initial noise (identical across entries) and the plans' state.
-        max_rows: row budget per model call (``None``: one call per forward group).
+        max_rows: the split policy (``guidekit.compile``'s ``max_rows``; ``None``: the
+            default auto split, ``"one call"``: one call per forward group).
         out: the PNG path, or ``None`` for no image.
         progress: a tqdm progress bar over the entries (on stderr).
         echo: where the table goes (``None``: silent).
@@ -239,7 +246,8 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
     result = ModelDemo(rows, int(labels.shape[0]), steps, grid, time.perf_counter() - start)
     say(result.table())
     say("check: every step ran plan.rows(sigma, N) rows"
-        + (", one model call per forward group" if max_rows is None else ""))
+        + (", one model call per forward group" if max_rows in ("one call", "all") else
+           ", split into calls as the plan's policy chose"))
     if grid is not None:
         say(f"wrote {grid} (rows: expressions; columns: digits 0-9, first sample of each)")
     say(f"total {result.seconds:.1f} s, {steps} Euler steps, {torch.get_num_threads()} torch thread(s)")

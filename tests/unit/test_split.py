@@ -13,8 +13,9 @@ import torch
 
 import guidekit as gk
 from guidekit import CFG, Autoguidance, AutoSplit, Cond, FixedSplit
+from guidekit.budget import MemoryBudget
 from guidekit.errors import GuidanceValueError
-from guidekit.split import calls_for, make_splitter
+from guidekit.split import PerBranch, calls_for, make_splitter
 
 SIGMAS = [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625]
 
@@ -77,13 +78,20 @@ def test_calls_for_is_ceil(rows, chunk, calls):
 
 
 def test_make_splitter_maps_max_rows_to_a_policy():
-    assert make_splitter(None) == FixedSplit(None)
+    for default in (None, "auto"):
+        policy = make_splitter(default)
+        assert isinstance(policy, AutoSplit) and isinstance(policy.memory, MemoryBudget)
+    assert make_splitter(None) is not make_splitter(None)  # fresh decisions per plan
+    assert make_splitter("one call") == make_splitter("all") == FixedSplit(None)
+    assert make_splitter("branch") == PerBranch()
     assert make_splitter(3) == FixedSplit(3)
-    assert isinstance(make_splitter("auto"), AutoSplit)
-    assert make_splitter("auto") is not make_splitter("auto")  # fresh state per run
+    template = AutoSplit(min_seconds=0.0, memory=None)
+    template.chosen[("main [c u]", 8, 4)] = 4
+    policy = make_splitter(template)
+    assert policy.min_seconds == 0.0 and policy.chosen == {} and template.chosen  # a copy
 
 
-@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "fast", [4]])
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "fast", "branches", [4]])
 def test_make_splitter_rejects_bad_budgets(bad):
     with pytest.raises(GuidanceValueError, match="max_rows"):
         make_splitter(bad)
@@ -138,7 +146,7 @@ def test_auto_picks_one_call_when_its_timings_are_faster():
     split = AutoSplit()
     chunks = drive(split, {8: 1.0, 4: 1.3}, 20)
     assert split.chosen[("main", 8, 4)] == 8
-    assert chunks[:4] == [8, 4, 8, 4]  # the trial alternates, one call first
+    assert chunks[:4] == [8, 8, 4, 4]  # the gate's two one-calls, then the other candidate
     assert set(chunks[4:]) == {8}
 
 
@@ -190,7 +198,7 @@ def test_auto_times_a_close_call_up_to_max_trials():
     chunks = drive(split, {8: 1.0, 4: 1.02}, 12)
     trial = split.timings[("main", 8, 4)]
     assert len(trial[8]) == len(trial[4]) == 4
-    assert chunks[:8] == [8, 4] * 4
+    assert chunks[:8] == [8, 8, 4, 4, 8, 4, 8, 4]
     assert split.chosen[("main", 8, 4)] == 8
 
 
@@ -204,7 +212,7 @@ def test_auto_decides_after_trials_when_the_gap_is_clear():
 def test_auto_drops_a_clear_loser_after_one_call():
     split = AutoSplit(trials=2, drop=1.5)
     chunks = drive(split, {8: 1.0, 4: 2.0}, 6)
-    assert chunks[:3] == [8, 4, 8]
+    assert chunks[:3] == [8, 8, 4]
     assert len(split.timings[("main", 8, 4)][4]) == 1
     assert chunks[3:] == [8, 8, 8]
 
@@ -254,70 +262,3 @@ def test_auto_rejects_bad_settings(kwargs):
         AutoSplit(**kwargs)
 
 
-# -- AutoSplit through a plan ------------------------------------------------------------------
-
-
-class CostModel:
-    """A splitter that hands chunk() to an AutoSplit but reports a made-up cost per group:
-    ``calls * per_call + rows * per_row`` seconds, whatever the wall clock says."""
-
-    def __init__(self, per_call: float, per_row: float) -> None:
-        self.inner = AutoSplit()
-        self.per_call, self.per_row = per_call, per_row
-        self.timing = True
-
-    def chunk(self, model: str, rows: int, batch: int) -> int:
-        return self.inner.chunk(model, rows, batch)
-
-    def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
-        cost = calls_for(rows, chunk) * self.per_call + rows * self.per_row
-        self.inner.observe(model, rows, batch, chunk, cost)
-
-
-@pytest.mark.parametrize(
-    ("per_call", "per_row", "winner"),
-    [(1.0, 0.01, "one"), (0.0, 1.0, "one")],  # a tie in cost goes to one call
-)
-def test_auto_through_a_plan_follows_the_cost_and_keeps_outputs(per_call, per_row, winner):
-    batch = 3
-    expr = CFG(3) + Autoguidance(1)
-    plan = gk.compile(expr, max_rows="auto")
-    split = CostModel(per_call, per_row)
-    y, main, weak, calls = sample(plan, batch, splitter=split)
-    assert split.inner.chosen[("main", 2 * batch, batch)] == (2 * batch if winner == "one" else batch)
-    assert set(main.rows[:2]) == {2 * batch, batch}  # both candidates tried
-    assert weak.rows == [batch] * len(SIGMAS)  # one branch: nothing to split
-    y_one, *_ = sample(gk.compile(expr), batch)
-    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
-
-
-class SplitFaster(CostModel):
-    """Per-branch calls are cheaper: a model that slows down superlinearly in rows."""
-
-    def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
-        cost = calls_for(rows, chunk) * chunk**2 * 1.0
-        self.inner.observe(model, rows, batch, chunk, cost)
-
-
-def test_auto_through_a_plan_can_choose_one_call_per_branch():
-    batch = 4
-    plan = gk.compile(CFG(7), max_rows="auto")
-    split = SplitFaster(0.0, 0.0)  # one call of 8 rows costs 64, two calls of 4 rows 32
-    y, main, _, calls = sample(plan, batch, splitter=split)
-    assert split.inner.chosen[("main", 2 * batch, batch)] == batch
-    # Trial: one call, split, one call, split (decided: one call is 2x slower); then split.
-    trial = [8, 4, 4, 8, 4, 4]
-    assert main.rows == trial + [4, 4] * (len(SIGMAS) - 4)
-    assert len(calls) == len(main.rows)
-    y_one, *_ = sample(gk.compile(CFG(7)), batch)
-    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)
-
-
-def test_auto_with_the_real_clock_tries_both_and_matches_one_call():
-    batch = 2
-    plan = gk.compile(CFG(5), max_rows="auto")
-    y, main, _, _ = sample(plan, batch)
-    assert main.rows[0] == 2 * batch and batch in main.rows[1:3]
-    assert sum(main.rows) == 2 * batch * len(SIGMAS)
-    y_one, *_ = sample(gk.compile(CFG(5)), batch)
-    torch.testing.assert_close(y, y_one, rtol=1e-12, atol=1e-12)

@@ -48,7 +48,7 @@ def speed_figures(models: ModelCache, *, model: str = "eps", batch: int = 100, s
     n = int(labels.shape[0])
     cuda = str(bundled.device).startswith("cuda")
 
-    def guided(text: str, max_rows: int | None = None) -> Callable[[], float]:
+    def guided(text: str, max_rows: int | str = "one call") -> Callable[[], float]:
         weak = models(weak_name(model)) if "Autoguidance" in text else None
 
         def once() -> float:

@@ -1,0 +1,122 @@
+"""Running a step's forward groups: row inputs, the split into calls, timing, call records.
+
+``Plan.step`` hands each forward group here. A group's rows are ``x`` repeated once per
+branch (or, for a dependent group, each branch's prepared input), ``sigma`` as a ``[rows]``
+tensor and the conditionings concatenated in layout order; the splitter decides how many
+rows go into each model call, is told how long the group took while it is deciding, and each
+call is recorded with how the group was split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from guidekit.branch import Branch
+from guidekit.errors import GuidanceValueError
+from guidekit.program import Program
+from guidekit.rows import (
+    CallRecord,
+    ForwardGroup,
+    RowLayout,
+    check_output,
+    concat_conds,
+    layout_rows,
+    slice_conds,
+)
+from guidekit.spaces import Noise
+from guidekit.split import Splitter, now, split_label, sync
+from guidekit.state import ForwardState
+
+ModelFn = Callable[..., torch.Tensor]
+
+
+def group_key(group: ForwardGroup) -> str:
+    """The name a splitter keys its decisions by: the model and its active branches."""
+    return f"{group.model} [{group.labels}]"
+
+
+def _x_rows(
+    group: ForwardGroup, x: torch.Tensor, sigma: float, native: Mapping[Branch, torch.Tensor],
+    forward_state: ForwardState | None, prediction: str, noise: Noise,
+) -> torch.Tensor:
+    k = len(group.branches)
+    if not group.stage:
+        return x if k == 1 else x.repeat(k, *([1] * (x.ndim - 1)))
+    return torch.cat([
+        b.perturbation.prepare(  # type: ignore[union-attr]
+            x, sigma, native, forward_state, prediction, noise, b
+        ) if getattr(b.perturbation, "dependent", False) else x
+        for b in group.branches
+    ])
+
+
+def run_groups(
+    prog: Program,
+    x: torch.Tensor,
+    sigma: float,
+    conds: Mapping[str, Mapping[str, Any]],
+    models: Mapping[str, ModelFn],
+    split: Splitter,
+    *,
+    prediction: str,
+    noise: Noise,
+    on_call: Callable[[CallRecord], None] | None = None,
+    level: int = 0,
+    around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
+    forward_state: ForwardState | None = None,
+) -> dict[Branch, torch.Tensor]:
+    """Every forward group of ``prog`` in order; returns each branch's output rows."""
+    batch = x.shape[0]
+    native: dict[Branch, torch.Tensor] = {}
+    deciding = getattr(split, "deciding", None)
+    measure = getattr(split, "measure", None)
+    clock = getattr(split, "clock", now)
+    for group in prog.groups:
+        model = models.get(group.model)
+        if model is None:
+            raise GuidanceValueError(
+                f"the plan needs a model named {group.model!r} (for "
+                f"{', '.join(b.label for b in group.branches)}): pass "
+                f"models={{{group.model!r}: ...}}"
+            )
+        rows = len(group.branches) * batch
+        key = group_key(group)
+        x_rows = _x_rows(group, x, sigma, native, forward_state, prediction, noise)
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
+        cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
+        with measure(key, rows, batch, x.device) if measure is not None else nullcontext():
+            chunk = split.chunk(key, rows, batch)
+            timed = deciding(key, rows, batch) if deciding is not None else split.timing
+            how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
+            start = clock() if timed else 0.0
+            outs = []
+            for lo in range(0, rows, chunk):
+                hi = min(lo + chunk, rows)
+                whole = (lo, hi) == (0, rows)
+                sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
+                xs = x_rows if whole else x_rows[lo:hi]
+                if around_call is None:
+                    out = model(xs, sig_rows[lo:hi], **sub)
+                else:
+                    with around_call(layout_rows(group, batch, lo, hi, forward_state)):
+                        out = model(xs, sig_rows[lo:hi], **sub)
+                check_output(out, group.model, hi - lo, xs)
+                outs.append(out)
+                if on_call is not None:
+                    labels = tuple(
+                        group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
+                    )
+                    on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how))
+            full = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if timed:
+                sync(full)
+                split.observe(key, rows, batch, chunk, clock() - start)
+        for i, branch in enumerate(group.branches):
+            native[branch] = full[i * batch : (i + 1) * batch]
+    return native
