@@ -63,7 +63,7 @@ import torch
 
 from guidekit.attention.blocks import BlockSkipper
 from guidekit.attention.ema import Observe, Scope
-from guidekit.attention.flux import TextLength, is_flux, is_flux_attention
+from guidekit.attention.flux import TextLength, check_native, is_flux, is_flux_attention
 from guidekit.attention.hooks import (
     LayerHook,
     intercepting_forward,
@@ -161,7 +161,8 @@ class AttentionEngine:
         self._hooks = [self._plan_hook(path) for path in paths]
         # the plan's attention modifiers (PLADIS, GAG, NAG): their own layers and hooks
         self.modifiers = ModifierHooks(
-            model, plan, model_name=model_name, attention_class=attention_class, taken=paths
+            model, plan, model_name=model_name, attention_class=attention_class, taken=paths,
+            text_length=self.text_length,
         )
         self._targets: dict[str, frozenset[AttentionPerturbation]] = {
             path: frozenset(p for p, ps in self.layers.items() if path in ps)
@@ -190,13 +191,7 @@ class AttentionEngine:
                     + (f"{unsupported[0]!r} does not support it" if unsupported else
                        "hook the FluxTransformer2DModel itself (its text length is needed)")
                 )
-            backend = getattr(getattr(module, "get_processor")(), "_attention_backend", None)  # noqa: B009
-            if backend not in (None, "native"):
-                raise GuidanceValueError(
-                    f"layer {path!r} uses attention backend "
-                    f"{backend!r}; the engine intercepts "
-                    f"torch's scaled_dot_product_attention (the native backend)"
-                )
+            check_native(path, module)
             return LayerHook.forward(path, module, flux=True)
         if is_joint_attention(module):
             unsupported = [p for p in users if not getattr(p, "joint", False)]
