@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 import torch._dynamo
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
 
 import guidekit
-from guidekit import CFG, EMAG, EMAGQ, NAG, PAG, PLADIS, SEG, SLG
+from guidekit import CFG, EMAG, EMAGQ, GAG, NAG, PAG, PLADIS, SEG, SLG
 from guidekit.attention import install
 
 STEPS = 4
@@ -56,6 +61,49 @@ def pixart() -> tuple[torch.nn.Module, Callable[..., Any], dict[str, Any], dict[
             {"text": torch.randn(B, 5, 32, generator=g)})
 
 
+def sd3() -> tuple[torch.nn.Module, Callable[..., Any], dict[str, Any], dict[str, Any]]:
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=16,
+    ).eval()
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> Any:
+        return m(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                 timestep=sigma * 100).sample
+
+    return (m, fn, *_text_conds())  # type: ignore[return-value]
+
+
+def flux() -> tuple[torch.nn.Module, Callable[..., Any], dict[str, Any], dict[str, Any]]:
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=False, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    img_ids = torch.zeros(64, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(64) // 8, torch.arange(64) % 8
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> Any:
+        # x [B, 4, 8, 8] as 64 packed tokens of 4 channels
+        tokens = x.flatten(2).transpose(1, 2)
+        out = m(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled,
+                timestep=sigma, img_ids=img_ids, txt_ids=torch.zeros(5, 3)).sample
+        return out.transpose(1, 2).reshape(x.shape)
+
+    return (m, fn, *_text_conds())  # type: ignore[return-value]
+
+
+def _text_conds() -> tuple[dict[str, Any], dict[str, Any]]:
+    g = torch.Generator().manual_seed(1)
+    return tuple(  # type: ignore[return-value]
+        {"text": torch.randn(B, 5, 32, generator=g), "pooled": torch.randn(B, 32, generator=g)}
+        for _ in range(2)
+    )
+
+
 EXPRESSIONS: list[tuple[str, Any, Callable[..., Any]]] = [
     ("CFG(3) (no engine)", CFG(3), dit),
     ("CFG(3) + PAG(2)", CFG(3) + PAG(2, layers=[0, 1]), dit),
@@ -66,6 +114,11 @@ EXPRESSIONS: list[tuple[str, Any, Callable[..., Any]]] = [
     ("CFG(3) + PAG(2).between(0.5, 10)", CFG(3) + PAG(2, layers=[0, 1]).between(0.5, 10), dit),
     ("CFG(3) | NAG(2)", CFG(3) | NAG(2), pixart),
     ("CFG(3) | PLADIS(1.5)", CFG(3) | PLADIS(1.5), pixart),
+    ("CFG(3) | GAG(5)", CFG(3) | GAG(5), pixart),
+    ("SD3: CFG(3) | NAG(2)", CFG(3) | NAG(2), sd3),
+    ("SD3: CFG(3) | PLADIS(1.5)", CFG(3) | PLADIS(1.5), sd3),
+    ("Flux: CFG(3) | NAG(2)", CFG(3) | NAG(2), flux),
+    ("Flux: CFG(3) | PLADIS(1.5)", CFG(3) | PLADIS(1.5), flux),
 ]
 
 
@@ -110,6 +163,46 @@ def measure(expr: Any, build: Callable[..., Any]) -> dict[str, Any]:
     return row
 
 
+GATED: list[tuple[str, Any]] = [
+    ("CFG(5) + PAG(2).between(1, 10)", CFG(5) + PAG(2, layers=[0, 1]).between(1, 10)),
+    ("CFG(5) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
+     CFG(5) + PAG(2, layers=[0]).between(1, 10) + SEG(2, layers=[2]).between(0.5, 5)),
+    ("CFG(5).between(2, 20) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
+     CFG(5).between(2, 20) + PAG(2, layers=[0]).between(1, 10)
+     + SEG(2, layers=[2]).between(0.5, 5)),
+]
+#: every gate edge above is crossed: 12 > 10, 9 and 7 in (5, 10], 4 .. 2 in (1, 5], ...
+GATED_SIGMAS = [12.0, 9.0, 7.0, 4.0, 3.0, 2.0, 1.5, 0.8, 0.6, 0.3, 0.2]
+
+
+def recompiles(expr: Any) -> tuple[int, list[int]]:
+    """The distinct active-branch sets of a run over GATED_SIGMAS, and the frames compiled
+    in a first run, a second run with the same engine and a run after a new install."""
+    model, fn, cond, uncond = dit()
+    plan = guidekit.compile(expr)
+    compiled = torch.compile(fn, backend="eager")
+    x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    sets: set[Any] = set()
+    frames = []
+    engine = install(model, plan)
+    for fresh in (False, False, True):
+        if fresh:
+            engine = install(model, plan)
+        before = torch._dynamo.utils.counters["frames"]["ok"]
+        with torch.no_grad(), engine as around:
+            def ac(layout: Any, around: Any = around) -> Any:
+                sets.add(tuple(b for b, _, _ in layout.blocks))
+                return around(layout)
+
+            guided = guidekit.guide(plan, compiled, cond=cond, uncond=uncond, around_call=ac)
+            for s in GATED_SIGMAS:
+                guided(x, s)
+        frames.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
+    torch._dynamo.reset()
+    return len(sets), frames
+
+
 def main() -> None:
     print("| expression | graphs | graph breaks | frames compiled: run 1 / run 2 (same engine) / run 3 (new install) |")
     print("|---|---|---|---|")
@@ -120,6 +213,12 @@ def main() -> None:
                   flush=True)
         except Exception as err:  # a row that fails says so instead of hiding the others
             print(f"| `{name}` | error: {type(err).__name__}: {str(err)[:120]} | | |", flush=True)
+    print()
+    print(f"| gated expression ({len(GATED_SIGMAS)} steps) | distinct active sets | frames compiled: run 1 / run 2 / run 3 (new install) |")
+    print("|---|---|---|")
+    for name, expr in GATED:
+        n, frames = recompiles(expr)
+        print(f"| `{name}` | {n} | {' / '.join(map(str, frames))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ class AttentionEngine:
         self._hooks = [self._plan_hook(path) for path in paths]
         # the plan's attention modifiers (PLADIS, GAG, NAG): their own layers and hooks
         self.modifiers = ModifierHooks(
-            model, plan, model_name=model_name, attention_class=attention_class, taken=paths
+            model, plan, model_name=model_name, attention_class=attention_class, taken=paths,
+            text_length=self.text_length,
         )
         self._targets: dict[str, frozenset[AttentionPerturbation]] = {
             path: frozenset(p for p, ps in self.layers.items() if path in ps)

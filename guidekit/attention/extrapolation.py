@@ -71,7 +71,9 @@ def _back(p: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
 def _centred(z: torch.Tensor) -> torch.Tensor:
     """``z - max(z)`` along the last axis, with ``-inf`` moved to ``-_FAR`` (see above)."""
     top = z.amax(-1, keepdim=True)
-    if not torch.isfinite(top).all():
+    # the check reads the data, so torch.compile would break its graph here (once per
+    # hooked layer); compiled, an all-masked row gives NaN, as the dense softmax does
+    if not torch.compiler.is_compiling() and not torch.isfinite(top).all():
         raise GuidanceValueError(
             "a sparse attention map needs at least one finite logit per row (a row whose "
             "keys are all masked has no distribution)"

@@ -32,6 +32,17 @@ def is_flux_attention(module: Any) -> bool:
     return any(c.__name__ in FLUX_ATTENTION for c in type(module).__mro__)
 
 
+def check_native(path: str, module: Any) -> None:
+    """Refuse a Flux attention whose processor does not call torch's SDPA (the engine
+    intercepts ``scaled_dot_product_attention``: diffusers' native backend)."""
+    backend = getattr(getattr(module, "get_processor")(), "_attention_backend", None)  # noqa: B009
+    if backend not in (None, "native"):
+        raise GuidanceValueError(
+            f"layer {path!r} uses attention backend {backend!r}; the engine intercepts "
+            f"torch's scaled_dot_product_attention (the native backend)"
+        )
+
+
 @attrs.define(eq=False)
 class TextLength:
     """The text token count of the model call in progress (``encoder_hidden_states``)."""

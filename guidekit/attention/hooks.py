@@ -10,6 +10,7 @@ do with the rows differs; the plumbing below does not.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -144,6 +145,19 @@ class ReplacedForward:
         return (_unwrapped, (self.original,))
 
 
+#: one ReplacedForward object per hooked module, reused by every install: torch.compile
+#: guards on the instance ``forward``, and a new object (or a freed one) would recompile
+#: the model at every run
+_SLOTS: weakref.WeakKeyDictionary[torch.nn.Module, ReplacedForward] = weakref.WeakKeyDictionary()
+
+
+def _forward_slot(module: torch.nn.Module) -> ReplacedForward:
+    slot = _SLOTS.get(module)
+    if slot is None:
+        slot = _SLOTS[module] = ReplacedForward(None, None, None)  # type: ignore[arg-type]
+    return slot
+
+
 def _taken(path: str, current: Any) -> None:
     if isinstance(current, (ProcessorWrapper, ReplacedForward)):
         raise GuidanceValueError(
@@ -215,7 +229,8 @@ class LayerHook:
         else:
             current = self.module.forward
             _taken(self.path, current)
-            wrapper = ReplacedForward(make(current), current, owner)
+            wrapper = _forward_slot(self.module)
+            wrapper.fn, wrapper.original, wrapper.owner = make(current), current, owner
             self.had_forward = "forward" in self.module.__dict__
             self.original = self.module.__dict__.get("forward")
             self.module.forward = wrapper  # type: ignore[method-assign]
@@ -228,10 +243,14 @@ class LayerHook:
         self.installed = False
         if self.kind == "processor":
             self.module.set_processor(self.original)  # type: ignore[operator]
-        elif self.had_forward:
-            self.module.forward = self.original  # type: ignore[method-assign]
         else:
-            self.module.__dict__.pop("forward", None)
+            wrapper = self.module.__dict__.get("forward")
+            if isinstance(wrapper, ReplacedForward):  # keep no engine alive through the slot
+                wrapper.fn = wrapper.original = wrapper.owner = None  # type: ignore[assignment]
+            if self.had_forward:
+                self.module.forward = self.original  # type: ignore[method-assign]
+            else:
+                self.module.__dict__.pop("forward", None)
 
 
 def restore_all(hooks: Iterable[LayerHook]) -> list[BaseException]:

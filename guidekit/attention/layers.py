@@ -306,14 +306,19 @@ def cross_attention_table(
     if attention_class is not None:
         label, paths = listed_layers(model, attention_class)
         return LayerTable(label, paths, paths, "every listed attention layer")
+    if any(n in SD3_MODELS or n in FLUX_MODELS for n in names):
+        # joint text-image attention: the modifiers act on its image queries
+        paths = layer_table(model).paths
+        rule = "every joint text-image attention layer (NAG's code: every attention processor)"
+        return LayerTable(arch, paths, paths, rule)
     joint = next((n for n in names if n in JOINT_ARCHITECTURES), None)
     if joint is None and any(is_joint_attention(m) for m in model.modules()):
         joint = arch
     if joint is not None:
         raise GuidanceValueError(
-            f"{joint} uses joint text-image attention (text and image tokens in one "
-            f"attention, no separate cross-attention layer), which guidekit's attention "
-            f"modifiers (PLADIS, GAG, NAG) do not handle yet"
+            f"{joint} uses a joint text-image attention guidekit's attention modifiers "
+            f"(PLADIS, GAG, NAG) do not know: they handle SD3Transformer2DModel's and "
+            f"FluxTransformer2DModel's, and cross-attention models"
         )
     if any(n in BLOCK_MODELS or n in UNET_MODELS for n in names):
         paths = tuple(

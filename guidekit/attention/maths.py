@@ -133,6 +133,15 @@ def joint_qkv(
         key = attn.norm_k(key)
     if encoder_hidden_states is None:
         return query, key, value, None
+    tq, tk, tv = text_qkv(attn, encoder_hidden_states)
+    return query, torch.cat([key, tk], dim=2), torch.cat([value, tv], dim=2), tq
+
+
+def text_qkv(
+    attn: Any, encoder_hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text stream's queries, keys and values of SD3 joint attention (added projections
+    and their norms), in head layout."""
     tq, tk, tv = (
         split_heads(attn, f(encoder_hidden_states))
         for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
@@ -141,7 +150,7 @@ def joint_qkv(
         tq = attn.norm_added_q(tq)
     if getattr(attn, "norm_added_k", None) is not None:
         tk = attn.norm_added_k(tk)
-    return query, torch.cat([key, tk], dim=2), torch.cat([value, tv], dim=2), tq
+    return tq, tk, tv
 
 
 def joint_outputs(
@@ -206,3 +215,38 @@ def modified_attention(
     if nag is not None:
         out = nag.combine(out, attend(negative_context, negative_mask), dims=(-3, -1))
     return close_output(attn, merge_heads(out, query.dtype), hidden_states, image_shape)
+
+
+def modified_joint_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    *,
+    core: Any = None,
+    nag: Any = None,
+    negative_text: torch.Tensor | None = None,
+) -> Any:
+    """SD3 joint attention with ``core`` (PLADIS / GAG) and ``nag`` on the IMAGE queries.
+
+    The image queries attend over the joint keys (image, then text) through ``core`` (or
+    plain SDPA); NAG's ``Z-`` is the same image queries over the image keys and values of
+    the same rows joined with the text keys and values of ``negative_text`` (the negative
+    rows' text stream at this layer). The text queries attend as usual. Returns what the
+    processor returns (``(image, text)``, or ``image`` alone without text).
+    """
+    n = hidden_states.shape[1]
+    query, key, value, text_query = joint_qkv(attn, hidden_states, encoder_hidden_states)
+
+    def attend(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if core is not None:
+            return core.attend(query, k, v)  # type: ignore[no-any-return]
+        return F.scaled_dot_product_attention(query, k, v)
+
+    image = attend(key, value)
+    if nag is not None:
+        assert negative_text is not None  # the site refuses NAG without negative rows
+        _, nk, nv = text_qkv(attn, negative_text)
+        negative = attend(torch.cat([key[..., :n, :], nk], dim=2),
+                          torch.cat([value[..., :n, :], nv], dim=2))
+        image = nag.combine(image, negative, dims=(-3, -1))
+    return joint_outputs(attn, image, text_query, key, value, query.dtype)

@@ -13,7 +13,17 @@ default (``layers=None``) is every listed cross-attention layer, as PLADIS ("all
 cross-attention modules") and NAG's official code (every ``attn2``) do. A plain module is
 addressed as for perturbations (``attention_class=`` or module paths; with a class the
 default is every listed module). Class-conditional models with no cross-attention (DiT)
-and joint text-image attention (SD3, Flux) raise when the engine is built.
+and joint text-image attention other than SD3's and Flux's raise when the engine is built.
+
+**Joint text-image attention** (``SD3Transformer2DModel``: ``transformer_blocks.{i}.attn``;
+``FluxTransformer2DModel``: the double- then single-stream blocks' ``attn``; default: all of
+them): the IMAGE queries are modified, over the joint keys (image and text); the text
+queries attend as usual. NAG's ``Z-`` is the same image queries over the row's own image
+keys and values joined with the text keys and values of the negative conditioning's row
+in the same call at that layer (its text stream has gone through the same blocks), so it
+needs those rows there (``CFG(w) | NAG(s)``). NAG's code carries the negative text stream
+as extra rows beside the positive image stream instead; guidekit reuses CFG's rows (no extra
+rows), a documented difference.
 
 **Rows.** In a hooked layer, during a guided call of the engine's model, each row gets:
 
@@ -48,6 +58,7 @@ from typing import Any
 
 import torch
 
+from guidekit.attention.flux import TextLength, check_native, is_flux_attention
 from guidekit.attention.hooks import (
     LayerHook,
     intercepting_forward,
@@ -94,8 +105,12 @@ class ModifierHooks:
         model_name: str,
         attention_class: type | tuple[type, ...] | None = None,
         taken: tuple[str, ...] = (),
+        text_length: TextLength | None = None,
     ) -> None:
         self.model = model
+        self.plan = plan
+        # Flux: the call's text length tells its image tokens (the engine records it)
+        self.text_length = text_length
         self.model_name = model_name
         self.modifiers: tuple[Any, ...] = tuple(getattr(plan, "attention", ()))
         self.layers: dict[Any, tuple[str, ...]] = {}
@@ -149,14 +164,23 @@ class ModifierHooks:
     # -- set-up ------------------------------------------------------------------------------------
     def _plan_hook(self, path: str, nag: bool) -> LayerHook:
         module = self.model.get_submodule(path)
-        if is_joint_attention(module):
+        if is_flux_attention(module):
+            if self.text_length is None:
+                raise GuidanceValueError(
+                    f"layer {path!r} is Flux joint text-image attention; install the engine "
+                    f"on the FluxTransformer2DModel itself (its text length is needed)"
+                )
+            check_native(path, module)
+            return LayerHook.forward(path, module, flux=True)
+        joint = is_joint_attention(module)
+        if joint and not (hasattr(module, "add_q_proj") and hasattr(module, "to_q")):
             raise GuidanceValueError(
-                f"layer {path!r} ({type(module).__name__}) is a joint text-image attention, "
-                f"which the attention modifiers do not handle yet"
+                f"layer {path!r} ({type(module).__name__}) is a joint text-image attention "
+                f"the attention modifiers do not handle (they handle SD3's and Flux's)"
             )
         attention_cls = diffusers_attention_class()
         if attention_cls is not None and isinstance(module, attention_cls):
-            if nag and not is_cross_attention(module):
+            if nag and not joint and not is_cross_attention(module):
                 raise GuidanceValueError(
                     f"layer {path!r} is a self-attention layer; NAG needs cross-attention "
                     f"(the negative prompt replaces the context)"
@@ -190,7 +214,10 @@ class ModifierHooks:
     def _open_frame(self, hook: LayerHook) -> Frame | None:
         """The frame of one call of a hooked plain module (``None``: not modified now)."""
         call = self.call_for(hook.path)
-        return None if call is None else Frame(hook.path, call)
+        if call is None:
+            return None
+        text = self.text_length.current(hook.path) if hook.flux and self.text_length else None
+        return Frame(hook.path, call, text=text)
 
     def restore(self) -> None:
         """Take every installed hook out, restoring the exact objects found; then raise the
@@ -252,6 +279,40 @@ class ModifierHooks:
             )
         return out
 
+    def negative_rows(
+        self, call: LayerCall, nag: Any, path: str, a: int, b: int, device: torch.device
+    ) -> torch.Tensor:
+        """The call's rows of NAG's negative conditioning for the rows ``a..b`` (joint
+        attention and plain modules: the negative keys and values come from those rows)."""
+        rows = [call.negative_row(r) for r in range(a, b)]
+        if any(r is None for r in rows):
+            raise GuidanceValueError(
+                f"layer {path!r}: {nag!r} needs rows of the conditioning {nag.negative!r} in "
+                f"the same model call here (their keys and values at this layer are the "
+                f"negative prompt's), and this call has none: {self._missing_negative(nag)}"
+            )
+        return torch.tensor(rows, device=device)
+
+    def _missing_negative(self, nag: Any) -> str:
+        """Why a call lacks NAG's negative rows, and what the user can change."""
+        branches = [b for b in self.plan.branches if b.cond == nag.negative]
+        if not branches:
+            return (
+                f"no branch of {self.plan.expr!r} runs {nag.negative!r}; put one on NAG's "
+                f"left, e.g. CFG(w) | {nag!r}, or name a conditioning a branch runs with "
+                f"NAG(..., negative='...')"
+            )
+        if self.plan.max_rows is not None:
+            return (
+                f"the row budget max_rows={self.plan.max_rows!r} put the {nag.negative!r} "
+                f"rows in another call; compile with max_rows=None (one call per step) or a "
+                f"budget that holds the whole forward group"
+            )
+        return (
+            f"the branch that runs {nag.negative!r} is gated off at this step "
+            f"(.between(...)), while NAG acts at every step; leave that branch ungated"
+        )
+
     def negative_context(
         self,
         call: LayerCall,
@@ -280,9 +341,8 @@ class ModifierHooks:
                 raise GuidanceValueError(
                     f"layer {path!r}: {nag!r} found no row of the conditioning "
                     f"{nag.negative!r} in this model call, and the layer has a cross-attention "
-                    f"mask, which guidekit cannot build for the negative prompt on its own; "
-                    f"run the negative rows in the same call (e.g. CFG(w) | {nag!r}) or leave "
-                    f"the mask out"
+                    f"mask, which guidekit cannot build for the negative prompt on its own "
+                    f"(or leave the mask out): {self._missing_negative(nag)}"
                 )
             projected = self._projected_negative(call, nag, path)
             contexts.append(projected[call.layout.sample(r)].to(context.dtype))
@@ -300,8 +360,7 @@ class ModifierHooks:
                 f"layer {path!r}: {nag!r} found no row of the conditioning {nag.negative!r} "
                 f"in this model call, and guidekit does not know how {arch} turns a "
                 f"conditioning into its cross-attention context (it knows PixArt and "
-                f"UNet2DConditionModel); run the negative rows in the same call, e.g. "
-                f"CFG(w) | {nag!r}"
+                f"UNet2DConditionModel): {self._missing_negative(nag)}"
             )
         # the current layout's state: a cached LayerCall may hold an earlier step's layout
         state = getattr(self._layout, "state", None)

@@ -21,6 +21,7 @@ from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import is_joint_attention
 from guidekit.attention.maths import (
     modified_attention,
+    modified_joint_attention,
     perturbed_joint_attention,
     perturbed_self_attention,
 )
@@ -143,6 +144,11 @@ class _ModifierBody(_Routed):
 
     lost = "which rows to modify"
 
+    def __init__(self, owner: Any, path: str, original: Any) -> None:
+        super().__init__(owner, path, original)
+        # read once, as the row-aware processor does (torch.compile)
+        self.joint = is_joint_attention(owner.model.get_submodule(path))
+
     def routing(self) -> Any:
         return self.owner.call_for(self.path)
 
@@ -155,9 +161,13 @@ class _ModifierBody(_Routed):
         mask = kwargs.get("attention_mask")
         temb = kwargs.get("temb")
 
-        def plain(ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        joint = self.joint
+
+        def plain(ranges: tuple[tuple[int, int], ...]) -> LayerOutput:
             kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
             out = self.original(attn, _take(hidden_states, ranges), **kw)
+            if joint and isinstance(out, tuple):
+                return out
             if not isinstance(out, torch.Tensor):
                 raise GuidanceTypeError(
                     f"the processor of {self.path!r} returned {type(out).__name__}; the "
@@ -165,16 +175,24 @@ class _ModifierBody(_Routed):
                 )
             return out
 
-        def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
+        def modified(ops: LayerOps, a: int, b: int) -> LayerOutput:
             core, nag = ops.core, ops.nag
+            if nag is not None and context is None:
+                raise GuidanceValueError(
+                    f"layer {self.path!r} is called without encoder_hidden_states: "
+                    f"{nag!r} needs the text context the negative prompt replaces; choose "
+                    f"cross-attention or joint text-image layers"
+                )
+            if joint:  # SD3: the image queries are modified, the text ones attend as usual
+                negative = None if nag is None or context is None else context.index_select(
+                    0, self.owner.negative_rows(call, nag, self.path, a, b, context.device))
+                return modified_joint_attention(  # type: ignore[no-any-return]
+                    attn, hidden_states[a:b], _slice(context, rows, a, b),
+                    core=core, nag=nag, negative_text=negative,
+                )
             neg_ctx = neg_mask = None
             if nag is not None:
-                if context is None:
-                    raise GuidanceValueError(
-                        f"layer {self.path!r} is called without encoder_hidden_states: "
-                        f"{nag!r} acts in cross-attention, where the negative prompt is the "
-                        f"context; choose cross-attention layers"
-                    )
+                assert context is not None
                 neg_ctx, neg_mask = self.owner.negative_context(
                     call, nag, self.path, a, b, context, mask
                 )

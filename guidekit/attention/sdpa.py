@@ -90,11 +90,17 @@ def perturbed_sdpa(engine: Any, func: Any, args: Any, kwargs: dict[str, Any]) ->
 
 
 def modified_sdpa(hooks: Any, func: Any, args: Any, kwargs: dict[str, Any]) -> torch.Tensor:
-    """One SDPA call of a modifier's layer, PLADIS / GAG / NAG on the rows they apply to."""
+    """One SDPA call of a modifier's layer, PLADIS / GAG / NAG on the rows they apply to.
+
+    Flux (``frame.text`` set: text tokens first): the image queries are modified, the text
+    queries attend as usual; NAG's negative keys and values are the negative rows' text
+    tokens joined with the row's own image tokens.
+    """
     frame, sdpa = _open(hooks, func, args, kwargs)
     call: LayerCall = frame.route
     bound, query, key, value = sdpa.bound, sdpa.query, sdpa.key, sdpa.value
     mask, row_mask = sdpa.mask, sdpa.row_mask
+    t = frame.text
 
     def modified(ops: LayerOps, a: int, b: int) -> torch.Tensor:
         core, nag = ops.core, ops.nag
@@ -104,32 +110,39 @@ def modified_sdpa(hooks: Any, func: Any, args: Any, kwargs: dict[str, Any]) -> t
                 f"call uses is_causal or dropout"
             )
         scale = bound.get("scale")
+        m = mask[a:b] if row_mask else mask
+        q = query[a:b]
+        if t is not None:  # Flux: only the image queries (after the text) are modified
+            q = q[..., t:, :]
+            if isinstance(m, torch.Tensor) and m.ndim >= 2:
+                m = m[..., t:, :]
 
-        def attend(k: torch.Tensor, v: torch.Tensor, m: Any) -> torch.Tensor:
+        def attend(k: torch.Tensor, v: torch.Tensor, mk: Any) -> torch.Tensor:
             if core is not None:
-                return core.attend(  # type: ignore[no-any-return]
-                    query[a:b], k, v, mask=m, logit_scale=scale
-                )
+                return core.attend(q, k, v, mask=mk, logit_scale=scale)  # type: ignore[no-any-return]
             extra = {"scale": scale} if scale is not None else {}
             if bound.get("enable_gqa"):
                 extra["enable_gqa"] = True
-            return func(query[a:b], k, v, attn_mask=m, **extra)  # type: ignore[no-any-return]
+            return func(q, k, v, attn_mask=mk, **extra)  # type: ignore[no-any-return]
 
-        m = mask[a:b] if row_mask else mask
         out = attend(key[a:b], value[a:b], m)
-        if nag is None:
+        if nag is not None:
+            index = hooks.negative_rows(call, nag, frame.path, a, b, key.device)
+            nk, nv = key.index_select(0, index), value.index_select(0, index)
+            neg_mask = m
+            if t is not None:  # the negative prompt's text tokens, the row's own image
+                nk = torch.cat([nk[..., :t, :], key[a:b, ..., t:, :]], dim=-2)
+                nv = torch.cat([nv[..., :t, :], value[a:b, ..., t:, :]], dim=-2)
+            elif row_mask:
+                neg_mask = mask.index_select(0, index)
+            dims = (-3, -1) if query.ndim >= 4 else (-1,)
+            out = nag.combine(out, attend(nk, nv, neg_mask), dims=dims)
+        if t is None:
             return out
-        negs = [call.negative_row(r) for r in range(a, b)]
-        if any(n is None for n in negs):
-            raise GuidanceValueError(
-                f"layer {frame.path!r}: {nag!r} needs rows of the conditioning "
-                f"{nag.negative!r} in the same model call on a plain module (its keys and "
-                f"values come from the module's own projections); e.g. CFG(w) | {nag!r}"
-            )
-        index = torch.tensor(negs, device=key.device)
-        neg_mask = mask.index_select(0, index) if row_mask else mask
-        negative = attend(key.index_select(0, index), value.index_select(0, index), neg_mask)
-        dims = (-3, -1) if query.ndim >= 4 else (-1,)
-        return nag.combine(out, negative, dims=dims)  # type: ignore[no-any-return]
+        sub = dict(bound, query=query[a:b, ..., :t, :], key=key[a:b], value=value[a:b])
+        if row_mask:
+            sub["attn_mask"] = mask[a:b][..., :t, :] if mask.ndim >= 2 else mask[a:b]
+        text_out = func(**sub)
+        return torch.cat([text_out, out.to(text_out.dtype)], dim=-2)
 
     return assemble(call.segments, sdpa.plain, modified)  # type: ignore[no-any-return]

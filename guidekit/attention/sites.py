@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from guidekit.attention.flux import is_flux_attention
+from guidekit.attention.flux import check_native, is_flux_attention
 from guidekit.attention.hooks import LayerHook
 from guidekit.attention.layers import (
     diffusers_attention_class,
@@ -57,12 +57,7 @@ def _flux_hook(path: str, module: Any, users: Sequence[Any], flux_text: bool) ->
             + (f"{unsupported[0]!r} does not support it" if unsupported else
                "hook the FluxTransformer2DModel itself (its text length is needed)")
         )
-    backend = getattr(getattr(module, "get_processor")(), "_attention_backend", None)  # noqa: B009
-    if backend not in (None, "native"):
-        raise GuidanceValueError(
-            f"layer {path!r} uses attention backend {backend!r}; the engine intercepts "
-            f"torch's scaled_dot_product_attention (the native backend)"
-        )
+    check_native(path, module)
     return LayerHook.forward(path, module, flux=True)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 
 import guidekit
-from guidekit import CFG, EMAG, NAG, PAG, SEG
+from guidekit import CFG, EMAG, GAG, NAG, PAG, PLADIS, SEG
 from guidekit.attention import install
 
 from ._tiny import BATCH, dit_fn, pixart_fn, tiny_dit, tiny_pixart
@@ -77,12 +77,17 @@ def test_compiles_are_bounded_by_the_active_branch_sets() -> None:
     assert counts[0] <= 2 and counts[1:] == [0, 0], counts
 
 
-def test_nag_in_cross_attention_does_not_break_the_graph() -> None:
+@pytest.mark.parametrize("expr", [CFG(3) | NAG(2), CFG(3) | PLADIS(1.5), CFG(3) | GAG(5),
+                                  CFG(3) | PLADIS(2, sparse="sparsemax") | NAG(3)],
+                         ids=["NAG", "PLADIS", "GAG", "PLADIS-sparsemax+NAG"])
+def test_modifiers_in_cross_attention_do_not_break_the_graph(expr: Any) -> None:
+    """PLADIS / GAG's sort-based sparse maps trace without data-dependent control flow
+    (they broke the graph once per hooked layer: 15 breaks on this model)."""
     model = tiny_pixart()
     fn = pixart_fn(model)
     g = torch.Generator().manual_seed(2)
     cond, uncond = ({"text": torch.randn(BATCH, 5, 32, generator=g)} for _ in range(2))
-    plan = guidekit.compile(CFG(3) | NAG(2))
+    plan = guidekit.compile(expr)
     args, kw, layout = first_call(model, plan, fn, cond, uncond)
     torch._dynamo.reset()
     with torch.no_grad(), install(model, plan) as around, around(layout):
@@ -91,3 +96,36 @@ def test_nag_in_cross_attention_does_not_break_the_graph() -> None:
         compiled = torch.compile(fn, backend="eager")(*args, **kw)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("expr", [
+    CFG(5) + PAG(2, layers=[0, 1]).between(1, 10),
+    CFG(5) + PAG(2, layers=[0]).between(1, 10) + SEG(2, layers=[2]).between(0.5, 5),
+], ids=["PAG-gated", "PAG-and-SEG-gated"])
+def test_recompiles_are_bounded_by_the_distinct_active_sets(expr: Any) -> None:
+    """Over 10 steps the active-branch set changes at every gate edge; the compiled model
+    compiles at most once per distinct set in the first run and never again (same engine
+    or a new install)."""
+    model = tiny_dit()
+    plan = guidekit.compile(expr)
+    compiled = torch.compile(dit_fn(model), backend="eager")
+    x = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sigmas = [12.0, 9.0, 7.0, 4.0, 3.0, 2.0, 0.8, 0.6, 0.3, 0.2]
+    torch._dynamo.reset()
+    counts, sets = [], set()
+    engine = install(model, plan)
+    for fresh in (False, False, True):
+        if fresh:
+            engine = install(model, plan)
+        before = torch._dynamo.utils.counters["frames"]["ok"]
+        with torch.no_grad(), engine as around:
+            def ac(layout: Any, around: Any = around) -> Any:
+                sets.add(tuple(b for b, _, _ in layout.blocks))
+                return around(layout)
+
+            guided = guidekit.guide(plan, compiled, cond=COND, uncond=UNCOND, around_call=ac)
+            for s in sigmas:
+                guided(x, s)
+        counts.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
+    assert len(sets) == (2 if "SEG" not in repr(expr) else 4), sets
+    assert 1 <= counts[0] <= len(sets) and counts[1:] == [0, 0], (counts, len(sets))
