@@ -50,7 +50,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Expr
 from guidekit.plan import Plan
 from guidekit.runner import check_models
-from guidekit.spaces import check_prediction
+from guidekit.spaces import as_noise, check_prediction
 
 from ._diffusers_arguments import wrap_call
 from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
@@ -200,11 +200,7 @@ def _plan(
     if isinstance(noise, str) and noise == noi.kind:
         noise = noi  # keeps the scheduler's alphas_cumprod (CADS maps sigma to time with it)
     pred = prediction or pred
-    if noise is not None and not isinstance(noise, (str, Noise)):
-        raise GuidanceTypeError(
-            f"guided(noise=...) must be 've', 'vp', 'flow' or a guidekit.Noise, got {noise!r:.40}"
-        )
-    noi = Noise(noise) if isinstance(noise, str) else (noise or noi)
+    noi = noi if noise is None else as_noise(noise)
     if not isinstance(expr, Plan):
         return compile(expr, prediction=pred, noise=noi, max_rows=max_rows)
     if max_rows is not None:

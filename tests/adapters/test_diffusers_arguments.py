@@ -140,7 +140,7 @@ def test_fluxs_guidance_scale_is_a_model_input_and_true_cfg_scale_the_scale() ->
         ({"models": {"weak": "x"}}, GuidanceTypeError, r"guided\(models=\.\.\.\) must map model names"),
         ({"models": ["weak"]}, GuidanceTypeError, r"guided\(models=\.\.\.\) must map model names"),
         ({"prediction": "score"}, GuidanceValueError, r"guided\(prediction=\.\.\.\) space 'score'"),
-        ({"noise": 3}, GuidanceTypeError, r"guided\(noise=\.\.\.\) must be 've', 'vp', 'flow'"),
+        ({"noise": 3}, GuidanceValueError, r"noise must be 've', 'vp', 'flow' or a guidekit.Noise"),
         ({"noise": "edm"}, GuidanceValueError, r"noise convention 'edm'"),
         ({"max_rows": 0}, GuidanceValueError, r"max_rows must be None"),
         ({"sigma_fn": 1.0}, GuidanceTypeError, r"guided\(sigma_fn=\.\.\.\) must be callable"),
