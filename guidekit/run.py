@@ -86,8 +86,14 @@ class Run:
         self.reset()
 
     # -- starting runs --------------------------------------------------------------------------
-    def start(self, sigmas: Any = ..., seed: int | None = None) -> None:
-        """Start a new run, keeping the call log: fresh state and a fresh row splitter."""
+    def start(self, sigmas: Any = ..., seed: int | None = None, plan: Plan | None = None) -> None:
+        """Start a new run, keeping the call log: fresh state and a fresh row splitter.
+
+        ``plan`` replaces the run's plan from this run on (a pipeline call that brings its
+        own ``guidance_rescale``, say); the call log keeps the calls of earlier plans.
+        """
+        if plan is not None:
+            self.plan = plan
         if seed is not None:
             self._seed = seed
         if sigmas is not ...:

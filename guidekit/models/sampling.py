@@ -23,9 +23,9 @@ import torch
 
 import guidekit
 import guidekit.attention
-from guidekit.adapters._diffusers_cads import ClassEmbeddingCADS
-from guidekit.adapters._diffusers_cads import adapt as cads_plans
 from guidekit.branch import MAIN
+from guidekit.combinators.cads_embedding import ClassEmbeddingCADS
+from guidekit.combinators.cads_embedding import adapt as cads_plans
 from guidekit.plan import CallRecord, Plan, RowLayout
 
 

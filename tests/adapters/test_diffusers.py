@@ -174,13 +174,26 @@ def test_plain_cfg_equals_the_pipelines_own_output(kind: str, pipes: Any) -> Non
 
 @pytest.mark.parametrize("kind", ["dit", "sd3", "flux"])
 @torch.no_grad()
-def test_the_expression_not_the_pipeline_scale_decides(kind: str, pipes: Any) -> None:
-    """``u + g (c - u)`` with both halves equal to the guided prediction leaves it unchanged."""
+def test_an_explicit_pipeline_scale_must_be_the_expressions(kind: str, pipes: Any) -> None:
+    """The expression alone guides; a scale the call passes must agree with it (issue 11:
+    ``guidance_scale=7`` under ``CFG(2.5)`` silently ran 2.5)."""
     pipe = pipes(kind)
     ref = sample(pipe, **call_kwargs(kind, scale=2.5))
-    with guided(pipe, CFG(2.5)):
-        out = sample(pipe, **call_kwargs(kind, scale=7.0))
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    name = "true_cfg_scale" if kind == "flux" else "guidance_scale"
+    left_out = call_kwargs(kind, scale=2.5)
+    if kind != "flux":  # the pipeline's default scale (> 1) prepares the unconditional rows
+        del left_out[name]
+    for kwargs in (call_kwargs(kind, scale=2.5), left_out):
+        with guided(pipe, CFG(2.5)):
+            out = sample(pipe, **kwargs)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    module, cls = denoiser(pipe), type(pipe)
+    before = snapshot(module)
+    with guided(pipe, CFG(2.5)), pytest.raises(
+        GuidanceValueError, match=rf"{name}=7 is not the CFG scale of CFG\(2.5\).*write CFG\(7\)"
+    ):
+        sample(pipe, **call_kwargs(kind, scale=7.0))
+    assert snapshot(module) == before and type(pipe) is cls  # the call hook is gone
 
 
 # -- a composite expression: one call per forward group per step --------------------------------
@@ -426,7 +439,9 @@ def test_scale_one_runs_expressions_without_uncond_and_explains_the_rest(
         out = sample(pipe, **call_kwargs(kind, scale=1.0))
     assert log == [("main", 2), ("weak", 2)] * STEPS
     assert torch.isfinite(out).all()
-    with pytest.raises(GuidanceValueError, match="guidance_scale > 1"), guided(pipe, CFG(3)):
+    scale = "true_cfg_scale" if kind == "flux" else "guidance_scale"
+    with pytest.raises(GuidanceValueError, match=rf"{scale}=1 makes the pipeline skip the "
+                       rf"unconditional rows.*call it with {scale}=3"), guided(pipe, CFG(3)):
         sample(pipe, **call_kwargs(kind, scale=1.0))
 
 

@@ -212,6 +212,15 @@ def sd_pipeline(scheduler: Any = None) -> Any:
     ))
 
 
+def _perturbed(module: Any) -> Any:
+    """``module`` with every parameter moved by ``0.05 * randn`` from torch's global generator
+    (seeded by the caller): a ControlNet's zero-initialised outputs would add nothing."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module.eval()
+
+
 def sd_controlnet_pipeline(seed: int = 5) -> Any:
     """The tiny SD pipeline with a ControlNet built from its UNet; every ControlNet parameter
     is moved by ``0.05 * randn`` (its zero-initialised outputs would add nothing)."""
@@ -220,12 +229,9 @@ def sd_controlnet_pipeline(seed: int = 5) -> Any:
     sd = sd_pipeline()
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(4, 8))
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     return _quiet(StableDiffusionControlNetPipeline(
         vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
-        controlnet=controlnet.eval(), scheduler=sd.scheduler, safety_checker=None,
+        controlnet=_perturbed(controlnet), scheduler=sd.scheduler, safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     ))
 
@@ -241,10 +247,9 @@ def sd3_controlnet_pipeline(seed: int = 5) -> Any:
         num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
     )
-    with torch.no_grad():
-        for p in controlnet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return _quiet(StableDiffusion3ControlNetPipeline(**sd3.components, controlnet=controlnet.eval()))
+    return _quiet(StableDiffusion3ControlNetPipeline(
+        **sd3.components, controlnet=_perturbed(controlnet),
+    ))
 
 
 def sdxl_unet(seed: int = 0) -> Any:
@@ -268,3 +273,47 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sdxl_pipeline(scheduler: Any = None) -> Any:
+    """A tiny SDXL pipeline: two 16-wide CLIP encoders (their hidden states concatenated are
+    the UNet's 32-wide cross-attention input, the second one's projection the pooled text)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    if scheduler is None:
+        scheduler = EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+        )
+    return _quiet(StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=clip_encoder(hidden=16), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(hidden=16, projection=True, seed=3),
+        tokenizer_2=clip_tokenizer(), unet=sdxl_unet(), scheduler=scheduler,
+    ))
+
+
+def sdxl_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny SDXL pipeline with a ControlNet built from its UNet (text-time conditioning
+    included), parameters moved by ``0.05 randn``."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    sdxl = sdxl_pipeline()
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(sdxl.unet, conditioning_embedding_out_channels=(4, 8))
+    return _quiet(StableDiffusionXLControlNetPipeline(
+        **sdxl.components, controlnet=_perturbed(controlnet),
+    ))
+
+
+def flux_controlnet_pipeline(seed: int = 5) -> Any:
+    """The tiny Flux pipeline with a one-double-block, one-single-block Flux ControlNet
+    (the control image goes through the VAE), parameters moved by ``0.05 randn``."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    flux = flux_pipeline()
+    torch.manual_seed(seed)
+    controlnet = FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=False, axes_dims_rope=[4, 4, 8],
+    )
+    return _quiet(FluxControlNetPipeline(**flux.components, controlnet=_perturbed(controlnet)))

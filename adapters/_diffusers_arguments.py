@@ -1,0 +1,199 @@
+"""A classic pipeline's guidance arguments under ``guided(...)``: honoured or refused by name.
+
+Inside ``guided(pipe, expr)`` the expression alone decides the guidance: the pipeline's own
+CFG combine sees the guided prediction in both halves of its batch and leaves it unchanged.
+So an argument of the pipeline call that asks for guidance would be ignored; none is:
+
+* the CFG scale (``guidance_scale``; ``true_cfg_scale`` where the pipeline has one, as Flux
+  does, whose ``guidance_scale`` is then a model input): passed explicitly, it must equal the
+  expression's CFG scale (the ``w`` of ``u + w (c - u)``, where the expression has ``u``), or
+  be at most 1 for an expression without ``u``; it still tells the pipeline whether to
+  prepare the unconditional rows;
+* ``guidance_rescale=phi`` (> 0) is honoured as ``expr | Rescale(phi)`` for that call;
+* every other guidance argument (``pag_scale``, ``skip_guidance_layers``, ``cfg_*``,
+  ``image_guidance_scale``, ...) passed with a value other than its default or "off" is
+  refused, naming it and the term to write instead.
+
+An argument counts as passed when the call names it; :func:`wrap_call` tells those from the
+defaults by binding each call to the pipeline's ``__call__`` signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from guidekit.branch import uncond
+from guidekit.combinators.rescale import CFGRescale
+from guidekit.errors import GuidanceValueError
+from guidekit.plan import Plan
+
+#: Guidance-looking arguments that are model or ControlNet inputs, never guidance guidekit owns.
+NOT_GUIDANCE = frozenset({
+    "control_guidance_start", "control_guidance_end", "guidance_latents",
+    "distilled_guidance_scale",
+})
+_GUIDANCE = re.compile(r"guidance|cfg|^pag_|^sld_|^sag_")
+_HINTS = {
+    "pag_scale": "write PAG(scale) in the expression",
+    "pag_adaptive_scale": "write PAG(scale) in the expression (gate it with .between(...))",
+    "skip_guidance_layers": "write SLG(scale, layers=...) in the expression",
+    "skip_layer_guidance_scale": "write SLG(scale, layers=...) in the expression",
+    "skip_layer_guidance_start": "gate SLG(...) with .between(...) in the expression",
+    "skip_layer_guidance_stop": "gate SLG(...) with .between(...) in the expression",
+    "do_classifier_free_guidance": "write CFG(w) in the expression, or leave CFG out of it",
+}
+
+
+def scale_argument(parameters: Mapping[str, inspect.Parameter]) -> str:
+    """The name of the pipeline's CFG scale: ``true_cfg_scale`` where it has one (Flux's
+    ``guidance_scale`` is the distilled-guidance input), else ``guidance_scale``."""
+    return "true_cfg_scale" if "true_cfg_scale" in parameters else "guidance_scale"
+
+
+def cfg_scales(plan: Plan) -> set[float]:
+    """The expression's CFG scales ``w`` (``u``'s coefficient is ``1 - w``), by noise region."""
+    u = uncond()
+    return {1.0 - p.coef_map[u] for _, _, p in plan.regions() if u in p.coef_map}
+
+
+def _off(value: Any, default: Any) -> bool:
+    if value is None or value is False or (isinstance(value, (list, tuple, str)) and not value):
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return True
+    try:
+        return bool(value == default)
+    except Exception:  # tensors and the like: not comparable to a default, so not off
+        return False
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GuidanceValueError(f"the pipeline call's {name}={value!r}: expected a finite number")
+    return float(value)
+
+
+def check_scale(plan: Plan, name: str, value: Any) -> None:
+    """Refuse an explicit CFG scale ``name=value`` that ``plan`` does not guide with."""
+    v = _number(name, value)
+    scales = cfg_scales(plan)
+    expr = plan.expr
+    if not scales:
+        if v <= 1:
+            return
+        raise GuidanceValueError(
+            f"the pipeline call's {name}={v:g} asks for CFG, which {expr!r} does not contain, "
+            f"and inside guided(...) the expression alone guides: write CFG({v:g}) in the "
+            f"expression, or leave {name} out"
+        )
+    if any(math.isclose(v, w, rel_tol=1e-9, abs_tol=1e-12) for w in scales):
+        return
+    shown = ", ".join(f"{w:g}" for w in sorted(scales))
+    if v <= 1:
+        raise GuidanceValueError(
+            f"the pipeline call's {name}={v:g} makes the pipeline skip the unconditional rows "
+            f"that {expr!r} needs (its CFG scale is {shown}): call it with {name}="
+            f"{min(scales):g} (a {name} > 1 makes it prepare them)"
+        )
+    raise GuidanceValueError(
+        f"the pipeline call's {name}={v:g} is not the CFG scale of {expr!r} ({shown}), and "
+        f"inside guided(...) the expression alone guides: write CFG({v:g}) in the expression, "
+        f"or leave {name} out (or pass the expression's)"
+    )
+
+
+def rescaled(plan: Plan, phi: Any) -> Any:
+    """The expression for a call with ``guidance_rescale=phi``: ``expr | Rescale(phi)``
+    (``None``: ``plan`` already does exactly that, or ``phi`` is 0)."""
+    phi = _number("guidance_rescale", phi)
+    if phi == 0:
+        return None
+    own = [p for p in plan.post if isinstance(p, CFGRescale)]
+    if own:
+        if len(own) == 1 and math.isclose(own[0].phi, phi):
+            return None
+        raise GuidanceValueError(
+            f"the pipeline call's guidance_rescale={phi:g} would rescale {plan.expr!r} a "
+            f"second time: leave guidance_rescale out (the expression already has "
+            f"{own[0]!r}) or drop Rescale from the expression"
+        )
+    try:
+        rescale = CFGRescale(phi)
+    except (ValueError, TypeError) as err:
+        raise GuidanceValueError(
+            f"the pipeline call's guidance_rescale={phi:g}: guidekit honours it as "
+            f"| Rescale(phi), which needs 0 <= phi <= 1 ({err})"
+        ) from err
+    return plan.expr | rescale
+
+
+def refuse_unowned(passed: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter]) -> None:
+    """Refuse every other guidance argument passed with a value that is not off/default."""
+    owned = {scale_argument(parameters), "guidance_rescale", "guidance_scale"}
+    for name, value in passed.items():
+        if name in owned or name in NOT_GUIDANCE or not _GUIDANCE.search(name):
+            continue
+        if name.startswith("guidance_keyframe"):
+            continue  # conditioning frames of video pipelines, not a guidance scale
+        param = parameters.get(name)
+        default = param.default if param is not None else inspect.Parameter.empty
+        if _off(value, default):
+            continue
+        hint = _HINTS.get(name, "write that guidance in the expression, or leave it out")
+        raise GuidanceValueError(
+            f"the pipeline call's {name}={value!r} asks the pipeline for guidance of its own, "
+            f"which guided(...) would ignore (the expression alone guides): {hint}"
+        )
+
+
+def passed_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments a call names (``None``: it does not bind; the pipeline will say why)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    out: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:  # [0] is the pipeline itself
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = value
+    return out
+
+
+def wrap_call(pipe: Any, hook: Callable[[dict[str, Any], Mapping[str, inspect.Parameter]], Any]) -> Callable[[], None]:
+    """Route every ``pipe(...)`` call through the context manager ``hook(passed, parameters)``.
+
+    ``pipe(...)`` looks ``__call__`` up on the class, so the pipeline is given a subclass of
+    its own class (same name and module) whose ``__call__`` enters the hook around the
+    original; the returned undo puts the original class back.
+    """
+    cls = type(pipe)
+    original = cls.__call__
+    signature = inspect.signature(original)
+    parameters = dict(list(signature.parameters.items())[1:])
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        passed = passed_arguments(signature, (self, *args), kwargs)
+        if passed is None:
+            return original(self, *args, **kwargs)
+        with hook(passed, parameters):
+            return original(self, *args, **kwargs)
+
+    namespace = {
+        "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+    }
+    guided_cls: type = type(cls.__name__, (cls,), namespace)
+    object.__setattr__(pipe, "__class__", guided_cls)
+
+    def undo() -> None:
+        if type(pipe) is guided_cls:
+            object.__setattr__(pipe, "__class__", cls)
+
+    return undo
