@@ -25,6 +25,7 @@ from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.explain import describe, explain
 from guidekit.expr import Entry, Expr, atom_branches
+from guidekit.fixed import fixed_program
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
 from guidekit.rows import (
@@ -69,6 +70,10 @@ class Plan:
     groups: tuple[ForwardGroup, ...]
     breakpoints: tuple[float, ...]
     _programs: dict[int, Program] = attrs.field(factory=dict, repr=False)
+    #: guidekit/parallel.py: the ranks that share each call's rows (None: this process)
+    parallel: Any = None
+    #: guidekit/fixed.py: every step runs every branch (one shape per run)
+    fixed_shapes: bool = False
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -126,6 +131,8 @@ class Plan:
         prog = self._programs.get(key)
         if prog is None:
             prog = self._build_program(sigma)
+            if self.fixed_shapes:
+                prog = fixed_program(prog, self.groups)
             self._programs[key] = prog
         return prog
 
@@ -362,6 +369,8 @@ class Plan:
     ) -> dict[Branch, torch.Tensor]:
         batch = x.shape[0]
         native: dict[Branch, torch.Tensor] = {}
+        if self.parallel is not None:
+            models, around_call = self.parallel.wrap(self, models, around_call)
         for group in prog.groups:
             model = models.get(group.model)
             if model is None:
