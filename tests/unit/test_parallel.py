@@ -3,7 +3,6 @@ rank gets the same guided output as one process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from attention._tiny import dit_fn, tiny_dit
 
 import guidekit
 from guidekit import CFG, EMAG, PAG, GuidanceTypeError, GuidanceValueError
@@ -25,16 +25,6 @@ from guidekit.parallel import shares
 WORKER = Path(__file__).with_name("_parallel_worker.py")
 C, U = Branch("main", COND), Branch("main", UNCOND)
 P, E = Branch("main", COND, PAG(1).perturbation), Branch("main", COND, EMAG(1).perturbation)
-
-
-def _tiny() -> Any:
-    """tests/attention/_tiny.py (the tiny real models), loaded by path."""
-    path = Path(__file__).parents[1] / "attention" / "_tiny.py"
-    spec = importlib.util.spec_from_file_location("_tiny_models", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shares_deal_whole_blocks_and_give_every_rank_the_sources() -> None:
@@ -78,8 +68,7 @@ def test_parallel_arguments_are_checked(world_of_one: Any) -> None:
 
 
 def test_one_rank_equals_the_plain_plan_with_the_engine(world_of_one: Any) -> None:
-    tiny = _tiny()
-    model, dit_fn = tiny.tiny_dit(), tiny.dit_fn
+    model = tiny_dit()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     out = []
     for parallel in (None, world_of_one):
