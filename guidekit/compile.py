@@ -10,6 +10,8 @@ import attrs
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
+from guidekit.fixed import check_fixed_shapes
+from guidekit.parallel import as_parallel
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.spaces import as_noise, check_prediction
@@ -24,6 +26,8 @@ def compile(
     prediction: str = "eps",
     noise: Any = "ve",
     max_rows: int | str | None = None,
+    parallel: Any = None,
+    fixed_shapes: bool = False,
 ) -> Plan:
     """Compile a guidance expression for a model that predicts ``prediction``.
 
@@ -35,6 +39,10 @@ def compile(
         max_rows: ``None`` runs each forward group as one call; an int is a row budget (the
             fewest calls of at most that many rows); ``"auto"`` times the splits and keeps
             the faster (see :mod:`guidekit.split`).
+        parallel: a ``torch.distributed`` process group whose ranks share each call's
+            branch blocks (see :mod:`guidekit.parallel`); ``None`` runs in this process.
+        fixed_shapes: run every branch at every step, the inactive ones skipped in the
+            combine, so the calls keep one shape (see :mod:`guidekit.fixed`).
 
     Returns:
         A :class:`~guidekit.plan.Plan`. ``print(plan)`` shows its groups and programs.
@@ -59,6 +67,8 @@ def compile(
         )
     prediction = check_prediction(prediction)
     make_splitter(max_rows)  # validates
+    shared = as_parallel(parallel, max_rows)
+    fixed_shapes = check_fixed_shapes(fixed_shapes)
     entries = _merge(left.entries())
     # input and attention modifiers act on the forward, before every post-processor
     forward_mods = (InputModifier, AttentionModifier)
@@ -78,6 +88,7 @@ def compile(
         entries=entries,
         groups=_groups(entries, post),
         breakpoints=tuple(breakpoints),
+        parallel=shared,
     )
     # Drop branches no interval ever runs (0 * d, cancelled terms): they need no model.
     used = {b for _, _, prog in plan.regions() for b in prog.branches}
@@ -85,7 +96,10 @@ def compile(
     groups = tuple(
         attrs.evolve(g, branches=tuple(b for b in g.branches if b in used)) for g in plan.groups
     )
-    return attrs.evolve(plan, groups=tuple(g for g in groups if g.branches), programs={})
+    return attrs.evolve(
+        plan, groups=tuple(g for g in groups if g.branches), programs={},
+        fixed_shapes=fixed_shapes,
+    )
 
 
 def _merge(entries: tuple[Entry, ...]) -> tuple[Entry, ...]:

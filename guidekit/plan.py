@@ -25,6 +25,7 @@ from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.explain import describe, explain
 from guidekit.expr import Entry, Expr, atom_branches
+from guidekit.fixed import fixed_program
 from guidekit.forward import ModelFn, group_key, run_groups
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
@@ -69,6 +70,10 @@ class Plan:
     breakpoints: tuple[float, ...]
     _programs: dict[int, Program] = attrs.field(factory=dict, repr=False)
     _policy: Any = attrs.field(default=None, repr=False)
+    #: guidekit/parallel.py: the ranks that share each call's rows (None: this process)
+    parallel: Any = None
+    #: guidekit/fixed.py: every step runs every branch (one shape per run)
+    fixed_shapes: bool = False
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -134,6 +139,8 @@ class Plan:
         prog = self._programs.get(key)
         if prog is None:
             prog = self._build_program(sigma)
+            if self.fixed_shapes:
+                prog = fixed_program(prog, self.groups)
             self._programs[key] = prog
         return prog
 
@@ -261,6 +268,8 @@ class Plan:
         if native is None:
             conds = self._modified(conds, ctx)
             forward_state.conds = conds  # NAG reads its negative conditioning from here
+            if self.parallel is not None:  # the ranks share each call's rows (parallel.py)
+                models, around_call = self.parallel.wrap(self, models, around_call)
             ctx.native = run_groups(
                 prog, x, s, conds, models, splitter if splitter is not None else self.splitter(),
                 prediction=self.prediction, noise=self.noise, on_call=on_call, level=level,
