@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.finite import check_policy
 
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
@@ -75,6 +76,9 @@ class FlowGuided(SamplerAdapter):
         around_call: the attention engine's hook, for plans with attention-space terms
             (PAG, ...): ``with guidekit.attention.install(net, plan) as around_call:``;
             compile the plan yourself then (the engine needs it) and pass it as ``guidance``.
+        nonfinite: ``"raise"`` (default) stops at the first NaN/inf in a model output or the
+            guided output with a :class:`~guidekit.errors.NonFiniteError` naming the step,
+            sigma, branch and terms; ``"warn"`` warns once per run and goes on.
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class FlowGuided(SamplerAdapter):
         max_rows: int | str | None = None,
         cond_key: str = "cond",
         around_call: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         if model_time not in _TIMES:
             raise GuidanceValueError(
@@ -117,7 +122,7 @@ class FlowGuided(SamplerAdapter):
         self._start_run(
             plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
-            around_call=around_call,
+            around_call=around_call, nonfinite=check_policy(nonfinite, "FlowGuided"),
         )
 
     # -- translation ------------------------------------------------------------------------

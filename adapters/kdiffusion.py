@@ -40,6 +40,7 @@ import torch
 
 import guidekit
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.finite import check_policy
 
 from ._sampling import ModelFn, SamplerAdapter, as_plan
 
@@ -102,6 +103,9 @@ class KDiffusionGuided(SamplerAdapter):
         around_call: the attention engine's hook, for plans with attention-space terms
             (PAG, ...): ``with guidekit.attention.install(net, plan) as around_call:``;
             compile the plan yourself then (the engine needs it) and pass it as ``guidance``.
+        nonfinite: ``"raise"`` (default) stops at the first NaN/inf in a model output or the
+            guided output with a :class:`~guidekit.errors.NonFiniteError` naming the step,
+            sigma, branch and terms; ``"warn"`` warns once per run and goes on.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class KDiffusionGuided(SamplerAdapter):
         scale_input: bool | None = None,
         cond_key: str = "cond",
         around_call: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         if prediction not in _KINDS:
             raise GuidanceValueError(
@@ -155,7 +160,7 @@ class KDiffusionGuided(SamplerAdapter):
         self._start_run(
             plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="KDiffusionGuided",
-            around_call=around_call,
+            around_call=around_call, nonfinite=check_policy(nonfinite, "KDiffusionGuided"),
         )
 
     # -- translation ------------------------------------------------------------------------

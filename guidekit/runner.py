@@ -9,6 +9,7 @@ import torch
 
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceValueError
+from guidekit.finite import NonFinite
 from guidekit.plan import ModelFn, Plan
 from guidekit.run import Run
 
@@ -72,6 +73,7 @@ class Guided(Run):
         seed: int = 0,
         output: str | None = None,
         around_call: Any = None,
+        nonfinite: NonFinite = "raise",
     ) -> None:
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
@@ -82,7 +84,9 @@ class Guided(Run):
         self.output = output
         check_models(plan, self.models)
         check_conditionings(plan, named)
-        super().__init__(plan, sigmas=sigmas, seed=seed, around_call=around_call)
+        super().__init__(
+            plan, sigmas=sigmas, seed=seed, around_call=around_call, nonfinite=nonfinite
+        )
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         return self.step(x, sigma, self.conds, self.models, output=self.output)
@@ -100,6 +104,8 @@ def guide(
 
     ``cond`` and ``uncond`` are dicts of tensors (batch first) passed to the model as keyword
     arguments; ``models`` names extra models (``{"weak": ...}`` for Autoguidance); ``sigmas``
-    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS.
+    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS;
+    ``nonfinite="warn"`` only warns (once per run) where a NaN or inf in a model output or
+    the guided output would raise :class:`~guidekit.errors.NonFiniteError`.
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)
