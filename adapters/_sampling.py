@@ -24,7 +24,7 @@ from guidekit.finite import NonFinite
 from guidekit.plan import CallRecord, Plan
 from guidekit.run import Run
 from guidekit.run import level_of as level_of  # re-exported: the adapters read levels with it
-from guidekit.runner import check_conditionings, check_models
+from guidekit.runner import check_conditionings, check_model_values, check_models
 from guidekit.state import State
 
 ModelFn = Callable[..., torch.Tensor]
@@ -167,6 +167,7 @@ class SamplerAdapter:
     ) -> None:
         """Translate the main and other models and start the run around ``plan``."""
         all_models = {MAIN: model, **(models or {})}
+        check_model_values(plan, all_models, where=f"{adapter}: ")
         translated = {name: self._translate(m) for name, m in all_models.items()}
         self.run = SamplerRun(
             plan, translated, conds, sigmas=sigmas, seed=seed, cond_key=cond_key,

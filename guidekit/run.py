@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from guidekit.checks import check_cond_tensors
 from guidekit.errors import GuidanceValueError
 from guidekit.finite import NonFinite, StepWatch, check_policy
 from guidekit.plan import CallRecord, ModelFn, Plan
@@ -167,6 +168,7 @@ class Run:
         s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
         if s is not None:
             self._recognise(s)
+        check_cond_tensors(conds, self.plan.conditionings, x)
         before = self.state
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
         watch = StepWatch(self.plan, batch, self.nonfinite, self._warned)
