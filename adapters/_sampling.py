@@ -20,10 +20,11 @@ import torch
 import guidekit
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.finite import NonFinite
 from guidekit.plan import CallRecord, Plan
 from guidekit.run import Run
 from guidekit.run import level_of as level_of  # re-exported: the adapters read levels with it
-from guidekit.runner import check_conditionings, check_models
+from guidekit.runner import check_conditionings, check_model_values, check_models
 from guidekit.state import State
 
 ModelFn = Callable[..., torch.Tensor]
@@ -85,6 +86,7 @@ class SamplerRun(Run):
         cond_key: str,
         adapter: str,
         around_call: Any = None,
+        nonfinite: NonFinite = "raise",
     ) -> None:
         self.models = dict(models)
         self.cond_key = cond_key
@@ -92,7 +94,8 @@ class SamplerRun(Run):
         check_models(plan, self.models, where=f"{adapter}: ")
         self.conds = {n: self._as_dict(n, v) for n, v in conds.items() if v is not None}
         super().__init__(
-            plan, sigmas=sigmas, seed=seed, around_call=around_call, on_rise="retreat"
+            plan, sigmas=sigmas, seed=seed, around_call=around_call, on_rise="retreat",
+            nonfinite=nonfinite,
         )
 
     # -- conditionings ------------------------------------------------------------------------
@@ -160,13 +163,15 @@ class SamplerAdapter:
         cond_key: str,
         adapter: str,
         around_call: Any,
+        nonfinite: NonFinite = "raise",
     ) -> None:
         """Translate the main and other models and start the run around ``plan``."""
         all_models = {MAIN: model, **(models or {})}
+        check_model_values(plan, all_models, where=f"{adapter}: ")
         translated = {name: self._translate(m) for name, m in all_models.items()}
         self.run = SamplerRun(
             plan, translated, conds, sigmas=sigmas, seed=seed, cond_key=cond_key,
-            adapter=adapter, around_call=around_call,
+            adapter=adapter, around_call=around_call, nonfinite=nonfinite,
         )
 
     @property

@@ -34,12 +34,14 @@ step, and a rejected trial step's evaluations are undone when the solver retreat
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.finite import check_policy
 
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
@@ -52,6 +54,29 @@ def sigmas_from_time_grid(time_grid: Sequence[float] | torch.Tensor) -> list[flo
     values = time_grid.detach().flatten().tolist() if isinstance(time_grid, torch.Tensor) else time_grid
     # the same float arithmetic as FlowGuided.__call__, so grid points match exactly
     return [1.0 - float(t) for t in values]
+
+
+def solver_grid(depth: int = 48) -> list[float] | None:
+    """The step points of the torchdiffeq fixed-grid solver (euler, midpoint, rk4, ...) whose
+    step is calling the model now, or ``None`` when no such solver is on the stack.
+
+    ``ODESolver.sample(..., step_size=h)`` steps on its own grid of ``h`` and only reports
+    at the given ``time_grid``; the adapter never sees ``h``. Read from the solver's
+    ``integrate`` frame (its ``time_grid`` local) once per run, it lets FlowGuided refuse a
+    schedule the solver does not step on instead of advancing state on half the steps.
+    """
+    frame: Any = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        local = frame.f_locals
+        if (frame.f_code.co_name == "integrate" and "time_grid" in local
+                and hasattr(local.get("self"), "grid_constructor")):
+            grid = local["time_grid"]
+            return [float(v) for v in (grid.detach().flatten().tolist()
+                                       if isinstance(grid, torch.Tensor) else grid)]
+        frame = frame.f_back
+    return None
 
 
 class FlowGuided(SamplerAdapter):
@@ -75,6 +100,9 @@ class FlowGuided(SamplerAdapter):
         around_call: the attention engine's hook, for plans with attention-space terms
             (PAG, ...): ``with guidekit.attention.install(net, plan) as around_call:``;
             compile the plan yourself then (the engine needs it) and pass it as ``guidance``.
+        nonfinite: ``"raise"`` (default) stops at the first NaN/inf in a model output or the
+            guided output with a :class:`~guidekit.errors.NonFiniteError` naming the step,
+            sigma, branch and terms; ``"warn"`` warns once per run and goes on.
     """
 
     def __init__(
@@ -93,6 +121,7 @@ class FlowGuided(SamplerAdapter):
         max_rows: int | str | None = None,
         cond_key: str = "cond",
         around_call: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         if model_time not in _TIMES:
             raise GuidanceValueError(
@@ -114,10 +143,11 @@ class FlowGuided(SamplerAdapter):
         self._main = model
         self._t: Any = None  # the solver's t of the current call, handed to "t" models as is
         self._level: float | None = None  # the current call's sigma before clamping
+        self._grid_checked = -1  # the run whose solver grid was compared with the schedule
         self._start_run(
             plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
-            around_call=around_call,
+            around_call=around_call, nonfinite=check_policy(nonfinite, "FlowGuided"),
         )
 
     # -- translation ------------------------------------------------------------------------
@@ -145,7 +175,37 @@ class FlowGuided(SamplerAdapter):
 
         return velocity
 
-    def _guided(self, x: torch.Tensor, sigma: float, extras: Mapping[str, Any]) -> torch.Tensor:
+    def _check_grid(self, time: str) -> None:
+        """Once per run: refuse a schedule that the calling fixed-grid solver does not step on."""
+        schedule = self.run.state.schedule
+        if schedule is None or self._grid_checked == self.run.runs:
+            return
+        self._grid_checked = self.run.runs
+        grid = solver_grid()
+        if grid is None:
+            return
+        if all(v <= 0 for v in grid) and any(v < 0 for v in grid):
+            grid = [-v for v in grid]  # torchdiffeq integrates a decreasing time as -time
+        levels = [1.0 - v for v in grid] if time == "t" else grid
+        ours = sorted(schedule)
+        if len(levels) == len(ours) and all(
+            abs(a - b) <= 1e-6 for a, b in zip(sorted(levels), ours)
+        ):
+            return
+        steps = len(levels) - 1
+        raise GuidanceValueError(
+            f"FlowGuided: the solver steps on {len(levels)} points ({steps} steps) but the "
+            f"adapter was given a schedule of {len(ours)} points ({len(ours) - 1} steps), so "
+            f"guidance state (APG momentum, CADS, gates) would advance on the wrong steps: "
+            f"give the adapter the solver's own step points ({'time_grid' if time == 't' else 'sigmas'}"
+            f"=torch.linspace({grid[0]:g}, {grid[-1]:g}, {len(grid)})), or leave step_size out "
+            f"of ODESolver.sample so that it steps on the time_grid"
+        )
+
+    def _guided(
+        self, x: torch.Tensor, sigma: float, extras: Mapping[str, Any], time: str
+    ) -> torch.Tensor:
+        self._check_grid(time)
         # Adaptive solvers (torchdiffeq's dopri5) step past the end of the interval and
         # interpolate back, evaluating at t slightly > 1 (sigma < 0). guidekit's levels live in
         # [0, 1]; gates, CADS and the state see the clamped level, the model its own time.
@@ -161,14 +221,14 @@ class FlowGuided(SamplerAdapter):
         sigma = 1.0 - level_of(t)
         self._t = t
         try:
-            v = self._guided(x, sigma, extras)
+            v = self._guided(x, sigma, extras, "t")
         finally:
             self._t = None
         return -v
 
     def velocity(self, x: torch.Tensor, sigma: Any, **extras: Any) -> torch.Tensor:
         """guidekit's / diffusers' contract: the guided ``v = n - x0`` at noise level ``sigma``."""
-        return self._guided(x, level_of(sigma), extras)
+        return self._guided(x, level_of(sigma), extras, "sigma")
 
     def odeint_func(
         self, time: str = "t", **extras: Any

@@ -1,10 +1,14 @@
-"""Validation of the noise levels that enter a run (a schedule or one call's sigma)."""
+"""Validation of what enters a run: noise levels (a schedule or one call's sigma) and the
+conditioning tensors of a call."""
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
 
 from guidekit.errors import GuidanceValueError
 
@@ -43,3 +47,41 @@ def check_sigmas(values: Iterable[float], where: str) -> tuple[float, ...]:
         if s < 0:
             raise GuidanceValueError(f"{at} = {s}: noise levels must be >= 0")
     return out
+
+
+def check_cond_tensors(
+    conds: Mapping[str, Mapping[str, Any]], names: Iterable[str], x: Any
+) -> None:
+    """Refuse conditioning tensors the batched call cannot use, naming the key and the fix.
+
+    The rows of every conditioning are concatenated into one tensor per key: tensors under
+    one key must share a dtype (``torch.cat`` would promote float32 to float64 silently, or
+    mix integer labels with floats, and the model then fails with torch's own message), and
+    must be on ``x``'s device. Checked on metadata only (no device synchronisation).
+    """
+    device = x.device if isinstance(x, torch.Tensor) else None
+    first: dict[str, tuple[str, torch.Tensor]] = {}
+    for name in names:
+        values = conds.get(name)
+        if not isinstance(values, Mapping):
+            continue  # a missing or malformed conditioning is refused by the caller, by name
+        for key, v in values.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            at = f"{name}[{key!r}]"
+            if device is not None and v.device != device:
+                raise GuidanceValueError(
+                    f"{at} is on {v.device} but x is on {device}: the model call would mix "
+                    f"devices; move it first, {name}={{{key!r}: ....to({str(device)!r})}}"
+                )
+            seen, ref = first.setdefault(key, (name, v))
+            if ref.dtype != v.dtype:
+                hint = (
+                    "; class labels are integers: give both as torch.long"
+                    if ref.is_floating_point() != v.is_floating_point() else ""
+                )
+                raise GuidanceValueError(
+                    f"{seen}[{key!r}] is {ref.dtype} but {at} is {v.dtype}: their rows are "
+                    f"concatenated into one batched tensor, so they must share a dtype; "
+                    f"convert one, e.g. {name}={{{key!r}: ....to({ref.dtype})}}{hint}"
+                )

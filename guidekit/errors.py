@@ -15,6 +15,15 @@ class GuidanceValueError(GuidanceError, ValueError):
     """A value is out of range or inputs do not fit together (shapes, noise levels, scales)."""
 
 
+class NonFiniteError(GuidanceValueError):
+    """A model output or the guided output holds NaN or inf: the message names the step,
+    sigma, branch and the terms that read it (see :mod:`guidekit.finite`)."""
+
+
+class NonFiniteWarning(UserWarning):
+    """The ``nonfinite="warn"`` form of :class:`NonFiniteError`: the run goes on."""
+
+
 class ParseError(GuidanceValueError):
     """Malformed guidance text; ``position`` is the 0-based character offset of the problem."""
 

@@ -35,7 +35,9 @@ from typing import Any, Literal
 import torch
 
 from guidekit.branch import Branch
+from guidekit.checks import check_cond_tensors
 from guidekit.errors import GuidanceValueError
+from guidekit.finite import NonFinite, StepWatch, check_policy
 from guidekit.plan import CallRecord, ModelFn, Plan
 from guidekit.state import ForwardState, State
 from guidekit.state import level_of as state_level_of
@@ -60,7 +62,10 @@ class Run:
     ``sigmas`` is the sampler's schedule (see :mod:`guidekit.state`; ``None``: every new
     lower level is a step), ``seed`` seeds CADS, ``around_call`` (from
     :func:`guidekit.attention.install`) is handed to every ``plan.step``, ``on_rise`` says
-    what a level above the current step means (see the module docstring).
+    what a level above the current step means (see the module docstring), ``nonfinite``
+    what a NaN or inf in a model output or the guided output does (:mod:`guidekit.finite`:
+    ``"raise"`` a :class:`~guidekit.errors.NonFiniteError` naming the step, sigma, branch and
+    terms; ``"warn"`` once per run).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class Run:
         seed: int = 0,
         around_call: Any = None,
         on_rise: OnRise = "raise",
+        nonfinite: NonFinite = "raise",
     ) -> None:
         if on_rise not in _ON_RISE:
             raise GuidanceValueError(
@@ -79,6 +85,7 @@ class Run:
         self.plan = plan
         self.around_call = around_call
         self.on_rise: OnRise = on_rise
+        self.nonfinite: NonFinite = check_policy(nonfinite, type(self).__name__)
         self.runs = 0
         self._sigmas = sigmas
         self._seed = seed
@@ -103,6 +110,7 @@ class Run:
         self.last_sigma: float | None = None  # the level of the last call, midpoints included
         # (level, state before the call that started that step), for "retreat"
         self._history: list[tuple[float, State]] = []
+        self._warned: set[str] = set()  # nonfinite="warn": one warning per kind and run
         self.runs += 1
 
     def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
@@ -188,15 +196,20 @@ class Run:
         s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
         if s is not None:
             self._recognise(s)
+        check_cond_tensors(conds, self.plan.conditionings, x)
         before = self.state
-        y, self.state = self.plan.step(
-            before, x, sigma, conds, models,
-            splitter=self.splitter, on_call=self.calls.append, output=output,
+        batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
+        watch = StepWatch(self.plan, batch, self.nonfinite, self._warned)
+        y, after = self.plan.step(
+            before, x, sigma, conds, watch.models(models),
+            splitter=self.splitter, on_call=watch.observer(self.calls.append), output=output,
             around_call=self.around_call if around_call is ... else around_call,
             native=native,
         )
         if s is None:
             s = level_of(sigma)
+        watch.output(y, watch.records[-1].step if watch.records else after.level, s)
+        self.state = after  # after the check: a refused step leaves the state as it was
         self.last_sigma = s
         if self.state.level > before.level:
             self._history.append((s, before))

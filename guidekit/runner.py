@@ -8,7 +8,9 @@ from typing import Any
 import torch
 
 from guidekit.branch import COND, MAIN, UNCOND
-from guidekit.errors import GuidanceValueError
+from guidekit.compiled import original_module
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.finite import NonFinite, terms_using
 from guidekit.plan import ModelFn, Plan
 from guidekit.run import Run
 
@@ -29,6 +31,51 @@ def check_models(
             f"{where}{plan.expr!r} needs model(s) {', '.join(map(repr, missing))} (for "
             f"{', '.join(users)}): pass models={{{missing[0]!r}: {example}}}"
         )
+
+
+def _network(model: Any) -> tuple[Any, str]:
+    """The network a model callable runs and through which method: ``torch.compile``
+    wrappers removed, a module's bound ``forward`` / ``__call__`` read as the module."""
+    model = original_module(model)
+    owner = getattr(model, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        name = getattr(model, "__name__", "")
+        return original_module(owner), "__call__" if name in ("forward", "__call__") else name
+    return model, "__call__"
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` run one network the same way (the same object, under compile wrappers,
+    or as its bound forward)."""
+    (na, ma), (nb, mb) = _network(a), _network(b)
+    return na is nb and ma == mb
+
+
+def check_model_values(
+    plan: Plan, models: Mapping[str, Any], *, where: str = "", example: str = "weak_model"
+) -> None:
+    """Raise unless every model in ``models`` (name -> model, ``main`` the main one) is a
+    callable and no other model is the main model itself.
+
+    Autoguidance against the main model adds ``w (c - c) = 0``: nothing, silently.
+    """
+    main = models.get(MAIN)
+    for name, model in models.items():
+        if not callable(model):
+            raise GuidanceTypeError(
+                f"{where}models[{name!r}] is a {type(model).__name__}, not a model: pass the "
+                f"network itself, a callable model(x, sigma, **cond), e.g. "
+                f"models={{{name!r}: {example}}}"
+            )
+        if name != MAIN and main is not None and _same_model(model, main):
+            users = [b for b in plan.branches if b.model == name]
+            terms = list(dict.fromkeys(t for b in users for t in terms_using(plan.expr, b)))
+            raise GuidanceValueError(
+                f"{where}models[{name!r}] is the main model itself, so "
+                f"{', '.join(terms) or repr(plan.expr)} would compare the model with itself "
+                f"and add nothing: pass a weaker model (a smaller or less-trained network, an "
+                f"earlier checkpoint) as models={{{name!r}: {example}}}"
+            )
 
 
 def check_conditionings(
@@ -72,17 +119,29 @@ class Guided(Run):
         seed: int = 0,
         output: str | None = None,
         around_call: Any = None,
+        nonfinite: NonFinite = "raise",
     ) -> None:
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
             named[UNCOND] = uncond
         named.update(conds or {})
+        for name, value in named.items():
+            if not isinstance(value, Mapping):
+                arg = name if name in (COND, UNCOND) else f"conds[{name!r}]"
+                raise GuidanceTypeError(
+                    f"guide({arg}=...) is a {type(value).__name__}; a conditioning is a dict "
+                    f"of the model's keyword tensors, batch first, e.g. {arg}={{'y': labels}} "
+                    f"for model(x, sigma, y=labels)"
+                )
         self.conds = named
         self.output = output
+        check_model_values(plan, self.models)
         check_models(plan, self.models)
         check_conditionings(plan, named)
-        super().__init__(plan, sigmas=sigmas, seed=seed, around_call=around_call)
+        super().__init__(
+            plan, sigmas=sigmas, seed=seed, around_call=around_call, nonfinite=nonfinite
+        )
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         return self.step(x, sigma, self.conds, self.models, output=self.output)
@@ -100,6 +159,8 @@ def guide(
 
     ``cond`` and ``uncond`` are dicts of tensors (batch first) passed to the model as keyword
     arguments; ``models`` names extra models (``{"weak": ...}`` for Autoguidance); ``sigmas``
-    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS.
+    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS;
+    ``nonfinite="warn"`` only warns (once per run) where a NaN or inf in a model output or
+    the guided output would raise :class:`~guidekit.errors.NonFiniteError`.
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)

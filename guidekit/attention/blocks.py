@@ -22,7 +22,8 @@ Only the ``k`` rows are affected: every other row of the same model call goes th
 block as usual. For ``"block"`` the block runs on the other rows only (tensors whose first
 axis is the call's rows are sliced, other arguments are passed as they are), unless a
 hooked attention layer lies inside it (PAG, SEG, ... on the same block, or an
-``"attention"`` skip): then the block runs on all rows and the ``k`` rows are replaced
+``"attention"`` skip) or a module someone registered a forward hook on (a hook may rewrite its
+output per row, as the bundled models' CADS does to the label embedding): then the block runs on all rows and the ``k`` rows are replaced
 afterwards, so the inner hooks see the whole call. ``"attention"`` always runs the
 attention on all rows and zeroes the ``k`` rows.
 
@@ -320,6 +321,9 @@ class BlockSkipper:
         """Hook the blocks; ``hooked`` are the attention paths the engine hooks (a block
         holding one runs on all rows). Atomic: on error nothing stays hooked."""
         inner = set(hooked) | {a for ps in self.attention.values() for a in ps}
+        # a module inside a block whose output someone's forward hook rewrites per row (CADS's
+        # label-embedding hook) must see the whole call too, as the engine's own layers do
+        inner |= {name for name, m in self.model.named_modules() if name and m._forward_hooks}
         hooks: list[tuple[LayerHook, Callable[[Any], Callable[..., Any]]]] = []
         for path in self.paths:
             module = self.model.get_submodule(path)

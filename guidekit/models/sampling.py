@@ -123,11 +123,11 @@ def sample(
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         engine = None
-        if needs_engine(step_plan):
-            engine = stack.enter_context(guidekit.attention.install(bundled.transformer, step_plan))
-        if cads is not None:
+        if cads is not None:  # hooked first: SLG's skipped blocks then run on all rows
             stack.callback(cads.remove)
             cads.install()
+        if needs_engine(step_plan):
+            engine = stack.enter_context(guidekit.attention.install(bundled.transformer, step_plan))
 
         @contextlib.contextmanager
         def around(layout: RowLayout) -> Iterator[None]:

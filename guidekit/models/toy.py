@@ -28,7 +28,9 @@ import torch
 import guidekit
 from guidekit import APG, CFG, Autoguidance
 from guidekit.combinators import InputModifier
+from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr
+from guidekit.finite import terms_using
 from guidekit.plan import CallRecord, Plan
 
 
@@ -165,6 +167,20 @@ def calls_by_step(plan: Plan, calls: list[CallRecord], sigmas: torch.Tensor,
     return tuple(out)
 
 
+def check_toy(plan: Plan) -> None:
+    """Refuse terms that work inside attention: the toy denoiser has no attention layers."""
+    inside = [b for b in plan.branches if b.perturbation is not None]
+    names = [t for b in inside for t in terms_using(plan.expr, b)]
+    names += [repr(m) for m in plan.attention]
+    if names:
+        raise GuidanceValueError(
+            f"the toy demo's denoiser has no attention layers, so "
+            f"{', '.join(dict.fromkeys(names))} cannot run on it: run the expression on a "
+            f"bundled model (guidekit demo --guidance {str(plan.expr)!r}), or give --toy a "
+            f"prediction-space expression (CFG, Autoguidance, APG, CADS, Rescale, ...)"
+        )
+
+
 def run_demo(guidance: str | Expr | None = None, *, steps: int = 12, batch: int = 4,
              seed: int = 0, max_rows: int | str | None = None,
              echo: Callable[[str], None] | None = print) -> DemoReport:
@@ -186,6 +202,7 @@ def run_demo(guidance: str | Expr | None = None, *, steps: int = 12, batch: int 
     say = echo or (lambda _: None)
     expr = as_expr(guidance)
     plan = guidekit.compile(expr, prediction="eps", noise="ve", max_rows=max_rows)
+    check_toy(plan)
     torch.manual_seed(seed)
     model = ToyDenoiser(seed=seed)
     weak = model.weaker()

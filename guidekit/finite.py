@@ -1,0 +1,172 @@
+"""NaN and inf in a run: the model's outputs and the guided output, reported where they appear.
+
+A non-finite value in one branch's rows (an fp16 overflow in the unconditional rows, a
+perturbation that breaks the attention at one step) would otherwise flow through the combine,
+the processors and every later step, and the sampler would return NaN images without a word.
+:class:`StepWatch` checks each model call's output with one ``isfinite().all()`` (one device
+synchronisation per call) and, only when that fails, works out which rows, branches, samples
+and terms are concerned. The guided output (after the processors) is checked once per call.
+
+``nonfinite="raise"`` (default) raises :class:`NonFiniteError` at the call where the value
+appears; ``"warn"`` emits one :class:`NonFiniteWarning` per run (the run goes on, as a user
+who wants to see the damaged samples asks). See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from guidekit.branch import Branch
+from guidekit.errors import GuidanceValueError, NonFiniteError, NonFiniteWarning
+from guidekit.rows import CallRecord
+
+NonFinite = Literal["raise", "warn"]
+POLICIES = ("raise", "warn")
+
+
+def check_policy(value: Any, where: str) -> NonFinite:
+    """``value`` if it is a policy, else a clear error naming ``where``'s argument."""
+    if value not in POLICIES:
+        raise GuidanceValueError(
+            f"{where}(nonfinite={value!r}): use 'raise' (stop at the first NaN/inf, the "
+            f"default) or 'warn' (warn once per run and go on)"
+        )
+    return value  # type: ignore[no-any-return]
+
+
+def terms_using(expr: Any, branch: Branch) -> list[str]:
+    """The leaf terms and pipe steps of ``expr`` that read ``branch``, as printed."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        kids = node.children() if hasattr(node, "children") else ()
+        if not kids and branch in node.branches():
+            found.append(repr(node))
+        for kid in kids:
+            walk(kid)
+        for step in getattr(node, "steps", ()):
+            if branch in step.branches():
+                found.append(repr(step))
+
+    walk(expr)
+    return list(dict.fromkeys(found))
+
+
+def _kinds(t: torch.Tensor) -> str:
+    has_nan = bool(torch.isnan(t).any())
+    has_inf = bool(torch.isinf(t).any())
+    return " and ".join(k for k, on in (("NaN", has_nan), ("inf", has_inf)) if on)
+
+
+def _bad_samples(t: torch.Tensor) -> list[int]:
+    flat = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1, 1)
+    return torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten().tolist()
+
+
+class StepWatch:
+    """The non-finite check of one guided call: wrap its models, observe its calls.
+
+    ``plan`` is the run's plan, ``batch`` the sampler's batch, ``policy`` ``"raise"`` or
+    ``"warn"``; ``warned`` is the run's set of warnings already given (one per kind and run).
+    """
+
+    def __init__(self, plan: Any, batch: int, policy: NonFinite, warned: set[str]) -> None:
+        self.plan = plan
+        self.batch = batch
+        self.policy = policy
+        self.warned = warned
+        self.records: list[CallRecord] = []
+        self.bad_model = False
+        self._last: Any = None
+
+    # -- model outputs --------------------------------------------------------------------
+    def models(self, models: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+        """``models`` with each output kept for :meth:`observer`'s check."""
+        return {name: self._keep(fn) for name, fn in models.items()}
+
+    def _keep(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def model(*args: Any, **kwargs: Any) -> Any:
+            self._last = out = fn(*args, **kwargs)
+            return out
+
+        return model
+
+    def observer(self, log: Callable[[CallRecord], None]) -> Callable[[CallRecord], None]:
+        """An ``on_call`` for ``plan.step``: logs the call, then checks its output."""
+
+        def on_call(record: CallRecord) -> None:
+            log(record)
+            self.records.append(record)
+            out, self._last = self._last, None
+            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                self.bad_model = True
+                self._report("model", self._describe_call(record, out))
+
+        return on_call
+
+    def _offset(self, record: CallRecord) -> tuple[tuple[Branch, ...], int]:
+        """The failing call's group branches and its first row within that group."""
+        groups = self.plan.program(record.sigma).groups
+        g, lo = 0, 0
+        for r in self.records[:-1]:  # this guided call's earlier model calls, in group order
+            lo += r.rows
+            if g < len(groups) and lo >= len(groups[g].branches) * self.batch:
+                g, lo = g + 1, 0
+        branches = groups[g].branches if g < len(groups) else ()
+        return branches, lo
+
+    def _describe_call(self, record: CallRecord, out: torch.Tensor) -> str:
+        branches, lo = self._offset(record)
+        per: dict[Branch, list[int]] = {}
+        for row in _bad_samples(out):
+            i = (lo + row) // self.batch
+            if i < len(branches):
+                per.setdefault(branches[i], []).append((lo + row) % self.batch)
+        parts = []
+        for branch, samples in per.items():
+            terms = terms_using(self.plan.expr, branch) or [repr(self.plan.expr)]
+            parts.append(
+                f"branch {branch.label} (sample(s) {', '.join(map(str, samples[:8]))}), used by "
+                f"{', '.join(terms)}"
+            )
+        where = "; ".join(parts) or f"rows {', '.join(record.branches)}"
+        return (
+            f"model {record.model!r} returned {_kinds(out)} at step {record.step} "
+            f"(sigma={record.sigma:g}) in {where}. The model produced it, not the guidance "
+            f"(an fp16 overflow, a perturbation or a weak model that breaks at this level, "
+            f"bad conditioning rows)"
+        )
+
+    # -- the guided output ------------------------------------------------------------------
+    def output(self, y: torch.Tensor, step: int, sigma: float) -> None:
+        """Check the guided output of the call (skipped when a model output already failed)."""
+        if self.bad_model or bool(torch.isfinite(y).all()):
+            return
+        post = ", ".join(repr(p) for p in self.plan.post) or "none"
+        samples = ", ".join(map(str, _bad_samples(y)[:8]))
+        self._report("output", (
+            f"the guided output of {self.plan.expr!r} holds {_kinds(y)} at step {step} "
+            f"(sigma={sigma:g}, sample(s) {samples}) although every model output was finite: "
+            f"the combine or a processor (processors: {post}) overflowed; lower the scales "
+            f"or run in float32"
+        ))
+
+    def _report(self, kind: str, message: str) -> None:
+        if self.policy == "raise":
+            raise NonFiniteError(message + "; pass nonfinite='warn' to only warn")
+        if kind not in self.warned:
+            self.warned.add(kind)
+            warnings.warn(
+                message + " (warned once per run; nonfinite='raise' stops here)",
+                NonFiniteWarning, stacklevel=4,
+            )
+
+
+__all__ = [
+    "POLICIES", "NonFinite", "NonFiniteError", "NonFiniteWarning", "StepWatch", "check_policy",
+    "terms_using",
+]

@@ -1,0 +1,213 @@
+"""Issue 11: a NaN or inf in any branch's model output, or in the guided output, is reported at
+the step where it appears (step, sigma, branch, terms), through guide(), k-diffusion, flow_matching
+and the attention engine; ``nonfinite="warn"`` only warns, once per run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+import guidekit
+from guidekit import APG, CFG, PAG, Autoguidance, GuidanceValueError
+from guidekit.errors import NonFiniteError, NonFiniteWarning
+
+pytestmark = pytest.mark.outcome("error")
+
+B = 2
+SIGMAS = [4.0, 2.0, 1.0, 0.5, 0.0]
+
+
+def faulty(where: str, at_step: int, value: float = math.nan) -> Any:
+    """``model(x, sigma, y)``: finite, except the rows ``where`` selects from call ``at_step``."""
+    calls = []
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(float(sigma[0]))
+        out = 0.5 * x + y.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        if len(calls) - 1 >= at_step:
+            rows = {"uncond": y == 0, "cond": y == 1, "all": torch.ones_like(y, dtype=torch.bool),
+                    "sample1": torch.arange(len(y)) % B == 1}[where]
+            out = out.clone()
+            out[rows] = value
+        return out
+
+    return model
+
+
+def run_guide(expr: Any, model: Any, steps: int = 4, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    g = guidekit.guide(
+        guidekit.compile(expr, max_rows=kwargs.pop("max_rows", None)), model,
+        cond={"y": torch.ones(B, dtype=torch.long)}, uncond={"y": torch.zeros(B, dtype=torch.long)},
+        sigmas=SIGMAS, **kwargs,
+    )
+    x = torch.ones(B, 3)
+    for s in SIGMAS[:steps]:
+        x = g(x, s)
+    return g, x
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    ("expr", "where", "branches", "terms"),
+    [
+        (CFG(3) | APG(eta=0), "uncond", ["branch u"], ["CFG(3)"]),
+        (CFG(3) | APG(eta=0), "cond", ["branch c"], ["CFG(3)"]),
+        (CFG(3), "all", ["branch c", "branch u"], ["CFG(3)"]),
+        (CFG(3) + (CFG(2) - CFG(1.5)), "sample1", ["sample(s) 1"], ["CFG(3)", "CFG(2)"]),
+    ],
+    ids=["uncond-apg", "cond-apg", "everywhere", "one-sample"],
+)
+def test_guide_reports_the_step_sigma_branch_and_term(value, expr, where, branches, terms):
+    with pytest.raises(NonFiniteError) as info:
+        run_guide(expr, faulty(where, at_step=2, value=value))
+    text = str(info.value)
+    kind = "NaN" if math.isnan(value) else "inf"
+    for fragment in [f"returned {kind}", "at step 2", "sigma=1", *branches, *terms,
+                     "nonfinite='warn'"]:
+        assert fragment in text, (fragment, text)
+    assert isinstance(info.value, GuidanceValueError)
+
+
+def test_a_refused_step_leaves_the_run_state_as_it_was():
+    model = faulty("uncond", at_step=2)
+    g = guidekit.guide(guidekit.compile(CFG(3) | APG(eta=0, momentum=-0.5)), model,
+                       cond={"y": torch.ones(B, dtype=torch.long)},
+                       uncond={"y": torch.zeros(B, dtype=torch.long)}, sigmas=SIGMAS)
+    x = torch.ones(B, 3)
+    g(x, 4.0)
+    g(x, 2.0)
+    before = g.state
+    with pytest.raises(NonFiniteError):
+        g(x, 1.0)
+    assert g.state is before and g.steps == 2
+
+
+def test_chunked_calls_name_the_right_branch():
+    # max_rows=1: every row is its own call, so the failing call's rows must be placed by offset
+    def model(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(((y == 0) & (x[:, 0] > 1.5)).view(-1, 1), math.nan, x)
+
+    g = guidekit.guide(guidekit.compile(CFG(3), max_rows=1), model,
+                       cond={"y": torch.ones(B)}, uncond={"y": torch.zeros(B)})
+    with pytest.raises(NonFiniteError, match=r"branch u \(sample\(s\) 1\)") as info:
+        g(torch.tensor([[1.0, 1.0], [2.0, 2.0]]), 1.0)
+    assert "branch c" not in str(info.value) and len(g.calls) == 4  # c0 c1 u0 u1
+
+
+def test_weak_model_nan_names_autoguidance():
+    good = faulty("cond", at_step=99)
+    weak = faulty("all", at_step=1)
+    with pytest.raises(NonFiniteError) as info:
+        run_guide(CFG(2) + Autoguidance(1.5), good, models={"weak": weak})
+    text = str(info.value)
+    assert "model 'weak'" in text and "branch c@weak" in text and "Autoguidance(1.5)" in text
+    assert "at step 1" in text
+
+
+def test_warn_warns_once_per_run_and_goes_on():
+    model = faulty("uncond", at_step=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        g, x = run_guide(CFG(3), model, nonfinite="warn")
+    found = [w for w in seen if issubclass(w.category, NonFiniteWarning)]
+    assert len(found) == 1 and "at step 1" in str(found[0].message)
+    assert torch.isnan(x).all() and g.steps == 4
+    g.reset()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        g(torch.ones(B, 3), 4.0)
+        g(torch.ones(B, 3), 2.0)
+    assert len([w for w in seen if issubclass(w.category, NonFiniteWarning)]) == 1
+
+
+def test_non_finite_guided_output_after_processors():
+    def huge(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(y.view(-1, 1) == 1, 3e38, -3e38).expand_as(x).to(torch.float32)
+
+    with pytest.raises(NonFiniteError) as info:
+        run_guide(CFG(3) | APG(eta=0), huge)
+    text = str(info.value)
+    assert "guided output of CFG(3) | APG()" in text and "every model output was finite" in text
+    assert "at step 0" in text and "processors: APG()" in text
+
+
+@pytest.mark.parametrize("bad", ["ignore", "off", None, True])
+def test_bad_policy_names_the_argument(bad):
+    with pytest.raises(GuidanceValueError, match=r"nonfinite=.*'raise'.*'warn'"):
+        run_guide(CFG(3), faulty("cond", 99), nonfinite=bad)
+
+
+def test_pag_rows_only_at_step_2_through_the_attention_engine():
+    from attention._tiny import dit_fn, tiny_dit
+
+    from guidekit.attention import install
+
+    model = tiny_dit()
+    plan = guidekit.compile(CFG(3) + PAG(2, layers=1))
+    fn = dit_fn(model)
+    calls = []
+
+    def poisoned(x, sigma, class_labels):
+        out = fn(x, sigma, class_labels)
+        calls.append(out.shape[0])
+        if len(calls) == 3:  # step 2: the rows after c and u are the PAG branch's
+            out = out.clone()
+            out[2 * B :] = math.nan
+        return out
+
+    x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), install(model, plan) as around:
+        g = guidekit.guide(plan, poisoned, cond={"class_labels": torch.tensor([3, 7])},
+                           uncond={"class_labels": torch.tensor([0, 0])}, around_call=around,
+                           sigmas=SIGMAS)
+        g(x, 4.0)
+        g(x, 2.0)
+        with pytest.raises(NonFiniteError) as info:
+            g(x, 1.0)
+    text = str(info.value)
+    assert "at step 2" in text and "branch c[IdentityAttention" in text
+    assert "used by PAG(2, layers=(1,))" in text
+    assert "branch u" not in text and "CFG(3)" not in text
+
+
+def test_kdiffusion_sampler_stops_at_the_step():
+    from k_diffusion.sampling import get_sigmas_karras, sample_heun
+
+    from guidekit.adapters.kdiffusion import KDiffusionGuided
+
+    sigmas = get_sigmas_karras(6, 0.1, 10.0, device="cpu").double()
+    den = KDiffusionGuided(CFG(3) | APG(eta=0), faulty("uncond", at_step=5), sigmas=sigmas,
+                           cond={"y": torch.ones(B, dtype=torch.long)},
+                           uncond={"y": torch.zeros(B, dtype=torch.long)})
+    with pytest.raises(NonFiniteError) as info:
+        sample_heun(den, torch.randn(B, 3, dtype=torch.float64) * 10, sigmas, disable=True)
+    # heun evaluates s0, s1 | s1, s2 | s2, s3: call 5 is the first at sigmas[3], step 3
+    assert f"at step 3 (sigma={float(sigmas[3]):g})" in str(info.value)
+    assert "branch u" in str(info.value)
+
+
+def test_flow_matching_solver_stops_at_the_step():
+    from flow_matching.solver import ODESolver
+
+    from guidekit.adapters.flow import FlowGuided
+
+    def velocity(x, t, cond):
+        out = x * 0 + cond.view(-1, 1)
+        if float(torch.as_tensor(t).flatten()[0]) >= 0.5:
+            out = out.clone()
+            out[cond == 0] = math.inf
+        return out
+
+    grid = torch.linspace(0, 1, 5, dtype=torch.float64)
+    guided = FlowGuided(CFG(3), velocity, time_grid=grid, cond=torch.ones(B, dtype=torch.float64),
+                        uncond=torch.zeros(B, dtype=torch.float64))
+    with pytest.raises(NonFiniteError) as info:
+        ODESolver(velocity_model=guided.model_wrapper()).sample(
+            x_init=torch.zeros(B, 3, dtype=torch.float64), time_grid=grid, method="euler",
+            step_size=None)
+    assert "returned inf at step 2 (sigma=0.5)" in str(info.value)
+    assert "branch u" in str(info.value)
