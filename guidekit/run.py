@@ -154,13 +154,6 @@ class Run:
         elif self.on_rise == "restart" and self.rose(s):
             self.start()
 
-    def modify(
-        self, x: torch.Tensor, sigma: Any, conds: Mapping[str, Mapping[str, Any]]
-    ) -> Mapping[str, Mapping[str, Any]]:
-        """The conditionings after the plan's input modifiers (CADS) for the step the run's
-        state says a call at ``sigma`` belongs to (for callers that run the model themselves)."""
-        return self.plan.modify(self.state, x, sigma, conds)
-
     def forward_state(self, batch: int, sigma: float) -> ForwardState:
         """The :class:`~guidekit.state.ForwardState` of a step at ``sigma`` (each stateful
         perturbation's input state, chosen as ``Plan.step`` chooses it), for callers whose
