@@ -33,14 +33,7 @@ from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import Splitter, calls_for, make_splitter, per_run, planned_chunk
-from guidekit.state import (
-    ForwardState,
-    State,
-    component_names,
-    keeps_state,
-    level_of,
-    new_state,
-)
+from guidekit.state import ForwardState, State, level_of, named_parts, new_state
 
 # the row layout, programs and text live in rows.py, program.py and explain.py; code imports
 # them from here as before
@@ -121,10 +114,7 @@ class Plan:
     def _named_parts(self) -> list[tuple[str | None, Any]]:
         """Every post-processor, modifier and stateful perturbation with its state name
         (``None``: it keeps no state), in that order."""
-        parts = (*self.post, *self.modifiers, *(p for p, _ in self.stateful))
-        keep = [keeps_state(p) for p in parts]
-        names = iter(component_names([p for p, k in zip(parts, keep) if k]))
-        return [(next(names) if k else None, p) for p, k in zip(parts, keep)]
+        return named_parts((*self.post, *self.modifiers, *(p for p, _ in self.stateful)))
 
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps

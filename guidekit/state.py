@@ -94,6 +94,14 @@ def component_names(components: Sequence[Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def named_parts(parts: Sequence[Any]) -> list[tuple[str | None, Any]]:
+    """Each of ``parts`` with its state name (:func:`component_names` over the parts that
+    keep state; ``None`` for the others), in order."""
+    keep = [keeps_state(p) for p in parts]
+    names = iter(component_names([p for p, k in zip(parts, keep) if k]))
+    return [(next(names) if k else None, p) for p, k in zip(parts, keep)]
+
+
 @attrs.frozen(eq=False)
 class State:
     """One run's state: the step index and each stateful component's value, by name.
