@@ -145,41 +145,16 @@ def measure(expr: Any, build: Callable[..., Any]) -> dict[str, Any]:
         with around(layouts[0]):
             exp = torch._dynamo.explain(fn)(*args, **kw)
     row: dict[str, Any] = {"graphs": exp.graph_count, "breaks": exp.graph_break_count}
-    compiled = torch.compile(fn, backend="eager")
-    sigmas = torch.linspace(10.0, 0.1, STEPS).tolist()
-    frames = []
-    engine = install(model, plan)
-    for fresh in (False, False, True):
-        if fresh:
-            engine = install(model, plan)
-        before = torch._dynamo.utils.counters["frames"]["ok"]
-        with torch.no_grad(), engine as around:
-            guided = guidekit.guide(plan, compiled, cond=cond, uncond=uncond, around_call=around)
-            for s in sigmas:
-                guided(x, s)
-        frames.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
-    row["frames"] = frames
-    torch._dynamo.reset()
+    row["frames"], _ = three_runs(model, plan, fn, cond, uncond,
+                                  torch.linspace(10.0, 0.1, STEPS).tolist())
     return row
 
 
-GATED: list[tuple[str, Any]] = [
-    ("CFG(5) + PAG(2).between(1, 10)", CFG(5) + PAG(2, layers=[0, 1]).between(1, 10)),
-    ("CFG(5) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
-     CFG(5) + PAG(2, layers=[0]).between(1, 10) + SEG(2, layers=[2]).between(0.5, 5)),
-    ("CFG(5).between(2, 20) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
-     CFG(5).between(2, 20) + PAG(2, layers=[0]).between(1, 10)
-     + SEG(2, layers=[2]).between(0.5, 5)),
-]
-#: every gate edge above is crossed: 12 > 10, 9 and 7 in (5, 10], 4 .. 2 in (1, 5], ...
-GATED_SIGMAS = [12.0, 9.0, 7.0, 4.0, 3.0, 2.0, 1.5, 0.8, 0.6, 0.3, 0.2]
-
-
-def recompiles(expr: Any) -> tuple[int, list[int]]:
-    """The distinct active-branch sets of a run over GATED_SIGMAS, and the frames compiled
-    in a first run, a second run with the same engine and a run after a new install."""
-    model, fn, cond, uncond = dit()
-    plan = guidekit.compile(expr)
+def three_runs(model: torch.nn.Module, plan: Any, fn: Callable[..., Any], cond: Any,
+               uncond: Any, sigmas: list[float]) -> tuple[list[int], set[Any]]:
+    """Frames compiled while a compiled ``fn`` samples ``sigmas`` in a first run, a second
+    run with the same engine and a run after a new install; and the distinct active-branch
+    sets (each call's branches) the runs had."""
     compiled = torch.compile(fn, backend="eager")
     x = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
@@ -196,10 +171,30 @@ def recompiles(expr: Any) -> tuple[int, list[int]]:
                 return around(layout)
 
             guided = guidekit.guide(plan, compiled, cond=cond, uncond=uncond, around_call=ac)
-            for s in GATED_SIGMAS:
+            for s in sigmas:
                 guided(x, s)
         frames.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
     torch._dynamo.reset()
+    return frames, sets
+
+
+GATED: list[tuple[str, Any]] = [
+    ("CFG(5) + PAG(2).between(1, 10)", CFG(5) + PAG(2, layers=[0, 1]).between(1, 10)),
+    ("CFG(5) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
+     CFG(5) + PAG(2, layers=[0]).between(1, 10) + SEG(2, layers=[2]).between(0.5, 5)),
+    ("CFG(5).between(2, 20) + PAG(2).between(1, 10) + SEG(2).between(0.5, 5)",
+     CFG(5).between(2, 20) + PAG(2, layers=[0]).between(1, 10)
+     + SEG(2, layers=[2]).between(0.5, 5)),
+]
+#: every gate edge above is crossed: 12 > 10, 9 and 7 in (5, 10], 4 .. 2 in (1, 5], ...
+GATED_SIGMAS = [12.0, 9.0, 7.0, 4.0, 3.0, 2.0, 1.5, 0.8, 0.6, 0.3, 0.2]
+
+
+def recompiles(expr: Any) -> tuple[int, list[int]]:
+    """The distinct active-branch sets of a run over GATED_SIGMAS, and the frames compiled
+    in its three runs (see :func:`three_runs`)."""
+    model, fn, cond, uncond = dit()
+    frames, sets = three_runs(model, guidekit.compile(expr), fn, cond, uncond, GATED_SIGMAS)
     return len(sets), frames
 
 

@@ -55,28 +55,6 @@ def test_hooked_layers_do_not_break_the_graph(expr: Any) -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compiles_are_bounded_by_the_active_branch_sets() -> None:
-    """PAG gated to sigma in [0.5, 10]: two active sets (with and without the p rows), so at
-    most two compiles in the first run and none in a second run or after a new install."""
-    model = tiny_dit()
-    plan = guidekit.compile(CFG(3) + PAG(2, layers=[0, 1]).between(0.5, 10))
-    compiled = torch.compile(dit_fn(model), backend="eager")
-    x = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    counts = []
-    engine = install(model, plan)
-    for fresh in (False, False, True):
-        if fresh:
-            engine = install(model, plan)
-        before = torch._dynamo.utils.counters["frames"]["ok"]
-        with torch.no_grad(), engine as around:
-            guided = guidekit.guide(plan, compiled, cond=COND, uncond=UNCOND, around_call=around)
-            for s in (12.0, 8.0, 2.0, 0.2):
-                guided(x, s)
-        counts.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
-    assert counts[0] <= 2 and counts[1:] == [0, 0], counts
-
-
 @pytest.mark.parametrize("expr", [CFG(3) | NAG(2), CFG(3) | PLADIS(1.5), CFG(3) | GAG(5),
                                   CFG(3) | PLADIS(2, sparse="sparsemax") | NAG(3)],
                          ids=["NAG", "PLADIS", "GAG", "PLADIS-sparsemax+NAG"])
@@ -114,7 +92,7 @@ def test_recompiles_are_bounded_by_the_distinct_active_sets(expr: Any) -> None:
     torch._dynamo.reset()
     counts, sets = [], set()
     engine = install(model, plan)
-    for fresh in (False, False, True):
+    for fresh in (False, False, True):  # a first run, the same engine again, a new install
         if fresh:
             engine = install(model, plan)
         before = torch._dynamo.utils.counters["frames"]["ok"]
