@@ -20,7 +20,7 @@ import torch
 import torch._dynamo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import diffusers_dit, euler, labels, markdown, schedule  # noqa: E402
+from _bench import diffusers_dit, emit, euler, labels, markdown, schedule  # noqa: E402
 
 import guidekit  # noqa: E402
 from guidekit import CFG, EMAG, PAG, SEG  # noqa: E402
@@ -74,9 +74,7 @@ def main() -> None:
                      f"{float((f_out - d_out).abs().max()):.1e}"])
     text = (f"torch {torch.__version__}, backend eager, B = {B}, {STEPS} steps\n\n"
             + markdown(header, rows))
-    print(text)
-    if args.write:
-        Path(args.write).write_text(text)
+    emit(text, args.write)
 
 
 if __name__ == "__main__":

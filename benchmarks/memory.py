@@ -32,7 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import _randomised, euler, labels, load, markdown, schedule  # noqa: E402
+from _bench import _randomised, emit, euler, labels, load, markdown, schedule  # noqa: E402
 
 import guidekit  # noqa: E402
 from guidekit import CFG, EMAG, EMAGQ, PAG, SAG, SEG  # noqa: E402
@@ -150,10 +150,7 @@ def main() -> None:
                   f"{weights / 2**20:.2f} MiB", "", markdown(header, rows), ""]
     lines.insert(0, f"at start: {start}; at end: {load()}; took {time.time() - t0:.0f} s; "
                     f"torch {torch.__version__}, 1 thread\n")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        Path(args.write).write_text(text)
+    emit("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":

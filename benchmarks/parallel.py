@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import diffusers_dit, euler, labels, load, markdown, schedule  # noqa: E402
+from _bench import diffusers_dit, emit, euler, labels, load, markdown, schedule  # noqa: E402
 
 CONFIGS = (("1 proc x 1 thread", 1, 1), ("1 proc x 2 threads", 1, 2), ("2 ranks x 1 thread", 2, 1))
 
@@ -138,10 +138,7 @@ def main() -> None:
     lines.insert(0, f"at start: {start}; at end: {load()}; took {time.time() - t0:.0f} s  \n"
                     f"torch {torch.__version__}, {args.steps} steps, {args.repeats} timed runs "
                     f"per cell (median)\n")
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        Path(args.write).write_text(text)
+    emit("\n".join(lines), args.write)
 
 
 if __name__ == "__main__":
