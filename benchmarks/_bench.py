@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -309,6 +310,13 @@ def spread(xs: Sequence[float]) -> float:
     """Half the interquartile range relative to the median: a rough +- on one figure."""
     q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else [min(xs), 0.0, max(xs)]
     return (q[2] - q[0]) / 2 / median(xs)
+
+
+def emit(text: str, write: str | None) -> None:
+    """Print ``text`` and, given ``--write FILE``, write it to that file too."""
+    print(text)
+    if write:
+        Path(write).write_text(text)
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
