@@ -39,13 +39,19 @@ from typing import Any
 import torch
 
 import guidekit
+from guidekit.checks import check_first_level
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
-from guidekit.run import close
 
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
 _KINDS = ("x0", "eps", "v")
+CHURN = (
+    "Either the sampler churns (s_churn > 0 in sample_euler, sample_heun, sample_dpm_2 raises "
+    "each step's level by (1 + gamma) before calling the model, so the first call is off the "
+    "schedule): sample with s_churn=0, or, for sample_euler (one call per step), leave sigmas= "
+    "out so that every call is a step"
+)
 
 
 def discrete_timestep(
@@ -192,30 +198,8 @@ class KDiffusionGuided(SamplerAdapter):
     def __call__(self, x: torch.Tensor, sigma: Any, **extra_args: Any) -> torch.Tensor:
         """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
         if self.run.state.level_sigma is None and self.run.state.schedule is not None:
-            self._check_first(level_of(sigma), self.run.state.schedule)
+            check_first_level(level_of(sigma), self.run.state.schedule, "KDiffusionGuided", CHURN)
         return self.run(x, sigma, extra_args, output="x0")
-
-    @staticmethod
-    def _check_first(s: float, schedule: Sequence[float]) -> None:
-        """The first call of a run must be at a level of the schedule: say why it is not."""
-        if any(close(s, v) for v in schedule):
-            return
-        top = max(schedule)
-        if s > top:
-            raise GuidanceValueError(
-                f"KDiffusionGuided: the first call is at sigma={s:g}, above the first level "
-                f"{top:g} of the sigmas given. Either the sampler churns (s_churn > 0 in "
-                f"sample_euler, sample_heun, sample_dpm_2 raises each step's level by (1 + gamma) "
-                f"before calling the model, so the first call is off the schedule): sample with "
-                f"s_churn=0, or, for sample_euler (one call per step), leave sigmas= out so that "
-                f"every call is a step; or it runs another schedule: pass the very tensor the "
-                f"sampler gets as sigmas="
-            )
-        raise GuidanceValueError(
-            f"KDiffusionGuided: the first call is at sigma={s:g}, which is not a level of the "
-            f"sigmas given ({', '.join(f'{v:g}' for v in list(schedule)[:4])}, ...): the "
-            f"sampler runs another schedule; pass the very tensor the sampler gets as sigmas="
-        )
 
     def __repr__(self) -> str:
         return f"<KDiffusionGuided {self.plan.expr!r}, model predicts {self.prediction}>"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from guidekit.errors import GuidanceValueError
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 #: A sigma this close (relatively) to a gate bound is that bound: float32 rounding of a float64
 #: schedule moves a sigma by at most 2**-24 relatively, far less than two steps apart.
@@ -36,7 +36,21 @@ def check_sigmas(values: Iterable[float], where: str) -> tuple[float, ...]:
     ``where`` names the argument (``"sigmas"`` for a schedule, ``"sigma"`` for one call). A
     NaN or an infinite level would run to the end and give NaN samples, so it stops here.
     """
-    out = tuple(float(v) for v in values)
+    if isinstance(values, (str, bytes)) or (
+        isinstance(values, torch.Tensor) and values.ndim != 1 and where == "sigmas"
+    ):
+        got = f"a {values.ndim}-d tensor" if isinstance(values, torch.Tensor) else repr(values)
+        raise GuidanceTypeError(
+            f"{where} must be the sampler's noise levels as a 1-d sequence or tensor, got {got}: "
+            f"pass the schedule itself (e.g. k-diffusion get_sigmas_karras(...), a diffusers "
+            f"scheduler's .sigmas)"
+        )
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise GuidanceTypeError(
+            f"{where} must hold numbers (noise levels), got {values!r}: {err}"
+        ) from None
     for i, s in enumerate(out):
         at = f"{where}[{i}]" if len(out) > 1 or where == "sigmas" else where
         if math.isnan(s) or math.isinf(s):
@@ -85,3 +99,28 @@ def check_cond_tensors(
                     f"concatenated into one batched tensor, so they must share a dtype; "
                     f"convert one, e.g. {name}={{{key!r}: ....to({ref.dtype})}}{hint}"
                 )
+
+
+def check_first_level(
+    s: float, schedule: Sequence[float] | None, where: str, above: str = ""
+) -> None:
+    """Refuse a run's first call at a level off the given ``schedule``, saying why.
+
+    Before the first step there is no step for an off-schedule level to belong to. ``above``
+    is the caller's hint for a level above the schedule's first (a sampler's churn).
+    """
+    if schedule is None or any(math.isclose(s, v, rel_tol=1e-5, abs_tol=1e-9) for v in schedule):
+        return
+    top = max(schedule)
+    head = ", ".join(f"{v:g}" for v in list(schedule)[:4])
+    if s > top and above:
+        raise GuidanceValueError(
+            f"{where}: the first call is at sigma={s:g}, above the first level {top:g} of the "
+            f"sigmas given. {above}; or it runs another schedule: pass the very tensor the "
+            f"sampler steps on as sigmas="
+        )
+    raise GuidanceValueError(
+        f"{where}: the first call is at sigma={s:g}, which is not a level of the sigmas given "
+        f"({head}, ...): the sampler runs another schedule; pass the very schedule it steps on "
+        f"as sigmas= (or leave sigmas out: every new lower level is then a step)"
+    )

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from guidekit.branch import Branch
-from guidekit.checks import check_cond_tensors
+from guidekit.checks import check_cond_tensors, check_sigmas
 from guidekit.errors import GuidanceValueError
 from guidekit.finite import NonFinite, StepWatch, check_policy
 from guidekit.plan import CallRecord, ModelFn, Plan
@@ -105,6 +105,8 @@ class Run:
             self._seed = seed
         if sigmas is not ...:
             self._sigmas = sigmas
+        if isinstance(self._sigmas, torch.Tensor) and self._sigmas.ndim != 1:
+            check_sigmas(self._sigmas, "sigmas")  # refuses it: plan.init would flatten it
         self.state: State = self.plan.init(self._seed, self._sigmas)
         self.splitter = self.plan.splitter()
         self.last_sigma: float | None = None  # the level of the last call, midpoints included

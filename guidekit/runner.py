@@ -8,11 +8,12 @@ from typing import Any
 import torch
 
 from guidekit.branch import COND, MAIN, UNCOND
+from guidekit.checks import check_first_level
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
 from guidekit.plan import ModelFn, Plan
-from guidekit.run import Run
+from guidekit.run import Run, level_of
 
 
 def check_models(
@@ -144,6 +145,8 @@ class Guided(Run):
         )
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
+        if self.state.level_sigma is None and self.state.schedule is not None:
+            check_first_level(level_of(sigma), self.state.schedule, "guide")
         return self.step(x, sigma, self.conds, self.models, output=self.output)
 
 

@@ -31,6 +31,7 @@ CLEAR_ERRORS = [
 ]
 
 
+@pytest.mark.outcome("error")
 @pytest.mark.parametrize(("build", "kind", "fragments"), CLEAR_ERRORS)
 def test_clear_error(build, kind, fragments):
     with pytest.raises(kind) as info:
@@ -40,6 +41,7 @@ def test_clear_error(build, kind, fragments):
     assert "e.g. .between(inf" not in str(info.value)  # never suggests what was refused
 
 
+@pytest.mark.outcome("correct")
 def test_finite_products_still_build():
     assert str(1e154 * (1e154 * Autoguidance(1))) == f"{1e308!r} * Autoguidance(1)"
     assert CFG(7).between(0, inf).lo == 0
@@ -64,6 +66,7 @@ def _schedule():
     return torch.tensor([*np.geomspace(14.6, 0.03, 28), 0.0], dtype=torch.float64)
 
 
+@pytest.mark.outcome("correct")
 def test_emag_preset_same_steps_with_float32_sigmas():
     from guidekit import EMAG
 
@@ -73,6 +76,7 @@ def test_emag_preset_same_steps_with_float32_sigmas():
     assert _gated_steps(expr, sig.float()) == list(range(5, 23))  # was 6..22
 
 
+@pytest.mark.outcome("correct")
 def test_between_same_steps_with_float32_sigmas():
     sig = _schedule()
     expr = CFG(4) + Autoguidance(1).between(float(sig[20]), float(sig[5]))
@@ -80,6 +84,7 @@ def test_between_same_steps_with_float32_sigmas():
     assert _gated_steps(expr, sig.float()) == list(range(5, 20))  # was 6..19
 
 
+@pytest.mark.outcome("correct")
 def test_snap_only_moves_sigmas_within_float32_rounding():
     from guidekit.combinators.interval import snap
 
@@ -104,6 +109,7 @@ def _guided(**kwargs):
                           **kwargs)
 
 
+@pytest.mark.outcome("error")
 @pytest.mark.parametrize(
     ("sigmas", "fragment"),
     [([1.0, math.nan, 0.0], "sigmas[1] = nan"), ([inf, 1.0, 0.0], "sigmas[0] = inf"),
@@ -122,6 +128,7 @@ def test_schedule_with_non_finite_levels_is_refused(sigmas, fragment):
         g.reset(sigmas=sigmas)
 
 
+@pytest.mark.outcome("error")
 @pytest.mark.parametrize("sigma", [inf, -inf, math.nan])
 def test_call_at_a_non_finite_sigma_is_refused(sigma):
     import torch

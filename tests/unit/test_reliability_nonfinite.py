@@ -72,6 +72,7 @@ def test_guide_reports_the_step_sigma_branch_and_term(value, expr, where, branch
     assert isinstance(info.value, GuidanceValueError)
 
 
+@pytest.mark.outcome("restored")
 def test_a_refused_step_leaves_the_run_state_as_it_was():
     model = faulty("uncond", at_step=2)
     g = guidekit.guide(guidekit.compile(CFG(3) | APG(eta=0, momentum=-0.5)), model,
@@ -108,6 +109,7 @@ def test_weak_model_nan_names_autoguidance():
     assert "at step 1" in text
 
 
+@pytest.mark.outcome("correct")
 def test_warn_warns_once_per_run_and_goes_on():
     model = faulty("uncond", at_step=1)
     with warnings.catch_warnings(record=True) as seen:
