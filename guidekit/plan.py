@@ -116,6 +116,12 @@ class Plan:
         (``None``: it keeps no state), in that order."""
         return named_parts((*self.post, *self.modifiers, *(p for p, _ in self.stateful)))
 
+    def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
+        """Each stateful perturbation's input state, from the step's inputs by name (a
+        perturbation that keeps no state, SAG, gets ``None``)."""
+        named = self._named_parts()[len(self.post) + len(self.modifiers):]
+        return {p: (inputs.get(n) if n is not None else None) for n, p in named}
+
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
         if sigma <= 0:
@@ -252,8 +258,7 @@ class Plan:
         # a perturbation's state by its name; None for one without (SAG keeps nothing)
         pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
         forward_state = ForwardState(
-            batch=x.shape[0], level=level,
-            inputs={p: inputs.get(pert_names[p]) for p, _ in stateful},  # type: ignore[arg-type]
+            batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs)
         )
         if native is None:
             conds = self._modified(conds, ctx)

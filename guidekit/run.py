@@ -161,11 +161,9 @@ class Run:
         perturbation's input state, chosen as ``Plan.step`` chooses it), for callers whose
         model calls run before the step is combined (a modular pipeline's guider)."""
         kind = self.state.classify(sigma)
-        inputs = self.state.inputs(kind)
-        first = len(self.plan.post) + len(self.plan.modifiers)
         return ForwardState(
             batch=batch, level=self.state.level_for(kind),
-            inputs={p: inputs[first + i] for i, (p, _) in enumerate(self.plan.stateful)},
+            inputs=self.plan.perturbation_inputs(self.state.inputs(kind)),
         )
 
     # -- one call -------------------------------------------------------------------------------
