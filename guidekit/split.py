@@ -251,6 +251,13 @@ class AutoSplit:
         return None
 
 
+#: The policy ``max_rows=None`` / ``"auto"`` copies (its settings, fresh decision tables).
+#: Assign another :class:`AutoSplit` to change the default of every later ``compile``;
+#: guidekit's own test suite pins ``min_seconds=inf`` here, because its tests count calls
+#: (tests/unit/test_split_policy.py tests the shipped default with an injected clock).
+DEFAULT = AutoSplit(memory=MemoryBudget())
+SHIPPED = DEFAULT  # what guidekit ships as DEFAULT
+
 #: ``max_rows`` words and the fixed policy each names
 _WORDS = {"one call": FixedSplit(None), "all": FixedSplit(None), "branch": PerBranch()}
 
@@ -267,7 +274,7 @@ def make_splitter(max_rows: Any) -> Any:
         )
         return attrs.evolve(max_rows, chosen={}, timings={}, device={}, last={}, memory=memory)
     if max_rows is None or max_rows == "auto":
-        return AutoSplit(memory=MemoryBudget())
+        return make_splitter(DEFAULT)
     if isinstance(max_rows, str) and max_rows in _WORDS:
         return _WORDS[max_rows]
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
