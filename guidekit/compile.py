@@ -13,7 +13,7 @@ from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.spaces import as_noise, check_prediction
-from guidekit.split import make_splitter
+from guidekit.split import AutoSplit, make_splitter
 
 _COND_RANK = {COND: 0, UNCOND: 1}
 
@@ -23,7 +23,7 @@ def compile(
     *,
     prediction: str = "eps",
     noise: Any = "ve",
-    max_rows: int | str | None = None,
+    max_rows: int | str | AutoSplit | None = None,
 ) -> Plan:
     """Compile a guidance expression for a model that predicts ``prediction``.
 
@@ -32,9 +32,11 @@ def compile(
         prediction: the model's output space: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
         noise: the sampler's noise convention, ``"ve"`` (k-diffusion), ``"vp"`` (DDPM) or
             ``"flow"`` (rectified flow), or a :class:`guidekit.Noise`.
-        max_rows: ``None`` runs each forward group as one call; an int is a row budget (the
-            fewest calls of at most that many rows); ``"auto"`` times the splits and keeps
-            the faster (see :mod:`guidekit.split`).
+        max_rows: the split policy (:mod:`guidekit.split`). ``None`` (or ``"auto"``), the
+            default: one call per forward group, or one call per branch where that is
+            measured faster, capped by free memory; ``"one call"`` (or ``"all"``) always
+            one call; ``"branch"`` one call per branch; an int a row budget (the fewest
+            calls of at most that many rows); an :class:`~guidekit.AutoSplit` its settings.
 
     Returns:
         A :class:`~guidekit.plan.Plan`. ``print(plan)`` shows its groups and programs.

@@ -1,8 +1,9 @@
 """How a forward group's rows are split into model calls.
 
 One call of ``K x B`` rows is usually fastest, but not always: once ``K x B`` rows saturate
-the device, ``K`` calls of ``B`` rows can cost less (on one CPU thread a width-256 DiT of 64
-tokens ran 2 x 16 rows about 20 % faster as two calls; see docs/benchmarks.md). Policies
+the device, ``K`` calls of ``B`` rows can cost less (issue 14 measured one call up to 19 %
+slower on one CPU thread with a width-256 DiT of 64 tokens at B = 16; see
+docs/benchmarks.md). Policies
 (``compile(..., max_rows=...)``):
 
 * the default, ``max_rows=None`` or ``"auto"``: :class:`AutoSplit` measures "one call"
