@@ -15,7 +15,7 @@ from guidekit.parallel import as_parallel
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.spaces import as_noise, check_prediction
-from guidekit.split import make_splitter
+from guidekit.split import AutoSplit, make_splitter
 
 _COND_RANK = {COND: 0, UNCOND: 1}
 
@@ -25,7 +25,7 @@ def compile(
     *,
     prediction: str = "eps",
     noise: Any = "ve",
-    max_rows: int | str | None = None,
+    max_rows: int | str | AutoSplit | None = None,
     parallel: Any = None,
     fixed_shapes: bool = False,
 ) -> Plan:
@@ -36,9 +36,11 @@ def compile(
         prediction: the model's output space: ``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``.
         noise: the sampler's noise convention, ``"ve"`` (k-diffusion), ``"vp"`` (DDPM) or
             ``"flow"`` (rectified flow), or a :class:`guidekit.Noise`.
-        max_rows: ``None`` runs each forward group as one call; an int is a row budget (the
-            fewest calls of at most that many rows); ``"auto"`` times the splits and keeps
-            the faster (see :mod:`guidekit.split`).
+        max_rows: the split policy (:mod:`guidekit.split`). ``None`` (or ``"auto"``), the
+            default: one call per forward group, or one call per branch where that is
+            measured faster, capped by free memory; ``"one call"`` (or ``"all"``) always
+            one call; ``"branch"`` one call per branch; an int a row budget (the fewest
+            calls of at most that many rows); an :class:`~guidekit.AutoSplit` its settings.
         parallel: a ``torch.distributed`` process group whose ranks share each call's
             branch blocks (see :mod:`guidekit.parallel`); ``None`` runs in this process.
         fixed_shapes: run every branch at every step, the inactive ones skipped in the
@@ -69,6 +71,10 @@ def compile(
     make_splitter(max_rows)  # validates
     shared = as_parallel(parallel, max_rows)
     fixed_shapes = check_fixed_shapes(fixed_shapes)
+    if (shared is not None or fixed_shapes is True) and max_rows is None:
+        # the ranks share fixed blocks (no rank times a split alone); fixed shapes keep one
+        # call shape, which a timing trial of a second split would break
+        max_rows = "one call"
     entries = _merge(left.entries())
     # input and attention modifiers act on the forward, before every post-processor
     forward_mods = (InputModifier, AttentionModifier)

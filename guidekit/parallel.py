@@ -196,11 +196,11 @@ def as_parallel(value: Any, max_rows: Any) -> BranchParallel | None:
             "torch.distributed.init_process_group('gloo' or 'nccl') in every process first "
             "(torchrun sets the environment it reads)"
         )
-    if max_rows == "auto":
+    if max_rows == "auto" or type(max_rows).__name__ == "AutoSplit":
         raise GuidanceValueError(
-            "compile(parallel=..., max_rows='auto'): every rank would time the split on its "
-            "own and might choose another; use max_rows=None (one call per group, shared by "
-            "the ranks) or a fixed multiple of the batch"
+            f"compile(parallel=..., max_rows={max_rows!r}): every rank would time the split "
+            f"on its own and might choose another; use max_rows=None (with parallel= one call "
+            f"per group, shared by the ranks), 'branch' or a fixed multiple of the batch"
         )
     if isinstance(value, BranchParallel):
         return value

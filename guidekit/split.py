@@ -1,8 +1,9 @@
 """How a forward group's rows are split into model calls.
 
 One call of ``K x B`` rows is usually fastest, but not always: once ``K x B`` rows saturate
-the device, ``K`` calls of ``B`` rows can cost less (on one CPU thread a width-256 DiT of 64
-tokens ran 2 x 16 rows about 20 % faster as two calls; see docs/benchmarks.md). Policies
+the device, ``K`` calls of ``B`` rows can cost less (issue 14 measured one call up to 19 %
+slower on one CPU thread with a width-256 DiT of 64 tokens at B = 16; see
+docs/benchmarks.md). Policies
 (``compile(..., max_rows=...)``):
 
 * the default, ``max_rows=None`` or ``"auto"``: :class:`AutoSplit` measures "one call"
@@ -251,6 +252,13 @@ class AutoSplit:
         return None
 
 
+#: The policy ``max_rows=None`` / ``"auto"`` copies (its settings, fresh decision tables).
+#: Assign another :class:`AutoSplit` to change the default of every later ``compile``;
+#: guidekit's own test suite pins ``min_seconds=inf`` here, because its tests count calls
+#: (tests/unit/test_split_policy.py tests the shipped default with an injected clock).
+DEFAULT = AutoSplit(memory=MemoryBudget())
+SHIPPED = DEFAULT  # what guidekit ships as DEFAULT
+
 #: ``max_rows`` words and the fixed policy each names
 _WORDS = {"one call": FixedSplit(None), "all": FixedSplit(None), "branch": PerBranch()}
 
@@ -267,7 +275,7 @@ def make_splitter(max_rows: Any) -> Any:
         )
         return attrs.evolve(max_rows, chosen={}, timings={}, device={}, last={}, memory=memory)
     if max_rows is None or max_rows == "auto":
-        return AutoSplit(memory=MemoryBudget())
+        return make_splitter(DEFAULT)
     if isinstance(max_rows, str) and max_rows in _WORDS:
         return _WORDS[max_rows]
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import guidekit as gk
-from guidekit import CFG, Autoguidance, AutoSplit, Cond, FixedSplit
+from guidekit import CFG, Autoguidance, AutoSplit, Cond, FixedSplit, split
 from guidekit.budget import MemoryBudget
 from guidekit.errors import GuidanceValueError
 from guidekit.split import PerBranch, calls_for, make_splitter
@@ -80,7 +80,10 @@ def test_calls_for_is_ceil(rows, chunk, calls):
 def test_make_splitter_maps_max_rows_to_a_policy():
     for default in (None, "auto"):
         policy = make_splitter(default)
-        assert isinstance(policy, AutoSplit) and isinstance(policy.memory, MemoryBudget)
+        assert isinstance(policy, AutoSplit) and policy.min_seconds == split.DEFAULT.min_seconds
+    shipped = make_splitter(split.SHIPPED)  # what a user gets (the suite pins DEFAULT)
+    assert shipped.min_seconds == 0.05 and isinstance(shipped.memory, MemoryBudget)
+    assert shipped.memory is not split.SHIPPED.memory  # its own measurements
     assert make_splitter(None) is not make_splitter(None)  # fresh decisions per plan
     assert make_splitter("one call") == make_splitter("all") == FixedSplit(None)
     assert make_splitter("branch") == PerBranch()
