@@ -44,7 +44,7 @@ import torch
 
 from guidekit import Noise, compile, parse
 from guidekit.branch import MAIN
-from guidekit.compiled import call_slot
+from guidekit.compiled import call_slot, is_compiled
 from guidekit.compiled import swap as _swap
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Expr
@@ -117,6 +117,9 @@ def guided(
     if isinstance(module.__dict__.get(call_slot(module)), GuidedForward):
         raise GuidanceValueError("this denoiser is already inside guided(...); nesting is not supported")
     layout = as_layout(layout, pipe)
+    if max_rows is None and not isinstance(expr, Plan) and is_compiled(module):
+        # a compiled denoiser: a timing trial of a second split would recompile it
+        max_rows = "one call"
     plan = _plan(pipe, parse(expr) if isinstance(expr, str) else expr, prediction, noise, max_rows,
                  checked=sigma_fn is None)
     models = dict(models or {})

@@ -37,6 +37,11 @@ def compiled_in_place(model: Any) -> bool:
     return isinstance(model, torch.nn.Module) and model.__dict__.get(COMPILED_CALL) is not None
 
 
+def is_compiled(model: Any) -> bool:
+    """True when calling ``model`` runs ``torch.compile``d code (a wrapper or in place)."""
+    return original_module(model) is not model or compiled_in_place(model)
+
+
 def call_slot(model: torch.nn.Module) -> str:
     """The instance attribute through which ``model(...)`` reaches its forward first:
     ``"_compiled_call_impl"`` for a module compiled in place, else ``"forward"``."""

@@ -114,6 +114,23 @@ def test_classic_pipeline_with_a_compiled_denoiser_runs_pag(style: str) -> None:
 
 
 @pytest.mark.parametrize("style", STYLES)
+def test_a_compiled_denoiser_keeps_one_call_instead_of_a_timed_split(style: str) -> None:
+    """A timing trial of a second split would recompile the denoiser: guided() keeps one
+    call for a compiled one (the auto default otherwise; an explicit max_rows is kept)."""
+    pipe = tiny.dit_pipeline()
+    with guided(pipe, CFG(4)) as g:
+        assert g.plan.max_rows is None
+    module = pipe.transformer
+    with compiled(module, style) as m:
+        pipe.transformer = m
+        with guided(pipe, CFG(4)) as g:
+            assert g.plan.max_rows == "one call"
+        with guided(pipe, CFG(4), max_rows=2) as g:
+            assert g.plan.max_rows == 2
+    pipe.transformer = module
+
+
+@pytest.mark.parametrize("style", STYLES)
 def test_install_finds_the_layers_of_the_original_module(style: str) -> None:
     dit = tiny.dit_transformer()
     plan = gk.compile(CFG(2) + PAG(2), prediction="eps")

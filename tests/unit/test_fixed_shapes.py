@@ -60,3 +60,11 @@ def test_fixed_shapes_must_be_a_bool() -> None:
         guidekit.compile(CFG(3), fixed_shapes="yes")  # type: ignore[arg-type]
 
 
+
+
+def test_fixed_shapes_and_parallel_keep_one_call_instead_of_a_timed_split() -> None:
+    """The default split would time a second call shape; one shape per run is the point of
+    fixed shapes, so ``max_rows=None`` means one call there (an explicit budget still counts)."""
+    assert guidekit.compile(CFG(5) + PAG(2), fixed_shapes=True).max_rows == "one call"
+    assert guidekit.compile(CFG(5) + PAG(2)).max_rows is None  # the auto default
+    assert guidekit.compile(CFG(5) + PAG(2), fixed_shapes=True, max_rows=2).max_rows == 2
