@@ -141,6 +141,20 @@ class StepWatch:
             f"bad conditioning rows)"
         )
 
+    def native(self, native: Mapping[Branch, Any] | None, step: int, sigma: float) -> None:
+        """Check branch outputs a caller computed itself (``native=``: the modular guider's
+        batches), each named by its branch and the terms that use it."""
+        for branch, out in (native or {}).items():
+            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+                self.bad_model = True
+                terms = terms_using(self.plan.expr, branch) or [repr(self.plan.expr)]
+                samples = ", ".join(map(str, _bad_samples(out)[:8]))
+                self._report("model", (
+                    f"the output of branch {branch.label} handed in (native=) holds "
+                    f"{_kinds(out)} at step {step} (sigma={sigma:g}, sample(s) {samples}), "
+                    f"used by {', '.join(terms)}. The model produced it, not the guidance"
+                ))
+
     # -- the guided output ------------------------------------------------------------------
     def output(self, y: torch.Tensor, step: int, sigma: float) -> None:
         """Check the guided output of the call (skipped when a model output already failed)."""

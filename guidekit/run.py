@@ -201,7 +201,9 @@ class Run:
         )
         if s is None:
             s = level_of(sigma)
-        watch.output(y, watch.records[-1].step if watch.records else after.level, s)
+        step = watch.records[-1].step if watch.records else after.level
+        watch.native(native, step, s)
+        watch.output(y, step, s)
         self.state = after  # after the check: a refused step leaves the state as it was
         self.last_sigma = s
         if self.state.level > before.level:

@@ -213,3 +213,22 @@ def test_flow_matching_solver_stops_at_the_step():
             step_size=None)
     assert "returned inf at step 2 (sigma=0.5)" in str(info.value)
     assert "branch u" in str(info.value)
+
+
+def test_a_non_finite_branch_output_handed_in_is_named_by_its_branch() -> None:
+    """A caller that ran the branches itself (``native=``, the modular guider's batches): a NaN
+    in one branch's output is reported as that branch's, and the state is not advanced."""
+    from guidekit.run import Run
+
+    plan = guidekit.compile(CFG(3) | APG(eta=0, momentum=-0.5), prediction="eps")
+    run = Run(plan, sigmas=SIGMAS, on_rise="restart")
+    x = torch.ones(B, 3)
+    bad = torch.zeros(B, 3)
+    bad[1, 0] = math.nan
+    branches = {b.label: b for b in plan.program(SIGMAS[0]).branches}
+    native = {branches["c"]: torch.zeros(B, 3), branches["u"]: bad}
+    with pytest.raises(NonFiniteError, match=r"branch u handed in \(native=\) holds NaN at step "
+                       r"0 \(sigma=4, sample\(s\) 1\), used by CFG\(3\)") as info:
+        run.step(x, SIGMAS[0], {}, {}, native=native)
+    assert "every model output was finite" not in str(info.value)
+    assert run.state.level == -1
