@@ -106,5 +106,5 @@ def test_two_cpu_processes_under_torchrun_equal_one_process(tmp_path: Path) -> N
     assert report["CFG + PAG"]["rows_rank"] == [[4] * 6, [2] * 6]
     # CFG + EMAG: c on both ranks (EMAG averages it), u on one, e on the other
     assert report["CFG + EMAG"]["rows_rank"] == [[4] * 6, [4] * 6]
-    emag = report["CFG + EMAG"]["states"]["0:EMAMap((1, 2))"]
+    emag = report["CFG + EMAG"]["states"]["EMAG"]
     assert emag[0]["used"][0] == emag[0]["used"][1] is not None  # rank 0 ran the e rows
