@@ -195,6 +195,19 @@ def test_the_core_never_imports_an_adapter() -> None:
     assert not offenders, "the core imports an adapter:\n" + "\n".join(offenders)
 
 
+def test_the_bundled_models_use_only_the_public_adapters() -> None:
+    # guidekit.models uses the library as a user does: an adapter's private module is not
+    # its API (the class-embedding CADS it once borrowed from one lives in the core now)
+    offenders = [
+        f"{module} imports {target}"
+        for module, targets in sorted(import_graph(typing_too=True).items())
+        if module.startswith(NOT_CORE)
+        for target in sorted(targets)
+        if target.startswith(ADAPTERS + "._")
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
 def test_the_registry_imports_no_term() -> None:
     # terms register themselves; a registry that imported them would be a list to edit
     graph = import_graph(typing_too=True)
