@@ -39,7 +39,7 @@ from guidekit.checks import check_cond_tensors, check_sigmas
 from guidekit.errors import GuidanceValueError
 from guidekit.finite import NonFinite, StepWatch, check_policy
 from guidekit.plan import CallRecord, ModelFn, Plan
-from guidekit.state import ForwardState, State
+from guidekit.state import CallKind, ForwardState, State
 from guidekit.state import level_of as state_level_of
 
 OnRise = Literal["raise", "retreat", "restart"]
@@ -113,12 +113,24 @@ class Run:
         # (level, state before the call that started that step), for "retreat"
         self._history: list[tuple[float, State]] = []
         self._warned: set[str] = set()  # nonfinite="warn": one warning per kind and run
+        self._levels: list[float] = []  # every level this run called, midpoints included
+        self._seen: list[float] | None = None  # see reset(): the levels a kept schedule allows
         self.runs += 1
 
     def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
-        """Start a new run with an empty call log (optionally a new seed / schedule)."""
+        """Start a new run with an empty call log (optionally a new seed / schedule).
+
+        Without ``sigmas`` the run keeps its schedule. A sampler whose schedule changed
+        cannot be told from one that evaluates between the levels (a 9-step schedule holds
+        every level of a 5-step one on the same ramp, and its other levels look like DPM-2's
+        midpoints), so such a run only accepts the off-schedule levels the previous run
+        called: a new one is an error that asks for ``reset(sigmas=...)``.
+        """
+        kept = sigmas is ... and self._sigmas is not None and self.runs > 0
+        seen = list(self._levels) if kept else None
         self.start(sigmas, seed)
         self.calls = []
+        self._seen = seen
 
     @property
     def steps(self) -> int:
@@ -149,6 +161,21 @@ class Run:
                 self.state = before
                 del self._history[k:]
                 return
+
+    def _check_kept(self, s: float) -> None:
+        """After ``reset()`` without sigmas: a level between the kept schedule's levels that
+        the previous run never called means the schedule changed (see :meth:`reset`)."""
+        if self._seen is None or any(close(s, v) for v in self._seen):
+            return
+        if self.state.level_sigma is None or self.state.classify(s) is not CallKind.MIDPOINT:
+            return
+        raise GuidanceValueError(
+            f"sigma={s:g} lies between the levels of the schedule this run kept from before "
+            f"reset(), and the previous run never called it: if the sampler's schedule "
+            f"changed (another number of steps), pass reset(sigmas=new_sigmas); if the "
+            f"sampler evaluates between its levels, pass the same sigmas to reset(sigmas=...) "
+            f"to confirm them"
+        )
 
     def _recognise(self, s: float) -> None:
         if self.on_rise == "retreat":
@@ -189,6 +216,8 @@ class Run:
         s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
         if s is not None:
             self._recognise(s)
+        if self._seen is not None:
+            self._check_kept(s if s is not None else level_of(sigma))
         check_cond_tensors(conds, self.plan.conditionings, x)
         before = self.state
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
@@ -206,7 +235,9 @@ class Run:
         watch.output(y, step, s)
         self.state = after  # after the check: a refused step leaves the state as it was
         self.last_sigma = s
-        if self.state.level > before.level:
+        self._levels.append(s)
+        if self.on_rise == "retreat" and self.state.level > before.level:
+            # only a retreat reads it; kept otherwise it would hold every step's state
             self._history.append((s, before))
         return y
 

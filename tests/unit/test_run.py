@@ -97,7 +97,7 @@ def test_reset_without_the_new_sigmas_after_a_schedule_change_is_refused():
     refused at the first call that cannot belong to the 5-step run (it used to advance
     only where the two schedules met). A schedule that refines the old one (9 steps of
     the same ramp hold all 5 levels) looks exactly like a sampler with midpoints and is
-    not caught: reset(sigmas=...) is the documented fix."""
+    caught too (test below)."""
     five, nine = karras(5), karras(8)
     run = Run(PLAN, sigmas=five)
     sample(run, five)
@@ -109,6 +109,42 @@ def test_reset_without_the_new_sigmas_after_a_schedule_change_is_refused():
     assert run.steps == 8
     fresh = Run(PLAN, sigmas=nine)
     for a, b in zip(got, sample(fresh, nine)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_reset_without_sigmas_then_a_refined_schedule_is_refused():
+    """The issue's case: 5 steps, reset() without sigmas, then 9 steps of the same ramp. The
+    9-step schedule holds every 5-step level, so its other levels read as midpoints of the
+    kept schedule; the previous run never called them, so the run refuses them instead of
+    advancing the momentum only at every other step."""
+    five, nine = karras(5), karras(9)
+    assert all(any(abs(a - b) < 1e-6 * a + 1e-9 for b in nine) for a in five)
+    run = Run(PLAN, sigmas=five)
+    sample(run, five)
+    run.reset()
+    with pytest.raises(GuidanceValueError, match=r"reset\(sigmas=new_sigmas\)"):
+        sample(run, nine)
+    run.reset(sigmas=nine)
+    got = sample(run, nine)
+    assert run.steps == 9
+    for a, b in zip(got, sample(Run(PLAN, sigmas=nine), nine)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_reset_without_sigmas_repeats_a_run_with_midpoints():
+    """A sampler with midpoints (DPM-2-like: a geometric midpoint in every interval) run
+    again after reset() without sigmas: the same midpoints as before are accepted, and the
+    second run equals the first."""
+    sigmas = karras(5)
+    levels = [v for a, b in zip(sigmas[:-2], sigmas[1:-1]) for v in (a, (a * b) ** 0.5)]
+    run = Run(PLAN, sigmas=sigmas)
+    first = [step(run, v) for v in levels]
+    run.reset()
+    again = [step(run, v) for v in levels]
+    assert run.steps == len(levels) // 2
+    for a, b in zip(first, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
