@@ -19,7 +19,7 @@ import torch
 
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.compiled import current_call, forward_class
-from guidekit.errors import GuidanceValueError
+from guidekit.errors import GuidanceValueError, NonFiniteError
 from guidekit.expr import Expr
 from guidekit.plan import CallRecord, Plan, RowLayout
 from guidekit.run import Run
@@ -193,6 +193,12 @@ class GuidedPipeline:
         if self._cfg_batched(call):
             lo, hi = slice(0, n // 2), slice(n // 2, n)
             if not torch.equal(call.x[lo], call.x[hi]):
+                if not bool(torch.isfinite(call.x).all()):  # NaN != NaN: say what it is
+                    raise NonFiniteError(
+                        f"the latents the pipeline passes to its denoiser hold NaN or inf "
+                        f"(model call {len(self.calls) + 1}, at timestep {call.timestep:g}): an earlier "
+                        f"step or the pipeline produced them, not this model call"
+                    )
                 raise GuidanceValueError(
                     "the two halves of the pipeline's CFG batch carry different latents; "
                     "guided(...) expects the batch [x, x] that classic pipelines build"

@@ -49,7 +49,7 @@ from guidekit.compiled import swap as _swap
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Expr
 from guidekit.plan import Plan
-from guidekit.runner import check_models
+from guidekit.runner import check_model_values, check_models
 from guidekit.spaces import as_noise, check_prediction
 
 from ._diffusers_arguments import wrap_call
@@ -125,6 +125,7 @@ def guided(
     models = dict(models or {})
     check_models(plan, [MAIN, *models], example="other_transformer")
     modules: dict[str, Any] = {MAIN: module, **models}
+    check_model_values(plan, modules, where="guided(pipe): ", example="other_transformer")
     # Everything that can refuse (CADS's and the engines' checks) runs before anything changes.
     class_labels = bool(label_embedders(module))
     plan, step_plan, embed_plan = cads_plans(plan, class_labels=class_labels)

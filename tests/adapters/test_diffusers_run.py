@@ -68,3 +68,54 @@ def test_a_rising_level_without_a_pipeline_call_restarts_the_run(sd: Any) -> Non
     assert g.runs == 2 and [c.step for c in g.calls] == [0, 1, 0, 1]
     torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
     torch.testing.assert_close(outs[3], outs[1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_nan_in_the_unets_output_names_the_step_and_branch(sd: Any) -> None:
+    """Issue 11 through a real pipeline: the UNet returns NaN in half of its rows from the
+    second call on; the run stops at that step with the step, sigma, branch and terms."""
+    from guidekit.errors import NonFiniteError
+
+    calls = []
+
+    def poison(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) >= 2:  # the UNet's last layer, inside the guided model call
+            out = out.clone()
+            out[out.shape[0] // 2:] = float("nan")
+        return out
+
+    handle = sd.unet.conv_out.register_forward_hook(poison)
+    try:
+        with guided(sd, EXPR), pytest.raises(
+            NonFiniteError, match=r"returned NaN at step 1 \(sigma=[0-9.]+\) in branch [cu] .*used by CFG\(4\)"
+        ):
+            run_sd(sd, 3)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # stopped at the step where it appeared
+
+
+def test_autoguidance_against_the_main_denoiser_is_refused(sd: Any) -> None:
+    from guidekit import Autoguidance, GuidanceValueError
+
+    with pytest.raises(GuidanceValueError, match=r"weak"):
+        with guided(sd, CFG(4) + Autoguidance(1), models={"weak": sd.unet}):
+            pass
+
+
+@torch.no_grad()
+def test_nan_latents_from_outside_are_named_as_such(sd: Any) -> None:
+    """Something after guidekit (here a hook on the UNet's output) puts NaN into the latents:
+    the next call says the latents hold NaN, not that the CFG halves differ."""
+    from guidekit.errors import NonFiniteError
+
+    def poison(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+        (out[0] if isinstance(out, tuple) else out.sample)[0] = float("nan")
+
+    handle = sd.unet.register_forward_hook(poison, with_kwargs=True)
+    try:
+        with guided(sd, EXPR), pytest.raises(NonFiniteError, match=r"latents .* hold NaN"):
+            run_sd(sd, 3)
+    finally:
+        handle.remove()
