@@ -83,15 +83,18 @@ def rebuild(bands: list[torch.Tensor]) -> torch.Tensor:
 class FDGTerm(NonlinearPrediction):
     """``FDG(low, high)``: CFG with scale ``low`` on the coarsest band, ``high`` on the rest.
 
-    Works in x0 space on latents ``[B, C, H, W]`` (or ``[B, C, T, H, W]``: each frame alone).
-    The paper's SDXL setting is ``FDG(low=5, high=10)`` (diffusers' ``guidance_scales=[10, 5]``).
+    Latents ``[B, C, H, W]`` (or ``[B, C, T, H, W]``: each frame alone). With ``eta = 1``
+    the result is the same in every prediction space, so it is computed in the model's own;
+    with ``eta != 1`` the projection runs in x0 space, except for an eps / v / flow model at
+    a level without noise (every branch's x0 is ``x`` there, and x0 cannot be turned back),
+    where it is left out, as x0-space post-processors are. The paper's SDXL setting is ``FDG(low=5, high=10)``
+    (diffusers' ``guidance_scales=[10, 5]``).
     """
 
     low: float = attrs.field(converter=to_float, validator=finite)
     high: float = attrs.field(converter=to_float, validator=finite)
     levels: int = attrs.field(default=2, validator=_levels)
     eta: float = attrs.field(default=1.0, converter=to_float, validator=finite)
-    space: ClassVar[str] = "x0"
     _name: ClassVar[str] = "FDG"
     _example: ClassVar[str] = "FDG(low=5, high=10)"
     field_examples: ClassVar[Examples] = {"levels": (2,), "eta": (1.0, Range(0, 1))}
@@ -106,22 +109,28 @@ class FDGTerm(NonlinearPrediction):
                 f"{self!r}: FDG splits a latent grid [B, C, H, W] into frequency bands, got a "
                 f"prediction of shape {list(c.shape)} (packed tokens, e.g. Flux, have no grid)"
             )
+        noiseless = ctx.noise.coefficients(ctx.sigma)[1] == 0.0
+        project = self.eta != 1.0 and (ctx.prediction == "x0" or not noiseless)
+        if project:
+            c, u = ctx.convert(c, "native", "x0"), ctx.convert(u, "native", "x0")
         flat = (-1, c.shape[-2], c.shape[-1])
         bands_c = pyramid(c.reshape(flat), self.levels)
         bands_u = pyramid(u.reshape(flat), self.levels)
         scales = [self.high] * (self.levels - 1) + [self.low]
+        batch = c.shape[0]
         out = [
-            bc + (w - 1.0) * self._shift(bc.reshape(c.shape[0], -1), bu.reshape(c.shape[0], -1))
-            .reshape(bc.shape)
+            bc + (w - 1.0) * (
+                self._shift(bc.reshape(batch, -1), bu.reshape(batch, -1)).reshape(bc.shape)
+                if project else bc - bu
+            )
             for bc, bu, w in zip(bands_c, bands_u, scales)
         ]
-        return rebuild(out).reshape(c.shape)
+        y = rebuild(out).reshape(c.shape)
+        return ctx.convert(y, "x0", "native") if project else y
 
     def _shift(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """``eta d_par + d_perp`` per sample (rows of ``[B, D]``), in float64."""
         d = c - u
-        if self.eta == 1.0:
-            return d
         c64, d64 = c.double(), d.double()
         norm2 = c64.square().sum(1, keepdim=True)
         # a band of c that is exactly zero has no direction: its parallel part is zero

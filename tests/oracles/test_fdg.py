@@ -137,6 +137,20 @@ def test_one_call_per_step_through_guide() -> None:
     assert [c["rows"] for c in model.calls] == [2 * BATCH] * 3
 
 
+def test_no_noise_left_skips_the_projection_as_x0_processors_do() -> None:
+    """At sigma 0 an eps model's x0 is ``x`` for every branch and cannot be turned back: the
+    projection (``eta != 1``) is left out there, not an error; an x0 model still projects."""
+    c, u = _pair((2, 8, 8), seed=4)
+    x = t64(np.random.default_rng(5).standard_normal(c.shape))
+    for prediction, eta, want in (
+        ("eps", 0.3, fdg_oracle(c, u, 2.0, 6.0)), ("x0", 0.3, fdg_oracle(c, u, 2.0, 6.0, eta=0.3)),
+    ):
+        plan = guidekit.compile(FDG(2, 6, eta=eta), prediction=prediction)
+        out = guidekit.guide(plan, _fixed_model(c, u), cond=conditioning("cond"),
+                             uncond=conditioning("uncond"))(x, 0.0)
+        np.testing.assert_allclose(np64(out), want, rtol=1e-9, atol=1e-9)
+
+
 def test_text_round_trip_and_refusals() -> None:
     for expr in (FDG(low=5, high=10), FDG(1, 3, levels=3, eta=0.5), CFG(2) - CFG(2) + FDG(2, 2)):
         assert parse(str(expr)) == expr
