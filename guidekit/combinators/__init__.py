@@ -14,9 +14,11 @@ from guidekit.combinators.extrapolation import (
 from guidekit.combinators.interval import Gated
 from guidekit.combinators.pipe import Piped, Pipeline
 from guidekit.combinators.rescale import CFGRescale, Rescale
+from guidekit.combinators.threshold import DynamicThreshold
 
 __all__ = [
     "APG", "APGProjection", "APGState", "CADS", "CADSAnnealing", "CFGRescale", "Gated",
     "InputModifier", "Piped", "Pipeline", "Processor", "Rescale",
     "AttentionModifier", "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
+    "DynamicThreshold",
 ]

@@ -4,6 +4,7 @@ from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
+from guidekit.terms.fdg import FDG, FDGTerm
 from guidekit.terms.pag import PAG, PAGTerm
 from guidekit.terms.sag import SAG, SAGTerm
 from guidekit.terms.seg import SEG, SEGTerm
@@ -19,4 +20,5 @@ __all__ = [
     "EMAG", "EMAGQ", "EMAGQTerm", "EMAGTerm",
     "SAG", "SAGTerm",
     "SEG", "SEGTerm", "SLG", "SLGTerm",
+    "FDG", "FDGTerm",
 ]

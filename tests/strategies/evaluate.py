@@ -18,6 +18,7 @@ from guidekit import (
     CFGRescale,
     Piped,
 )
+from guidekit.combinators import DynamicThreshold
 from guidekit.expr import Expr
 from guidekit.registry import kind
 
@@ -74,6 +75,17 @@ def _rescale(proc: CFGRescale, y: torch.Tensor, env: Env) -> torch.Tensor:
     return proc.phi * y * ratio + (1.0 - proc.phi) * y
 
 
+def _threshold(proc: DynamicThreshold, y: torch.Tensor, env: Env) -> torch.Tensor:
+    """Imagen's dynamic thresholding (arXiv 2205.11487) on x0: per sample
+    ``s = max(quantile_p |x0|, 1)`` (capped at ``max_value``), ``clip(x0, -s, s) / s``."""
+    x0 = env.to_x0(y)
+    s = torch.quantile(x0.abs().flatten(1), proc.percentile, dim=1).clamp(min=1.0)
+    if proc.max_value is not None:
+        s = s.clamp(max=proc.max_value)
+    s = s.view(-1, 1, 1, 1)
+    return env.from_x0(x0.clamp(-s, s) / s)
+
+
 def _apply(
     proc: Any, y: torch.Tensor, left: Expr, env: Env, state: Any
 ) -> tuple[torch.Tensor, Any]:
@@ -81,6 +93,8 @@ def _apply(
         return _apg(proc, y, left, env, state)
     if isinstance(proc, CFGRescale):
         return _rescale(proc, y, env), state
+    if isinstance(proc, DynamicThreshold):
+        return _threshold(proc, y, env), state
     if isinstance(proc, CADSAnnealing):
         # CADS changes only `emb`, which the fake models ignore: no effect on the outputs
         return y, state
@@ -93,7 +107,7 @@ def _apply(
 
 #: the processors :func:`_apply` knows, and every attention modifier (their effect is in the
 #: branch outputs, see :func:`modified`)
-PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing)
+PROCESSOR_REFERENCE = (APGProjection, CFGRescale, CADSAnnealing, DynamicThreshold)
 
 
 def has_reference(cls: type) -> bool:

@@ -29,6 +29,7 @@ from guidekit import (
 )
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
+from guidekit.terms import FDGTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm
 
 from .worlds import World, branch_output, modified
@@ -150,6 +151,48 @@ def _tcfg(t: TCFGTerm, env: Env) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _fdg_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-d ``down`` (``[ceil(n/2), n]``) and ``up`` (``[n, ceil(n/2)]``) of a Burt-Adelson
+    pyramid as matrices: binomial 1 4 6 4 1 / 16 with mirrored borders, every second sample."""
+    blur = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for k, weight in enumerate((1, 4, 6, 4, 1)):
+            j = i + k - 2
+            j = -j if j < 0 else (2 * (n - 1) - j if j >= n else j)
+            blur[i, j] += weight / 16
+    keep = torch.eye(n, dtype=torch.float64)[::2]
+    return keep @ blur, 2 * blur @ keep.T
+
+
+def _fdg(t: FDGTerm, env: Env) -> torch.Tensor:
+    """FDG (arXiv 2506.19713) in x0 space: Laplacian bands of ``c`` and ``u``; band ``l`` is
+    ``c_l + (w_l - 1)(eta d_par + d_perp)``, ``d = c_l - u_l``, ``d_par`` along ``c_l`` per
+    sample; the coarsest band takes ``low``, the others ``high``; the bands summed back."""
+    c, u = env.to_x0(env.value(cond_of())), env.to_x0(env.value(uncond_of()))
+
+    def bands(img: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for _ in range(t.levels - 1):
+            (dh, uh), (dw, uw) = _fdg_matrices(img.shape[-2]), _fdg_matrices(img.shape[-1])
+            low = dh @ img @ dw.T
+            out.append(img - uh @ low @ uw.T)
+            img = low
+        return [*out, img]
+
+    guided = []
+    for level, (bc, bu) in enumerate(zip(bands(c), bands(u))):
+        w = t.low if level == t.levels - 1 else t.high
+        d = bc - bu
+        par = dot(d, bc) / dot(bc, bc) * bc
+        guided.append(bc + (w - 1) * (t.eta * par + (d - par)))
+    img = guided[-1]
+    for band in reversed(guided[:-1]):
+        _, uh = _fdg_matrices(band.shape[-2])
+        _, uw = _fdg_matrices(band.shape[-1])
+        img = band + uh @ img @ uw.T
+    return env.from_x0(img)
+
+
 def _direction(t: Any, env: Env) -> torch.Tensor:
     """PAG / SEG / SLG (methods.md): ``s (c - n)``, ``n`` the term's negative branch."""
     return t.scale * (env.value(t.positive()) - env.value(t.negative()))
@@ -163,6 +206,7 @@ TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
     AutoguidanceTerm: lambda t, env: t.scale * (env.value(cond_of()) - env.value(cond_of(t.model))),
     CFGZeroStarTerm: _cfg_zero_star,
     TCFGTerm: _tcfg,
+    FDGTerm: _fdg,
 }
 
 #: term class -> its linear form as (atom, coefficient) pairs; a nonlinear term is its own
@@ -174,6 +218,7 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     AutoguidanceTerm: lambda t: [(cond_of(), t.scale), (cond_of(t.model), -t.scale)],
     CFGZeroStarTerm: lambda t: [(t, 1.0)],
     TCFGTerm: lambda t: [(t, 1.0)],
+    FDGTerm: lambda t: [(t, 1.0)],
 }
 
 
@@ -273,7 +318,7 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
     """The branches an atom reads: itself, or both main branches for a nonlinear term."""
     if isinstance(atom, Branch):
         return (atom,)
-    if isinstance(atom, (CFGZeroStarTerm, TCFGTerm)):
+    if isinstance(atom, (CFGZeroStarTerm, TCFGTerm, FDGTerm)):
         return (cond_of(), uncond_of())
     raise KeyError(f"tests/strategies/reference.py does not know which branches {atom!r} reads")
 
