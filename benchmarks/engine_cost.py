@@ -2,6 +2,7 @@
 same rows, on the benchmark DiT at B = 1.
 
     OMP_NUM_THREADS=1 python benchmarks/engine_cost.py [--threads 1] [--repeats 40]
+    OMP_NUM_THREADS=1 python benchmarks/engine_cost.py --segments  # + the per-segment path
     OMP_NUM_THREADS=1 python benchmarks/engine_cost.py --profile   # the top Python hot spots
 
 The model is diffusers' ``DiTTransformer2DModel`` of ``_bench.py`` (16 tokens, 6 layers,
@@ -102,6 +103,16 @@ def paired(
     return out
 
 
+def unfuse(model: torch.nn.Module) -> None:
+    """Send every hooked layer of ``model`` down the per-segment path (projections per
+    segment, guidekit.attention.route.assemble) instead of the fused one: the engine as it
+    was before guidekit.attention.fused, for a before/after in one run."""
+    for m in model.modules():
+        proc = getattr(m, "processor", None)
+        if hasattr(proc, "fusable"):
+            proc.fusable = False  # type: ignore[union-attr]
+
+
 def cpu_timed(fn: Callable[[], Any]) -> float:
     """The CPU seconds this thread spent in ``fn``: on a shared machine a descheduled thread
     adds wall time but no CPU time, so the paired differences stay readable under load."""
@@ -146,6 +157,8 @@ def main() -> None:
     p.set_defaults(threads=1)
     p.add_argument("--profile", action="store_true", help="print a cProfile summary of the "
                    "headline expression's step instead of timing")
+    p.add_argument("--segments", action="store_true", help="also time each perturbed "
+                   "expression with the per-segment path (the engine before fused.py)")
     p.add_argument("--wall", action="store_true", help="time wall clock instead of the "
                    "thread's CPU time")
     p.add_argument("--top", type=int, default=25, help="rows of the profile summary")
@@ -166,9 +179,16 @@ def main() -> None:
     steps: dict[str, Callable[[], Any]] = {}
     engines = []
     pairs = []
-    for name, expr in EXPRESSIONS.items():
-        # one engine per model at a time: each expression gets its own copy (same weights)
-        step, engine, rows = guided_step(copy.deepcopy(net), expr)
+    variants = [(name, expr, True) for name, expr in EXPRESSIONS.items()]
+    if args.segments:
+        variants += [(f"{name}, segments", expr, False) for name, expr in EXPRESSIONS.items()
+                     if name != "CFG(7)"]
+    for name, expr, fuse in variants:
+        # one engine per model at a time: each variant gets its own copy (same weights)
+        model = copy.deepcopy(net)
+        step, engine, rows = guided_step(model, expr)
+        if not fuse:
+            unfuse(model)
         engines.append(engine)
         steps[name] = step
         steps[f"bare {rows} rows of {name}"] = bare_step(net, rows)
@@ -194,8 +214,13 @@ def main() -> None:
     header = ["expression", "rows", "bare ms", "guided ms/step", "guided - bare ms",
               "guided / bare", "extra ATen ops"]
     print(bench.text_table(header, rows_out))
-    session.finish([bench.markdown(header, rows_out)], [f"{repeats} paired repeats, medians, "
-                   f"{'wall' if args.wall else 'thread CPU'} time"])
+    notes = [f"{repeats} paired repeats, medians, {'wall' if args.wall else 'thread CPU'} time"]
+    for name in EXPRESSIONS:
+        if f"{name}, segments" in times:
+            ratio = bench.paired_ratio(times[name], times[f"{name}, segments"])
+            notes.append(f"{name}: guided step, fused / segments = {ratio:.3f}")
+            print(notes[-1])
+    session.finish([bench.markdown(header, rows_out)], notes)
 
 
 if __name__ == "__main__":
