@@ -24,6 +24,7 @@ The arithmetic runs in float32, or float64 for a float64 model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,6 +137,9 @@ def blend(previous: torch.Tensor | None, current: torch.Tensor, beta: float) -> 
 def spread(average: torch.Tensor, current: torch.Tensor) -> float:
     """``mean |E - A|``: each sample's mean, averaged over the finite ones (NaN if none)."""
     per_sample = (average - current.to(average.dtype)).abs().flatten(1).mean(dim=1)
+    whole = float(per_sample.mean())
+    if math.isfinite(whole):  # every sample finite (the usual case): no mask to build
+        return whole
     finite = per_sample[torch.isfinite(per_sample)]
     return float(finite.mean()) if finite.numel() else float("nan")
 

@@ -14,7 +14,10 @@ While one model call runs, ``around_call`` holds its :class:`~guidekit.plan.RowL
 hooked layer then sends the rows of the branches whose perturbation targets it through the
 perturbed attention, and ALL other rows (cond, uncond, branches perturbed elsewhere) through
 the layer's own attention, unchanged and in one call, then puts the rows back in order.
-Outside a guided call (no layout) a hooked layer behaves exactly as before.
+Outside a guided call (no layout) a hooked layer behaves exactly as before. A layer whose
+processor is diffusers' stock ``AttnProcessor2_0`` runs its projections once over all rows
+and only the attention core per row range (:mod:`guidekit.attention.fused`): the same
+per-row maths, fewer kernel launches.
 
 How a layer is hooked (per module kind) is :mod:`guidekit.attention.sites`.
 

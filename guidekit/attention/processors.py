@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from guidekit.attention.fused import fused_self_attention, is_stock_processor
 from guidekit.attention.hooks import ProcessorWrapper, check_rows, take
 from guidekit.attention.hooks import row_slice as _row_slice
 from guidekit.attention.hooks import row_slice as _slice
@@ -20,6 +21,7 @@ from guidekit.attention.hooks import rows_of as _rows_of
 from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import is_joint_attention
 from guidekit.attention.maths import (
+    _op_kwargs,
     modified_attention,
     modified_joint_attention,
     perturbed_joint_attention,
@@ -78,6 +80,8 @@ class _RowAware(_Routed):
         super().__init__(owner, path, original)
         # read once: a per-call class-name walk would break torch.compile's graph here
         self.joint = is_joint_attention(owner.model.get_submodule(path))
+        # the stock processor's rows can share one set of projections (guidekit.attention.fused)
+        self.fusable = not self.joint and is_stock_processor(original)
 
     def routing(self) -> Any:
         return self.owner.route(self.path)
@@ -93,6 +97,12 @@ class _RowAware(_Routed):
             raise GuidanceValueError(
                 f"layer {self.path!r} was called with encoder_hidden_states (cross-attention); "
                 f"the perturbations here are defined for self-attention only"
+            )
+        if self.fusable and not args and kwargs.get("attention_mask") is None:
+            return fused_self_attention(
+                attn, hidden_states, route.segments,
+                lambda op, a: _op_kwargs(attn, op, self.owner.op_kwargs(op, self.path, route, a)),
+                temb=kwargs.get("temb"),
             )
 
         def plain(ranges: tuple[tuple[int, int], ...]) -> LayerOutput:

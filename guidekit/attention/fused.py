@@ -1,0 +1,66 @@
+"""One pass over all rows of a hooked self-attention layer whose processor is diffusers'
+stock ``AttnProcessor2_0``: the projections and the output layer run ONCE for the call's
+rows, and only the attention core is chosen per segment (the layer's own fused attention,
+or a perturbation's ``attend``).
+
+Cutting the rows into segments and sending each through its own projections costs every
+segment a full set of small kernel launches (norms, q/k/v, ``to_out``); at a few rows per
+call that launch overhead, not the maths, is what the engine added to a step. For the
+stock processor the per-row maths is the same either way (each row's projections, core
+and output are computed from that row alone), so the engine takes this path whenever it
+can and the segment path (:func:`guidekit.attention.route.assemble`) otherwise: a custom
+processor, cross-attention, a mask, joint attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from guidekit.attention.maths import close_output, merge_heads, open_input, split_heads
+from guidekit.attention.ops import AttentionPerturbation
+
+
+def is_stock_processor(original: Any) -> bool:
+    """Whether ``original`` is exactly diffusers' ``AttnProcessor2_0`` (read once at install:
+    a subclass or any other processor may compute something else)."""
+    cls = type(original)
+    return cls.__name__ == "AttnProcessor2_0" and cls.__module__.startswith("diffusers.")
+
+
+def fused_self_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    segments: Sequence[tuple[int, int, Any]],
+    op_kwargs: Callable[[AttentionPerturbation, int], dict[str, Any]],
+    temb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``AttnProcessor2_0``'s self-attention (no mask, no text) over all rows, with each
+    segment's attention core its ``op`` (``None``: the fused core the processor uses).
+
+    ``op_kwargs(op, start)`` gives the extra ``attend`` arguments of the op on the segment
+    starting at row ``start`` (the softmax scale of stateful ops included).
+    """
+    h, image_shape = open_input(attn, hidden_states, temb)
+    query = split_heads(attn, attn.to_q(h))
+    key = split_heads(attn, attn.to_k(h))
+    value = split_heads(attn, attn.to_v(h))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    cores = []
+    for a, b, op in segments:
+        if op is None:
+            cores.append(F.scaled_dot_product_attention(
+                query[a:b], key[a:b], value[a:b], dropout_p=0.0, is_causal=False))
+        elif op.needs_qk:
+            cores.append(op.attend(query[a:b], key[a:b], value[a:b], mask=None,
+                                   **op_kwargs(op, a)))
+        else:
+            cores.append(op.attend(None, None, value[a:b], mask=None, **op_kwargs(op, a)))
+    core = cores[0] if len(cores) == 1 else torch.cat(cores)
+    return close_output(attn, merge_heads(core, query.dtype), hidden_states, image_shape)
