@@ -16,14 +16,7 @@ import guidekit
 from guidekit import CFG, SEG
 
 from ._joint_models import sd3_conds, sd3_fn, tiny_sd3
-from ._seg_reference import (
-    TOL,
-    check_calls,
-    from_np,
-    np_seg_attention,
-    run_and_compare,
-    to_np,
-)
+from ._seg_reference import TOL, check_calls, from_np, np_seg_attention, run_and_compare, to_np
 from ._tiny import BATCH
 
 # -- SD3: joint attention, image queries only ----------------------------------------------------

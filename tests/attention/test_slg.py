@@ -18,13 +18,7 @@ from guidekit.branch import Branch
 
 from ._joint_models import tiny_flux, tiny_sd3
 from ._slg_reference import no_instance_forwards
-from ._tiny import (
-    BATCH,
-    processors,
-    tiny_dit,
-    tiny_plain,
-    tiny_unet,
-)
+from ._tiny import BATCH, processors, tiny_dit, tiny_plain, tiny_unet
 
 # -- the term and the preset -----------------------------------------------------------------------
 

@@ -14,20 +14,8 @@ from guidekit import CFG, SLG, Cond, GuidanceValueError
 from guidekit.attention import install
 
 from ._joint_models import sd3_conds, sd3_fn, tiny_sd3
-from ._slg_reference import (
-    LABELS,
-    latent,
-    no_instance_forwards,
-)
-from ._tiny import (
-    BATCH,
-    ENDINGS,
-    dit_fn,
-    ended_as,
-    leave,
-    processors,
-    tiny_dit,
-)
+from ._slg_reference import LABELS, latent, no_instance_forwards
+from ._tiny import BATCH, ENDINGS, dit_fn, ended_as, leave, processors, tiny_dit
 
 # -- restoration -------------------------------------------------------------------------------
 
