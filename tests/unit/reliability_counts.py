@@ -5,7 +5,8 @@
 Each case is one collected pytest item of the modules below; its outcome is its
 ``@pytest.mark.outcome(kind)`` ("error": a clear error naming the argument or term and the
 fix; "correct": correct behaviour; "restored": a fault leaves state and model as they were),
-or for test_parse.py (written before the marker) the kind of its test function.
+or for test_parse.py and test_parse_errors.py (written before the marker) the kind of its
+test function.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ MODULES = (
     "unit/test_reliability_nonfinite.py",
     "unit/test_reliability_numerics.py",
     "unit/test_parse.py",
+    "unit/test_parse_errors.py",
     "adapters/test_flow_reliability.py",
     "adapters/test_kdiffusion_reliability.py",
 )
 KINDS = ("error", "correct", "restored")
-#: test_parse.py's functions: malformed or hostile text is an error, the rest reads correctly
+#: test_parse*.py's functions: malformed or hostile text is an error, the rest reads correctly
 PARSE = {
     "test_parse_errors": "error",
     "test_library_errors_pass_through": "error",
@@ -46,7 +48,7 @@ def outcome(item: pytest.Item) -> str | None:
     marker = item.get_closest_marker("outcome")
     if marker is not None:
         return str(marker.args[0])
-    if Path(str(item.fspath)).name == "test_parse.py":
+    if Path(str(item.fspath)).name in ("test_parse.py", "test_parse_errors.py"):
         name = getattr(item, "originalname", item.name)
         return PARSE.get(name, "correct")
     return None

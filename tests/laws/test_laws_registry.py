@@ -1,0 +1,51 @@
+"""Every registered term and processor has a strategy and a reference, and the shared
+strategies draw from the whole registry (the laws of test_laws.py rely on both).
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from strategies import (
+    classes_in,
+    expressions,
+    has_reference,
+    strategy_for,
+    term_coefficients,
+    term_reference,
+)
+
+from guidekit.expr import Expr
+from guidekit.registry import processor_classes, term_classes
+
+# -- the registry and the strategies --------------------------------------------------------------
+
+
+def test_every_registered_class_has_a_strategy_and_reference() -> None:
+    @settings(max_examples=5, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def draw(data: st.DataObject) -> None:
+        for cls in (*term_classes(), *processor_classes()):
+            value = data.draw(strategy_for(cls), label=cls.__name__)
+            assert type(value) is cls
+            if cls in term_classes():
+                term_reference(value)  # raises, naming the class, when a formula is missing
+                term_coefficients(value)
+            else:
+                assert has_reference(cls), f"no reference for {cls.__name__}"
+
+    draw()
+
+
+def test_strategies_draw_from_the_whole_registry() -> None:
+    seen: set[type] = set()
+
+    @settings(max_examples=300, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(expressions())
+    def collect(expr: Expr) -> None:
+        seen.update(classes_in(expr))
+
+    collect()
+    missing = (set(term_classes()) | set(processor_classes())) - seen
+    assert not missing, f"never drawn: {sorted(c.__name__ for c in missing)}"
