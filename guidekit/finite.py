@@ -62,6 +62,12 @@ def _kinds(t: torch.Tensor) -> str:
     return " and ".join(k for k, on in (("NaN", has_nan), ("inf", has_inf)) if on)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: a finite sum proves it in one reduction (a NaN
+    or inf makes the sum NaN or inf); only a sum that overflowed needs the full check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _bad_samples(t: torch.Tensor) -> list[int]:
     flat = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1, 1)
     return torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten().tolist()
@@ -102,7 +108,7 @@ class StepWatch:
             log(record)
             self.records.append(record)
             out, self._last = self._last, None
-            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            if isinstance(out, torch.Tensor) and not all_finite(out):
                 self.bad_model = True
                 self._report("model", self._describe_call(record, out))
 
@@ -145,7 +151,7 @@ class StepWatch:
         """Check branch outputs a caller computed itself (``native=``: the modular guider's
         batches), each named by its branch and the terms that use it."""
         for branch, out in (native or {}).items():
-            if isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            if isinstance(out, torch.Tensor) and not all_finite(out):
                 self.bad_model = True
                 terms = terms_using(self.plan.expr, branch) or [repr(self.plan.expr)]
                 samples = ", ".join(map(str, _bad_samples(out)[:8]))
@@ -158,7 +164,7 @@ class StepWatch:
     # -- the guided output ------------------------------------------------------------------
     def output(self, y: torch.Tensor, step: int, sigma: float) -> None:
         """Check the guided output of the call (skipped when a model output already failed)."""
-        if self.bad_model or bool(torch.isfinite(y).all()):
+        if self.bad_model or all_finite(y):
             return
         post = ", ".join(repr(p) for p in self.plan.post) or "none"
         samples = ", ".join(map(str, _bad_samples(y)[:8]))

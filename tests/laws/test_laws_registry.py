@@ -40,7 +40,9 @@ def test_every_registered_class_has_a_strategy_and_reference() -> None:
 def test_strategies_draw_from_the_whole_registry() -> None:
     seen: set[type] = set()
 
-    @settings(max_examples=300, database=None, phases=[Phase.generate],
+    # derandomized: a coverage check, not a search (300 random draws missed one of ten
+    # processor classes about once in five runs)
+    @settings(max_examples=600, database=None, phases=[Phase.generate], derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(expressions())
     def collect(expr: Expr) -> None:
