@@ -83,6 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         torch.save(samples, args.out + ".pt")
         Path(args.out).write_text(json.dumps(results))
+    dist.barrier()  # every rank done before any tears its connections down
     dist.destroy_process_group()
 
 

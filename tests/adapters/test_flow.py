@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import guidekit as gk
 from guidekit import APG, CADS, CFG, PAG, Autoguidance, GuidanceValueError
 from guidekit.adapters.flow import FlowGuided, sigmas_from_time_grid
 from guidekit.attention import install
+
+# the two-head SDPA attention module the k-diffusion tests use too
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kdiffusion_helpers import Attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 B = 2
@@ -269,21 +273,6 @@ def test_x0_space_processor_with_dopri5(odeint, data):
                  atol=1e-6)[-1]
     assert any(t >= 1 for t in data["main"].times)
     assert torch.isfinite(out).all()
-
-class Attention(torch.nn.Module):
-    """Two-head self-attention through ``F.scaled_dot_product_attention`` ([B, H, L, D])."""
-
-    def __init__(self, dim: int = 8) -> None:
-        super().__init__()
-        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=F64)
-        with torch.no_grad():
-            self.qkv.weight[: 2 * dim].mul_(4.0)  # peaked maps, so PAG's identity map matters
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, n, d = h.shape
-        q, k, v = (t.view(b, n, 2, d // 2).transpose(1, 2) for t in self.qkv(h).chunk(3, -1))
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-
 
 class AttentionVelocity(torch.nn.Module):
     """``u(x [B, 2, 4, 4], t, cond [B, 8])`` attending over the 16 pixels."""

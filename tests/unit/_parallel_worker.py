@@ -109,6 +109,9 @@ def main() -> None:
         report[name] = entry
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
+    # every rank done before any tears its connections down (gloo aborts a rank whose peer
+    # disappears mid-shutdown: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
