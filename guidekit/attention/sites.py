@@ -4,10 +4,12 @@ How a layer is hooked (chosen per module, documented protocol):
 
 * **diffusers ``Attention`` modules** (``attn1`` of DiT, PixArt, UNet): the module's processor
   is replaced, through ``get_processor()`` / ``set_processor()``, by a row-aware processor
-  holding the original. Unperturbed rows go through the ORIGINAL processor object -- the
-  fused ``AttnProcessor2_0`` or any custom processor the user installed -- with the same
-  arguments (the wrapper advertises the original's call signature, so diffusers forwards
-  the same ``cross_attention_kwargs``). Perturbed rows are computed by guidekit following
+  holding the original. Unperturbed rows go through the ORIGINAL processor object -- any
+  custom processor the user installed -- with the same arguments (the wrapper advertises
+  the original's call signature, so diffusers forwards the same ``cross_attention_kwargs``).
+  Where that processor is exactly diffusers' stock ``AttnProcessor2_0`` on self-attention
+  without a mask, the call's rows share one pass of its projections instead
+  (:mod:`guidekit.attention.fused`: the same per-row maths, fewer kernel launches). Perturbed rows are computed by guidekit following
   ``AttnProcessor2_0``'s structure with the module's own layers: spatial norm, group norm,
   ``to_q``/``to_k``/``to_v``, q/k norms, the perturbed attention, ``to_out``, the residual
   connection and ``rescale_output_factor``. A custom processor's own changes to attention
