@@ -44,6 +44,19 @@ def processor_for(owner: Any, path: str, original: Any, plain: type, module: typ
     return cls(owner, path, original)  # type: ignore[no-any-return]
 
 
+def _layer_output(out: Any, path: str, joint: bool, who: str) -> LayerOutput:
+    """The original processor's output on a row range: one tensor (a pair for joint
+    attention); anything else is refused, naming the layer."""
+    if joint and isinstance(out, tuple):
+        return out
+    if not isinstance(out, torch.Tensor):
+        raise GuidanceTypeError(
+            f"the processor of {path!r} returned {type(out).__name__}; {who} "
+            f"attention that returns one tensor"
+        )
+    return out
+
+
 class _Routed(ProcessorWrapper):
     """A processor that asks its ``owner`` (the engine's perturbation or modifier part) how
     this call's rows are routed; ``None``: the original processor, untouched."""
@@ -110,14 +123,7 @@ class _RowAware(_Routed):
             kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
             a_args = tuple(take(t, ranges) if _rows_of(t, rows) else t for t in args)
             out = self.original(attn, hs, *a_args, **kw)
-            if joint and isinstance(out, tuple):
-                return out
-            if not isinstance(out, torch.Tensor):
-                raise GuidanceTypeError(
-                    f"the processor of {self.path!r} returned {type(out).__name__}; the engine "
-                    f"handles attention that returns one tensor"
-                )
-            return out
+            return _layer_output(out, self.path, joint, "the engine handles")
 
         def perturbed(op: AttentionPerturbation, a: int, b: int) -> Any:
             if joint:
@@ -176,14 +182,7 @@ class _ModifierBody(_Routed):
         def plain(ranges: tuple[tuple[int, int], ...]) -> LayerOutput:
             kw = _slice_kwargs(kwargs, rows, ranges, ROW_KWARGS)
             out = self.original(attn, _take(hidden_states, ranges), **kw)
-            if joint and isinstance(out, tuple):
-                return out
-            if not isinstance(out, torch.Tensor):
-                raise GuidanceTypeError(
-                    f"the processor of {self.path!r} returned {type(out).__name__}; the "
-                    f"attention modifiers handle attention that returns one tensor"
-                )
-            return out
+            return _layer_output(out, self.path, joint, "the attention modifiers handle")
 
         def modified(ops: LayerOps, a: int, b: int) -> LayerOutput:
             core, nag = ops.core, ops.nag
