@@ -23,6 +23,7 @@ same device type; only the ``seconds`` column differs).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -143,4 +144,9 @@ def run_sweep(
             import torch.distributed as dist
 
             if dist.is_initialized():
+                # every rank done before any tears its connections down: gloo aborts a rank
+                # whose peer left mid-shutdown ("terminate called without an active exception");
+                # not on an error, where the other ranks may never reach the barrier
+                if sys.exc_info()[0] is None:
+                    dist.barrier()
                 dist.destroy_process_group()
