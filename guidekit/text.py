@@ -62,13 +62,21 @@ def fmt_call(obj: Any) -> str:
     """``Name(positional..., keyword=value...)`` with defaults left out."""
     cls = type(obj)
     positional: tuple[str, ...] = getattr(cls, "_positional", ())
-    args = []
+    args, trailing = [], 0
     for field in attrs.fields(cls):
         if not field.init or not field.repr:
             continue
         value = getattr(obj, field.name)
         if field.name in positional:
+            # a positional NAME left at its default is left out when nothing positional
+            # follows it (``Cond()``, not ``Cond('cond')``); numbers stay shown (``Rescale(0.7)``)
+            is_default_name = isinstance(field.default, str) and value == field.default
+            trailing = trailing + 1 if is_default_name else 0
             args.append(fmt_value(value))
-        elif field.default is attrs.NOTHING or value != field.default:
+            continue
+        del args[len(args) - trailing:]
+        trailing = 0
+        if field.default is attrs.NOTHING or value != field.default:
             args.append(f"{field.name}={fmt_value(value)}")
+    del args[len(args) - trailing:]
     return f"{display_name(cls)}({', '.join(args)})"

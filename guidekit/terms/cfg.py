@@ -9,7 +9,8 @@ from typing import ClassVar
 
 import attrs
 
-from guidekit.branch import MAIN, Branch, cond, uncond
+from guidekit.branch import COND, MAIN, UNCOND, Branch, uncond
+from guidekit.errors import GuidanceValueError
 from guidekit.fields import Examples, finite, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import LinearTerm
@@ -18,15 +19,22 @@ from guidekit.terms.base import LinearTerm
 @register
 @attrs.frozen(repr=False)
 class CondTerm(LinearTerm):
-    """The conditional prediction ``c`` of ``model`` (``Cond()``)."""
+    """The conditional prediction of ``model`` under the conditioning named ``cond``.
 
-    model: str = attrs.field(default=MAIN, validator=name)
+    ``Cond()`` is ``c`` (the conditioning ``cond``); ``Cond("style")`` is the prediction
+    under the conditioning passed as ``style`` (``conds={"style": ...}``, or
+    ``prompts={"style": ...}`` in the diffusers adapter).
+    """
+
+    cond: str = attrs.field(default=COND, validator=name)
+    model: str = attrs.field(default=MAIN, validator=name, kw_only=True)
     _name: ClassVar[str] = "Cond"
+    _positional: ClassVar[tuple[str, ...]] = ("cond",)
     _example: ClassVar[str] = "Cond()"
-    field_examples: ClassVar[Examples] = {"model": ("main", "weak")}
+    field_examples: ClassVar[Examples] = {"cond": ("cond", "style"), "model": ("main", "weak")}
 
     def coefficients(self) -> dict[Branch, float]:
-        return {cond(self.model): 1.0}
+        return {Branch(model=self.model, cond=self.cond): 1.0}
 
 
 @register
@@ -50,15 +58,30 @@ class CFGTerm(LinearTerm):
 
     ``CFG(w) = u + w (c - u)``: a prediction. ``CFG(1)`` is ``c`` (the unconditional
     branch then has coefficient 0 and is not computed); ``CFG(0)`` is ``u``.
+    ``CFG(w, cond="a", negative="neg")`` guides from the conditioning ``neg`` (a negative
+    prompt in place of the empty one) toward ``a``: ``n + w (c_a - n)``.
     """
 
     scale: float = attrs.field(converter=to_float, validator=finite)
+    cond: str = attrs.field(default=COND, validator=name, kw_only=True)
+    negative: str = attrs.field(default=UNCOND, validator=name, kw_only=True)
     _name: ClassVar[str] = "CFG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "CFG(7)"
+    field_examples: ClassVar[Examples] = {
+        "cond": ("cond", "style"), "negative": ("uncond", "neg"),
+    }
+
+    def __attrs_post_init__(self) -> None:
+        if self.cond == self.negative:
+            raise GuidanceValueError(
+                f"CFG(cond={self.cond!r}, negative={self.negative!r}): the two conditionings "
+                f"are the same, so the guidance (c - n) is zero; name two different ones"
+            )
 
     def coefficients(self) -> dict[Branch, float]:
-        return {cond(): self.scale, uncond(): 1.0 - self.scale}
+        c, n = Branch(cond=self.cond), Branch(cond=self.negative)
+        return {c: self.scale, n: 1.0 - self.scale}
 
     @property
     def weight(self) -> int:

@@ -200,9 +200,10 @@ def _direction(t: Any, env: Env) -> torch.Tensor:
 
 #: term class -> its value from branch outputs (formulas from methods.md).
 TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
-    CondTerm: lambda t, env: env.value(cond_of(t.model)),
+    CondTerm: lambda t, env: env.value(Branch(t.model, t.cond)),
     UncondTerm: lambda t, env: env.value(uncond_of(t.model)),
-    CFGTerm: lambda t, env: env.value(uncond_of()) + t.scale * (env.value(cond_of()) - env.value(uncond_of())),
+    CFGTerm: lambda t, env: env.value(Branch(MAIN, t.negative))
+    + t.scale * (env.value(Branch(MAIN, t.cond)) - env.value(Branch(MAIN, t.negative))),
     AutoguidanceTerm: lambda t, env: t.scale * (env.value(cond_of()) - env.value(cond_of(t.model))),
     CFGZeroStarTerm: _cfg_zero_star,
     TCFGTerm: _tcfg,
@@ -212,9 +213,9 @@ TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
 #: term class -> its linear form as (atom, coefficient) pairs; a nonlinear term is its own
 #: atom with coefficient 1.
 TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
-    CondTerm: lambda t: [(cond_of(t.model), 1.0)],
+    CondTerm: lambda t: [(Branch(t.model, t.cond), 1.0)],
     UncondTerm: lambda t: [(uncond_of(t.model), 1.0)],
-    CFGTerm: lambda t: [(cond_of(), t.scale), (uncond_of(), 1.0 - t.scale)],
+    CFGTerm: lambda t: [(Branch(MAIN, t.cond), t.scale), (Branch(MAIN, t.negative), 1.0 - t.scale)],
     AutoguidanceTerm: lambda t: [(cond_of(), t.scale), (cond_of(t.model), -t.scale)],
     CFGZeroStarTerm: lambda t: [(t, 1.0)],
     TCFGTerm: lambda t: [(t, 1.0)],

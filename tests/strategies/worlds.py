@@ -29,7 +29,8 @@ from .values import AUTOGUIDANCE_MODELS, FLOW_SIGMAS, VE_SIGMAS
 
 #: (prediction space, noise convention) pairs whose conversions the reference knows.
 SPACES = (("x0", "ve"), ("eps", "ve"), ("v", "ve"), ("flow", "flow"))
-TAGS = {COND: 0, UNCOND: 1}
+#: every conditioning name the strategies draw (terms' ``field_examples``), with its tag
+TAGS = {COND: 0, UNCOND: 1, "style": 2, "neg": 3}
 TAG_NAMES = {v: k for k, v in TAGS.items()}
 SHAPE = (3, 4, 4)
 
