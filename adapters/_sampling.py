@@ -21,6 +21,7 @@ import guidekit
 from guidekit.branch import COND, MAIN, UNCOND
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite
+from guidekit.padding import as_tokens
 from guidekit.plan import CallRecord, Plan
 from guidekit.run import Run
 from guidekit.run import level_of as level_of  # re-exported: the adapters read levels with it
@@ -64,8 +65,10 @@ class SamplerRun(Run):
     conditionings.
 
     ``conds`` are the conditionings given at construction (name -> dict of tensors, or a
-    bare tensor meaning ``{cond_key: tensor}``); a sampler's per-call extra arguments named
-    like a conditioning replace them for that call. ``sigmas`` is the sampler's schedule
+    bare tensor meaning ``{cond_key: tensor}``: ``cond``, ``uncond`` and any other name an
+    expression reads, ``CFG(7, negative="neg")``'s ``neg``); a sampler's per-call extra
+    arguments named like a conditioning replace them for that call. ``tokens``
+    (:class:`guidekit.Tokens`) says how ones of different token lengths share a call. ``sigmas`` is the sampler's schedule
     (see :mod:`guidekit.state`). ``around_call`` (from :func:`guidekit.attention.install`) is
     handed to ``plan.step``, so attention-space terms (PAG, ...) run through the adapters.
 
@@ -87,6 +90,7 @@ class SamplerRun(Run):
         adapter: str,
         around_call: Any = None,
         nonfinite: NonFinite = "raise",
+        tokens: Any = None,
     ) -> None:
         self.models = dict(models)
         self.cond_key = cond_key
@@ -95,7 +99,7 @@ class SamplerRun(Run):
         self.conds = {n: self._as_dict(n, v) for n, v in conds.items() if v is not None}
         super().__init__(
             plan, sigmas=sigmas, seed=seed, around_call=around_call, on_rise="retreat",
-            nonfinite=nonfinite,
+            nonfinite=nonfinite, tokens=as_tokens(tokens, f"{adapter}(tokens"),
         )
 
     # -- conditionings ------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class SamplerAdapter:
         adapter: str,
         around_call: Any,
         nonfinite: NonFinite = "raise",
+        tokens: Any = None,
     ) -> None:
         """Translate the main and other models and start the run around ``plan``."""
         all_models = {MAIN: model, **(models or {})}
@@ -171,7 +176,7 @@ class SamplerAdapter:
         translated = {name: self._translate(m) for name, m in all_models.items()}
         self.run = SamplerRun(
             plan, translated, conds, sigmas=sigmas, seed=seed, cond_key=cond_key,
-            adapter=adapter, around_call=around_call, nonfinite=nonfinite,
+            adapter=adapter, around_call=around_call, nonfinite=nonfinite, tokens=tokens,
         )
 
     @property

@@ -89,8 +89,10 @@ class FlowGuided(SamplerAdapter):
         model_time: ``"t"`` (``flow_matching``: ``model(x=x, t=t, **cond) -> u``) or
             ``"sigma"`` (diffusers: ``model(x, sigma_rows, **cond) -> v``).
         cond, uncond, conds: conditionings (dicts of the model's keyword tensors, batch
-            first, or one tensor passed as ``cond_key``); per-call extras of the same names
-            (``ODESolver.sample(..., cond=...)``) replace them.
+            first, or one tensor passed as ``cond_key``); ``conds`` names the others an
+            expression reads (``conds={"neg": ...}`` for ``CFG(7, negative="neg")``);
+            per-call extras of the same names (``ODESolver.sample(..., cond=...)``) replace
+            them.
         models: other models by name (``{"weak": ...}``), in the same convention.
         time_grid: the solver's step points in flow time ``t``; or
         sigmas: the same as noise levels ``sigma = 1 - t``.
@@ -103,6 +105,9 @@ class FlowGuided(SamplerAdapter):
         nonfinite: ``"raise"`` (default) stops at the first NaN/inf in a model output or the
             guided output with a :class:`~guidekit.errors.NonFiniteError` naming the step,
             sigma, branch and terms; ``"warn"`` warns once per run and goes on.
+        tokens: :class:`guidekit.Tokens` -- how conditionings of different token lengths
+            share one call (padded under the model's mask, or repeated); by default they
+            run as separate calls.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class FlowGuided(SamplerAdapter):
         cond_key: str = "cond",
         around_call: Any = None,
         nonfinite: str = "raise",
+        tokens: Any = None,
     ) -> None:
         if model_time not in _TIMES:
             raise GuidanceValueError(
@@ -148,6 +154,7 @@ class FlowGuided(SamplerAdapter):
             plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
             around_call=around_call, nonfinite=check_policy(nonfinite, "FlowGuided"),
+            tokens=tokens,
         )
 
     # -- translation ------------------------------------------------------------------------

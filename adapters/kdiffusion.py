@@ -93,8 +93,9 @@ class KDiffusionGuided(SamplerAdapter):
         model: the main model (see the module docstring for ``prediction``).
         prediction: ``"x0"`` for a k-diffusion denoiser, ``"eps"`` or ``"v"`` for a raw net.
         cond, uncond, conds: conditionings (dicts of the model's keyword tensors, batch
-            first, or one tensor passed as ``cond_key``); ``extra_args`` of the same names
-            replace them per call.
+            first, or one tensor passed as ``cond_key``); ``conds`` names the others an
+            expression reads (``conds={"neg": ...}`` for ``CFG(7, negative="neg")``);
+            ``extra_args`` of the same names replace them per call.
         models: other models by name (``{"weak": ...}`` for Autoguidance), of the same kind
             as ``model`` and translated the same way.
         sigmas: the sampler's schedule; leave out for ``dpm_fast`` / ``dpm_adaptive``.
@@ -113,6 +114,9 @@ class KDiffusionGuided(SamplerAdapter):
         nonfinite: ``"raise"`` (default) stops at the first NaN/inf in a model output or the
             guided output with a :class:`~guidekit.errors.NonFiniteError` naming the step,
             sigma, branch and terms; ``"warn"`` warns once per run and goes on.
+        tokens: :class:`guidekit.Tokens` -- how conditionings of different token lengths
+            share one call (padded under the model's mask, or repeated); by default they
+            run as separate calls.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class KDiffusionGuided(SamplerAdapter):
         cond_key: str = "cond",
         around_call: Any = None,
         nonfinite: str = "raise",
+        tokens: Any = None,
     ) -> None:
         if prediction not in _KINDS:
             raise GuidanceValueError(
@@ -168,6 +173,7 @@ class KDiffusionGuided(SamplerAdapter):
             plan, model, models, {"cond": cond, "uncond": uncond, **(conds or {})},
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="KDiffusionGuided",
             around_call=around_call, nonfinite=check_policy(nonfinite, "KDiffusionGuided"),
+            tokens=tokens,
         )
 
     # -- translation ------------------------------------------------------------------------

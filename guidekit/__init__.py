@@ -27,6 +27,7 @@ from guidekit.combinators import (
 from guidekit.compile import compile
 from guidekit.errors import GuidanceError, GuidanceTypeError, GuidanceValueError, ParseError
 from guidekit.expr import Expr, Scaled, Sum
+from guidekit.padding import Tokens
 from guidekit.parse import parse
 from guidekit.plan import CallRecord, ForwardGroup, Plan
 from guidekit.runner import Guided, guide
@@ -77,4 +78,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
+    "Tokens",
 ]

@@ -63,7 +63,8 @@ def describe(plan: Plan) -> str:
             if isinstance(plan.policy, FixedSplit) and plan.policy.max_rows is not None else ""
         )
         lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
-    return "\n".join(lines + decisions(plan))
+    shared = [f"  tokens {title}: {how} (last step)" for title, how in plan.shared.items()]
+    return "\n".join(lines + decisions(plan) + shared)
 
 def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
     """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""

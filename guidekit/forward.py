@@ -9,15 +9,17 @@ call is recorded with how the group was split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from typing import Any
 
+import attrs
 import torch
 
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceValueError
+from guidekit.padding import Tokens, share
 from guidekit.program import Program
 from guidekit.rows import (
     CallRecord,
@@ -69,13 +71,17 @@ def run_groups(
     level: int = 0,
     around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
     forward_state: ForwardState | None = None,
+    tokens: Sequence[Tokens] = (),
+    shared: dict[str, str] | None = None,
 ) -> dict[Branch, torch.Tensor]:
-    """Every forward group of ``prog`` in order; returns each branch's output rows."""
+    """Every forward group of ``prog`` in order; returns each branch's output rows.
+
+    A group whose conditionings cannot share one call (token lengths differ, and ``tokens``
+    declares no padding or exact repetition that brings them together) runs as one call per
+    shape (:func:`guidekit.padding.share`); what was done is each call's
+    ``CallRecord.tokens`` and ``shared[group title]``."""
     batch = x.shape[0]
     native: dict[Branch, torch.Tensor] = {}
-    deciding = getattr(split, "deciding", None)
-    measure = getattr(split, "measure", None)
-    clock = getattr(split, "clock", now)
     for group in prog.groups:
         model = models.get(group.model)
         if model is None:
@@ -84,39 +90,67 @@ def run_groups(
                 f"{', '.join(b.label for b in group.branches)}): pass "
                 f"models={{{group.model!r}: ...}}"
             )
-        rows = len(group.branches) * batch
-        key = group_key(group)
-        x_rows = _x_rows(group, x, sigma, native, forward_state, prediction, noise)
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
-        cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
-        with measure(key, rows, batch, x.device) if measure is not None else nullcontext():
-            chunk = split.chunk(key, rows, batch)
-            timed = deciding(key, rows, batch) if deciding is not None else split.timing
-            how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
-            start = clock() if timed else 0.0
-            outs = []
-            for lo in range(0, rows, chunk):
-                hi = min(lo + chunk, rows)
-                whole = (lo, hi) == (0, rows)
-                sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
-                xs = x_rows if whole else x_rows[lo:hi]
-                if around_call is None:
-                    out = model(xs, sig_rows[lo:hi], **sub)
-                else:
-                    with around_call(layout_rows(group, batch, lo, hi, forward_state)):
-                        out = model(xs, sig_rows[lo:hi], **sub)
-                check_output(out, group.model, hi - lo, xs)
-                outs.append(out)
-                if on_call is not None:
-                    labels = tuple(
-                        group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
-                    )
-                    on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how))
-            full = outs[0] if len(outs) == 1 else torch.cat(outs)
-            if timed:
-                sync(full)
-                split.observe(key, rows, batch, chunk, clock() - start)
-        for i, branch in enumerate(group.branches):
-            native[branch] = full[i * batch : (i + 1) * batch]
+        parts = share([b.cond for b in group.branches], conds, tokens)
+        for part in parts:
+            sub = group if len(parts) == 1 else attrs.evolve(
+                group, branches=tuple(group.branches[i] for i in part.indices)
+            )
+            if shared is not None and part.how:
+                shared[sub.title] = part.how
+            full = _run_group(
+                sub, model, x, sigma, part.conds, split, native, part.how,
+                prediction=prediction, noise=noise, on_call=on_call, level=level,
+                around_call=around_call, forward_state=forward_state,
+            )
+            for i, branch in enumerate(sub.branches):
+                native[branch] = full[i * batch : (i + 1) * batch]
     return native
+
+
+def _run_group(
+    group: ForwardGroup, model: ModelFn, x: torch.Tensor, sigma: float,
+    conds: Mapping[str, Mapping[str, Any]], split: Splitter,
+    native: Mapping[Branch, torch.Tensor], tokens: str, *, prediction: str, noise: Noise,
+    on_call: Callable[[CallRecord], None] | None, level: int,
+    around_call: Callable[[RowLayout], ContextManager[Any]] | None,
+    forward_state: ForwardState | None,
+) -> torch.Tensor:
+    """One forward group's rows through the model, in the splitter's calls."""
+    batch = x.shape[0]
+    deciding = getattr(split, "deciding", None)
+    measure = getattr(split, "measure", None)
+    clock = getattr(split, "clock", now)
+    rows = len(group.branches) * batch
+    key = group_key(group)
+    x_rows = _x_rows(group, x, sigma, native, forward_state, prediction, noise)
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
+    cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
+    with measure(key, rows, batch, x.device) if measure is not None else nullcontext():
+        chunk = split.chunk(key, rows, batch)
+        timed = deciding(key, rows, batch) if deciding is not None else split.timing
+        how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
+        start = clock() if timed else 0.0
+        outs = []
+        for lo in range(0, rows, chunk):
+            hi = min(lo + chunk, rows)
+            whole = (lo, hi) == (0, rows)
+            sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
+            xs = x_rows if whole else x_rows[lo:hi]
+            if around_call is None:
+                out = model(xs, sig_rows[lo:hi], **sub)
+            else:
+                with around_call(layout_rows(group, batch, lo, hi, forward_state)):
+                    out = model(xs, sig_rows[lo:hi], **sub)
+            check_output(out, group.model, hi - lo, xs)
+            outs.append(out)
+            if on_call is not None:
+                labels = tuple(
+                    group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
+                )
+                on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
+        full = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if timed:
+            sync(full)
+            split.observe(key, rows, batch, chunk, clock() - start)
+    return full

@@ -27,6 +27,7 @@ from guidekit.explain import describe, explain
 from guidekit.expr import Entry, Expr, atom_branches
 from guidekit.fixed import fixed_program
 from guidekit.forward import ModelFn, group_key, run_groups
+from guidekit.padding import Tokens
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
 from guidekit.requires import check_engine, check_native
@@ -67,6 +68,8 @@ class Plan:
     parallel: Any = None
     #: guidekit/fixed.py: every step runs every branch (one shape per run)
     fixed_shapes: bool = False
+    #: guidekit/padding.py: how each group's token lengths last shared a call, by group title
+    shared: dict[str, str] = attrs.field(factory=dict, repr=False)
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -224,6 +227,7 @@ class Plan:
         output: str | None = None,
         around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
         native: Mapping[Branch, torch.Tensor] | None = None,
+        tokens: Sequence[Tokens] = (),
     ) -> tuple[torch.Tensor, State]:
         """One guided prediction at ``(x, sigma)``; returns it and the next state.
 
@@ -235,7 +239,8 @@ class Plan:
 
         ``native`` lets a caller that ran the branches itself (a guider inside someone else's
         denoising loop) pass their outputs, keyed by branch, in the model's own space; no
-        model is called then and ``models`` may be empty.
+        model is called then and ``models`` may be empty. ``tokens`` says how conditionings
+        of different token lengths may share a call (:mod:`guidekit.padding`).
         """
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
@@ -268,7 +273,8 @@ class Plan:
             ctx.native = run_groups(
                 prog, x, s, conds, models, splitter if splitter is not None else self.splitter(),
                 prediction=self.prediction, noise=self.noise, on_call=on_call, level=level,
-                around_call=around_call, forward_state=forward_state,
+                around_call=around_call, forward_state=forward_state, tokens=tokens,
+                shared=self.shared,
             )
         y = self._combine(prog, ctx)
         results = dict(inputs)

@@ -55,6 +55,9 @@ class CallRecord:
     #: how the group was split: "one call", "per branch", "N-row calls", "+ (trial)" while
     #: the auto split is still timing (not part of equality: the same call whatever the policy)
     split: str = attrs.field(default="", eq=False)
+    #: how conditionings of different token lengths share the call (guidekit/padding.py):
+    #: "padded ...", "repeated ...", "separate call i of n (...)"; "" where nothing differed
+    tokens: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
@@ -126,7 +129,9 @@ def concat_conds(
                     raise GuidanceValueError(
                         f"conditionings {first_name!r} and {n!r} differ at key {key!r}: shape "
                         f"{list(value.shape)} vs {list(v.shape)}; pad or mask them to the same "
-                        f"shape so their rows share one batch"
+                        f"shape so their rows share one batch (token sequences [B, L, C] of "
+                        f"different L run as separate calls, or share one under "
+                        f"tokens=guidekit.Tokens({key!r}, mask=...))"
                     )
             out[key] = value if len(dicts) == 1 else torch.cat([d[key] for d in dicts])
         else:

@@ -38,6 +38,7 @@ from guidekit.branch import Branch
 from guidekit.checks import check_cond_tensors, check_sigmas
 from guidekit.errors import GuidanceValueError
 from guidekit.finite import NonFinite, StepWatch, check_policy
+from guidekit.padding import Tokens, as_tokens
 from guidekit.plan import CallRecord, ModelFn, Plan
 from guidekit.state import CallKind, ForwardState, State
 from guidekit.state import level_of as state_level_of
@@ -65,7 +66,9 @@ class Run:
     what a level above the current step means (see the module docstring), ``nonfinite``
     what a NaN or inf in a model output or the guided output does (:mod:`guidekit.finite`:
     ``"raise"`` a :class:`~guidekit.errors.NonFiniteError` naming the step, sigma, branch and
-    terms; ``"warn"`` once per run).
+    terms; ``"warn"`` once per run), ``tokens`` how conditionings of different token
+    lengths share a call (:class:`~guidekit.padding.Tokens`: padded under the model's mask,
+    repeated, or, undeclared, separate calls).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Run:
         around_call: Any = None,
         on_rise: OnRise = "raise",
         nonfinite: NonFinite = "raise",
+        tokens: Tokens | Sequence[Tokens] | None = None,
     ) -> None:
         if on_rise not in _ON_RISE:
             raise GuidanceValueError(
@@ -84,6 +88,7 @@ class Run:
             )
         self.plan = plan
         self.around_call = around_call
+        self.tokens = as_tokens(tokens)
         self.on_rise: OnRise = on_rise
         self.nonfinite: NonFinite = check_policy(nonfinite, type(self).__name__)
         self.runs = 0
@@ -226,7 +231,7 @@ class Run:
             before, x, sigma, conds, watch.models(models),
             splitter=self.splitter, on_call=watch.observer(self.calls.append), output=output,
             around_call=self.around_call if around_call is ... else around_call,
-            native=native,
+            native=native, tokens=self.tokens,
         )
         if s is None:
             s = level_of(sigma)

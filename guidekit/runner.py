@@ -12,6 +12,7 @@ from guidekit.checks import check_first_level
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
+from guidekit.padding import Tokens, as_tokens
 from guidekit.plan import ModelFn, Plan
 from guidekit.run import Run, level_of
 
@@ -121,6 +122,7 @@ class Guided(Run):
         output: str | None = None,
         around_call: Any = None,
         nonfinite: NonFinite = "raise",
+        tokens: Tokens | Sequence[Tokens] | None = None,
     ) -> None:
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
@@ -141,7 +143,8 @@ class Guided(Run):
         check_models(plan, self.models)
         check_conditionings(plan, named)
         super().__init__(
-            plan, sigmas=sigmas, seed=seed, around_call=around_call, nonfinite=nonfinite
+            plan, sigmas=sigmas, seed=seed, around_call=around_call, nonfinite=nonfinite,
+            tokens=as_tokens(tokens, "guide(tokens"),
         )
 
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
@@ -164,6 +167,10 @@ def guide(
     arguments; ``models`` names extra models (``{"weak": ...}`` for Autoguidance); ``sigmas``
     is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS;
     ``nonfinite="warn"`` only warns (once per run) where a NaN or inf in a model output or
-    the guided output would raise :class:`~guidekit.errors.NonFiniteError`.
+    the guided output would raise :class:`~guidekit.errors.NonFiniteError`. ``conds`` names
+    other conditionings (``{"neg": {...}}`` for ``CFG(7, negative="neg")``); ``tokens``
+    (:class:`~guidekit.padding.Tokens`) says how ones of different token lengths share a
+    call: padded under the model's attention mask, repeated where that is exact, or, by
+    default, as separate calls (``calls[i].tokens`` and ``print(plan)`` say which).
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)
