@@ -29,6 +29,7 @@ examples:
   python -m guidekit demo
   python -m guidekit demo --guidance "CFG(3) + PAG(1.5) | APG(eta=0)" --guidance "CFG(3)"
   python -m guidekit demo --model flow --guidance "CFG(2) + Autoguidance(1)" --samples 20
+  python -m guidekit demo --negative 3 --samples 5
   python -m guidekit demo --toy --guidance "CFG(5).between(0.3, 5)" --batch 8 --max-rows 8
 """
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rows", type=_max_rows, default=None, metavar="N|auto",
         help="row budget per model call (default: one call per forward group)",
     )
+    demo.add_argument("--negative", type=int, default=None, metavar="DIGIT",
+                      help="a digit for the conditioning 'neg': CFG(w, negative='neg') steers "
+                      "away from it; alone, compares CFG(1.5) with CFG(1.5, negative='neg')")
     demo.add_argument("--toy", action="store_true",
                       help="the tiny toy demo (exact Gaussian-blob denoiser, ~1 s)")
     demo.add_argument("--batch", "-b", type=_positive, default=4,
@@ -165,6 +169,10 @@ def _demo(args: argparse.Namespace) -> int:
         if args.guidance is not None and len(args.guidance) > 1:
             print("guidekit demo: --toy runs one --guidance expression", file=sys.stderr)
             return 2
+        if args.negative is not None:
+            print("guidekit demo: --negative labels the bundled models' 'neg'; the --toy "
+                  "demo has no digits", file=sys.stderr)
+            return 2
         try:
             run_demo(args.guidance[0] if args.guidance else None, steps=args.steps or 12,
                      batch=args.batch, seed=args.seed, max_rows=args.max_rows)
@@ -181,7 +189,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         run_model_demo(entries, per_digit=args.samples, steps=args.steps or 20, seed=args.seed,
                        max_rows=args.max_rows, out=args.out, progress=not args.no_progress,
-                       threads=args.threads)
+                       threads=args.threads, negative=args.negative)
     except GuidanceError as err:
         print(f"guidekit demo: {err}", file=sys.stderr)
         return 2

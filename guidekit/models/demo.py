@@ -65,6 +65,12 @@ def default_entries() -> list[Entry]:
     ]
 
 
+def negative_entries(model: str) -> list[Entry]:
+    """``--negative``'s comparison: CFG against the null class and against the digit."""
+    w = f"{W:g}"
+    return [Entry(model, f"CFG({w})"), Entry(model, f"CFG({w}, negative='neg')")]
+
+
 def rows_per_step(plan: Any, sigmas: torch.Tensor, batch: int) -> list[int]:
     """``plan.rows(sigma, batch)`` at every step of the schedule (the final 0 excluded)."""
     return [plan.rows(float(s), batch) for s in sigmas[:-1]]
@@ -132,14 +138,16 @@ class ModelDemo:
 
 
 def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: int, seed: int,
-              max_rows: int | str | None = None) -> DemoRow:
-    """Sample ``labels`` under ``entry`` and score the samples."""
+              max_rows: int | str | None = None, conds: dict[str, int] | None = None) -> DemoRow:
+    """Sample ``labels`` under ``entry`` (``conds``: labels of named conditionings, see
+    :func:`guidekit.models.sample`) and score the samples."""
     from guidekit.models import evaluate, sample
 
     bundled = models(entry.model)
     expr = guidekit.parse(entry.text)
     weak = models(weak_name(entry.model)) if _uses_weak(expr, bundled) else None
-    result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak, max_rows=max_rows)
+    result = sample(bundled, expr, labels, steps=steps, seed=seed, weak=weak, max_rows=max_rows,
+                    conds=conds)
     plan, sigmas, batch = result.plan, bundled.sigmas(steps), labels.shape[0]
     # the auto split keeps one call per group unless it measured a split faster: check
     # one call per group wherever no call record says it split
@@ -151,6 +159,24 @@ def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: 
         rows=tuple(rows_per_step(plan, sigmas, batch)), seconds=result.seconds,
         accuracy=metrics.accuracy, fd=metrics.fd,
     )
+
+
+def _negative(entries: Sequence[Entry], negative: int | None) -> dict[str, int] | None:
+    """Parse every entry first (a typo fails before any model loads); a ``negative`` digit
+    must be read by one of them."""
+    exprs = [guidekit.parse(e.text) for e in entries]
+    if negative is None:
+        return None
+    if not 0 <= negative <= DIGITS - 1:
+        raise guidekit.GuidanceValueError(
+            f"negative={negative}: a digit 0..{DIGITS - 1} for the conditioning 'neg'"
+        )
+    if not any("neg" in guidekit.compile(e).conditionings for e in exprs):
+        raise guidekit.GuidanceValueError(
+            f"negative={negative} labels the conditioning 'neg', which no expression reads: "
+            f"add one that does, e.g. --guidance \"CFG({W:g}, negative='neg')\""
+        )
+    return {"neg": negative}
 
 
 def _uses_weak(expr: Any, bundled: Any) -> bool:
@@ -193,6 +219,7 @@ def run_model_demo(
     echo: Callable[[str], None] | None = print,
     device: Any = "cpu",
     threads: int | None = None,
+    negative: int | None = None,
 ) -> ModelDemo:
     """Sample every digit under each entry, print the table, write the grid PNG.
 
@@ -210,6 +237,9 @@ def run_model_demo(
         threads: pin torch's CPU threads for the run (restored afterwards); ``None`` keeps
             the current setting. With other processes on the machine, one thread is often
             many times faster than two for models this small.
+        negative: a digit for the conditioning ``neg`` (``CFG(w, negative='neg')`` steers
+            away from it instead of from the null class); with no ``entries``, the demo
+            compares ``CFG(w)`` and ``CFG(w, negative='neg')`` on the eps model.
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -217,29 +247,30 @@ def run_model_demo(
     try:
         return _run_model_demo(entries, per_digit=per_digit, steps=steps, seed=seed,
                                max_rows=max_rows, out=out, progress=progress, echo=echo,
-                               device=device)
+                               device=device, negative=negative)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: int, seed: int,
                     max_rows: int | str | None, out: str | Path | None, progress: bool,
-                    echo: Callable[[str], None] | None, device: Any) -> ModelDemo:
+                    echo: Callable[[str], None] | None, device: Any,
+                    negative: int | None = None) -> ModelDemo:
     from tqdm.auto import tqdm
 
     say = echo or (lambda _: None)
     start = time.perf_counter()
     if entries is None:
-        entries = default_entries()
-    for e in entries:  # parse everything first: a typo fails before any model loads
-        guidekit.parse(e.text)
+        entries = default_entries() if negative is None else negative_entries("eps")
+    conds = _negative(entries, negative)
     models = ModelCache(device)
     labels = digit_labels(per_digit)
     rows: list[DemoRow] = []
     bar = tqdm(entries, desc="guidekit demo", unit="expr", disable=not progress, leave=False)
     for e in bar:
         bar.set_postfix_str(e.label, refresh=True)
-        rows.append(run_entry(e, models, labels, steps=steps, seed=seed, max_rows=max_rows))
+        rows.append(run_entry(e, models, labels, steps=steps, seed=seed, max_rows=max_rows,
+                              conds=conds))
     bar.close()
     grid = None
     if out is not None and rows:
@@ -248,6 +279,8 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
         render_grid(rows).save(grid)
     result = ModelDemo(rows, int(labels.shape[0]), steps, grid, time.perf_counter() - start)
     say(result.table())
+    if negative is not None:
+        say(f"negative 'neg' = digit {negative} for every sample")
     say("check: every step ran plan.rows(sigma, N) rows"
         + (", one model call per forward group" if max_rows in (None, "auto", "one call", "all")
            else ""))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -26,6 +26,7 @@ import guidekit.attention
 from guidekit.branch import MAIN
 from guidekit.combinators.cads_embedding import ClassEmbeddingCADS
 from guidekit.combinators.cads_embedding import adapt as cads_plans
+from guidekit.models.labels import named_labels
 from guidekit.plan import CallRecord, Plan, RowLayout
 
 
@@ -85,6 +86,7 @@ def sample(
     weak: Any = None,
     progress: bool = False,
     max_rows: int | str | None = None,
+    conds: Mapping[str, Any] | None = None,
 ) -> SampleResult:
     """Sample one digit per label with guidance ``expr`` (an expression, text, or a Plan).
 
@@ -99,6 +101,9 @@ def sample(
         weak: the Bundled used for ``models={"weak": ...}`` (Autoguidance).
         progress: print one line per step to stderr.
         max_rows: the plan's row budget (``guidekit.compile``'s ``max_rows``).
+        conds: labels of the other conditionings the expression reads, by name: one class
+            index or one per sample (``conds={"neg": 3}`` for ``CFG(3, negative="neg")``;
+            ``"uncond"`` replaces the null class); see :mod:`guidekit.models.labels`.
     """
     plan = expr if isinstance(expr, Plan) else bundled.compile(expr, max_rows=max_rows)
     if (plan.prediction, plan.noise.kind) != (bundled.prediction, bundled.noise):
@@ -110,7 +115,9 @@ def sample(
     y, sigmas, x = initial_state(bundled, labels, steps, seed)
     models = {"weak": weak.model_fn} if weak is not None else None
     cond = {"class_labels": y}
-    uncond = {"class_labels": torch.full_like(y, bundled.null_class)}
+    named = {"uncond": {"class_labels": torch.full_like(y, bundled.null_class)},
+             **named_labels(conds, y, bundled.classes, bundled.null_class)}
+    uncond = named.pop("uncond")
     # CADS leaves the integer labels alone and anneals their embedding inside the forward
     _, step_plan, embed_plan = cads_plans(plan, class_labels=True)
     cads = None
@@ -140,7 +147,7 @@ def sample(
 
         guided = guidekit.guide(
             step_plan, bundled.model_fn, cond=cond, uncond=uncond, models=models,
-            sigmas=sigmas, seed=seed,
+            sigmas=sigmas, seed=seed, conds=named,
             around_call=around if engine is not None or cads is not None else None,
         )
         values = sigmas.tolist()
