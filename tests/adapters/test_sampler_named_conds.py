@@ -111,3 +111,31 @@ def test_flow_matching_named_conditionings_run_as_one_call(fm, expr, rows):
     out = fm.ODESolver(guided.model_wrapper()).sample(neg=neg, **kwargs)
     assert (out - ref).abs().max() < 1e-10
     assert [(c.rows, c.branches) for c in guided.calls] == [(len(rows) * B, rows)] * 6
+
+
+@torch.no_grad()
+def test_the_adapters_pad_prompts_of_different_lengths_under_a_declared_mask(K, setup):
+    from guidekit import Tokens
+
+    g = torch.Generator().manual_seed(5)
+    proj = torch.randn(3, 32, generator=g, dtype=F64)
+
+    def den(x, sigma, text, mask=None):
+        # x0 from a masked mean of the prompt's tokens: padding is exact under the mask
+        m = torch.ones(text.shape[:2], dtype=F64) if mask is None else mask
+        pooled = (text * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        return x / (1 + sigma.view(-1, 1, 1, 1)) + (pooled @ proj).view_as(x)
+
+    c, neg = torch.randn(B, 7, 3, generator=g, dtype=F64), torch.randn(B, 4, 3, generator=g,
+                                                                      dtype=F64)
+    sigmas, x = setup["sigmas"], setup["x"] * setup["sigmas"][0]
+    padded = KDiffusionGuided(NEGATIVE, den, cond={"text": c}, conds={"neg": {"text": neg}},
+                              sigmas=sigmas, tokens=Tokens("text", mask="mask"))
+    separate = KDiffusionGuided(NEGATIVE, den, cond={"text": c}, conds={"neg": {"text": neg}},
+                                sigmas=sigmas)
+    a = K.sampling.sample_euler(padded, x, sigmas, disable=True)
+    b = K.sampling.sample_euler(separate, x, sigmas, disable=True)
+    assert (a - b).abs().max() < 1e-12
+    assert [c.rows for c in padded.calls] == [2 * B] * (len(sigmas) - 1)
+    assert [c.rows for c in separate.calls] == [B, B] * (len(sigmas) - 1)
+    assert padded.calls[0].tokens == "padded 'text' to 7 tokens under 'mask' (cond 7, neg 4)"
