@@ -29,6 +29,7 @@ from ._diffusers_arguments import check_scale, refuse_unowned, rescaled, scale_a
 from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
 from ._diffusers_layout import Layout
+from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for
 
@@ -58,6 +59,7 @@ class GuidedPipeline:
         engines: Mapping[str, Any] | None = None,
         cads: ClassEmbeddingCADS | None = None,
         replan: Callable[[Expr], tuple[Plan, Plan]],
+        prompts: NamedPrompts | None = None,
     ) -> None:
         self.pipe = pipe
         self.plan = plan
@@ -70,6 +72,7 @@ class GuidedPipeline:
         self.engines: dict[str, Any] = dict(engines or {})
         self._engine_calls: dict[str, Callable[[RowLayout], Any]] = {}
         self._cads = cads
+        self.prompts = prompts  # the named prompts (guided(prompts=...)), encoded per call
         self._at: tuple[torch.Tensor, float] | None = None  # (x, sigma) of the step
         self.denoiser = denoiser
         self.layout = layout
@@ -137,7 +140,14 @@ class GuidedPipeline:
                 shown, step = self._replan(expr)
         self.plan, self._step_plan = shown, step
         self._new_run, self._encodes, self._pending = True, 0, None
-        yield
+        if self.prompts is None:
+            yield
+            return
+        self.prompts.start_call()
+        try:
+            yield
+        finally:
+            self.prompts.end_call()
 
     def _prepare_latents(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def prepare_latents(*args: Any, **kwargs: Any) -> Any:
@@ -155,7 +165,10 @@ class GuidedPipeline:
     def _encode_prompt(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
             self._encodes += 1
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
+            if self.prompts is not None:
+                self.prompts.after_encode(orig, args, kwargs, out)
+            return out
 
         return encode_prompt
 
@@ -254,7 +267,11 @@ class GuidedPipeline:
         times along the batch (every half of the pipeline's CFG batch gets it)."""
         sigma, exact = self._sigma(call)
         run = self._run_for(exact)
-        missing = sorted({b.cond for b in run.plan.program(sigma).branches} - split.conds.keys())
+        needed = {b.cond for b in run.plan.program(sigma).branches}
+        named = sorted(needed & named_conds(run.plan))
+        if named and self.prompts is not None:
+            split.conds.update(self.prompts.conds(split.conds[COND], named, self._computed()))
+        missing = sorted(needed - split.conds.keys())
         if missing:
             raise GuidanceValueError(
                 f"{self.plan.expr!r} needs the {' and '.join(missing)} conditioning at sigma="
@@ -300,6 +317,10 @@ class GuidedPipeline:
         if found["extra"]:
             sample = torch.cat([sample, torch.cat(found["extra"])[:batch]], dim=1)
         return like(found["proto"], tile(sample, blocks))
+
+    def _computed(self) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Rows another hook built for the named conditionings (ControlNet residuals)."""
+        return None
 
     # -- around each model call: attention engines, CADS on class embeddings, the user's hook -----
     def _needs_around(self) -> bool:
