@@ -39,6 +39,7 @@ FOLLOW = frozenset({
     "added_cond_kwargs.time_ids", "added_cond_kwargs.resolution", "added_cond_kwargs.aspect_ratio",
 })
 LABELS = "class_labels"
+Lookup = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
 def named_conds(plan: Plan) -> set[str]:
@@ -158,11 +159,11 @@ class NamedPrompts:
     # -- at a denoiser call ---------------------------------------------------------------------------
     def conds(
         self, cond: Mapping[str, torch.Tensor], needed: Sequence[str],
-        computed: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        computed: Lookup | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """The rows of each ``needed`` named conditioning, built from the conditional rows
-        ``cond`` (path -> tensor of ``B`` rows); ``computed`` holds paths another hook built
-        for each name (ControlNet residuals)."""
+        ``cond`` (path -> tensor of ``B`` rows); ``computed(name, rows)`` gives what another
+        hook built for a name (ControlNet residuals), or ``None``."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name in needed:
             rows: dict[str, torch.Tensor] = {}
@@ -172,11 +173,8 @@ class NamedPrompts:
         return out
 
     def _row(
-        self, name: str, path: str, value: torch.Tensor,
-        computed: Mapping[str, Mapping[str, torch.Tensor]] | None,
+        self, name: str, path: str, value: torch.Tensor, computed: Lookup | None
     ) -> torch.Tensor:
-        if computed is not None and path in computed.get(name, {}):
-            return computed[name][path]
         if path in FOLLOW:
             return value
         if self.labels and path == LABELS:
@@ -191,6 +189,10 @@ class NamedPrompts:
             return t.repeat_interleave(b // len(ids))
         if not self.labels:
             found = self._encoded(name, path, value)
+            if found is not None:
+                return found
+        if computed is not None:
+            found = computed(name, value)
             if found is not None:
                 return found
         raise GuidanceValueError(

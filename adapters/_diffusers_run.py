@@ -28,6 +28,7 @@ from guidekit.state import State
 from ._diffusers_arguments import check_scale, refuse_unowned, rescaled, scale_argument
 from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
+from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
 from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
@@ -73,6 +74,7 @@ class GuidedPipeline:
         self._engine_calls: dict[str, Callable[[RowLayout], Any]] = {}
         self._cads = cads
         self.prompts = prompts  # the named prompts (guided(prompts=...)), encoded per call
+        self.controlnet: ControlNetRows | None = None  # their ControlNet rows, where one runs
         self._at: tuple[torch.Tensor, float] | None = None  # (x, sigma) of the step
         self.denoiser = denoiser
         self.layout = layout
@@ -270,7 +272,11 @@ class GuidedPipeline:
         needed = {b.cond for b in run.plan.program(sigma).branches}
         named = sorted(needed & named_conds(run.plan))
         if named and self.prompts is not None:
-            split.conds.update(self.prompts.conds(split.conds[COND], named, self._computed()))
+            lookup = None
+            if self.controlnet is not None:
+                self.controlnet.check(call.rows)
+                lookup = self.controlnet.lookup
+            split.conds.update(self.prompts.conds(split.conds[COND], named, lookup))
         missing = sorted(needed - split.conds.keys())
         if missing:
             raise GuidanceValueError(
@@ -317,10 +323,6 @@ class GuidedPipeline:
         if found["extra"]:
             sample = torch.cat([sample, torch.cat(found["extra"])[:batch]], dim=1)
         return like(found["proto"], tile(sample, blocks))
-
-    def _computed(self) -> dict[str, dict[str, torch.Tensor]] | None:
-        """Rows another hook built for the named conditionings (ControlNet residuals)."""
-        return None
 
     # -- around each model call: attention engines, CADS on class embeddings, the user's hook -----
     def _needs_around(self) -> bool:

@@ -55,6 +55,7 @@ from guidekit.spaces import as_noise, check_prediction
 from ._diffusers_arguments import wrap_call
 from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
 from ._diffusers_cads import adapt as cads_plans
+from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout, as_layout, denoiser_of, layout_for
 from ._diffusers_prompts import NamedPrompts, check_prompts
 from ._diffusers_rows import NOT_ROW_ARGS, SHARED_ROW_ARGS
@@ -166,6 +167,10 @@ def guided(
             getattr(pipe, "encode_prompt", None)
         ):
             undo.callback(_swap(pipe, "encode_prompt", run._encode_prompt(pipe.encode_prompt)))
+        net = getattr(pipe, "controlnet", None)
+        if named is not None and not named.labels and isinstance(net, torch.nn.Module):
+            run.controlnet = ControlNetRows(net, named, lambda: run._batch)
+            undo.callback(_swap(net, call_slot(net), run.controlnet))
         if callable(pipe):  # pipe(...) then goes through the call hook
             undo.callback(wrap_call(pipe, run.pipeline_call))
         yield run

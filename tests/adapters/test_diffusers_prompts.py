@@ -73,7 +73,7 @@ def test_a_named_negative_equals_the_pipelines_own_negative_prompt(kind: str, ge
     module = denoiser(pipe)
     before_pipe, before_module = snapshot(pipe), snapshot(module)
     with forwards("sd" if kind == "sdxl" else kind, main=module) as log, guided(
-        pipe, CFG(7, negative="neg"), prompts={"neg": NEG}
+        pipe, CFG(7, negative="neg"), prompts={"neg": NEG}, max_rows="one call"
     ) as run:
         out = sample(pipe, **_kwargs(kind))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
@@ -135,7 +135,7 @@ def test_three_conditionings_are_one_call_and_match_a_guide_loop(
     else:
         expr, text = CFG(5) + 3 * (Cond("style") - Uncond()), "an oil painting"
     with forwards(kind, main=denoiser(pipe)) as log, guided(
-        pipe, expr, prompts={which: text}
+        pipe, expr, prompts={which: text}, max_rows="one call"
     ) as run:
         # prompt embeddings given: the named prompt is encoded to the call's token length
         length = {} if kind == "sd" else {"max_sequence_length": 16}
@@ -163,7 +163,7 @@ def test_flux_and_sdxl_three_conditionings_in_one_call(get: Any) -> None:
         kw = {**_kwargs(kind, 5.0), **({"negative_prompt": ["", ""]} if kind == "flux" else {})}
         plain = sample(pipe, **kw)
         expr = CFG(5) + 3 * (Cond("style") - Uncond())
-        with guided(pipe, expr, prompts={"style": "an oil painting"}) as run:
+        with guided(pipe, expr, prompts={"style": "an oil painting"}, max_rows="one call") as run:
             out = sample(pipe, **kw)
         assert [(c.rows, c.branches) for c in run.calls] == [(6, ("c", "u", "style"))] * STEPS
         assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-4
