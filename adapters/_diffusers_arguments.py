@@ -26,10 +26,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guidekit.branch import uncond
+from guidekit.branch import UNCOND, uncond
 from guidekit.combinators.rescale import CFGRescale
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import Plan
+from guidekit.terms.cfg import CFGTerm
 
 #: Guidance-looking arguments that are model or ControlNet inputs, never guidance guidekit owns.
 NOT_GUIDANCE = frozenset({
@@ -55,9 +56,19 @@ def scale_argument(parameters: Mapping[str, inspect.Parameter]) -> str:
 
 
 def cfg_scales(plan: Plan) -> set[float]:
-    """The expression's CFG scales ``w`` (``u``'s coefficient is ``1 - w``), by noise region."""
+    """The expression's CFG scales ``w``: ``1 - `` ``u``'s coefficient, by noise region, and
+    the scale of each ``CFG`` term (``CFG(7) - 2 * (Cond("neg") - Uncond())`` guides with 7
+    although ``u``'s coefficient is -4; ``CFG(7, negative="neg")`` has no ``u``)."""
     u = uncond()
-    return {1.0 - p.coef_map[u] for _, _, p in plan.regions() if u in p.coef_map}
+    found = {1.0 - p.coef_map[u] for _, _, p in plan.regions() if u in p.coef_map}
+    return found | set(_cfg_terms(plan.expr))
+
+
+def _cfg_terms(node: Any) -> list[float]:
+    if isinstance(node, CFGTerm):
+        return [node.scale]
+    kids = node.children() if hasattr(node, "children") else ()
+    return [w for kid in kids for w in _cfg_terms(kid)]
 
 
 def _off(value: Any, default: Any) -> bool:
@@ -92,6 +103,8 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
         )
     if any(math.isclose(v, w, rel_tol=1e-9, abs_tol=1e-12) for w in scales):
         return
+    if v <= 1 and not any(b.cond == UNCOND for _, _, p in plan.regions() for b in p.branches):
+        return  # CFG(w, negative="neg"): no unconditional rows to prepare
     shown = ", ".join(f"{w:g}" for w in sorted(scales))
     if v <= 1:
         raise GuidanceValueError(

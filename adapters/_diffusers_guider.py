@@ -54,6 +54,7 @@ from ._diffusers_guider_attention import (
 from ._diffusers_guider_level import needs_x, step_level
 from ._diffusers_guider_rows import tile_inputs
 from ._diffusers_guider_state import combine_stateful
+from ._diffusers_prompts import named_conds
 from ._diffusers_schedule import conventions
 
 LATENT_KEYS = batches_.LATENT_KEYS
@@ -139,6 +140,7 @@ class GuidekitGuidance(BaseGuidance):
         self._batches: list[batches_.Unit] = []
         self._x: torch.Tensor | None = None
         self._conds: dict[str, dict[str, Any]] = {}
+        self._named: dict[str, dict[str, Any]] = {}  # attach(conds=...)
         self._forward_state: ForwardState | None = None
         self._undo: list[Callable[[], None]] = []
         self._entered: Any = None
@@ -209,14 +211,22 @@ class GuidekitGuidance(BaseGuidance):
         scheduler: Any = None,
         models: Mapping[str, Callable[..., Any]] | None = None,
         around_call: Any = None,
+        conds: Mapping[str, Mapping[str, Any]] | None = None,
         **named_models: Callable[..., Any],
     ) -> GuidekitGuidance:
         """Bind run-time objects the config cannot hold; returns the guider.
 
         ``scheduler`` gives the prediction/noise conventions and maps timesteps to sigma;
         ``models`` (or keywords such as ``weak=small_transformer``) are the extra models the
-        expression names; ``around_call`` is passed the row layout of each batch.
+        expression names; ``around_call`` is passed the row layout of each batch; ``conds``
+        the named conditionings the expression reads (``Cond("style")``, ``CFG(7,
+        negative="neg")``), each a dict keyed by the loop's guider inputs, e.g.
+        ``{"neg": {"encoder_hidden_states": e, "text_embeds": pooled}}`` (inputs the loop
+        passes alike for cond and uncond, such as time ids, may be left out).
         """
+        if conds is not None:
+            reads = named_conds(self._plan)
+            self._named.update(batches_.check_named(conds, reads, repr(self._expr)))
         if scheduler is not None:
             self._scheduler = scheduler
             self._plan = self._compile()
@@ -290,7 +300,9 @@ class GuidekitGuidance(BaseGuidance):
         groups = self._groups()
         latent_key = self._latent_key or next((k for k in LATENT_KEYS if k in keys), None)
         self._x = get(latent_key, 0) if latent_key is not None else None
-        self._conds = batches_.read_conds(repr(self._expr), groups, get, keys, latent_key)
+        self._conds = batches_.read_conds(
+            repr(self._expr), groups, get, keys, latent_key, self._named
+        )
         self._batches = batches_.units(groups, self._batched)
         self._forward_state = None
         if self._plan.stateful and self._active():  # EMAG: observed in the batches' calls

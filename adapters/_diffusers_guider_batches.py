@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from guidekit import GuidanceValueError
+from guidekit import GuidanceTypeError, GuidanceValueError
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.plan import ForwardGroup
 
@@ -42,15 +42,20 @@ def pick(value: Any, index: int) -> Any:
 
 
 def read_conds(
-    text: str, groups: Sequence[ForwardGroup], get: Getter, keys: Sequence[str], skip: str | None
+    text: str, groups: Sequence[ForwardGroup], get: Getter, keys: Sequence[str], skip: str | None,
+    named: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """guidekit's conditionings (``cond`` / ``uncond``: each input's value) the step needs."""
+    """guidekit's conditionings the step needs: ``cond`` / ``uncond`` from each input's pair,
+    the named ones from ``named`` (``guider.attach(conds=...)``)."""
     needed = {b.cond for g in groups for b in g.branches}
-    extra = needed - {COND, UNCOND}
-    if extra:
+    named = named or {}
+    missing = sorted(needed - {COND, UNCOND} - named.keys())
+    if missing:
         raise GuidanceValueError(
-            f"{text} uses conditioning(s) {sorted(extra)}; a diffusers guider receives only "
-            f"(cond, uncond) pairs"
+            f"{text} uses conditioning(s) {missing}; a diffusers guider receives only (cond, "
+            f"uncond) pairs: give the others with guider.attach(conds={{{missing[0]!r}: "
+            f"{{input: tensor, ...}}}}), keyed by the loop's guider inputs "
+            f"({', '.join(k for k in keys if k != skip)})"
         )
     conds = {
         name: {k: get(k, index) for k in keys if k != skip}
@@ -61,7 +66,74 @@ def read_conds(
             f"{text} needs the unconditional inputs, but the pipeline passed none (give it a "
             f"negative prompt or negative embeddings)"
         )
+    for name in sorted(needed - {COND, UNCOND}):
+        conds[name] = _named(name, named[name], get, [k for k in keys if k != skip])
     return conds
+
+
+def _named(name: str, given: Mapping[str, Any], get: Getter, keys: Sequence[str]) -> dict[str, Any]:
+    """One named conditioning's inputs: the given ones, and the inputs the loop passes alike
+    for ``cond`` and ``uncond`` (the time ids, say); any other is refused by name."""
+    unknown = sorted(given.keys() - set(keys))
+    if unknown:
+        raise GuidanceValueError(
+            f"guider.attach(conds={{{name!r}: ...}}) gives {unknown}, which the loop does not "
+            f"pass to the guider (its inputs: {', '.join(keys)})"
+        )
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key in given:
+            out[key] = given[key]
+            continue
+        c, u = get(key, 0), get(key, 1)
+        if not _alike(c, u):
+            raise GuidanceValueError(
+                f"guider.attach(conds={{{name!r}: ...}}) lacks the guider input {key!r}, which "
+                f"differs between the pipeline's conditional and unconditional inputs: give "
+                f"{name!r} its own {key!r}"
+            )
+        out[key] = c
+    return out
+
+
+def _alike(a: Any, b: Any) -> bool:
+    if a is b or b is None:  # one value for both, or no unconditional counterpart
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    try:
+        return bool(a == b)
+    except Exception:  # not comparable: treated as different
+        return False
+
+
+def check_named(conds: Any, reads: set[str], text: str) -> dict[str, dict[str, Any]]:
+    """``guider.attach(conds=...)``: named conditionings, each a dict of guider inputs, each
+    one that the expression ``text`` ``reads``."""
+    if not isinstance(conds, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Mapping) and all(isinstance(i, str) for i in v)
+        for k, v in conds.items()
+    ):
+        raise GuidanceTypeError(
+            f"guider.attach(conds=...) maps conditioning names to dicts of guider inputs, e.g. "
+            f"conds={{'neg': {{'encoder_hidden_states': neg_embeds}}}}, got {conds!r:.80}"
+        )
+    for name in conds:
+        if name in (COND, UNCOND):
+            raise GuidanceValueError(
+                f"guider.attach(conds={{{name!r}: ...}}): {name!r} comes from the pipeline's "
+                f"own (cond, uncond) inputs; name another conditioning"
+            )
+        if name not in reads:
+            raise GuidanceValueError(
+                f"guider.attach(conds={{{name!r}: ...}}): {text} does not read {name!r} (it "
+                f"reads {', '.join(map(repr, sorted(reads))) or 'none'}): write Cond({name!r}) "
+                f"or CFG(w, negative={name!r}) in the expression"
+            )
+    return {k: dict(v) for k, v in conds.items()}
 
 
 def units(groups: Sequence[ForwardGroup], batched: bool) -> list[Unit]:

@@ -48,6 +48,13 @@ def concat_values(key: str, values: list[Any]) -> Any:
     first = values[0]
     tensors = [isinstance(v, torch.Tensor) for v in values]
     if all(tensors):
+        if any(v.shape[1:] != first.shape[1:] for v in values):
+            shapes = ", ".join(str(list(v.shape)) for v in values)
+            raise GuidanceValueError(
+                f"the guider input {key!r} has shapes {shapes} for the batch's conditionings, "
+                f"so their rows cannot share one batch: give them one shape (pad the prompts "
+                f"to one length), or use GuidekitGuidance(batched=False)"
+            )
         return torch.cat(values) if len(values) > 1 else first
     if any(tensors):
         raise GuidanceValueError(

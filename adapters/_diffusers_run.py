@@ -28,7 +28,9 @@ from guidekit.state import State
 from ._diffusers_arguments import check_scale, refuse_unowned, rescaled, scale_argument
 from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
+from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
+from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for
 
@@ -58,6 +60,7 @@ class GuidedPipeline:
         engines: Mapping[str, Any] | None = None,
         cads: ClassEmbeddingCADS | None = None,
         replan: Callable[[Expr], tuple[Plan, Plan]],
+        prompts: NamedPrompts | None = None,
     ) -> None:
         self.pipe = pipe
         self.plan = plan
@@ -70,6 +73,8 @@ class GuidedPipeline:
         self.engines: dict[str, Any] = dict(engines or {})
         self._engine_calls: dict[str, Callable[[RowLayout], Any]] = {}
         self._cads = cads
+        self.prompts = prompts  # the named prompts (guided(prompts=...)), encoded per call
+        self.controlnet: ControlNetRows | None = None  # their ControlNet rows, where one runs
         self._at: tuple[torch.Tensor, float] | None = None  # (x, sigma) of the step
         self.denoiser = denoiser
         self.layout = layout
@@ -137,7 +142,14 @@ class GuidedPipeline:
                 shown, step = self._replan(expr)
         self.plan, self._step_plan = shown, step
         self._new_run, self._encodes, self._pending = True, 0, None
-        yield
+        if self.prompts is None:
+            yield
+            return
+        self.prompts.start_call()
+        try:
+            yield
+        finally:
+            self.prompts.end_call()
 
     def _prepare_latents(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def prepare_latents(*args: Any, **kwargs: Any) -> Any:
@@ -155,7 +167,10 @@ class GuidedPipeline:
     def _encode_prompt(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
             self._encodes += 1
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
+            if self.prompts is not None:
+                self.prompts.after_encode(orig, args, kwargs, out)
+            return out
 
         return encode_prompt
 
@@ -254,7 +269,15 @@ class GuidedPipeline:
         times along the batch (every half of the pipeline's CFG batch gets it)."""
         sigma, exact = self._sigma(call)
         run = self._run_for(exact)
-        missing = sorted({b.cond for b in run.plan.program(sigma).branches} - split.conds.keys())
+        needed = {b.cond for b in run.plan.program(sigma).branches}
+        named = sorted(needed & named_conds(run.plan))
+        if named and self.prompts is not None:
+            lookup = None
+            if self.controlnet is not None:
+                self.controlnet.check(call.rows)
+                lookup = self.controlnet.lookup
+            split.conds.update(self.prompts.conds(split.conds[COND], named, lookup))
+        missing = sorted(needed - split.conds.keys())
         if missing:
             raise GuidanceValueError(
                 f"{self.plan.expr!r} needs the {' and '.join(missing)} conditioning at sigma="

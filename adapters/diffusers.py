@@ -55,7 +55,9 @@ from guidekit.spaces import as_noise, check_prediction
 from ._diffusers_arguments import wrap_call
 from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
 from ._diffusers_cads import adapt as cads_plans
+from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout, as_layout, denoiser_of, layout_for
+from ._diffusers_prompts import NamedPrompts, check_prompts
 from ._diffusers_rows import NOT_ROW_ARGS, SHARED_ROW_ARGS
 from ._diffusers_run import GuidedForward, GuidedPipeline
 from ._diffusers_schedule import conventions
@@ -83,6 +85,7 @@ def guided(
     sigma_fn: Callable[[float], float] | None = None,
     denoiser: torch.nn.Module | None = None,
     around_call: Any = None,
+    prompts: Mapping[str, Any] | None = None,
 ) -> Iterator[GuidedPipeline]:
     """Guide an unmodified diffusers pipeline with ``expr`` inside the ``with`` block.
 
@@ -105,6 +108,12 @@ def guided(
             PLADIS, ...): the attention engine is then installed on the denoiser (and on
             other models with perturbed branches) for the block; given, it replaces that
             engine (install your own with :func:`guidekit.attention.install`).
+        prompts: the named conditionings the expression reads (``Cond("style")``,
+            ``CFG(7, negative="neg")``), e.g. ``{"neg": "blurry", "style": "a painting"}``:
+            each is encoded once per pipeline call by the pipeline's own ``encode_prompt``
+            (with the call's arguments), one string for every sample or a list with one per
+            prompt of the call. Class-label pipelines (DiT) take class labels (ints or label
+            names). The pipeline's ``prompt`` stays ``cond``, its ``negative_prompt`` ``uncond``.
 
     Yields:
         A :class:`GuidedPipeline` with the plan and a record of the model calls.
@@ -128,6 +137,7 @@ def guided(
     check_model_values(plan, modules, where="guided(pipe): ", example="other_transformer")
     # Everything that can refuse (CADS's and the engines' checks) runs before anything changes.
     class_labels = bool(label_embedders(module))
+    named = _prompts(pipe, plan, prompts, class_labels)
     plan, step_plan, embed_plan = cads_plans(plan, class_labels=class_labels)
     cads = None
     if embed_plan is not None:
@@ -142,7 +152,7 @@ def guided(
     run = GuidedPipeline(
         pipe, plan, denoiser=module, layout=layout, models=models, seed=seed,
         sigma_fn=sigma_fn, around_call=around_call, step_plan=step_plan, engines=engines,
-        cads=cads, replan=replan,
+        cads=cads, replan=replan, prompts=named,
     )
     with contextlib.ExitStack() as undo:
         for name, engine in engines.items():
@@ -153,11 +163,34 @@ def guided(
         undo.callback(_swap(module, call_slot(module), GuidedForward(run)))
         if callable(getattr(pipe, "prepare_latents", None)):
             undo.callback(_swap(pipe, "prepare_latents", run._prepare_latents(pipe.prepare_latents)))
-        if layout.order == "sequential" and callable(getattr(pipe, "encode_prompt", None)):
+        if (layout.order == "sequential" or named is not None) and callable(
+            getattr(pipe, "encode_prompt", None)
+        ):
             undo.callback(_swap(pipe, "encode_prompt", run._encode_prompt(pipe.encode_prompt)))
+        net = getattr(pipe, "controlnet", None)
+        if named is not None and not named.labels and isinstance(net, torch.nn.Module):
+            run.controlnet = ControlNetRows(net, named, lambda: run._batch)
+            undo.callback(_swap(net, call_slot(net), run.controlnet))
         if callable(pipe):  # pipe(...) then goes through the call hook
             undo.callback(wrap_call(pipe, run.pipeline_call))
         yield run
+
+
+def _prompts(pipe: Any, plan: Plan, prompts: Any, class_labels: bool) -> NamedPrompts | None:
+    """``prompts=`` checked against the plan's named conditionings and the pipeline."""
+    encodes = callable(getattr(pipe, "encode_prompt", None))
+    labels = class_labels and not encodes
+    given = check_prompts(prompts, plan, labels=labels)
+    if not given:
+        return None
+    if not encodes and not labels:
+        raise GuidanceValueError(
+            f"guided(prompts=...): {type(pipe).__name__} has neither an encode_prompt nor "
+            f"class labels, so guidekit cannot build the named conditionings "
+            f"{', '.join(map(repr, given))}; use guidekit.guide(..., conds=...) with your own "
+            f"embeddings"
+        )
+    return NamedPrompts(pipe, given, labels=labels)
 
 
 def _check_keywords(
