@@ -26,7 +26,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guidekit.branch import uncond
+import attrs
+
+from guidekit.branch import Branch, uncond
 from guidekit.combinators.rescale import CFGRescale
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import Plan
@@ -55,9 +57,17 @@ def scale_argument(parameters: Mapping[str, inspect.Parameter]) -> str:
 
 
 def cfg_scales(plan: Plan) -> set[float]:
-    """The expression's CFG scales ``w`` (``u``'s coefficient is ``1 - w``), by noise region."""
+    """The expression's CFG scales ``w`` by noise region: the unconditional rows' total
+    coefficient is ``1 - w`` (perturbed ones included: ``u' + w (c - u')``, SLG on ``u``)."""
     u = uncond()
-    return {1.0 - p.coef_map[u] for _, _, p in plan.regions() if u in p.coef_map}
+
+    def unconditional(b: Any) -> bool:
+        return isinstance(b, Branch) and attrs.evolve(b, perturbation=None) == u
+
+    return {
+        1.0 - sum(c for b, c in p.coef_map.items() if unconditional(b))
+        for _, _, p in plan.regions() if any(unconditional(b) for b in p.coef_map)
+    }
 
 
 def _off(value: Any, default: Any) -> bool:
