@@ -26,7 +26,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from guidekit.branch import UNCOND, uncond
+import attrs
+
+from guidekit.branch import UNCOND, Branch, uncond
 from guidekit.combinators.rescale import CFGRescale
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import Plan
@@ -56,11 +58,19 @@ def scale_argument(parameters: Mapping[str, inspect.Parameter]) -> str:
 
 
 def cfg_scales(plan: Plan) -> set[float]:
-    """The expression's CFG scales ``w``: ``1 - `` ``u``'s coefficient, by noise region, and
-    the scale of each ``CFG`` term (``CFG(7) - 2 * (Cond("neg") - Uncond())`` guides with 7
+    """The expression's CFG scales ``w``: ``1 -`` the unconditional rows' total coefficient
+    by noise region (perturbed ones included: ``u' + w (c - u')``, SLG on ``u``), and the
+    scale of each ``CFG`` term (``CFG(7) - 2 * (Cond("neg") - Uncond())`` guides with 7
     although ``u``'s coefficient is -4; ``CFG(7, negative="neg")`` has no ``u``)."""
     u = uncond()
-    found = {1.0 - p.coef_map[u] for _, _, p in plan.regions() if u in p.coef_map}
+
+    def unconditional(b: Any) -> bool:
+        return isinstance(b, Branch) and attrs.evolve(b, perturbation=None) == u
+
+    found = {
+        1.0 - sum(c for b, c in p.coef_map.items() if unconditional(b))
+        for _, _, p in plan.regions() if any(unconditional(b) for b in p.coef_map)
+    }
     return found | set(_cfg_terms(plan.expr))
 
 

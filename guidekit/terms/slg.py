@@ -8,6 +8,12 @@ block passes its input on, STG's residual skip) or only their self-attention
 In guidekit ``SLG(s)`` is the direction ``s (c - k)``: the recipe is ``CFG(w) + SLG(s,
 layers=(7, 8, 9)).between(lo, hi)``, built for a given schedule by :meth:`SLGTerm.sd35`.
 
+``SLG(s, cond="uncond")`` perturbs the unconditional rows instead: ``s (u - u')``, ``u'`` the
+unconditional prediction with the blocks skipped. ``CFG(w) + SLG(w - 1, cond="uncond")``
+is ``u' + w (c - u')`` (ComfyUI's ``SkipLayerGuidanceDiTSimple``): ``u`` cancels, so a step
+runs TWO row blocks (``c``, ``u'``), and ``.between(lo, hi)`` on the SLG part gives plain
+CFG outside the window (:meth:`SLGTerm.on_uncond` builds it).
+
 ``k`` rides in the same batched call as ``c`` and ``u``; the attention engine
 (:func:`guidekit.attention.install`) skips the blocks for the ``k`` rows only
 (:mod:`guidekit.attention.blocks`, which also lists what ``layers`` indexes per model).
@@ -23,10 +29,10 @@ import torch
 
 from guidekit.attention.blocks import SD35_LAYERS, BlockSkip, _skip_kind
 from guidekit.attention.ops import Layers, check_layers, to_layers
-from guidekit.branch import COND, MAIN, Branch
+from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr, fmt_number
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -73,16 +79,20 @@ class SLGTerm(DirectionTerm):
     then single blocks), module paths, or a list / tuple / range of them; ``None`` is the
     model's default (SD3: blocks 7, 8, 9; others have none and raise at install).
     ``skip``: ``"block"`` (whole blocks) or ``"attention"`` (their self-attention only).
+    ``cond``: the conditioning whose rows are perturbed: ``"cond"`` (``s (c - k)``) or
+    ``"uncond"`` (``s (u - u')``, see :meth:`on_uncond`), or any named conditioning.
     """
 
     scale: float = attrs.field(converter=to_float, validator=finite)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     skip: str = attrs.field(default="block", validator=_skip_kind)
+    cond: str = attrs.field(default=COND, validator=name, kw_only=True)
     _name: ClassVar[str] = "SLG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "SLG(2.8, layers=(7, 8, 9))"
     field_examples: ClassVar[Examples] = {
         "layers": (None, (7, 8, 9), -1), "skip": ("block", "attention"),
+        "cond": (COND, UNCOND),
     }
 
     @property
@@ -90,8 +100,23 @@ class SLGTerm(DirectionTerm):
         """The frozen perturbation value of the negative branch."""
         return BlockSkip(self.layers, self.skip)
 
+    def positive(self) -> Branch:
+        return Branch(model=MAIN, cond=self.cond)
+
     def negative(self) -> Branch:
-        return Branch(model=MAIN, cond=COND, perturbation=self.perturbation)
+        return Branch(model=MAIN, cond=self.cond, perturbation=self.perturbation)
+
+    @classmethod
+    def on_uncond(
+        cls, w: float, layers: Any = None, skip: str = "block",
+        between: tuple[float, float] | None = None,
+    ) -> Expr:
+        """CFG whose unconditional branch has the blocks skipped (ComfyUI's
+        ``SkipLayerGuidanceDiTSimple``): ``u' + w (c - u')`` in two row blocks, written
+        ``CFG(w) + SLG(w - 1, layers=..., cond="uncond")``. ``between=(lo, hi)`` skips
+        only for ``lo < sigma <= hi`` (ComfyUI's ``sigma_end < sigma <= sigma_start``)
+        and is plain ``CFG(w)`` elsewhere."""
+        return on_uncond(cls, w, between, layers=layers, skip=skip)
 
     @classmethod
     def sd35(
@@ -127,6 +152,18 @@ class SLGTerm(DirectionTerm):
             )
         lo, hi = window
         return cls(scale, layers=layers, skip=skip).between(lo, hi)
+
+
+def on_uncond(cls: Any, w: float, between: tuple[float, float] | None, **fields: Any) -> Expr:
+    """``CFG(w) + cls(w - 1, cond="uncond", **fields)``, gated by ``between``: the
+    unconditional branch of CFG perturbed (shared by SLG and PAG)."""
+    from guidekit.terms.cfg import CFG
+
+    w = to_float(w)
+    direction: Expr = cls(w - 1.0, cond=UNCOND, **fields)
+    if between is not None:
+        direction = direction.between(*between)
+    return CFG(w) + direction
 
 
 SLG = SLGTerm
