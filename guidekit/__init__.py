@@ -45,6 +45,8 @@ from guidekit.terms import (
     TCFG,
     Autoguidance,
     AutoguidanceTerm,
+    CFGpp,
+    CFGppTerm,
     CFGTerm,
     CFGZeroStar,
     CFGZeroStarTerm,
@@ -77,4 +79,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
+    "CFGpp", "CFGppTerm",
 ]

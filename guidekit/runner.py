@@ -13,6 +13,7 @@ from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
 from guidekit.plan import ModelFn, Plan
+from guidekit.renoise import check_keep
 from guidekit.run import Run, level_of
 
 
@@ -122,6 +123,7 @@ class Guided(Run):
         around_call: Any = None,
         nonfinite: NonFinite = "raise",
     ) -> None:
+        check_keep(plan.expr, None, "guide(): ")  # CFG++ needs the sampler's step
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
