@@ -49,7 +49,7 @@ SAMPLERS = {"euler": ("ve", "vp", "flow"), "euler_ancestral": ("ve",), "dpmpp_2m
 
 def renoiser(
     plan: Plan, sampler: str | None, sigmas: Any, where: str, *, eta: float = 1.0,
-    names: Sequence[str] = tuple(SAMPLERS),
+    names: Sequence[str] = tuple(SAMPLERS), arg: str = "sampler",
 ) -> Renoiser | None:
     """A :class:`Renoiser` for ``plan`` when it holds CFGpp (else ``None``); refuses a sampler
     or schedule it cannot step exactly, naming them."""
@@ -61,8 +61,8 @@ def renoiser(
         ok = [n for n in names if noise in SAMPLERS[n]]
         raise GuidanceValueError(
             f"{where}: {term!r} re-noises inside the sampler's step, which guidekit expresses "
-            f"for the samplers {', '.join(map(repr, ok))} here; got sampler={sampler!r}. Pass "
-            f"the sampler you call (and sample with it), or use CFG. Supported: {SUPPORTED}"
+            f"for {arg}={' | '.join(map(repr, ok))} here; got {arg}={sampler!r}. Pass the "
+            f"{arg} you call (and sample with it), or use CFG. Supported: {SUPPORTED}"
         )
     if sigmas is None:
         raise GuidanceValueError(
@@ -92,7 +92,9 @@ class Renoiser:
     def reset(self, sigmas: Any = ...) -> None:
         """A new run (optionally on a new schedule; ``...`` keeps it)."""
         if sigmas is not ...:
-            fresh = renoiser(self.plan, self.sampler, sigmas, self.where, eta=self.eta)
+            fresh = renoiser(
+                self.plan, self.sampler, sigmas, self.where, eta=self.eta, names=(self.sampler,)
+            )
             assert fresh is not None
             self.levels = fresh.levels
         self.index = -1
