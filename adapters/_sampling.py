@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import guidekit
-from guidekit.branch import COND, MAIN, UNCOND
+from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite
 from guidekit.padding import as_tokens
@@ -135,11 +135,13 @@ class SamplerRun(Run):
         return named
 
     def __call__(
-        self, x: torch.Tensor, sigma: Any, extras: Mapping[str, Any], output: str
+        self, x: torch.Tensor, sigma: Any, extras: Mapping[str, Any], output: str,
+        keep: dict[Branch, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One guided prediction at ``(x, sigma)`` in ``output`` space."""
+        """One guided prediction at ``(x, sigma)`` in ``output`` space (``keep``: see
+        ``Plan.step``)."""
         conds = self.conditionings(extras)
-        return self.step(x, sigma, conds, self.models, output=output)
+        return self.step(x, sigma, conds, self.models, output=output, keep=keep)
 
 
 class SamplerAdapter:
@@ -151,6 +153,8 @@ class SamplerAdapter:
     """
 
     run: SamplerRun
+    #: CFG++ stepping (adapters/_renoise.py) when the plan holds CFGpp
+    _renoise: Any = None
 
     def _translate(self, model: Callable[..., torch.Tensor]) -> ModelFn:
         raise NotImplementedError
@@ -211,3 +215,5 @@ class SamplerAdapter:
     def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
         """Start a new run (fresh state, empty ``calls``); optionally a new seed/schedule."""
         self.run.reset(seed, sigmas)
+        if self._renoise is not None:
+            self._renoise.reset(sigmas)

@@ -43,6 +43,7 @@ import torch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
 
+from ._renoise import renoised, renoiser
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
 _TIMES = ("t", "sigma")
@@ -108,6 +109,10 @@ class FlowGuided(SamplerAdapter):
         tokens: :class:`guidekit.Tokens` -- how conditionings of different token lengths
             share one call (padded under the model's mask, or repeated); by default they
             run as separate calls.
+        solver: for ``CFGpp`` (CFG++), the solver you call: ``"euler"`` (``ODESolver``
+            ``method="euler"`` on ``time_grid``, or a hand-written Euler loop on ``sigmas``),
+            whose step the adapter's velocity makes a CFG++ step (``adapters/_renoise.py``);
+            CFGpp needs the grid too. Other solvers are refused for CFGpp.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class FlowGuided(SamplerAdapter):
         around_call: Any = None,
         nonfinite: str = "raise",
         tokens: Any = None,
+        solver: str | None = None,
     ) -> None:
         if model_time not in _TIMES:
             raise GuidanceValueError(
@@ -155,6 +161,9 @@ class FlowGuided(SamplerAdapter):
             sigmas=sigmas, seed=seed, cond_key=cond_key, adapter="FlowGuided",
             around_call=around_call, nonfinite=check_policy(nonfinite, "FlowGuided"),
             tokens=tokens,
+        )
+        self._renoise = renoiser(
+            plan, solver, sigmas, "FlowGuided", names=("euler",), arg="solver"
         )
 
     # -- translation ------------------------------------------------------------------------
@@ -217,8 +226,12 @@ class FlowGuided(SamplerAdapter):
         # interpolate back, evaluating at t slightly > 1 (sigma < 0). guidekit's levels live in
         # [0, 1]; gates, CADS and the state see the clamped level, the model its own time.
         self._level = sigma
+        level = min(max(sigma, 0.0), 1.0)
         try:
-            return self.run(x, min(max(sigma, 0.0), 1.0), extras, output="flow")
+            return renoised(
+                self._renoise, lambda keep: self.run(x, level, extras, "flow", keep),
+                x, level, "flow",
+            )
         finally:
             self._level = None
 

@@ -43,6 +43,7 @@ from guidekit.checks import check_first_level
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
 
+from ._renoise import renoised, renoiser
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
 _KINDS = ("x0", "eps", "v")
@@ -117,6 +118,11 @@ class KDiffusionGuided(SamplerAdapter):
         tokens: :class:`guidekit.Tokens` -- how conditionings of different token lengths
             share one call (padded under the model's mask, or repeated); by default they
             run as separate calls.
+        sampler, eta: for ``CFGpp`` (CFG++), the sampler you call -- ``"euler"``
+            (``sample_euler``, ``s_churn=0``), ``"euler_ancestral"`` (with its ``eta``) or
+            ``"dpmpp_2m"`` -- which the adapter's prediction makes take CFG++ steps
+            (see ``adapters/_renoise.py``); CFGpp needs ``sigmas=`` too. Other samplers
+            are refused for CFGpp; without CFGpp these are not used.
     """
 
     def __init__(
@@ -140,6 +146,8 @@ class KDiffusionGuided(SamplerAdapter):
         around_call: Any = None,
         nonfinite: str = "raise",
         tokens: Any = None,
+        sampler: str | None = None,
+        eta: float = 1.0,
     ) -> None:
         if prediction not in _KINDS:
             raise GuidanceValueError(
@@ -175,6 +183,7 @@ class KDiffusionGuided(SamplerAdapter):
             around_call=around_call, nonfinite=check_policy(nonfinite, "KDiffusionGuided"),
             tokens=tokens,
         )
+        self._renoise = renoiser(plan, sampler, sigmas, "KDiffusionGuided", eta=eta)
 
     # -- translation ------------------------------------------------------------------------
     def _time(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -205,7 +214,10 @@ class KDiffusionGuided(SamplerAdapter):
         """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
         if self.run.state.level_sigma is None and self.run.state.schedule is not None:
             check_first_level(level_of(sigma), self.run.state.schedule, "KDiffusionGuided", CHURN)
-        return self.run(x, sigma, extra_args, output="x0")
+        return renoised(
+            self._renoise, lambda keep: self.run(x, sigma, extra_args, "x0", keep),
+            x, level_of(sigma), "x0",
+        )
 
     def __repr__(self) -> str:
         return f"<KDiffusionGuided {self.plan.expr!r}, model predicts {self.prediction}>"

@@ -46,6 +46,8 @@ from guidekit.terms import (
     TCFG,
     Autoguidance,
     AutoguidanceTerm,
+    CFGpp,
+    CFGppTerm,
     CFGTerm,
     CFGZeroStar,
     CFGZeroStarTerm,
@@ -79,4 +81,5 @@ __all__ = [
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
     "Tokens",
+    "CFGpp", "CFGppTerm",
 ]

@@ -14,6 +14,7 @@ from guidekit.fixed import check_fixed_shapes
 from guidekit.parallel import as_parallel
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
+from guidekit.renoise import sampler_term
 from guidekit.spaces import as_noise, check_prediction
 from guidekit.split import AutoSplit, make_splitter
 
@@ -67,6 +68,7 @@ def compile(
             f"compile({expr!r}): a plan computes a prediction, but {left!r} is a direction. "
             f"Add it to a prediction, e.g. CFG(7) + {left!r} or Cond() + {left!r}"
         )
+    sampler_term(left)  # CFG++: one term, as the prediction (refuses the rest by name)
     prediction = check_prediction(prediction)
     make_splitter(max_rows)  # validates
     shared = as_parallel(parallel, max_rows)

@@ -30,6 +30,7 @@ from guidekit.forward import ModelFn, group_key, run_groups
 from guidekit.padding import Tokens
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
+from guidekit.renoise import check_keep
 from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
 from guidekit.spaces import Noise, check_prediction
@@ -228,6 +229,7 @@ class Plan:
         around_call: Callable[[RowLayout], ContextManager[Any]] | None = None,
         native: Mapping[Branch, torch.Tensor] | None = None,
         tokens: Sequence[Tokens] = (),
+        keep: dict[Branch, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, State]:
         """One guided prediction at ``(x, sigma)``; returns it and the next state.
 
@@ -241,7 +243,12 @@ class Plan:
         denoising loop) pass their outputs, keyed by branch, in the model's own space; no
         model is called then and ``models`` may be empty. ``tokens`` says how conditionings
         of different token lengths may share a call (:mod:`guidekit.padding`).
+
+        ``keep``, if given, receives the step's branch outputs (model space); a plan with a
+        sampler-step term (CFG++, :mod:`guidekit.renoise`) runs only for a caller that
+        passes it, since that caller must re-noise with the term's branch.
         """
+        check_keep(self.expr, keep)
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
         s = self._sigma(sigma, x)
@@ -277,6 +284,8 @@ class Plan:
                 shared=self.shared,
             )
         y = self._combine(prog, ctx)
+        if keep is not None:
+            keep.update(ctx.native)
         results = dict(inputs)
         for p, model in stateful:
             memo = forward_state.memos.get(p)

@@ -21,7 +21,10 @@ PROCESSORS: dict[str, type] = {}
 CONSTRUCTORS: dict[str, type] = {}
 
 #: the kinds :func:`kind` reports; each base class names its own in ``_kind``
-KINDS = ("prediction", "direction", "nonlinear", "processor", "modifier", "attention")
+#: ("sampler": a term that changes the sampler's step, CFG++; see guidekit/renoise.py)
+KINDS = (
+    "prediction", "direction", "nonlinear", "processor", "modifier", "attention", "sampler",
+)
 
 
 def register(cls: T) -> T:

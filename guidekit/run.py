@@ -210,12 +210,14 @@ class Run:
         around_call: Any = ...,
         level: float | None = None,
         native: Mapping[Branch, torch.Tensor] | None = None,
+        keep: dict[Branch, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One guided prediction at ``(x, sigma)`` in ``output`` space; advances the state.
 
         ``level`` is ``sigma`` as a float when the caller already has it; ``around_call``
         overrides the run's for this call; ``native`` hands over branch outputs the caller
-        computed itself (a guider inside someone else's loop, see ``Plan.step``).
+        computed itself (a guider inside someone else's loop, see ``Plan.step``); ``keep``
+        receives the step's branch outputs (the CFG++ adapters re-noise with one).
         """
         # with on_rise="raise" plan.step reads and checks sigma itself, so errors stay its own
         s = level if level is not None or self.on_rise == "raise" else level_of(sigma)
@@ -231,7 +233,7 @@ class Run:
             before, x, sigma, conds, watch.models(models),
             splitter=self.splitter, on_call=watch.observer(self.calls.append), output=output,
             around_call=self.around_call if around_call is ... else around_call,
-            native=native, tokens=self.tokens,
+            native=native, tokens=self.tokens, keep=keep,
         )
         if s is None:
             s = level_of(sigma)

@@ -14,6 +14,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
 from guidekit.padding import Tokens, as_tokens
 from guidekit.plan import ModelFn, Plan
+from guidekit.renoise import check_keep
 from guidekit.run import Run, level_of
 
 
@@ -124,6 +125,7 @@ class Guided(Run):
         nonfinite: NonFinite = "raise",
         tokens: Tokens | Sequence[Tokens] | None = None,
     ) -> None:
+        check_keep(plan.expr, None, "guide(): ")  # CFG++ needs the sampler's step
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:

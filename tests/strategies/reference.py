@@ -29,7 +29,7 @@ from guidekit import (
 )
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
-from guidekit.terms import FDGTerm
+from guidekit.terms import CFGppTerm, FDGTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm
 
 from .worlds import World, branch_output, modified
@@ -223,6 +223,14 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
 }
 
 
+# CFG++ (kind "sampler"): the prediction its denoised estimate comes from, n + lam (c - n).
+# The expression strategies never draw it (only a sampler adapter runs it; its oracle tests
+# are tests/oracles/test_cfgpp_*.py), but every registered class has a reference.
+TERM_REFERENCE[CFGppTerm] = lambda t, env: env.value(Branch(MAIN, t.negative)) + t.scale * (
+    env.value(Branch(MAIN, t.cond)) - env.value(Branch(MAIN, t.negative))
+)
+TERM_COEFFICIENTS[CFGppTerm] = lambda t: [(t, 1.0)]
+
 
 def _linear(t: Any) -> list[tuple[Any, float]]:
     """Any other linear term's own ``coefficients()`` (its oracle test checks them)."""
@@ -321,6 +329,8 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
         return (atom,)
     if isinstance(atom, (CFGZeroStarTerm, TCFGTerm, FDGTerm)):
         return (cond_of(), uncond_of())
+    if isinstance(atom, CFGppTerm):
+        return (Branch(MAIN, atom.cond), Branch(MAIN, atom.negative))
     raise KeyError(f"tests/strategies/reference.py does not know which branches {atom!r} reads")
 
 
