@@ -21,7 +21,7 @@ import attrs
 
 from guidekit.attention.ops import IdentityAttention, Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -37,7 +37,7 @@ class PAGTerm(DirectionTerm):
     installed. Unknown or out-of-range layers raise then, listing the valid ones.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     _name: ClassVar[str] = "PAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)

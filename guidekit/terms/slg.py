@@ -26,7 +26,7 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr, fmt_number
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -75,7 +75,7 @@ class SLGTerm(DirectionTerm):
     ``skip``: ``"block"`` (whole blocks) or ``"attention"`` (their self-attention only).
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     skip: str = attrs.field(default="block", validator=_skip_kind)
     _name: ClassVar[str] = "SLG"
