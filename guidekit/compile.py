@@ -15,6 +15,8 @@ from guidekit.parallel import as_parallel
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.renoise import sampler_term
+from guidekit.schedule import Schedule
+from guidekit.schedules.steps import is_dynamic, scheduled_parts
 from guidekit.spaces import as_noise, check_prediction
 from guidekit.split import AutoSplit, make_splitter
 
@@ -97,10 +99,17 @@ def compile(
         groups=_groups(entries, post),
         breakpoints=tuple(breakpoints),
         parallel=shared,
+        scheduled=scheduled_parts(left, steps),
+        dynamic=tuple(m for m in modifiers if isinstance(m, AttentionModifier) and is_dynamic(m)),
     )
-    # Drop branches no interval ever runs (0 * d, cancelled terms): they need no model.
+    # Drop branches no interval ever runs (0 * d, cancelled terms): they need no model. A
+    # scheduled coefficient may be nonzero at some level, so its branches stay.
     used = {b for _, _, prog in plan.regions() for b in prog.branches}
     used.update(plan.program(0.0).branches)
+    used.update(
+        b for e in entries if isinstance(e.coef, Schedule) and not e.coef.is_zero()
+        for b in atom_branches(e.atom)
+    )
     groups = tuple(
         attrs.evolve(g, branches=tuple(b for b in g.branches if b in used)) for g in plan.groups
     )

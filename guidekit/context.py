@@ -29,6 +29,9 @@ class StepContext:
     noise: Noise
     coefs: Mapping[Any, float]
     native: Mapping[Branch, torch.Tensor]
+    #: the step's :class:`~guidekit.schedules.Level` (noise level and the run's schedule),
+    #: set where the plan holds schedules (``None`` otherwise)
+    where: Any = None
     _cache: dict[tuple[Branch, str], torch.Tensor] = attrs.field(factory=dict)
 
     def space_of(self, space: str) -> str:

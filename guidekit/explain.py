@@ -53,6 +53,12 @@ def describe(plan: Plan) -> str:
         "  forward groups: "
         + "; ".join(g.title for g in plan.groups),
     ]
+    if plan.scheduled:
+        shown = ", ".join(dict.fromkeys(repr(s) for _, s in plan.scheduled))
+        lines.append(
+            f"  scales by noise level: {shown}; below at one level per interval (a progress "
+            f"shape at r = 1/2): plan.explain(sigmas) shows each step"
+        )
     for lo, hi, prog in plan.regions():
         where = "all sigma" if not plan.breakpoints else (
             f"sigma in ({fmt_number(lo)}, {fmt_number(hi)}]"
@@ -71,15 +77,16 @@ def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) 
     if isinstance(sigmas, torch.Tensor):
         sigmas = sigmas.detach().flatten().tolist()
     levels = [float(s) for s in sigmas if float(s) > 0]
+    run = tuple(float(s) for s in sigmas) if plan.scheduled else None
     rows_total = calls_total = 0
     lines = [describe(plan).splitlines()[0], f"  batch B = {batch}; {budget(plan)}"]
     header = f"  {'steps':<9} {'sigma':<18} {'model calls (rows)':<44} {'NFE':>3}  combine"
     lines.append(header)
     i = 0
     while i < len(levels):
-        prog = plan.program(levels[i])
+        prog = plan.program(levels[i], run)
         j = i
-        while j + 1 < len(levels) and plan.program(levels[j + 1]) is prog:
+        while j + 1 < len(levels) and plan.program(levels[j + 1], run) is prog:
             j += 1
         calls = []
         nfe = 0

@@ -41,6 +41,12 @@ def _where(instance: Any, attribute: attrs.Attribute) -> str:
 
 
 def number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if _is_schedule(value):
+        raise GuidanceTypeError(
+            f"{_where(instance, attribute)}: {attribute.name} takes a number, not the schedule "
+            f"{value!r}; schedules stand in scale fields only (CFG(Cosine(7)), PAG(Window(3, "
+            f"1, 5))). Give {attribute.name} a number"
+        )
     if not isinstance(value, float):
         raise GuidanceTypeError(
             f"{_where(instance, attribute)}: {attribute.name} must be a Python number, "
@@ -59,6 +65,23 @@ def finite(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise GuidanceValueError(
             f"{_where(instance, attribute)}: {attribute.name} must be finite, got {value}"
         )
+
+
+def finite_or_schedule(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A scale: a finite number, or a schedule by noise level (:mod:`guidekit.schedules`)."""
+    if _is_schedule(value):
+        from guidekit.schedule import check_shape
+
+        check_shape(f"{_where(instance, attribute)}", value)
+        return
+    finite(instance, attribute, value)
+
+
+def _is_schedule(value: Any) -> bool:
+    # imported here: the schedule shapes use these validators for their own fields
+    from guidekit.schedule import Schedule
+
+    return isinstance(value, Schedule)
 
 
 def nonnegative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

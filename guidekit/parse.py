@@ -35,8 +35,9 @@ from typing import Any
 
 from guidekit.errors import GuidanceError, GuidanceTypeError, ParseError
 from guidekit.expr import Expr, class_instead_of_instance, is_number
-from guidekit.processor import Piped, Pipeline, Processor
+from guidekit.processor import AttentionModifier, Piped, Pipeline, Processor
 from guidekit.registry import CONSTRUCTORS
+from guidekit.schedules import SCHEDULES
 
 #: longest guidance text accepted, in characters
 MAX_LENGTH = 100_000
@@ -278,8 +279,9 @@ class _Reader:
         dot = self.pos(attr.value, end=True)
         if attr.attr != "between":
             raise self.src.error(f"unknown method {attr.attr!r}: only .between(lo, hi)", dot + 1)
-        if not isinstance(value, Expr) or isinstance(value, type):
-            raise self.src.error(f".between applies to a guidance expression, not {value!r}", dot)
+        if not isinstance(value, (Expr, AttentionModifier)) or isinstance(value, type):
+            raise self.src.error(f".between applies to a guidance expression or an attention "
+                                 f"modifier, not {value!r}", dot)
         return self.call(value.between, "between", node, depth, dot)
 
     def build(self, fn: Callable[..., Any], node: ast.AST, *args: Any, **kwargs: Any) -> Any:
@@ -319,7 +321,12 @@ class _Reader:
             return -number if isinstance(node.op, ast.USub) else number
         if isinstance(node, (ast.Tuple, ast.List)):
             return tuple(self.value(item, depth + 1) for item in node.elts)
-        raise self.error(f"expected an argument value ({_VALUES}), got {_kind(node)}", node)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (
+            node.func.id in SCHEDULES
+        ):  # a scale by noise level, e.g. CFG(Cosine(7))
+            return self.call(SCHEDULES[node.func.id], node.func.id, node, depth, self.pos(node))
+        raise self.error(f"expected an argument value ({_VALUES}, or a schedule such as "
+                         f"Cosine(7)), got {_kind(node)}", node)
 
 
 def read_value(text: str) -> Any:

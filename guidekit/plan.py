@@ -33,6 +33,8 @@ from guidekit.program import Program, atom_label, fmt_term
 from guidekit.renoise import check_keep
 from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
+from guidekit.schedule import resolve, value_at
+from guidekit.schedules.steps import check_progress, level_at, modifier_at
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import Splitter, calls_for, make_splitter, per_run, planned_chunk
 from guidekit.state import ForwardState, State, level_of, named_parts, new_state
@@ -71,6 +73,10 @@ class Plan:
     fixed_shapes: bool = False
     #: guidekit/padding.py: how each group's token lengths last shared a call, by group title
     shared: dict[str, str] = attrs.field(factory=dict, repr=False)
+    #: guidekit/schedules/steps.py: ``(part, schedule)`` of every scheduled scale (empty: none)
+    scheduled: tuple[Any, ...] = ()
+    #: attention modifiers gated or scheduled by noise level (resolved per step)
+    dynamic: tuple[Any, ...] = ()
 
     # -- structure ------------------------------------------------------------------------------
     @property
@@ -132,23 +138,33 @@ class Plan:
             return -1  # gates are (lo, hi] with lo >= 0: sigma 0 is its own region
         return bisect.bisect_left(self.breakpoints, sigma)
 
-    def program(self, sigma: float) -> Program:
-        """The program for noise level ``sigma`` (cached per interval between breakpoints)."""
+    def program(self, sigma: float, sigmas: tuple[float, ...] | None = None) -> Program:
+        """The program for noise level ``sigma`` (cached per interval between breakpoints;
+        with scheduled scales per noise level of the run whose schedule is ``sigmas``)."""
         sigma = snap(sigma, self.breakpoints)
-        key = self.region(sigma)
+        key: Any = (sigma, sigmas) if self.scheduled else self.region(sigma)
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._build_program(sigma)
+            prog = self._build_program(sigma, sigmas)
             if self.fixed_shapes:
                 prog = fixed_program(prog, self.groups)
+            if len(self._programs) > 4096:  # one per noise level of each scheduled run
+                self._programs.clear()
             self._programs[key] = prog
         return prog
 
-    def _build_program(self, sigma: float) -> Program:
+    def _build_program(self, sigma: float, sigmas: tuple[float, ...] | None = None) -> Program:
+        # scheduled scales take their value at this level; with no run (print(plan)) a
+        # progress shape reads r = 1/2 (guidekit/schedules/steps.py)
+        where = level_at(sigma, sigmas, sigmas is None) if self.scheduled else None
         coefs: dict[Any, float] = {}
         for e in self.entries:
             if e.active(sigma):
-                coefs[e.atom] = coefs.get(e.atom, 0.0) + e.coef
+                atom, coef = e.atom, e.coef
+                if where is not None:
+                    coef = value_at(coef, where)
+                    atom = atom if isinstance(atom, Branch) else resolve(atom, where)
+                coefs[atom] = coefs.get(atom, 0.0) + coef
         # cancelled terms leave round-off residues (3.3 - 1.1 - 2.2); they need no rows
         coefs = {a: c for a, c in coefs.items() if abs(c) > 1e-12}
         needed: dict[Branch, None] = {}
@@ -255,12 +271,16 @@ class Plan:
         kind = state.classify(s)
         level = state.level_for(kind)
         inputs = state.inputs(kind)
-        prog = self.program(s)
+        where = None
+        if self.scheduled or self.dynamic:
+            check_progress(self.scheduled, state.schedule)
+            where = level_at(s, state.schedule)
+        prog = self.program(s, state.schedule)
         stateful = self.stateful
         check_engine(self, prog, around_call, native)
         ctx = StepContext(
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
-            noise=self.noise, coefs=prog.coef_map, native={},
+            noise=self.noise, coefs=prog.coef_map, native={}, where=where,
         )
         if native is not None:
             check_native(self, prog, native, s)
@@ -272,6 +292,8 @@ class Plan:
         forward_state = ForwardState(
             batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs)
         )
+        if where is not None and self.dynamic:  # gated / scheduled attention modifiers
+            forward_state.modifiers = {m: modifier_at(m, where) for m in self.dynamic}
         if native is None:
             conds = self._modified(conds, ctx)
             forward_state.conds = conds  # NAG reads its negative conditioning from here
@@ -305,6 +327,8 @@ class Plan:
         # back into noise or a velocity. Skip it there; its state carries over.
         noiseless = self.noise.coefficients(s)[1] == 0.0
         for name, proc in zip(post_names, self.post):
+            if where is not None:
+                proc = resolve(proc, where)
             target = ctx.space_of(proc.space)
             if noiseless and target != self.prediction:
                 continue
@@ -326,8 +350,8 @@ class Plan:
         kind = state.classify(s)
         ctx = StepContext(
             x=x, sigma=s, level=state.level_for(kind), seed=state.seed,
-            prediction=self.prediction, noise=self.noise, coefs=self.program(s).coef_map,
-            native={},
+            prediction=self.prediction, noise=self.noise,
+            coefs=self.program(s, state.schedule).coef_map, native={},
         )
         return self._modified(conds, ctx)
 

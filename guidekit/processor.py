@@ -24,7 +24,8 @@ from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, _AlgebraMeta, not_a_processor, operand
 from guidekit.expr import pipe as pipe
 from guidekit.fields import Examples
-from guidekit.text import ATOM, PIPE, SUM, fmt_call
+from guidekit.misuse import gate_bounds
+from guidekit.text import ATOM, PIPE, SUM, fmt_call, fmt_number
 
 if TYPE_CHECKING:
     import torch
@@ -153,6 +154,27 @@ class AttentionModifier(Processor):
     def applies_to(self, branch: Branch) -> bool:
         """Whether the rows of ``branch`` are changed (in the layers of this modifier)."""
         return True
+
+    def between(self, lo: float, hi: float) -> Any:
+        """This modifier only while ``lo < sigma <= hi``; elsewhere the layers attend as the
+        model does (NAG's authors apply it in the first, noisiest steps). Nested gates
+        intersect. The subclass keeps the interval in its ``window`` field."""
+        lo, hi = gate_bounds(f"{self!r}.between({lo!r}, {hi!r})", lo, hi)
+        old = getattr(self, "window", None)
+        if old is not None:
+            lo, hi = max(lo, old[0]), min(hi, old[1])
+            if lo >= hi:
+                raise GuidanceTypeError(
+                    f"{self!r}.between(...): the intervals do not overlap, so the modifier "
+                    f"would never act; drop it or give overlapping intervals"
+                )
+        return attrs.evolve(self, window=(lo, hi))  # type: ignore[misc]
+
+    def _fmt(self) -> str:
+        window = getattr(self, "window", None)
+        if window is None:
+            return fmt_call(self)
+        return f"{fmt_call(self)}.between({fmt_number(window[0])}, {fmt_number(window[1])})"
 
     def modify(
         self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext

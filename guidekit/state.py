@@ -231,6 +231,9 @@ class ForwardState:
     memos: dict[Any, Any] = attrs.field(factory=dict)
     #: the step's conditionings as the model sees them (after input modifiers), by name
     conds: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    #: each gated or scheduled attention modifier as it acts this step (resolved to numbers;
+    #: ``None``: off this step), see :func:`guidekit.schedules.steps.modifier_at`
+    modifiers: dict[Any, Any] = attrs.field(factory=dict)
 
     def memo(self, owner: Any, factory: Any) -> Any:
         """The step's scratch value of ``owner``, made by ``factory()`` on first use."""

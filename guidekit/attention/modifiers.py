@@ -241,9 +241,14 @@ class ModifierHooks:
         self._layout = layout if self._hooks and layout.model == self.model_name else None
         self._active = None
         if self._layout is not None:
-            calls = self._calls.get(layout)
+            # gated / scheduled modifiers as they act this step (ForwardState.modifiers)
+            now = getattr(layout.state, "modifiers", None) or {}
+            key = (layout, tuple(now.items())) if now else layout
+            calls = self._calls.get(key)
             if calls is None:
-                calls = self._calls[layout] = self._calls_for(layout)
+                if len(self._calls) > 4096:  # a scheduled scale: one entry per noise level
+                    self._calls.clear()
+                calls = self._calls[key] = self._calls_for(layout, now)
             self._active = calls
         self._negatives = {}
         try:
@@ -256,9 +261,11 @@ class ModifierHooks:
         active = self._active
         return None if active is None else active.get(path)
 
-    def _calls_for(self, layout: Any) -> dict[str, LayerCall]:
+    def _calls_for(self, layout: Any, now: dict[Any, Any]) -> dict[str, LayerCall]:
         out: dict[str, LayerCall] = {}
         for path, ops in self.ops.items():
+            if now:  # ``None``: the modifier is off at this step, the layer's own attention
+                ops = LayerOps(now.get(ops.core, ops.core), now.get(ops.nag, ops.nag))
             segments: list[tuple[int, int, LayerOps | None]] = []
             for branch, start, stop in layout.blocks:
                 nag = ops.nag if ops.nag is not None and ops.nag.applies_to(branch) else None

@@ -36,7 +36,16 @@ from guidekit.attention.extrapolation import (
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.fields import Examples, Range, finite, name, positive_or_none, to_float, unit_interval
+from guidekit.fields import (
+    Examples,
+    Range,
+    finite,
+    finite_or_schedule,
+    name,
+    positive_or_none,
+    to_float,
+    unit_interval,
+)
 from guidekit.processor import AttentionModifier
 from guidekit.registry import register
 
@@ -91,9 +100,11 @@ class PLADISModifier(AttentionCore):
     the authors use 1.5 to 2.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     sparse: str = attrs.field(default="entmax15", validator=_sparse)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    #: ``.between(lo, hi)``: the noise levels it acts on (``None``: every level)
+    window: tuple[float, float] | None = attrs.field(default=None, kw_only=True, repr=False)
     _name: ClassVar[str] = "PLADIS"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "PLADIS(2)"
@@ -129,11 +140,13 @@ class GAGModifier(AttentionCore):
     ``GAG(s)`` equals ``PLADIS(s + 1)``.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     eta: float | None = attrs.field(default=15.0, converter=to_float, validator=positive_or_none)
     zeta: float = attrs.field(default=0.0, converter=to_float, validator=finite)
     sparse: str = attrs.field(default="entmax15", validator=_sparse)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    #: ``.between(lo, hi)``: the noise levels it acts on (``None``: every level)
+    window: tuple[float, float] | None = attrs.field(default=None, kw_only=True, repr=False)
     _name: ClassVar[str] = "GAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "GAG(5, eta=15)"
@@ -179,12 +192,14 @@ class NAGModifier(AttentionModifier):
     floating tensor). See docs/semantics.md.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     tau: float | None = attrs.field(default=2.5, converter=to_float, validator=positive_or_none)
     alpha: float = attrs.field(default=0.25, converter=to_float, validator=unit_interval)
     negative: str = attrs.field(default="uncond", validator=name)  # type: ignore[misc]
     key: str | None = attrs.field(default=None, validator=_key)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
+    #: ``.between(lo, hi)``: the noise levels it acts on (``None``: every level)
+    window: tuple[float, float] | None = attrs.field(default=None, kw_only=True, repr=False)
     _name: ClassVar[str] = "NAG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "NAG(4)"

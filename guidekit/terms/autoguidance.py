@@ -12,7 +12,7 @@ from typing import ClassVar
 import attrs
 
 from guidekit.branch import Branch, cond
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -25,7 +25,7 @@ class AutoguidanceTerm(DirectionTerm):
     The weak model is its own forward group: it runs as a separate call with its own rows.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     model: str = attrs.field(default="weak", validator=name)
     _name: ClassVar[str] = "Autoguidance"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)

@@ -11,7 +11,7 @@ import attrs
 
 from guidekit.branch import COND, MAIN, UNCOND, Branch, uncond
 from guidekit.errors import GuidanceValueError
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import LinearTerm
 
@@ -62,7 +62,7 @@ class CFGTerm(LinearTerm):
     prompt in place of the empty one) toward ``a``: ``n + w (c_a - n)``.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     cond: str = attrs.field(default=COND, validator=name, kw_only=True)
     negative: str = attrs.field(default=UNCOND, validator=name, kw_only=True)
     _name: ClassVar[str] = "CFG"

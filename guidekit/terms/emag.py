@@ -40,7 +40,7 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 from guidekit.terms.cfg import CFG
@@ -67,7 +67,7 @@ def _window(sigmas: Sequence[float] | torch.Tensor, first: int, last_off: int) -
 class _EMAGBase(DirectionTerm):
     """Shared fields and presets of EMAG and EMAG-Q."""
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     beta: float = attrs.field(default=0.988, converter=_float, validator=_beta)
     lam: float = attrs.field(default=1.0, converter=_float, validator=_lam)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from guidekit.branch import Branch, cond, uncond
 from guidekit.errors import GuidanceValueError
-from guidekit.fields import Examples, Range, finite, to_float
+from guidekit.fields import Examples, Range, finite, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
@@ -91,8 +91,8 @@ class FDGTerm(NonlinearPrediction):
     (diffusers' ``guidance_scales=[10, 5]``).
     """
 
-    low: float = attrs.field(converter=to_float, validator=finite)
-    high: float = attrs.field(converter=to_float, validator=finite)
+    low: float = attrs.field(converter=to_float, validator=finite_or_schedule)
+    high: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     levels: int = attrs.field(default=2, validator=_levels)
     eta: float = attrs.field(default=1.0, converter=to_float, validator=finite)
     _name: ClassVar[str] = "FDG"

@@ -26,7 +26,7 @@ import attrs
 from guidekit.attention.ops import IdentityAttention, Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -43,7 +43,7 @@ class PAGTerm(DirectionTerm):
     ``cond``: the conditioning whose rows are perturbed (``"uncond"``: ``s (u - u')``).
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     cond: str = attrs.field(default=COND, validator=name, kw_only=True)
     _name: ClassVar[str] = "PAG"

@@ -16,7 +16,7 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.sag import SAGDegrade, _odd, _positive
 from guidekit.branch import MAIN, UNCOND, Branch
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -32,7 +32,7 @@ class SAGTerm(DirectionTerm):
     default layer (the UNet's middle block, the paper's choice for Stable Diffusion).
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     blur_sigma: float = attrs.field(default=1.0, converter=to_float, validator=_positive)
     kernel: int = attrs.field(default=9, validator=_odd)

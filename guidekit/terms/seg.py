@@ -24,7 +24,7 @@ import attrs
 from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.attention.seg import BlurredQueryAttention, _blur_sigma, _float
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -40,7 +40,7 @@ class SEGTerm(DirectionTerm):
     architecture's default.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     blur_sigma: float = attrs.field(default=math.inf, converter=_float, validator=_blur_sigma)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     _name: ClassVar[str] = "SEG"

@@ -32,7 +32,7 @@ from guidekit.attention.ops import Layers, check_layers, to_layers
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceValueError
 from guidekit.expr import Expr, fmt_number
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -83,7 +83,7 @@ class SLGTerm(DirectionTerm):
     ``"uncond"`` (``s (u - u')``, see :meth:`on_uncond`), or any named conditioning.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     skip: str = attrs.field(default="block", validator=_skip_kind)
     cond: str = attrs.field(default=COND, validator=name, kw_only=True)

@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.fields import finite, to_float
+from guidekit.fields import finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class TCFGTerm(NonlinearPrediction):
     """``u' + w (c - u')`` with ``u'`` the projection of ``u`` on the top singular direction."""
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     _name: ClassVar[str] = "TCFG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "TCFG(5)"

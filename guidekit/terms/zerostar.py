@@ -14,7 +14,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond, uncond
-from guidekit.fields import count, finite, to_float
+from guidekit.fields import count, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
@@ -31,7 +31,7 @@ class CFGZeroStarTerm(NonlinearPrediction):
     ``k`` (0-based, counted by :mod:`guidekit.state`) outputs zero while ``k < zero_init_steps``.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     zero_init_steps: int = attrs.field(default=0, validator=count)
     _name: ClassVar[str] = "CFGZeroStar"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)

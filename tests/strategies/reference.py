@@ -29,6 +29,7 @@ from guidekit import (
 )
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
+from guidekit.schedules import Level, resolve
 from guidekit.terms import CFGppTerm, FDGTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm
 
@@ -290,6 +291,7 @@ def reference_value(expr: Expr, env: Env) -> torch.Tensor:
         # outside: a direction is zero, a prediction falls back to plain c (arXiv 2404.07724)
         c = env.value(cond_of())
         return c if expr.expr.weight == 1 else torch.zeros_like(c)
+    expr = resolve(expr, Level(env.sigma))  # a scheduled scale: its value at this level
     return term_reference(expr)(expr, env)
 
 
@@ -311,7 +313,7 @@ def contributions(expr: Expr, sigma: float) -> dict[Any, list[float]]:
             elif node.expr.weight == 1:
                 out.setdefault(cond_of(), []).append(factor)
         else:
-            for atom, coef in term_coefficients(node):
+            for atom, coef in term_coefficients(resolve(node, Level(sigma))):
                 out.setdefault(atom, []).append(factor * coef)
 
     walk(expr, 1.0)

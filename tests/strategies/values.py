@@ -21,6 +21,7 @@ from guidekit import (
 )
 from guidekit.fields import Range
 from guidekit.registry import kind, processor_classes, term_classes
+from guidekit.schedules import Beta, Constant, Cosine, Linear, Piecewise, PowerLaw, Window
 
 # -- numbers ------------------------------------------------------------------------------------
 
@@ -49,8 +50,37 @@ AUTOGUIDANCE_MODELS = ("weak", "small")
 
 # -- one strategy per registered class, derived from its fields ----------------------------------
 
-#: a field without ``field_examples`` draws from its validator's range
+#: the run's noise levels for the schedules the laws draw: a progress shape gets these bounds,
+#: so every schedule drawn is known from sigma alone (the laws step plans without a schedule)
+PROGRESS_BOUNDS = {"sigma_max": 20.0, "sigma_min": 0.05}
+
+
+@st.composite
+def _piecewise(draw: st.DrawFn) -> Piecewise:
+    sigmas = sorted(draw(st.sets(st.sampled_from(GATE_POINTS), min_size=1, max_size=3)))
+    return Piecewise(*((s, draw(SCALES)) for s in sigmas))
+
+
+@st.composite
+def _window(draw: st.DrawFn) -> Window:
+    lo, hi = draw(gate_bounds())
+    return Window(draw(SCALES), lo, hi, outside=draw(st.sampled_from((0.0, 1.0)) | SCALES))
+
+
+def schedules() -> st.SearchStrategy[Any]:
+    """A schedule by noise level (guidekit.schedules), every shape, known from sigma alone."""
+    bounded = [
+        st.builds(cls, SCALES, **{k: st.just(v) for k, v in PROGRESS_BOUNDS.items()})
+        for cls in (Linear, Cosine, Beta)
+    ]
+    power = st.builds(PowerLaw, SCALES, numbers(0, 3), **{k: st.just(v) for k, v in PROGRESS_BOUNDS.items()})
+    return st.one_of(st.builds(Constant, SCALES), _piecewise(), _window(), power, *bounded)
+
+
+#: a field without ``field_examples`` draws from its validator's range; a scale field
+#: (``finite_or_schedule``) draws a number or, one time in three, a schedule
 BY_VALIDATOR: dict[Any, st.SearchStrategy[Any]] = {
+    fields.finite_or_schedule: st.one_of(SCALES, SCALES, st.deferred(schedules)),
     fields.finite: SCALES,
     fields.unit_interval: numbers(0, 1),
     fields.nonnegative: numbers(0, 8),
