@@ -101,11 +101,12 @@ def run_groups(
                 whole = (lo, hi) == (0, rows)
                 sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
                 xs = x_rows if whole else x_rows[lo:hi]
+                sig = sig_rows if whole else sig_rows[lo:hi]
                 if around_call is None:
-                    out = model(xs, sig_rows[lo:hi], **sub)
+                    out = model(xs, sig, **sub)
                 else:
                     with around_call(layout_rows(group, batch, lo, hi, forward_state)):
-                        out = model(xs, sig_rows[lo:hi], **sub)
+                        out = model(xs, sig, **sub)
                 check_output(out, group.model, hi - lo, xs)
                 outs.append(out)
                 if on_call is not None:
@@ -117,6 +118,13 @@ def run_groups(
             if timed:
                 sync(full)
                 split.observe(key, rows, batch, chunk, clock() - start)
-        for i, branch in enumerate(group.branches):
-            native[branch] = full[i * batch : (i + 1) * batch]
+        # one split (one operator) gives every branch's rows, the same views as slices
+        if len(group.branches) == 1:
+            parts: Any = (full,)
+        elif batch:
+            parts = full.split(batch)
+        else:  # an empty batch: split refuses a size of 0
+            parts = [full] * len(group.branches)
+        for branch, part in zip(group.branches, parts):
+            native[branch] = part
     return native
