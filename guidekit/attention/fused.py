@@ -54,7 +54,7 @@ def fused_self_attention(
         key = attn.norm_k(key)
     # one split per tensor (one operator) rather than a slice per segment and tensor
     sizes = [b - a for a, b, _ in segments]
-    qs, ks, vs = query.split(sizes), key.split(sizes), value.split(sizes)
+    qs, ks, vs = (t.split_with_sizes(sizes) for t in (query, key, value))
     cores = []
     for (a, _, op), q, k, v in zip(segments, qs, ks, vs):
         if op is None:
