@@ -8,8 +8,9 @@ same rows, on the benchmark DiT at B = 1.
 The model is diffusers' ``DiTTransformer2DModel`` of ``_bench.py`` (16 tokens, 6 layers,
 2.12M parameters). Each expression's step is one guided step in steady state (the run has
 taken two steps, so EMAG has its averages and a selected layer; every timed call
-re-evaluates the same level). Its "bare" partner is one call of an unhooked copy of the
-model (same weights) on as many rows as the guided step's one call. Guided and bare calls
+re-evaluates the same level). Its "bare" partner is one call of the same model function
+(sigma to timestep, the model, ``.sample``) on an unhooked copy of the model (same
+weights) on as many rows as the guided step's one call. Guided and bare calls
 are interleaved in pairs (the order rotates); the figure is the median over repeats of
 ``guided - bare``: everything guidekit adds to the model call, the attention engine's
 routing and perturbed maths included. The clock is the timing thread's CPU time
@@ -76,14 +77,16 @@ def guided_step(net: torch.nn.Module, expr: Any) -> tuple[Callable[[], Any], Any
 
 
 def bare_step(net: torch.nn.Module, rows: int) -> Callable[[], Any]:
-    """One call of ``net`` on ``rows`` rows, the inputs built beforehand."""
+    """One call of the same model function as the guided step's (sigma to timestep
+    included) on ``rows`` rows of ``net``, the inputs built beforehand."""
     x = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(rows) % bench.NUM_CLASSES
-    t = bench._timestep(torch.full((rows,), SIGMAS[1]))
+    sigma = torch.full((rows,), SIGMAS[1])
+    model = _forward(net)
 
     def step() -> Any:
         with torch.no_grad():
-            return net(x, timestep=t, class_labels=labels).sample
+            return model(x, sigma, labels)
 
     return step
 

@@ -6,6 +6,7 @@ tensors. Equal branches are one row block in the batched forward, however many t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import attrs
@@ -15,7 +16,8 @@ COND = "cond"
 UNCOND = "uncond"
 
 
-@attrs.frozen
+# the hash and the label are read at every step (row layouts, routes, call records): kept
+@attrs.frozen(cache_hash=True)
 class Branch:
     """A model prediction: ``model`` and ``cond`` are names bound when the plan runs.
 
@@ -27,7 +29,7 @@ class Branch:
     cond: str = COND
     perturbation: Any = None
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         """Short name used by ``Plan.explain``: ``c``, ``u``, ``c@weak``, ``c[PAG(...)]``."""
         base = {COND: "c", UNCOND: "u"}.get(self.cond, self.cond)

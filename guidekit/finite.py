@@ -14,6 +14,7 @@ who wants to see the damaged samples asks). See docs/reliability.md.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -65,7 +66,11 @@ def _kinds(t: torch.Tensor) -> str:
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite: a finite sum proves it in one reduction (a NaN
     or inf makes the sum NaN or inf); only a sum that overflowed needs the full check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    # the sum read as a Python number: two operators (the reduction, the read) where
+    # isfinite on the device and a bool of it dispatch six
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def _bad_samples(t: torch.Tensor) -> list[int]:

@@ -12,6 +12,7 @@ dependent group per model, run after all first groups (``ForwardGroup.stage == 1
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
@@ -79,7 +80,7 @@ class Plan:
     dynamic: tuple[Any, ...] = ()
 
     # -- structure ------------------------------------------------------------------------------
-    @property
+    @functools.cached_property  # per plan: its structure is fixed at compile
     def branches(self) -> tuple[Branch, ...]:
         """Every distinct branch the plan may run, in layout order."""
         return tuple(b for g in self.groups for b in g.branches)
@@ -88,7 +89,7 @@ class Plan:
     def models(self) -> tuple[str, ...]:
         return tuple(g.model for g in self.groups)
 
-    @property
+    @functools.cached_property  # per plan: its structure is fixed at compile
     def conditionings(self) -> tuple[str, ...]:
         """Every conditioning the plan reads: its branches', then attention modifiers'
         negatives (NAG reads ``uncond`` even where no branch runs it)."""
@@ -103,7 +104,7 @@ class Plan:
         # imported here: combinators import terms, whose attention terms import this module
         return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
-    @property
+    @functools.cached_property  # per plan: its structure is fixed at compile
     def stateful(self) -> tuple[tuple[Any, str], ...]:
         """``(perturbation, model)`` for each perturbation whose state is built inside the
         forward (EMAG's averages), in layout order."""
@@ -124,7 +125,11 @@ class Plan:
     def _named_parts(self) -> list[tuple[str | None, Any]]:
         """Every post-processor, modifier and stateful perturbation with its state name
         (``None``: it keeps no state), in that order."""
-        return named_parts((*self.post, *self.modifiers, *(p for p, _ in self.stateful)))
+        return list(self._parts)
+
+    @functools.cached_property
+    def _parts(self) -> tuple[tuple[str | None, Any], ...]:
+        return tuple(named_parts((*self.post, *self.modifiers, *(p for p, _ in self.stateful))))
 
     def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
         """Each stateful perturbation's input state, from the step's inputs by name (a

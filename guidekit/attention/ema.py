@@ -85,6 +85,14 @@ __all__ = [
 ]
 
 
+def _whole(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a contiguous tensor over all of its storage (not a view into a
+    larger one, which keeping would keep alive)."""
+    storage = t.untyped_storage()
+    return (t.is_contiguous() and t.data_ptr() == storage.data_ptr()
+            and t.numel() * t.element_size() == storage.nbytes())
+
+
 @attrs.define(eq=False)
 class Scope:
     """Where a stateful perturbation is being evaluated: the layer, the step's forward
@@ -173,10 +181,18 @@ class MovingAverage(AttentionPerturbation):
         shape = (fs.batch, *current.shape[1:])
         check_batch(repr(self), scope.path, fs.inputs[self].ema.get(scope.path), shape)
         buf = memo.observed.get(scope.path)
+        dtype = storage_dtype(self.state_dtype, current.dtype)
+        if buf is None and lo == 0 and rows == fs.batch and current.dtype == dtype \
+                and _whole(current):
+            # the whole batch in one call (the usual case) and a tensor of its own (a map
+            # made by this call's softmax): kept as it is, no buffer to fill
+            memo.observed[scope.path] = current.detach()
+            memo.seen[scope.path] = memo.seen.get(scope.path, 0) + rows
+            memo.batch = fs.batch
+            return
         if buf is None:
             buf = memo.observed[scope.path] = torch.empty(
-                shape, dtype=storage_dtype(self.state_dtype, current.dtype),
-                device=current.device,
+                shape, dtype=dtype, device=current.device,
             )
         buf[lo:hi] = current.detach()
         memo.seen[scope.path] = memo.seen.get(scope.path, 0) + rows
@@ -196,6 +212,9 @@ class MovingAverage(AttentionPerturbation):
             )
         memo.used = scope.path
         held = scope.state.inputs[self].ema.get(scope.path)
+        if lo == 0 and hi == memo.batch == buf.shape[0]:  # the whole batch: update reuses it
+            average = memo.averages[scope.path] = blend(held, buf, self.beta)
+            return average
         return blend(None if held is None else held[lo:hi], buf[lo:hi], self.beta)
 
     def __repr__(self) -> str:

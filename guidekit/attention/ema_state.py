@@ -112,6 +112,9 @@ class StepMemo:
     used: str | None = None
     #: the sampler's batch ``B`` of the step
     batch: int = 0
+    #: this step's blended average of a layer, when the perturbed rows computed it for the
+    #: whole batch at once (``update`` takes it instead of blending the same maps again)
+    averages: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
 
 def select(delta: Mapping[str, float], candidates: tuple[str, ...]) -> str | None:
@@ -167,7 +170,9 @@ def update(state: EMAState, memo: StepMemo | None, beta: float) -> EMAState:
                 f"EMAG observed {seen} of the {memo.batch} samples in layer {path!r} this step: "
                 f"every call of a step must run through the attention engine"
             )
-        average = blend(state.ema.get(path), current, beta)
+        average = memo.averages.get(path)
+        if average is None:
+            average = blend(state.ema.get(path), current, beta)
         delta[path] = spread(average, current)
         ema[path] = average.to(current.dtype)
     return EMAState(ema=ema, delta=delta, used=memo.used, steps=state.steps + 1)

@@ -13,10 +13,15 @@ import torch.nn.functional as F
 
 from guidekit.errors import GuidanceValueError
 
+_COMPUTE: dict[torch.dtype, torch.dtype] = {}
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype explicit attention maths runs in for inputs of ``dtype``: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
+    out = _COMPUTE.get(dtype)
+    if out is None:  # torch.promote_types dispatches an operator: once per dtype
+        out = _COMPUTE[dtype] = torch.promote_types(dtype, torch.float32)
+    return out
 
 
 def share_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

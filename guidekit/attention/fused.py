@@ -52,15 +52,16 @@ def fused_self_attention(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
+    # one split per tensor (one operator) rather than a slice per segment and tensor
+    sizes = [b - a for a, b, _ in segments]
+    qs, ks, vs = (t.split_with_sizes(sizes) for t in (query, key, value))
     cores = []
-    for a, b, op in segments:
+    for (a, _, op), q, k, v in zip(segments, qs, ks, vs):
         if op is None:
-            cores.append(F.scaled_dot_product_attention(
-                query[a:b], key[a:b], value[a:b], dropout_p=0.0, is_causal=False))
+            cores.append(F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False))
         elif op.needs_qk:
-            cores.append(op.attend(query[a:b], key[a:b], value[a:b], mask=None,
-                                   **op_kwargs(op, a)))
+            cores.append(op.attend(q, k, v, mask=None, **op_kwargs(op, a)))
         else:
-            cores.append(op.attend(None, None, value[a:b], mask=None, **op_kwargs(op, a)))
+            cores.append(op.attend(None, None, v, mask=None, **op_kwargs(op, a)))
     core = cores[0] if len(cores) == 1 else torch.cat(cores)
     return close_output(attn, merge_heads(core, query.dtype), hidden_states, image_shape)

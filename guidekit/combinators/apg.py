@@ -43,8 +43,8 @@ class APGState:
     momentum: torch.Tensor | None = attrs.field(default=None, eq=False)
 
 
-def _dims(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(range(1, t.ndim))
+#: the smallest normal float64: below any <X, X> > 0 of a float32 / float64 prediction
+_TINY = torch.finfo(torch.float64).tiny
 
 
 @register
@@ -94,7 +94,7 @@ class APGProjection(Processor):
         dtype = y.dtype
         u = ctx.value(uncond(), self.space).double()
         y64 = y.double()
-        cond_like = (y64 - alpha_u * u) / w  # X: c for plain CFG
+        cond_like = torch.add(y64, u, alpha=-alpha_u).div_(w)  # X: c for plain CFG
         diff = cond_like - u
         new_state = state
         if self.momentum != 0.0:
@@ -104,13 +104,17 @@ class APGProjection(Processor):
         if self.norm_threshold is not None:
             norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
             diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
-        c_norm = cond_like.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
-        # a sample whose guided conditional is exactly zero has no direction to project on:
-        # its parallel part is zero (not 0/0 = NaN)
-        unit = torch.where(c_norm > 0, cond_like / torch.where(c_norm > 0, c_norm, 1.0), 0.0)
-        parallel = (diff * unit).sum(_dims(diff), keepdim=True) * unit
-        orthogonal = diff - parallel
-        out = cond_like + (w - 1.0) * (orthogonal + self.eta * parallel)
+        # D_par = (<D, X> / <X, X>) X, and out = X + (w - 1) (D - (1 - eta) D_par) =
+        # X (1 - k <D, X> / <X, X>) + (w - 1) D with k = (w - 1) (1 - eta): per sample one
+        # scalar times X, so few whole-map operations (each is a kernel launch; at a few
+        # rows they, not the arithmetic, are the cost). A sample whose X is exactly zero has
+        # <D, X> = 0, so clamping <X, X> away from 0 gives it D_par = 0 (not 0/0 = NaN).
+        flat = cond_like.flatten(1)
+        dot = (diff.flatten(1) * flat).sum(dim=1)
+        gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
+        k = (w - 1.0) * (1.0 - self.eta)
+        scale = dot.div_(gram).mul_(-k).add_(1.0).view(-1, *([1] * (diff.ndim - 1)))
+        out = (cond_like * scale).add_(diff, alpha=w - 1.0)
         return out.to(dtype), new_state
 
     def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:

@@ -107,3 +107,41 @@ def test_recompiles_are_bounded_by_the_distinct_active_sets(expr: Any) -> None:
         counts.append(torch._dynamo.utils.counters["frames"]["ok"] - before)
     assert len(sets) == (2 if "SEG" not in repr(expr) else 4), sets
     assert 1 <= counts[0] <= len(sets) and counts[1:] == [0, 0], (counts, len(sets))
+
+
+@pytest.mark.parametrize("expr", [
+    CFG(5) + PAG(2, layers=[0]).between(1, 10),
+    CFG(5) + PAG(2, layers=[0]) + EMAG(1.5, layers=[1, 2]),
+], ids=["PAG-gated", "PAG-and-EMAG"])
+def test_a_second_run_of_the_compiled_model_recompiles_nothing(expr: Any) -> None:
+    """With the engine installed, a second run of the same compiled model (same engine,
+    then a new install) compiles no frame: ``error_on_recompile`` makes any recompile, from
+    a guard on the engine's state or the run's, fail the run. The second run's samples
+    equal the first's (EMAG's state starts afresh)."""
+    model = tiny_dit()
+    plan = guidekit.compile(expr)
+    compiled = torch.compile(dit_fn(model), backend="eager")
+    noise = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    sigmas = [12.0, 9.0, 4.0, 2.0, 0.8, 0.3]
+    torch._dynamo.reset()
+    engine = install(model, plan)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad(), engine as around:
+            guided = guidekit.guide(plan, compiled, cond=COND, uncond=UNCOND,
+                                    around_call=around, sigmas=sigmas)
+            x = noise * sigmas[0]
+            for s, s_next in zip(sigmas, [*sigmas[1:], 0.0]):
+                x = x + (s_next - s) * guided(x, s)
+        return x
+
+    first = run()
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    assert frames >= 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = run()
+        engine = install(model, plan)  # a new install: new routes, the same graphs
+        third = run()
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(third, first, rtol=0, atol=0)
