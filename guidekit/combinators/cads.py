@@ -98,7 +98,11 @@ class CADSAnnealing(InputModifier):
         if self.psi == 0:
             return y_hat
         dims = tuple(range(1, y.ndim))
-        y_r = (y_hat - y_hat.mean(dims, keepdim=True)) / y_hat.std(dims, keepdim=True)
+        # a sample whose y_hat is constant (noise_scale 0 where gamma is 0) has no spread to
+        # rescale: it keeps mean(y) rather than 0 / 0 = NaN
+        spread = y_hat.std(dims, keepdim=True)
+        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        y_r = (y_hat - y_hat.mean(dims, keepdim=True)) / spread
         y_r = y_r * y.std(dims, keepdim=True) + y.mean(dims, keepdim=True)
         return self.psi * y_r + (1.0 - self.psi) * y_hat
 

@@ -125,6 +125,17 @@ def test_full_noise_is_pure_scaled_noise() -> None:
                                rtol=1e-12, atol=1e-12)
 
 
+def test_full_noise_without_noise_keeps_each_samples_mean() -> None:
+    """``noise_scale=0`` at ``gamma = 0`` zeroes ``y_hat``: no spread to rescale, so each
+    sample's rescaled conditioning is its own mean (the limit), never 0 / 0 = NaN."""
+    cads = CADS(tau1=TAU1, tau2=TAU2, noise_scale=0.0, psi=0.5)
+    guided, model = _guided(cads, seed=5)
+    guided(t64(x_at(0)), 0.95)
+    got = _received(model, 0)["cond"]
+    mean = embedding("cond").mean(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(got, 0.5 * np.broadcast_to(mean, got.shape), rtol=1e-12, atol=1e-12)
+
+
 def _ddpm_sigmas(betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     abar = np.cumprod(1.0 - betas)
     return abar, np.sqrt((1.0 - abar) / abar)
