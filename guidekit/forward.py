@@ -96,8 +96,11 @@ def run_groups(
             sub = group if len(parts) == 1 else attrs.evolve(
                 group, branches=tuple(group.branches[i] for i in part.indices)
             )
-            if shared is not None and part.how:
-                shared[sub.title] = part.how
+            if shared is not None:  # what the group's last step did, for print(plan)
+                if part.how:
+                    shared[sub.title] = part.how
+                else:
+                    shared.pop(sub.title, None)
             full = _run_group(
                 sub, model, x, sigma, part.conds, split, native, part.how,
                 prediction=prediction, noise=noise, on_call=on_call, level=level,

@@ -144,14 +144,13 @@ def _form(d: Mapping[str, Any], rules: Sequence[Tokens]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _pad(d: Mapping[str, Any], rule: Tokens, length: int) -> dict[str, Any]:
+def _pad(d: Mapping[str, Any], rule: Tokens, length: int, dtype: torch.dtype) -> dict[str, Any]:
     v: torch.Tensor = d[rule.key]
     have = v.shape[rule.axis]
     out = dict(d)
     mask = d.get(rule.mask) if rule.mask is not None else None
     if mask is None:
-        mask = torch.ones(v.shape[0], have, dtype=v.dtype if v.is_floating_point()
-                          else torch.float32, device=v.device)
+        mask = torch.ones(v.shape[0], have, dtype=dtype, device=v.device)
     if have < length:
         shape = list(v.shape)
         shape[rule.axis] = length - have
@@ -185,16 +184,21 @@ def _align(
         if len(lengths) < len(names):
             continue
         values = sorted(set(lengths.values()))
-        has_mask = rule.mask is not None and any(rule.mask in dicts[n] for n in names)
+        given = [dicts[n][rule.mask] for n in names if rule.mask is not None
+                 and isinstance(dicts[n].get(rule.mask), torch.Tensor)]
+        # a made mask takes a given one's dtype (they are concatenated), else the tokens'
+        v = dicts[names[0]][rule.key]
+        dtype = given[0].dtype if given else (
+            v.dtype if v.is_floating_point() else torch.float32)
         if len(values) == 1:
-            if has_mask:  # some rows carry the mask: the others attend to every token
+            if given:  # some rows carry the mask: the others attend to every token
                 for n in names:
-                    dicts[n] = _pad(dicts[n], rule, values[0])
+                    dicts[n] = _pad(dicts[n], rule, values[0], dtype)
             continue
         seen = ", ".join(f"{n} {lengths[n]}" for n in names)
         if rule.mask is not None:
             for n in names:
-                dicts[n] = _pad(dicts[n], rule, values[-1])
+                dicts[n] = _pad(dicts[n], rule, values[-1], dtype)
             notes.append(f"padded {rule.key!r} to {values[-1]} tokens under {rule.mask!r} "
                          f"({seen})")
             continue

@@ -20,7 +20,7 @@ from strategies import SHAPE, TAGS, World, expressions, worlds
 
 import guidekit
 from guidekit import Tokens
-from guidekit.errors import GuidanceError
+from guidekit.errors import GuidanceError, NonFiniteError
 
 WIDTH = 4
 F64 = torch.float64
@@ -81,7 +81,13 @@ def _plan(expr: guidekit.Expr, world: World) -> guidekit.Plan:
 
 def _check(plan: guidekit.Plan, world: World, lengths: dict[str, int], tokens: Tokens) -> None:
     conds = _conds(world, lengths)
-    shared, g = _run(plan, world, conds, tokens)
+    try:
+        shared, g = _run(plan, world, conds, tokens)
+    except NonFiniteError:
+        # CADS with noise_scale=0 zeroes a conditioning where gamma is 0 and rescales it by
+        # its std of 0: the model's input is NaN, padded or not (FakeModel never reads it)
+        assume(False)
+        raise
     separate, s = _run(plan, world, conds, None)
     for a, b in zip(shared, separate):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -154,3 +154,21 @@ def test_a_mask_of_the_wrong_shape_is_refused_by_name() -> None:
 def test_bad_declarations_are_refused(make: object, error: type, words: str) -> None:
     with pytest.raises(error, match=words):
         make()  # type: ignore[operator]
+
+
+def test_a_made_mask_takes_the_given_masks_dtype() -> None:
+    conds = {"cond": {"text": _text(8, 1), "m": torch.ones(B, 8, dtype=torch.bool)},
+             "neg": {"text": _text(5, 2)}}
+    [part] = share(["cond", "neg"], conds, (Tokens("text", mask="m"),))
+    assert part.conds["neg"]["m"].dtype == torch.bool
+    assert part.conds["neg"]["m"].tolist() == [[True] * 5 + [False] * 3] * B
+
+
+def test_print_plan_forgets_a_mix_the_last_step_did_not_have() -> None:
+    g = _run(CFG(7, negative="neg"), {"cond": _text(8, 1), "neg": _text(5, 2)},
+             tokens=Tokens("text", mask="text_mask"))
+    assert "tokens main [c neg]" in str(g.plan)
+    g.conds["neg"] = {"text": _text(8, 2)}
+    with torch.no_grad():
+        g(X, 0.25)
+    assert "tokens main" not in str(g.plan) and g.calls[-1].tokens == ""
