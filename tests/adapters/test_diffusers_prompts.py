@@ -101,10 +101,13 @@ def test_one_named_prompt_per_prompt_and_images_per_prompt(get: Any) -> None:
             out = sample(pipe, **_kwargs("sd"), **extra)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         assert run.calls[0].rows == 2 * ref.shape[0]
+    cls, before = type(pipe), snapshot(pipe)
     with guided(pipe, CFG(7, negative="neg"), prompts={"neg": ["a", "b", "c"]}), pytest.raises(
         GuidanceValueError, match=r"has 3 prompts for a pipeline call of 2 prompts"
     ):
         sample(pipe, **_kwargs("sd"))
+    # refused inside the pipeline's encode_prompt: everything is put back all the same
+    assert type(pipe) is cls and pipe_untouched(pipe, before) and "forward" not in vars(pipe.unet)
 
 
 # -- three conditionings: one call of three row blocks, as a hand-written loop --------------------
