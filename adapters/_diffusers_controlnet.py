@@ -81,8 +81,9 @@ class ControlNetRows:
         parts = take_apart(call.arguments, call.x_name, n, batch)
         cond = {p: v[c] for p, v in parts.rows.items()}
         follow = {p for p in cond if p.split(".")[0] in CONTROL_FOLLOW}
+        uncond = {p: v[:batch] for p, v in parts.rows.items()} if n == 2 * batch else None
         named = self.prompts.conds(
-            {p: v for p, v in cond.items() if p not in follow}, names
+            {p: v for p, v in cond.items() if p not in follow}, names, uncond=uncond
         )
         values: dict[str, Any] = {}
         for p, v in parts.rows.items():

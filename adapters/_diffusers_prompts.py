@@ -4,8 +4,9 @@ pipeline, laid out as named conditionings.
 An expression may read conditionings other than the pipeline's own two (``Cond("style")``,
 ``CFG(7, negative="neg")``). Their rows are built from what the pipeline itself does:
 
-* text pipelines: at the pipeline call's first ``encode_prompt`` (the one for its prompt),
-  each named prompt is encoded ONCE, by the pipeline's own ``encode_prompt`` called with the
+* text pipelines: at the pipeline call's ``encode_prompt`` of its prompt (not the one a
+  pipeline may make for its negative prompt), each named prompt is encoded ONCE per call, by
+  the pipeline's own ``encode_prompt`` called with the
   same arguments (device, ``num_images_per_prompt``, ``max_sequence_length``, ``clip_skip``,
   LoRA scale, ...), the prompt replaced by the named one (every sample of the batch, or one
   per prompt of the call when a list is given), no negative prompt and no CFG;
@@ -14,7 +15,9 @@ An expression may read conditionings other than the pipeline's own two (``Cond("
   at the same position: ``encoder_hidden_states``, SDXL's ``added_cond_kwargs.text_embeds``,
   SD3's and Flux's ``pooled_projections``, PixArt's ``encoder_attention_mask``, ...;
 * a few per-row arguments that the prompt does not decide follow the conditional rows
-  (:data:`FOLLOW`: SDXL's time ids, PixArt's resolution and aspect ratio); ControlNet
+  (:data:`FOLLOW`: SDXL's time ids, PixArt's resolution and aspect ratio), and so does any
+  per-row argument the pipeline passes alike for its conditional and unconditional rows (it
+  does not depend on the prompt: a ControlNet's zero pooled projection, say); ControlNet
   residuals are computed for each named prompt (see ``_diffusers_controlnet``);
 * class-label pipelines (DiT): a "prompt" is a class label, an int or a label name the
   pipeline's ``get_label_ids`` knows, for every sample or one per class label of the call;
@@ -105,6 +108,7 @@ class NamedPrompts:
         self.in_call = False
         self.own: tuple[Any, ...] | None = None  # the pipeline's own encode_prompt outputs
         self.encoded: dict[str, tuple[Any, ...]] = {}
+        self._prompt: tuple[Any, Any] = (None, None)  # the call's prompt, as first encoded
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -139,13 +143,19 @@ class NamedPrompts:
         self, orig: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
     ) -> None:
         """After the pipeline call's first ``encode_prompt``: encode each named prompt alike."""
-        if not self.in_call or self.own is not None:
+        if not self.in_call:
             return
-        self.own = _outputs(out)
         signature = inspect.signature(orig)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         given = dict(bound.arguments)
+        prompt = (given.get("prompt"), given.get("prompt_embeds"))
+        if self.own is None:
+            self._prompt = prompt
+        elif any(a is not b for a, b in zip(prompt, self._prompt)):
+            return  # the negative prompt's encoding (Flux encodes it in a call of its own)
+        # another encoder of the same prompt (HunyuanDiT encodes once per text encoder)
+        self.own = (*(self.own or ()), *_outputs(out))
         batch = _prompt_batch(given)
         for name, value in self.prompts.items():
             texts = [value] * batch if isinstance(value, str) else list(value)
@@ -154,26 +164,29 @@ class NamedPrompts:
                     f"guided(prompts={{{name!r}: [...]}}) has {len(texts)} prompts for a "
                     f"pipeline call of {batch} prompts: give one per prompt, or one string"
                 )
-            self.encoded[name] = _outputs(orig(**_named_arguments(signature, given, texts)))
+            named = _outputs(orig(**_named_arguments(signature, given, texts)))
+            self.encoded[name] = (*self.encoded.get(name, ()), *named)
 
     # -- at a denoiser call ---------------------------------------------------------------------------
     def conds(
         self, cond: Mapping[str, torch.Tensor], needed: Sequence[str],
-        computed: Lookup | None = None,
+        computed: Lookup | None = None, uncond: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, dict[str, torch.Tensor]]:
         """The rows of each ``needed`` named conditioning, built from the conditional rows
         ``cond`` (path -> tensor of ``B`` rows); ``computed(name, rows)`` gives what another
-        hook built for a name (ControlNet residuals), or ``None``."""
+        hook built for a name (ControlNet residuals), or ``None``; an input the pipeline
+        passes alike in ``cond`` and ``uncond`` does not depend on the prompt: kept as is."""
         out: dict[str, dict[str, torch.Tensor]] = {}
         for name in needed:
             rows: dict[str, torch.Tensor] = {}
             for path, value in cond.items():
-                rows[path] = self._row(name, path, value, computed)
+                alike = uncond is not None and path in uncond and torch.equal(uncond[path], value)
+                rows[path] = self._row(name, path, value, computed, alike)
             out[name] = rows
         return out
 
     def _row(
-        self, name: str, path: str, value: torch.Tensor, computed: Lookup | None
+        self, name: str, path: str, value: torch.Tensor, computed: Lookup | None, alike: bool
     ) -> torch.Tensor:
         if path in FOLLOW:
             return value
@@ -195,13 +208,15 @@ class NamedPrompts:
             found = computed(name, value)
             if found is not None:
                 return found
+        if alike:
+            return value
         raise GuidanceValueError(
             f"the denoiser's argument {path!r} has one entry per row, and guidekit cannot build "
             f"it for the named conditioning {name!r}: it is not an output of the pipeline's "
             f"own {'class labels' if self.labels else 'encode_prompt'} (supported: the text "
             f"embeddings, pooled embeddings and masks encode_prompt returns, "
-            f"{', '.join(sorted(FOLLOW))} and ControlNet residuals); leave prompts= out or "
-            f"drop that input"
+            f"{', '.join(sorted(FOLLOW))}, inputs alike for cond and uncond and ControlNet "
+            f"residuals); leave prompts= out or drop that input"
         )
 
     def _encoded(self, name: str, path: str, value: torch.Tensor) -> torch.Tensor | None:

@@ -276,7 +276,9 @@ class GuidedPipeline:
             if self.controlnet is not None:
                 self.controlnet.check(call.rows)
                 lookup = self.controlnet.lookup
-            split.conds.update(self.prompts.conds(split.conds[COND], named, lookup))
+            split.conds.update(self.prompts.conds(
+                split.conds[COND], named, lookup, split.conds.get(UNCOND)
+            ))
         missing = sorted(needed - split.conds.keys())
         if missing:
             raise GuidanceValueError(

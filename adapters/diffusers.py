@@ -28,6 +28,11 @@ engine is installed on the denoiser, and the perturbed rows ride in the same cal
 conditional and unconditional ones. ``CADS`` anneals the token embeddings of text pipelines
 (pooled ones untouched) and DiT's class-label embedding (see ``_diffusers_cads``).
 
+Named conditionings (``CFG(7, negative="neg")``, ``Cond("style")``) take their prompts from
+``guided(pipe, expr, prompts={"neg": "blurry"})``: encoded once per pipeline call by the
+pipeline's own ``encode_prompt`` (DiT: class labels), their rows in the same batched call,
+ControlNet residuals included (see ``_diffusers_prompts`` and ``_diffusers_controlnet``).
+
 Modular pipelines take a ``guider=`` component: :class:`GuidekitGuidance` (imported lazily
 from this module; it subclasses diffusers' ``BaseGuidance``).
 

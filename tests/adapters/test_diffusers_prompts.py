@@ -81,6 +81,11 @@ def test_a_named_negative_equals_the_pipelines_own_negative_prompt(kind: str, ge
     assert [(c.rows, c.branches) for c in run.calls] == [(4, ("c", "neg"))] * STEPS
     assert log == [("main", 4)] * STEPS
     assert pipe_untouched(pipe, before_pipe) and snapshot(module) == before_module
+    # no unconditional rows needed: a scale of 1 (no CFG batch) gives the same sample
+    if kind != "flux":
+        with guided(pipe, CFG(7, negative="neg"), prompts={"neg": NEG}) as run:
+            alone = sample(pipe, **_kwargs(kind, 1.0))
+        torch.testing.assert_close(alone, ref, rtol=0, atol=1e-5)
     # and the pipeline's own negative prompt is still `u`
     with guided(pipe, CFG(7)):
         again = sample(pipe, **_kwargs(kind), negative_prompt=[NEG, NEG])
@@ -96,10 +101,13 @@ def test_one_named_prompt_per_prompt_and_images_per_prompt(get: Any) -> None:
             out = sample(pipe, **_kwargs("sd"), **extra)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         assert run.calls[0].rows == 2 * ref.shape[0]
+    cls, before = type(pipe), snapshot(pipe)
     with guided(pipe, CFG(7, negative="neg"), prompts={"neg": ["a", "b", "c"]}), pytest.raises(
         GuidanceValueError, match=r"has 3 prompts for a pipeline call of 2 prompts"
     ):
         sample(pipe, **_kwargs("sd"))
+    # refused inside the pipeline's encode_prompt: everything is put back all the same
+    assert type(pipe) is cls and pipe_untouched(pipe, before) and "forward" not in vars(pipe.unet)
 
 
 # -- three conditionings: one call of three row blocks, as a hand-written loop --------------------

@@ -81,3 +81,39 @@ def test_guess_mode_with_named_prompts_is_refused(pipe: Any) -> None:
     ):
         run(pipe, guess_mode=True)
     assert "forward" not in vars(pipe.controlnet)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@torch.no_grad()
+def test_sd3_and_flux_controlnets_run_the_named_rows_in_their_one_call(kind: str) -> None:
+    """SD3 samples the VAE latents of the control image per row of its CFG batch, so its
+    unconditional rows see other control latents than the conditional ones (a named block
+    takes the conditional rows'); Flux runs its ControlNet on the conditional rows only."""
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=F64)
+    build = tiny.sd3_controlnet_pipeline if kind == "sd3" else tiny.flux_controlnet_pipeline
+    pipe = build().to(F64)
+    scale = "guidance_scale" if kind == "sd3" else "true_cfg_scale"
+
+    def call() -> torch.Tensor:
+        torch.manual_seed(3)  # the pipeline samples the VAE encoding of the control image
+        return pipe(
+            prompt=["a cat", "a dog"], negative_prompt=["", ""], control_image=image,
+            height=16, width=16, num_inference_steps=3, output_type="latent",
+            max_sequence_length=16, generator=torch.Generator().manual_seed(0), **{scale: 7.0},
+        ).images
+
+    plain = call()
+    rows: list[int] = []
+    entry = pipe.controlnet.pos_embed if kind == "sd3" else pipe.controlnet.x_embedder
+    handle = entry.register_forward_pre_hook(lambda m, a: rows.append(int(a[0].shape[0])))
+    try:
+        with guided(
+            pipe, CFG(7) - 2 * (Cond("neg") - Uncond()), prompts={"neg": NEG}, max_rows="one call"
+        ) as g:
+            out = call()
+    finally:
+        handle.remove()
+    assert [c.branches for c in g.calls] == [("c", "u", "neg")] * 3
+    assert rows == ([6] * 3 if kind == "sd3" else [4] * 3)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-4
+    assert "forward" not in vars(pipe.controlnet)
