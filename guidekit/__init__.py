@@ -43,6 +43,7 @@ from guidekit.terms import (
     SEG,
     SLG,
     TCFG,
+    TPG,
     Autoguidance,
     AutoguidanceTerm,
     CFGTerm,
@@ -58,6 +59,7 @@ from guidekit.terms import (
     SEGTerm,
     SLGTerm,
     TCFGTerm,
+    TPGTerm,
     Uncond,
     UncondTerm,
 )
@@ -77,4 +79,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
+    "TPG", "TPGTerm",
 ]
