@@ -16,12 +16,13 @@ the authors' code restores the order was not checked).
 **The permutation** is explicit and reproducible: :func:`token_permutation` of the run's
 seed (``guide(..., seed=...)``, ``reset(seed=...)``), the step index and the block's path,
 over the block's token count (a hash, sorted: no random generator, so it traces under
-``torch.compile`` and is the same on every device). It is redrawn at every step and
-differs per block; the calls of one step (a row budget's chunks, a sampler's extra in-step calls at the same step
-index) use the same one, and all ``p`` rows share it (the authors share it across the
-batch). The authors' code draws a fresh ``torch.randperm`` from the global generator at
-every call of every chosen block: guidekit keeps that distribution per step and block but
-ties it to the run's seed, so runs never share permutations and a run repeats exactly.
+``torch.compile``; checked on CPU only). It is redrawn at every step and differs per
+block; the calls of one step (a row budget's chunks, a sampler's extra in-step calls at
+the same step index) use the same one, and all ``p`` rows share it (the authors share it
+across the batch). The authors' code draws a fresh ``torch.randperm`` from the global
+generator at every call of every chosen block: guidekit keeps that kind of permutation
+per step and block but ties it to the run's seed, so runs never share permutations and a
+run repeats exactly.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def token_permutation(
     ``b = mix(mix(seed) ^ step ^ path_tag(path))`` and the tokens sorted by
     ``mix(i + b)`` as signed 64-bit integers (``mix`` is a bijection: no ties).
 
-    Only tensor operations: traced by ``torch.compile`` without a graph break, and the
-    same on every device.
+    Only integer tensor operations (wrapping int64 arithmetic): traced by ``torch.compile``
+    without a graph break, and no device's random generator (checked on CPU only).
     """
     key = key.to(device)
     b = _mix(_mix(key[0]) ^ key[1] ^ path_tag(path))
