@@ -305,7 +305,10 @@ class GuidekitGuidance(BaseGuidance):
         )
         self._batches = batches_.units(groups, self._batched)
         self._forward_state = None
-        if self._plan.stateful and self._active():  # EMAG: observed in the batches' calls
+        # EMAG: observed in the batches' calls; TPG: its permutations read the run's seed
+        needs_state = any(getattr(b.perturbation, "needs_state", False)
+                          for b in self._plan.branches)
+        if (self._plan.stateful or needs_state) and self._active():
             self._forward_state = self._run.forward_state(self._batch_size(), self._current_sigma())
         return batches_.make_batches(
             self._batches, keys, latent_key, self._x, self._modified(self._conds),

@@ -44,6 +44,7 @@ from guidekit.terms import (
     SEG,
     SLG,
     TCFG,
+    TPG,
     Autoguidance,
     AutoguidanceTerm,
     CFGpp,
@@ -61,6 +62,7 @@ from guidekit.terms import (
     SEGTerm,
     SLGTerm,
     TCFGTerm,
+    TPGTerm,
     Uncond,
     UncondTerm,
 )
@@ -82,4 +84,5 @@ __all__ = [
     "FDG", "FDGTerm", "DynamicThreshold",
     "Tokens",
     "CFGpp", "CFGppTerm",
+    "TPG", "TPGTerm",
 ]

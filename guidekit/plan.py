@@ -295,7 +295,8 @@ class Plan:
         # a perturbation's state by its name; None for one without (SAG keeps nothing)
         pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
         forward_state = ForwardState(
-            batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs)
+            batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs),
+            seed=state.seed,
         )
         if where is not None and self.dynamic:  # gated / scheduled attention modifiers
             forward_state.modifiers = {m: modifier_at(m, where) for m in self.dynamic}

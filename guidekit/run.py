@@ -61,7 +61,7 @@ class Run:
     """One sampling run around ``plan``: state, splitter, call log and step recognition.
 
     ``sigmas`` is the sampler's schedule (see :mod:`guidekit.state`; ``None``: every new
-    lower level is a step), ``seed`` seeds CADS, ``around_call`` (from
+    lower level is a step), ``seed`` seeds CADS and TPG, ``around_call`` (from
     :func:`guidekit.attention.install`) is handed to every ``plan.step``, ``on_rise`` says
     what a level above the current step means (see the module docstring), ``nonfinite``
     what a NaN or inf in a model output or the guided output does (:mod:`guidekit.finite`:
@@ -144,7 +144,7 @@ class Run:
 
     @property
     def seed(self) -> int:
-        """The seed of the current run (CADS's noise)."""
+        """The seed of the current run (CADS's noise, TPG's token orders)."""
         return self._seed
 
     # -- step recognition -----------------------------------------------------------------------
@@ -195,7 +195,7 @@ class Run:
         kind = self.state.classify(sigma)
         return ForwardState(
             batch=batch, level=self.state.level_for(kind),
-            inputs=self.plan.perturbation_inputs(self.state.inputs(kind)),
+            inputs=self.plan.perturbation_inputs(self.state.inputs(kind)), seed=self.state.seed,
         )
 
     # -- one call -------------------------------------------------------------------------------

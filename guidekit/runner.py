@@ -167,7 +167,7 @@ def guide(
 
     ``cond`` and ``uncond`` are dicts of tensors (batch first) passed to the model as keyword
     arguments; ``models`` names extra models (``{"weak": ...}`` for Autoguidance); ``sigmas``
-    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS;
+    is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS and TPG;
     ``nonfinite="warn"`` only warns (once per run) where a NaN or inf in a model output or
     the guided output would raise :class:`~guidekit.errors.NonFiniteError`. ``conds`` names
     other conditionings (``{"neg": {...}}`` for ``CFG(7, negative="neg")``); ``tokens``

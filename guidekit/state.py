@@ -234,6 +234,16 @@ class ForwardState:
     #: each gated or scheduled attention modifier as it acts this step (resolved to numbers;
     #: ``None``: off this step), see :func:`guidekit.schedules.steps.modifier_at`
     modifiers: dict[Any, Any] = attrs.field(factory=dict)
+    #: the run's seed (TPG's token permutations are drawn from it and ``level``)
+    seed: int = 0
+    #: ``[seed mod 2**63, level]`` as an int64 tensor, made here, outside the model call:
+    #: randomness drawn inside a compiled forward reads it as a graph input (a Python int
+    #: there would be a compile-time constant, recompiled at every step)
+    key: torch.Tensor = attrs.field(init=False)
+
+    @key.default
+    def _key(self) -> torch.Tensor:
+        return torch.tensor([self.seed % 2**63, self.level], dtype=torch.int64)
 
     def memo(self, owner: Any, factory: Any) -> Any:
         """The step's scratch value of ``owner``, made by ``factory()`` on first use."""

@@ -27,6 +27,12 @@ output per row, as the bundled models' CADS does to the label embedding): then t
 afterwards, so the inner hooks see the whole call. ``"attention"`` always runs the
 attention on all rows and zeroes the ``k`` rows.
 
+A third kind, TPG's token shuffle (:mod:`guidekit.terms.tpg`), is handled here too: a
+perturbation with ``skip == "shuffle"`` permutes the tokens (axis 1) of each chosen block's
+``hidden_states`` for its rows, with the permutation its ``permutation(state, path, tokens,
+device)`` draws for the step (from the step's ForwardState), and the block runs on all
+rows.
+
 The block list (what ``layers`` indexes) and SLG's perturbation value are in
 :mod:`guidekit.attention.block_list`.
 """
@@ -116,6 +122,30 @@ def _merge(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+def _shuffled(
+    hs: torch.Tensor, shuffles: tuple[tuple[int, int, Any], ...], path: str, state: Any,
+    what: str,
+) -> torch.Tensor:
+    """``hs`` with the tokens (axis 1) of each ``shuffles`` row range permuted."""
+    if state is None:
+        raise GuidanceValueError(
+            f"{what}: TPG draws its token order from the run's seed and step, but this call's "
+            f"RowLayout carries no state: call the model through Plan.step or guidekit.guide"
+        )
+    if hs.ndim < 3:
+        raise GuidanceValueError(
+            f"{what} received hidden_states {tuple(hs.shape)}; TPG shuffles tokens on axis 1 "
+            f"of [rows, tokens, channels]: name blocks whose input is a token sequence"
+        )
+    pieces, last = [], 0
+    for a, b, op in shuffles:
+        perm = op.permutation(state, path, hs.shape[1], hs.device)
+        pieces += [hs[last:a], hs[a:b][:, perm]]
+        last = b
+    pieces.append(hs[last:])
+    return torch.cat(pieces)
+
+
 def _zero(out: Any, runs: tuple[tuple[int, int, bool], ...], rows: int, what: str) -> Any:
     if out is None:
         return None
@@ -151,9 +181,11 @@ class BlockSkipper:
         route: Callable[[str], Any],
         *,
         attention_class: type | tuple[type, ...] | None = None,
+        state: Callable[[], Any] = lambda: None,
     ) -> None:
         self.model = model
         self.route = route
+        self.state = state
         self.perturbations = tuple(perturbations)
         self.layers: dict[AttentionPerturbation, tuple[str, ...]] = {}
         self.table: LayerTable | None = None
@@ -165,13 +197,14 @@ class BlockSkipper:
             return
         self.table = block_table(model)
         for p in self.perturbations:
-            where = f"SLG(layers={fmt_layers(p.layers)}, skip={p.skip!r})"
-            if p.layers is None and not self.table.default:
-                raise GuidanceValueError(
-                    f"{where}: {self.table.architecture} has no default blocks to skip; name "
-                    f"them, e.g. layers=(7, 8, 9) (the SD3.5 Medium recipe); valid blocks: "
-                    f"{self.table.describe()}"
-                )
+            where = getattr(p, "where", None) or (
+                f"SLG(layers={fmt_layers(p.layers)}, skip={p.skip!r})")
+            own = getattr(p, "default_blocks", True)  # TPG has none on any model
+            if p.layers is None and not (own and self.table.default):
+                why = (f"{self.table.architecture} has no default blocks to skip; name them, "
+                       f"e.g. layers=(7, 8, 9) (the SD3.5 Medium recipe)") if own else (
+                       "it has no default blocks; name them, e.g. layers=(0, 1)")
+                raise GuidanceValueError(f"{where}: {why}; valid blocks: {self.table.describe()}")
             self.layers[p] = resolve_layers(model, self.table, p.layers, what=where)
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         self.paths = tuple(sorted({q for ps in self.layers.values() for q in ps}, key=order.__getitem__))
@@ -218,7 +251,7 @@ class BlockSkipper:
         hooks: list[tuple[LayerHook, Callable[[Any], Callable[..., Any]]]] = []
         for path in self.paths:
             module = self.model.get_submodule(path)
-            if "block" in self.kinds[path]:
+            if self.kinds[path] & {"block", "shuffle"}:
                 full = any(h.startswith(path + ".") for h in inner)
                 hooks.append((LayerHook.forward(path, module),
                               self._block_forward(path, module, full)))
@@ -272,8 +305,13 @@ class BlockSkipper:
 
             def forward(*args: Any, **kwargs: Any) -> Any:
                 route = self.route(path)
-                runs = _split(route, "block") if route is not None else ()
-                if not any(skipped for _, _, skipped in runs):
+                if route is None:
+                    return original(*args, **kwargs)
+                runs = _split(route, "block")
+                shuffles = tuple(
+                    seg for seg in route.segments if getattr(seg[2], "skip", None) == "shuffle"
+                )
+                if not shuffles and not any(skipped for _, _, skipped in runs):
                     return original(*args, **kwargs)
                 rows = route.rows
                 bound = sig.bind(*args, **kwargs)
@@ -285,10 +323,15 @@ class BlockSkipper:
                         f"model changes the batch before this block, so guidekit cannot tell "
                         f"which rows to skip"
                     )
+                if shuffles:
+                    hs = _shuffled(hs, shuffles, path, self.state(), what)
+                    bound.arguments[hs_name] = hs
+                    if not any(skipped for _, _, skipped in runs):
+                        return original(*bound.args, **bound.kwargs)
                 ehs = bound.arguments.get("encoder_hidden_states")
                 keep = tuple((a, b) for a, b, skipped in runs if not skipped)
                 if full:
-                    out = original(*args, **kwargs)
+                    out = original(*bound.args, **bound.kwargs)
                 elif keep:
                     _slice_arguments(sig, bound, rows, keep)
                     out = original(*bound.args, **bound.kwargs)

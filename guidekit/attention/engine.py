@@ -104,9 +104,11 @@ class AttentionEngine:
                     f"branch {b.label} perturbs model {b.model!r}, but this engine is installed "
                     f"on {model_name!r}"
                 )
-        # SLG skips blocks (guidekit.attention.blocks): resolved against the BLOCK list
+        # SLG skips blocks, TPG shuffles their tokens (guidekit.attention.blocks): resolved
+        # against the BLOCK list
         skips = tuple(p for p in perts if getattr(p, "skips_blocks", False))
-        self.skipper = BlockSkipper(model, skips, self.route, attention_class=attention_class)
+        self.skipper = BlockSkipper(model, skips, self.route, attention_class=attention_class,
+                                    state=lambda: self._state)
         mine = tuple(
             p for p in perts if isinstance(p, AttentionPerturbation) and p not in skips
         )

@@ -11,6 +11,7 @@ from guidekit.terms.sag import SAG, SAGTerm
 from guidekit.terms.seg import SEG, SEGTerm
 from guidekit.terms.slg import SLG, SLGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
+from guidekit.terms.tpg import TPG, TPGTerm
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "FDG", "FDGTerm",
     "CFGpp", "CFGppTerm",
+    "TPG", "TPGTerm",
 ]

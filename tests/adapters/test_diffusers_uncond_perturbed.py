@@ -1,7 +1,8 @@
-"""SLG / PAG on the unconditional rows through real diffusers pipelines (classic adapter and
-the modular guider): ``CFG(w) + SLG(w - 1, cond="uncond")`` runs ONE denoiser call of 2B rows
-per step, ``c`` and the perturbed ``u'``, and equals ``guidekit.guide`` with the engine
-installed by hand (classic) and the classic adapter (modular)."""
+"""Block perturbations through real diffusers pipelines (classic adapter and the modular
+guider): SLG / PAG on the unconditional rows -- ``CFG(w) + SLG(w - 1, cond="uncond")`` runs
+ONE denoiser call of 2B rows per step, ``c`` and the perturbed ``u'`` -- and TPG's token
+shuffle (3B rows); each equals ``guidekit.guide`` with the engine installed by hand
+(classic) and the classic adapter (modular)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import guidekit as gk
-from guidekit import CFG, PAG, SLG
+from guidekit import CFG, PAG, SLG, TPG
 from guidekit.adapters.diffusers import guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,5 +72,41 @@ def test_modular_guider_equals_the_classic_adapter(sd3: Any, batched: bool) -> N
     with guided(pipe, expr):
         ref = pipe(output_type="latent", guidance_scale=W, **inputs).images
     out = _modular(pipe, inputs, expr, batched)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
+    assert (out - _modular(pipe, inputs, CFG(W))).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sd"])
+@torch.no_grad()
+def test_tpg_rides_in_the_cfg_call_and_equals_a_hand_run_engine(kind: str, pipes: Any) -> None:
+    pipe = pipes(kind)
+    setup = setup_for(kind, pipe)
+    module = denoiser(pipe)
+    expr = CFG(W) + TPG(2.0, layers=0)
+    cfg_only = sample(pipe, **setup.kwargs)
+    with forwards(kind, main=module) as log, guided(pipe, expr, seed=3):
+        out = sample(pipe, **setup.kwargs)
+    assert log == [("main", 6)] * STEPS
+    with guided(pipe, expr, seed=4):
+        other_seed = sample(pipe, **setup.kwargs)
+    plan = setup.compile(expr)
+    with gk.attention.install(module, plan) as around_call:
+        ref = setup.loop(plan, around_call=around_call, seed=3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert (out - cfg_only).abs().max() > 1e-4
+    assert (out - other_seed).abs().max() > 1e-6  # the run's seed draws the permutations
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@torch.no_grad()
+def test_modular_tpg_equals_the_classic_adapter(sd3: Any, batched: bool) -> None:  # noqa: F811
+    pipe, inputs = sd3
+    expr = CFG(W) + TPG(2.0, layers=1)
+    with guided(pipe, expr, seed=5):
+        ref = pipe(output_type="latent", guidance_scale=W, **inputs).images
+    guider = gk.adapters.diffusers.GuidekitGuidance(expr, batched=batched, seed=5)
+    from test_diffusers_modular import _sd3_modular
+
+    out = _sd3_modular(pipe, guider.attach(scheduler=pipe.scheduler))(output="latents", **inputs)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
     assert (out - _modular(pipe, inputs, CFG(W))).abs().max() > 1e-4
