@@ -165,6 +165,16 @@ class MovingAverage(AttentionPerturbation):
             return None
         return select(state.delta, candidates)
 
+    def note_selection(self, fs: ForwardState, path: str | None) -> None:
+        """Record the layer this step selected (the engine calls it with every call)."""
+        fs.memo(self, StepMemo).selected = path
+
+    def ran_elsewhere(self, fs: ForwardState) -> None:
+        """This step's perturbed rows ran on another rank (branch parallelism): they used
+        the selected layer there, so this rank's state says the same."""
+        memo: StepMemo = fs.memo(self, StepMemo)
+        memo.used = memo.selected
+
     def commit(self, state: EMAState, memo: StepMemo | None) -> EMAState:
         """The next state from this step's observations: the pure
         :func:`~guidekit.attention.ema_state.update` (``None``: nothing observed)."""
