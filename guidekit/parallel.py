@@ -14,7 +14,9 @@ Which rank computes what (:func:`shares`, deterministic, the same on every rank)
   identical inputs. Each rank's attention engine then sees all of those rows, so its state
   (EMAG's averages and the layer-selection statistic, a mean over every sample) is built
   exactly as in one process, with no state sent between ranks, and an EMAG block can run on
-  any rank because the rows it averages are in its call. Rank 0's copy is the one gathered;
+  any rank because the rows it averages are in its call. Rank 0's copy is the one gathered.
+  The layer an EMAG block used, known to every rank (each selects it from the same state),
+  is recorded by the ranks that did not compute that block too, so the states agree;
 * the other blocks are dealt out one at a time to the rank with the fewest (ties: the rank
   that sends fewer, then the lowest), in layout order;
 * a rank with no block to compute only joins the gather.
@@ -142,6 +144,10 @@ class BranchParallel:
                 buf[j * batch : (j + 1) * batch] = out[k * batch : (k + 1) * batch]
         parts = [torch.empty_like(buf) for _ in range(self.world)]
         _dist().all_gather(parts, buf, group=self.group)
+        for i, (branch, _, _) in enumerate(blocks):
+            elsewhere = getattr(branch.perturbation, "ran_elsewhere", None)
+            if i not in mine and elsewhere is not None and layout.state is not None:
+                elsewhere(layout.state)  # EMAG: the layer it used, as on the rank that ran it
         full = buf.new_empty((layout.rows, *x.shape[1:]))
         for part, owned in zip(parts, send):
             for j, i in enumerate(owned):

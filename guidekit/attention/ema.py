@@ -103,7 +103,8 @@ class Scope:
     sample: int
 
 
-@attrs.frozen(repr=False)
+# hashed at every call (the step's inputs and memos are keyed by it): the hash is kept
+@attrs.frozen(repr=False, cache_hash=True)
 class MovingAverage(AttentionPerturbation):
     """Base of EMAG's perturbations (maps or queries): state, observation, selection.
 
@@ -165,6 +166,16 @@ class MovingAverage(AttentionPerturbation):
             return None
         return select(state.delta, candidates)
 
+    def note_selection(self, fs: ForwardState, path: str | None) -> None:
+        """Record the layer this step selected (the engine calls it with every call)."""
+        fs.memo(self, StepMemo).selected = path
+
+    def ran_elsewhere(self, fs: ForwardState) -> None:
+        """This step's perturbed rows ran on another rank (branch parallelism): they used
+        the selected layer there, so this rank's state says the same."""
+        memo: StepMemo = fs.memo(self, StepMemo)
+        memo.used = memo.selected
+
     def commit(self, state: EMAState, memo: StepMemo | None) -> EMAState:
         """The next state from this step's observations: the pure
         :func:`~guidekit.attention.ema_state.update` (``None``: nothing observed)."""
@@ -186,7 +197,7 @@ class MovingAverage(AttentionPerturbation):
                 and _whole(current):
             # the whole batch in one call (the usual case) and a tensor of its own (a map
             # made by this call's softmax): kept as it is, no buffer to fill
-            memo.observed[scope.path] = current.detach()
+            memo.observed[scope.path] = current.detach() if current.requires_grad else current
             memo.seen[scope.path] = memo.seen.get(scope.path, 0) + rows
             memo.batch = fs.batch
             return
@@ -228,7 +239,7 @@ class MovingAverage(AttentionPerturbation):
         return f"{self.label}({', '.join(parts)})"
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(repr=False, cache_hash=True)
 class EMAMapAttention(MovingAverage):
     """EMAG's perturbation: the selected layer's attention map becomes
     ``(1 - lam) A + lam E`` (see the module docstring)."""
@@ -269,7 +280,7 @@ class EMAMapAttention(MovingAverage):
         return apply_probs(probs, value, query.shape[-3] if query.ndim >= 4 else None)
 
 
-@attrs.frozen(repr=False)
+@attrs.frozen(repr=False, cache_hash=True)
 class EMAQueryAttention(MovingAverage):
     """EMAG-Q's perturbation: the selected layer attends with ``(1 - lam) q + lam E_q``,
     the moving average of the conditional rows' queries; attention stays fused."""
@@ -303,7 +314,7 @@ class EMAQueryAttention(MovingAverage):
         return fused(q.to(query.dtype), key, value, scale=scale, mask=mask)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Observe(AttentionPerturbation):
     """Not a perturbation: the conditional rows of a candidate layer, computed as the model
     would (explicit softmax only when a map is averaged) while EMAG's averages watch."""

@@ -112,6 +112,10 @@ class StepMemo:
     used: str | None = None
     #: the sampler's batch ``B`` of the step
     batch: int = 0
+    #: the layer the step selected for the perturbed rows (the engine notes it at every
+    #: call): under branch parallelism a rank whose share has none of those rows still
+    #: commits the ``used`` of the rank that ran them (guidekit.parallel)
+    selected: str | None = None
     #: this step's blended average of a layer, when the perturbed rows computed it for the
     #: whole batch at once (``update`` takes it instead of blending the same maps again)
     averages: dict[str, torch.Tensor] = attrs.field(factory=dict)

@@ -258,9 +258,14 @@ class AttentionEngine:
                 "this plan keeps state inside the forward (EMAG), but the call's RowLayout "
                 "carries no state: call the model through Plan.step or guidekit.guide"
             )
-        return tuple(
+        selection = tuple(
             (p, p.selected(fs.inputs.get(p), self.layers[p])) for p in self._stateful
         )
+        for p, path in selection:
+            note = getattr(p, "note_selection", None)
+            if note is not None:  # EMAG: the same on every rank (guidekit.parallel)
+                note(fs, path)
+        return selection
 
     def scope_kwargs(
         self, op: AttentionPerturbation, path: str, route: Route, start: int

@@ -33,6 +33,15 @@ def share_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; for equal batch shapes as one ``bmm`` on 3-D views, what ``torch.matmul``
+    computes, without its broadcasting ``expand`` operators (each is a dispatch)."""
+    if a.ndim < 3 or a.shape[:-2] != b.shape[:-2]:
+        return torch.matmul(a, b)
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-2], *out.shape[-2:])
+
+
 def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -49,7 +58,7 @@ def attention_probs(
     key = share_heads(key, query.shape[-3]) if query.ndim >= 3 and key.ndim >= 3 else key
     s = query.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(query.dtype)
-    logits = torch.matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * s
+    logits = _matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * s
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
@@ -62,7 +71,7 @@ def apply_probs(probs: torch.Tensor, value: torch.Tensor, heads: int | None) -> 
     """``probs @ value`` in the value's dtype (value heads shared as in grouped queries)."""
     if heads is not None:
         value = share_heads(value, heads)
-    return torch.matmul(probs.to(value.dtype), value)
+    return _matmul(probs.to(value.dtype), value)
 
 
 def fused(

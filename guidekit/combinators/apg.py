@@ -43,6 +43,7 @@ class APGState:
     momentum: torch.Tensor | None = attrs.field(default=None, eq=False)
 
 
+_UNCOND = uncond()
 #: the smallest normal float64: below any <X, X> > 0 of a float32 / float64 prediction
 _TINY = torch.finfo(torch.float64).tiny
 
@@ -87,12 +88,12 @@ class APGProjection(Processor):
         return APGState()
 
     def apply(self, y: torch.Tensor, ctx: StepContext, state: Any) -> tuple[torch.Tensor, Any]:
-        alpha_u = ctx.coefs.get(uncond(), 0.0)
+        alpha_u = ctx.coefs.get(_UNCOND, 0.0)
         w = 1.0 - alpha_u
         if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
             return y, state  # no CFG update at this noise level: nothing to project
         dtype = y.dtype
-        u = ctx.value(uncond(), self.space).double()
+        u = ctx.value(_UNCOND, self.space).double()
         y64 = y.double()
         cond_like = torch.add(y64, u, alpha=-alpha_u).div_(w)  # X: c for plain CFG
         diff = cond_like - u

@@ -101,6 +101,9 @@ def test_two_cpu_processes_under_torchrun_equal_one_process(tmp_path: Path) -> N
             for s in per_rank:  # the averages and the statistic, on EVERY rank
                 assert s["ema_diff"] <= 1e-6 and s["delta_diff"] <= 1e-6, (name, s)
                 assert s["same_keys"] and s["steps"][0] == s["steps"][1], (name, s)
+                # also a rank that computed none of the perturbed rows knows which layer
+                # they used
+                assert s["used"][0] == s["used"][1], (name, s)
     # each rank ran its share: CFG 1 block of B = 2 rows instead of 2, CFG + PAG 2 and 1
     assert report["CFG"]["rows_rank"] == [[2] * 6, [2] * 6]
     assert report["CFG + PAG"]["rows_rank"] == [[4] * 6, [2] * 6]
