@@ -55,6 +55,7 @@ from ._diffusers_guider_level import needs_x, step_level
 from ._diffusers_guider_rows import tile_inputs
 from ._diffusers_guider_state import combine_stateful
 from ._diffusers_schedule import conventions
+from ._renoise import refuse
 
 LATENT_KEYS = batches_.LATENT_KEYS
 _DDPM_FALLBACK = Noise("vp")
@@ -165,6 +166,7 @@ class GuidekitGuidance(BaseGuidance):
         )
         check_guidance_scale(plan, self._guidance_scale, repr(self._given))
         refuse_unsupported(plan)
+        refuse(plan, "GuidekitGuidance")  # CFG++ re-noises inside the step the guider cannot see
         return plan
 
     @property

@@ -31,6 +31,7 @@ from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, sp
 from ._diffusers_layout import Layout
 from ._diffusers_rows import fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for
+from ._renoise import Renoiser, renoised, scheduler_renoiser
 
 
 class GuidedPipeline:
@@ -78,6 +79,7 @@ class GuidedPipeline:
         self.sigma_fn = sigma_fn
         self.around_call = around_call
         self._run: Run | None = None  # made at the first call (it needs the schedule)
+        self._renoise: Renoiser | None = None  # CFG++ stepping, per pipeline run
         # the compiled callable when the denoiser is compiled (see guidekit.compiled)
         self._orig: Callable[..., Any] = current_call(denoiser)
         # Arguments are named by the class's forward: an instance-level forward (an
@@ -253,7 +255,10 @@ class GuidedPipeline:
         """The guided prediction for ``split``, in ``call``'s output structure, ``blocks``
         times along the batch (every half of the pipeline's CFG batch gets it)."""
         sigma, exact = self._sigma(call)
+        fresh = self._new_run or self._run is None
         run = self._run_for(exact)
+        if fresh:  # CFG++: each pipeline run's scheduler (adapters/_renoise.py)
+            self._renoise = scheduler_renoiser(run.plan, self.pipe.scheduler, "guided(pipe, ...)")
         missing = sorted({b.cond for b in run.plan.program(sigma).branches} - split.conds.keys())
         if missing:
             raise GuidanceValueError(
@@ -290,10 +295,14 @@ class GuidedPipeline:
         for name, m in self.models.items():
             fns[name] = make(m, False)
         self._at = (split.x, sigma)
+        around = self._around if self._needs_around() else None
         try:
-            sample = run.step(
-                split.x, sigma, split.conds, fns, level=sigma,
-                around_call=self._around if self._needs_around() else None,
+            sample = renoised(
+                self._renoise,
+                lambda keep: run.step(
+                    split.x, sigma, split.conds, fns, level=sigma, around_call=around, keep=keep
+                ),
+                split.x, sigma, run.plan.prediction,
             )
         finally:
             self._at = None

@@ -159,6 +159,30 @@ class Renoiser:
         return (b_next * a) / (b * a_next)
 
 
+#: diffusers schedulers whose step is an Euler step guidekit can make a CFG++ step
+SCHEDULERS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+def scheduler_renoiser(plan: Plan, scheduler: Any, where: str) -> Renoiser | None:
+    """A :class:`Renoiser` for a classic pipeline run driven by ``scheduler`` (after its
+    ``set_timesteps``), or ``None`` without CFGpp; refuses another scheduler by name."""
+    term = sampler_term(plan.expr)
+    if term is None:
+        return None
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", {}) or {}
+    if name not in SCHEDULERS or config.get("stochastic_sampling", False):
+        extra = " with stochastic_sampling=True" if name in SCHEDULERS else ""
+        raise GuidanceValueError(
+            f"{where}: {term!r} re-noises inside the scheduler's step, which guidekit expresses "
+            f"for {' and '.join(SCHEDULERS)} (deterministic); the pipeline runs {name}{extra}. "
+            f"Swap the scheduler (pipe.scheduler = EulerDiscreteScheduler.from_config("
+            f"pipe.scheduler.config), FlowMatchEulerDiscreteScheduler for flow pipelines) or "
+            f"use CFG. Supported: {SUPPORTED}"
+        )
+    return renoiser(plan, "euler", getattr(scheduler, "sigmas", None), where)
+
+
 def renoised(
     renoise: Renoiser | None, step: Any, x: torch.Tensor, sigma: float, output: str
 ) -> torch.Tensor:
@@ -177,4 +201,6 @@ def refuse(plan: Plan, where: str) -> None:
         raise refused(plan.expr, f"{where}: ")
 
 
-__all__ = ["SAMPLERS", "Renoiser", "refuse", "renoised", "renoiser"]
+__all__ = [
+    "SAMPLERS", "SCHEDULERS", "Renoiser", "refuse", "renoised", "renoiser", "scheduler_renoiser",
+]
