@@ -13,7 +13,7 @@ from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
 from guidekit.plan import ModelFn, Plan
-from guidekit.renoise import check_keep
+from guidekit.renoise import renoised, renoiser
 from guidekit.run import Run, level_of
 
 
@@ -122,8 +122,10 @@ class Guided(Run):
         output: str | None = None,
         around_call: Any = None,
         nonfinite: NonFinite = "raise",
+        sampler: str | None = None,
     ) -> None:
-        check_keep(plan.expr, None, "guide(): ")  # CFG++ needs the sampler's step
+        # CFG++ needs the sampler's step: the loop names it (sampler="euler"); None without it
+        self._renoise = renoiser(plan, sampler, sigmas, "guide()")
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
@@ -146,10 +148,20 @@ class Guided(Run):
             plan, sigmas=sigmas, seed=seed, around_call=around_call, nonfinite=nonfinite
         )
 
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        super().reset(seed, sigmas)
+        renoise = getattr(self, "_renoise", None)  # set before Run.__init__ resets
+        if renoise is not None:  # CFG++: a new run (and schedule)
+            renoise.reset(sigmas)
+
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         if self.state.level_sigma is None and self.state.schedule is not None:
             check_first_level(level_of(sigma), self.state.schedule, "guide")
-        return self.step(x, sigma, self.conds, self.models, output=self.output)
+        return renoised(
+            self._renoise,
+            lambda keep: self.step(x, sigma, self.conds, self.models, output=self.output, keep=keep),
+            x, level_of(sigma), self.output or self.plan.prediction,
+        )
 
 
 def guide(
@@ -167,5 +179,11 @@ def guide(
     is the sampler's schedule (optional, see :mod:`guidekit.state`); ``seed`` seeds CADS;
     ``nonfinite="warn"`` only warns (once per run) where a NaN or inf in a model output or
     the guided output would raise :class:`~guidekit.errors.NonFiniteError`.
+
+    ``sampler`` is for ``CFGpp`` (CFG++, which re-noises inside the step): the step your
+    loop takes with the returned prediction -- ``"euler"`` (``x + (sigma_next - sigma) d``
+    in the plan's noise convention), or k-diffusion's ``"euler_ancestral"`` / ``"dpmpp_2m"``
+    (VE) -- with ``sigmas`` the schedule; the prediction returned then makes that step the
+    CFG++ step (:mod:`guidekit.renoise`). Without ``sampler`` CFGpp is refused.
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)
