@@ -172,6 +172,23 @@ def test_a_hand_written_euler_loop_through_guide(setup):
         torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, 0.0, None), rtol=1e-10, atol=1e-10)
 
 
+def test_gated_and_named_negative(K, setup):
+    """Outside .between the step is the sampler's own on c; negative= re-noises with neg."""
+    neg = torch.randn(helpers.B, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expr = CFGpp(LAM, negative="neg").between(1.0, 100.0)
+    guided = _guided(setup, expr, sampler="euler", conds={"neg": neg})
+    x = K.sampling.sample_euler(guided, setup["x"] * setup["sigmas"][0], setup["sigmas"], disable=True)
+    ref, sigmas = setup["x"] * setup["sigmas"][0], setup["sigmas"].tolist()
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        sig = torch.full((helpers.B,), s, dtype=torch.float64)
+        c0 = setup["den"](ref, sig, cond=setup["cond"])
+        n0 = setup["den"](ref, sig, cond=neg) if s > 1.0 else c0
+        x0 = n0 + LAM * (c0 - n0)
+        ref = x0 + sn * (ref - n0) / s
+    assert any(s <= 1.0 for s in sigmas[:-1]) and any(s > 1.0 for s in sigmas[:-1])
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
 # -- refusals --------------------------------------------------------------------------------
 
 
