@@ -157,6 +157,8 @@ class Guided(Run):
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         if self.state.level_sigma is None and self.state.schedule is not None:
             check_first_level(level_of(sigma), self.state.schedule, "guide")
+        if self._renoise is None:
+            return self.step(x, sigma, self.conds, self.models, output=self.output)
         return renoised(
             self._renoise,
             lambda keep: self.step(x, sigma, self.conds, self.models, output=self.output, keep=keep),
