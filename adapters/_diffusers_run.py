@@ -80,6 +80,7 @@ class GuidedPipeline:
         self.around_call = around_call
         self._run: Run | None = None  # made at the first call (it needs the schedule)
         self._renoise: Renoiser | None = None  # CFG++ stepping, per pipeline run
+        self._eta = 0.0  # the pipeline call's eta (DDIM)
         # the compiled callable when the denoiser is compiled (see guidekit.compiled)
         self._orig: Callable[..., Any] = current_call(denoiser)
         # Arguments are named by the class's forward: an instance-level forward (an
@@ -139,6 +140,7 @@ class GuidedPipeline:
                 shown, step = self._replan(expr)
         self.plan, self._step_plan = shown, step
         self._new_run, self._encodes, self._pending = True, 0, None
+        self._eta = float(passed.get("eta") or 0.0)  # DDIM's; CFG++ needs 0
         yield
 
     def _prepare_latents(self, orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -258,7 +260,9 @@ class GuidedPipeline:
         fresh = self._new_run or self._run is None
         run = self._run_for(exact)
         if fresh:  # CFG++: each pipeline run's scheduler (adapters/_renoise.py)
-            self._renoise = scheduler_renoiser(run.plan, self.pipe.scheduler, "guided(pipe, ...)")
+            self._renoise = scheduler_renoiser(
+                run.plan, self.pipe.scheduler, "guided(pipe, ...)", eta=self._eta
+            )
         missing = sorted({b.cond for b in run.plan.program(sigma).branches} - split.conds.keys())
         if missing:
             raise GuidanceValueError(

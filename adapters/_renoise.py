@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import Plan
 from guidekit.renoise import (
@@ -20,27 +22,63 @@ from guidekit.renoise import (
     sampler_term,
 )
 
-#: diffusers schedulers whose step is an Euler step guidekit can make a CFG++ step
-SCHEDULERS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+#: diffusers schedulers whose step is an Euler step guidekit can make a CFG++ step (DDIM at
+#: eta = 0 is the paper's own sampler: an Euler step in x / sqrt(abar))
+SCHEDULERS = ("EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "DDIMScheduler")
 
 
-def scheduler_renoiser(plan: Plan, scheduler: Any, where: str) -> Renoiser | None:
+def _ddim_levels(scheduler: Any, where: str, term: Any) -> list[float]:
+    """The noise levels DDIM steps between: each timestep's, then the last step's target
+    (``final_alpha_cumprod``); refuses what makes its step not an Euler step."""
+    config = scheduler.config
+    if config.get("clip_sample", False) or config.get("thresholding", False):
+        raise GuidanceValueError(
+            f"{where}: {term!r} under DDIMScheduler with clip_sample / thresholding: DDIM then "
+            f"clips its x0 but keeps the model's noise, which is not an Euler step guidekit "
+            f"can make a CFG++ step. Set clip_sample=False, thresholding=False (or use "
+            f"expr | DynamicThreshold(...), which acts on guidekit's x0)"
+        )
+    steps = [int(t) for t in scheduler.timesteps]
+    ratio = config.num_train_timesteps // scheduler.num_inference_steps
+    if any(a - b != ratio for a, b in zip(steps, steps[1:])):
+        raise GuidanceValueError(
+            f"{where}: {term!r} under DDIMScheduler(timestep_spacing="
+            f"{config.get('timestep_spacing')!r}): DDIM steps from t to t - {ratio}, which are "
+            f"not its consecutive timesteps here; use timestep_spacing='leading' or 'trailing'"
+        )
+    abar = scheduler.alphas_cumprod.double()
+    last = steps[-1] - ratio
+    final = abar[last] if last >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    return [float(((1 - a) / a).sqrt()) for a in [*(abar[t] for t in steps), final]]
+
+
+def scheduler_renoiser(
+    plan: Plan, scheduler: Any, where: str, eta: float = 0.0
+) -> Renoiser | None:
     """A :class:`Renoiser` for a classic pipeline run driven by ``scheduler`` (after its
-    ``set_timesteps``), or ``None`` without CFGpp; refuses another scheduler by name."""
+    ``set_timesteps``; ``eta`` the pipeline call's), or ``None`` without CFGpp; refuses
+    another scheduler by name."""
     term = sampler_term(plan.expr)
     if term is None:
         return None
     name = type(scheduler).__name__
     config = getattr(scheduler, "config", {}) or {}
+    if eta:
+        raise GuidanceValueError(
+            f"{where}: {term!r} with the pipeline call's eta={eta:g}: DDIM's eta adds noise "
+            f"that guidekit's CFG++ step does not model; sample with eta=0"
+        )
     if name not in SCHEDULERS or config.get("stochastic_sampling", False):
         extra = " with stochastic_sampling=True" if name in SCHEDULERS else ""
         raise GuidanceValueError(
             f"{where}: {term!r} re-noises inside the scheduler's step, which guidekit expresses "
-            f"for {' and '.join(SCHEDULERS)} (deterministic); the pipeline runs {name}{extra}. "
+            f"for {', '.join(SCHEDULERS)} (deterministic); the pipeline runs {name}{extra}. "
             f"Swap the scheduler (pipe.scheduler = EulerDiscreteScheduler.from_config("
             f"pipe.scheduler.config), FlowMatchEulerDiscreteScheduler for flow pipelines) or "
             f"use CFG. Supported: {SUPPORTED}"
         )
+    if name == "DDIMScheduler":
+        return renoiser(plan, "euler", _ddim_levels(scheduler, where, term), where)
     return renoiser(plan, "euler", getattr(scheduler, "sigmas", None), where)
 
 

@@ -23,7 +23,8 @@ prediction, as x0), re-noised with ``U`` (the term's ``renoise`` branch, as x0).
 of the two levels' noise-to-signal ratios; ``sigma_next / sigma`` in the VE convention):
 
 * ``"euler"`` -- k-diffusion's ``sample_euler``, flow Euler (``x + (sigma_next - sigma) v``),
-  diffusers' ``EulerDiscreteScheduler`` / ``FlowMatchEulerDiscreteScheduler``. The sampler
+  diffusers' ``EulerDiscreteScheduler`` / ``FlowMatchEulerDiscreteScheduler`` /
+  ``DDIMScheduler`` (``eta = 0``: an Euler step in ``x / sqrt(abar)``). The sampler
   steps ``x_next = rho' x + ...`` onto ``a_next D' + b_next (x - a D') / b``; CFG++ wants
   ``a_next G + b_next (x - a U) / b``, so ``D' = (G - rho U) / (1 - rho)`` --
   ``U + (G - U) / (1 - rho)``: CFG with ``w = lam sigma / (sigma - sigma_next)`` (VE).
@@ -65,8 +66,8 @@ SUPPORTED = (
     "k-diffusion: KDiffusionGuided(..., sigmas=sigmas, sampler='euler' | 'euler_ancestral' | "
     "'dpmpp_2m') with sample_euler (s_churn=0), sample_euler_ancestral or sample_dpmpp_2m; "
     "flow_matching: FlowGuided(..., time_grid=grid, solver='euler') with ODESolver "
-    "method='euler'; diffusers: guided(pipe, ...) with EulerDiscreteScheduler or "
-    "FlowMatchEulerDiscreteScheduler"
+    "method='euler'; diffusers: guided(pipe, ...) with EulerDiscreteScheduler, "
+    "FlowMatchEulerDiscreteScheduler or DDIMScheduler (eta=0)"
 )
 
 

@@ -1,7 +1,7 @@
 """CFG++ (arXiv 2406.08070) in unmodified diffusers pipelines against hand-written CFG++ loops.
 
-Tiny real Stable Diffusion (``EulerDiscreteScheduler``) and SD3 (``FlowMatchEulerDiscreteScheduler``)
-pipelines in float64. Each loop below calls the pipeline's own denoiser twice per step with
+Tiny real Stable Diffusion (``EulerDiscreteScheduler``, ``DDIMScheduler``) and SD3
+(``FlowMatchEulerDiscreteScheduler``) pipelines in float64. Each loop below calls the pipeline's own denoiser twice per step with
 the scheduler's own sigmas and timesteps and takes the paper's step -- the denoised estimate
 from ``u + lam (c - u)``, re-noised with the unconditional noise -- without guidekit; inside
 ``guided(pipe, CFGpp(lam))`` the pipeline's unmodified scheduler must land on the same
@@ -108,12 +108,47 @@ def test_sd3_flow_match_euler_matches_a_cfgpp_loop() -> None:
 
 @pytest.mark.usefixtures("one_thread")
 @torch.no_grad()
+def test_stable_diffusion_ddim_matches_the_papers_algorithm() -> None:
+    """The paper's own sampler: DDIM (eta = 0) with CFG++, Algorithm 2 of arXiv 2406.08070."""
+    pipe = tiny.sd_pipeline().to(F64)  # DDIMScheduler, leading spacing, set_alpha_to_one
+    pe, npe = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
+    lat = _latents((2, 4, 8, 8))
+    with guided(pipe, CFGpp(LAM)):
+        out = pipe(
+            prompt_embeds=pe, negative_prompt_embeds=npe, latents=lat, num_inference_steps=STEPS,
+            height=16, width=16, output_type="latent",
+        ).images
+
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(STEPS)
+    abar, ratio = sched.alphas_cumprod.double(), 1000 // STEPS
+    x, gap = lat * sched.init_noise_sigma, []
+    for t in sched.timesteps:
+        a, prev = abar[t], int(t) - ratio
+        a_prev = abar[prev] if prev >= 0 else torch.tensor(1.0, dtype=F64)
+        eps_c = pipe.unet(x, t, encoder_hidden_states=pe).sample
+        eps_u = pipe.unet(x, t, encoder_hidden_states=npe).sample
+        x0 = (x - (1 - a).sqrt() * (eps_u + LAM * (eps_c - eps_u))) / a.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_u
+        gap.append(float(((1 - a_prev).sqrt() * LAM * (eps_c - eps_u)).abs().max()))
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+    assert max(gap) > 1e-3
+
+
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
 def test_other_schedulers_and_the_modular_guider_refuse() -> None:
-    pipe = tiny.sd_pipeline().to(F64)  # DDIMScheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny.sd_pipeline().to(F64)
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "output_type": "latent"}
+    with guided(pipe, CFGpp(LAM)), pytest.raises(GuidanceValueError, match="eta=0.5"):
+        pipe(PROMPTS, eta=0.5, **kwargs)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     with guided(pipe, CFGpp(LAM)), pytest.raises(
-        GuidanceValueError, match="EulerDiscreteScheduler and FlowMatchEulerDiscreteScheduler.*runs DDIMScheduler"
+        GuidanceValueError, match="FlowMatchEulerDiscreteScheduler, DDIMScheduler.*runs DPMSolverMultistepScheduler"
     ):
-        pipe(PROMPTS, num_inference_steps=2, height=16, width=16, output_type="latent")
+        pipe(PROMPTS, **kwargs)
     assert "forward" not in vars(pipe.unet)  # the pipeline is as before after the error
     with pytest.raises(GuidanceValueError, match="GuidekitGuidance: CFGpp.*needs the sampler's cooperation"):
         GuidekitGuidance(CFGpp(LAM))
