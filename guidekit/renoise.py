@@ -147,6 +147,11 @@ def renoiser(
             f"for {arg}={' | '.join(map(repr, ok))} here; got {arg}={sampler!r}. Pass the "
             f"{arg} you call (and sample with it), or use CFG. Supported: {SUPPORTED}"
         )
+    if eta != 1.0 and sampler != "euler_ancestral":
+        raise GuidanceValueError(
+            f"{where}: eta={eta:g} is the ancestral sampler's noise amount, but {arg}="
+            f"{sampler!r} adds no noise: leave eta out, or pass {arg}='euler_ancestral'"
+        )
     if sigmas is None:
         raise GuidanceValueError(
             f"{where}: {term!r} needs the sampler's schedule (sigmas= / time_grid=) to know "

@@ -198,6 +198,11 @@ def test_other_samplers_are_refused_by_name(setup, sampler):
         _guided(setup, sampler=sampler)
 
 
+def test_eta_belongs_to_the_ancestral_sampler(setup):
+    with pytest.raises(GuidanceValueError, match="eta=0.5 is the ancestral sampler's"):
+        _guided(setup, sampler="euler", eta=0.5)
+
+
 def test_a_schedule_is_required(setup):
     with pytest.raises(GuidanceValueError, match="needs the sampler's schedule"):
         KDiffusionGuided(CFGpp(LAM), setup["den"], cond=setup["cond"], uncond=setup["uncond"], sampler="euler")
