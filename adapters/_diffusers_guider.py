@@ -56,6 +56,7 @@ from ._diffusers_guider_rows import tile_inputs
 from ._diffusers_guider_state import combine_stateful
 from ._diffusers_prompts import named_conds
 from ._diffusers_schedule import conventions
+from ._renoise import refuse
 
 LATENT_KEYS = batches_.LATENT_KEYS
 _DDPM_FALLBACK = Noise("vp")
@@ -167,6 +168,7 @@ class GuidekitGuidance(BaseGuidance):
         )
         check_guidance_scale(plan, self._guidance_scale, repr(self._given))
         refuse_unsupported(plan)
+        refuse(plan, "GuidekitGuidance")  # CFG++ re-noises inside the step the guider cannot see
         return plan
 
     @property

@@ -33,6 +33,7 @@ from ._diffusers_layout import Layout
 from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for
+from ._renoise import Renoiser, renoised, scheduler_renoiser
 
 
 class GuidedPipeline:
@@ -83,6 +84,8 @@ class GuidedPipeline:
         self.sigma_fn = sigma_fn
         self.around_call = around_call
         self._run: Run | None = None  # made at the first call (it needs the schedule)
+        self._renoise: Renoiser | None = None  # CFG++ stepping, per pipeline run
+        self._eta = 0.0  # the pipeline call's eta (DDIM)
         # the compiled callable when the denoiser is compiled (see guidekit.compiled)
         self._orig: Callable[..., Any] = current_call(denoiser)
         # Arguments are named by the class's forward: an instance-level forward (an
@@ -142,6 +145,7 @@ class GuidedPipeline:
                 shown, step = self._replan(expr)
         self.plan, self._step_plan = shown, step
         self._new_run, self._encodes, self._pending = True, 0, None
+        self._eta = float(passed.get("eta") or 0.0)  # DDIM's; CFG++ needs 0
         if self.prompts is None:
             yield
             return
@@ -268,7 +272,12 @@ class GuidedPipeline:
         """The guided prediction for ``split``, in ``call``'s output structure, ``blocks``
         times along the batch (every half of the pipeline's CFG batch gets it)."""
         sigma, exact = self._sigma(call)
+        fresh = self._new_run or self._run is None
         run = self._run_for(exact)
+        if fresh:  # CFG++: each pipeline run's scheduler (adapters/_renoise.py)
+            self._renoise = scheduler_renoiser(
+                run.plan, self.pipe.scheduler, "guided(pipe, ...)", eta=self._eta
+            )
         needed = {b.cond for b in run.plan.program(sigma).branches}
         named = sorted(needed & named_conds(run.plan))
         if named and self.prompts is not None:
@@ -315,10 +324,14 @@ class GuidedPipeline:
         for name, m in self.models.items():
             fns[name] = make(m, False)
         self._at = (split.x, sigma)
+        around = self._around if self._needs_around() else None
         try:
-            sample = run.step(
-                split.x, sigma, split.conds, fns, level=sigma,
-                around_call=self._around if self._needs_around() else None,
+            sample = renoised(
+                self._renoise,
+                lambda keep: run.step(
+                    split.x, sigma, split.conds, fns, level=sigma, around_call=around, keep=keep
+                ),
+                split.x, sigma, run.plan.prediction,
             )
         finally:
             self._at = None

@@ -214,6 +214,8 @@ class KDiffusionGuided(SamplerAdapter):
         """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
         if self.run.state.level_sigma is None and self.run.state.schedule is not None:
             check_first_level(level_of(sigma), self.run.state.schedule, "KDiffusionGuided", CHURN)
+        if self._renoise is None:
+            return self.run(x, sigma, extra_args, output="x0")
         return renoised(
             self._renoise, lambda keep: self.run(x, sigma, extra_args, "x0", keep),
             x, level_of(sigma), "x0",

@@ -14,7 +14,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import NonFinite, terms_using
 from guidekit.padding import Tokens, as_tokens
 from guidekit.plan import ModelFn, Plan
-from guidekit.renoise import check_keep
+from guidekit.renoise import renoised, renoiser
 from guidekit.run import Run, level_of
 
 
@@ -124,8 +124,10 @@ class Guided(Run):
         around_call: Any = None,
         nonfinite: NonFinite = "raise",
         tokens: Tokens | Sequence[Tokens] | None = None,
+        sampler: str | None = None,
     ) -> None:
-        check_keep(plan.expr, None, "guide(): ")  # CFG++ needs the sampler's step
+        # CFG++ needs the sampler's step: the loop names it (sampler="euler"); None without it
+        self._renoise = renoiser(plan, sampler, sigmas, "guide()")
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
@@ -149,10 +151,22 @@ class Guided(Run):
             tokens=as_tokens(tokens, "guide(tokens"),
         )
 
+    def reset(self, seed: int | None = None, sigmas: Any = ...) -> None:
+        super().reset(seed, sigmas)
+        renoise = getattr(self, "_renoise", None)  # set before Run.__init__ resets
+        if renoise is not None:  # CFG++: a new run (and schedule)
+            renoise.reset(sigmas)
+
     def __call__(self, x: torch.Tensor, sigma: Any) -> torch.Tensor:
         if self.state.level_sigma is None and self.state.schedule is not None:
             check_first_level(level_of(sigma), self.state.schedule, "guide")
-        return self.step(x, sigma, self.conds, self.models, output=self.output)
+        if self._renoise is None:
+            return self.step(x, sigma, self.conds, self.models, output=self.output)
+        return renoised(
+            self._renoise,
+            lambda keep: self.step(x, sigma, self.conds, self.models, output=self.output, keep=keep),
+            x, level_of(sigma), self.output or self.plan.prediction,
+        )
 
 
 def guide(
@@ -174,5 +188,11 @@ def guide(
     (:class:`~guidekit.padding.Tokens`) says how ones of different token lengths share a
     call: padded under the model's attention mask, repeated where that is exact, or, by
     default, as separate calls (``calls[i].tokens`` and ``print(plan)`` say which).
+
+    ``sampler`` is for ``CFGpp`` (CFG++, which re-noises inside the step): the step your
+    loop takes with the returned prediction -- ``"euler"`` (``x + (sigma_next - sigma) d``
+    in the plan's noise convention), or k-diffusion's ``"euler_ancestral"`` / ``"dpmpp_2m"``
+    (VE) -- with ``sigmas`` the schedule; the prediction returned then makes that step the
+    CFG++ step (:mod:`guidekit.renoise`). Without ``sampler`` CFGpp is refused.
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)

@@ -157,13 +157,50 @@ def test_directions_add_to_the_denoised_estimate(K, setup):
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_a_hand_written_euler_loop_through_guide(setup):
+    """The custom-sampler API: guide(..., sampler="euler") in a plain Euler loop."""
+    plan = gk.compile(CFGpp(LAM), prediction="x0", noise="ve")
+    guided = gk.guide(
+        plan, setup["den"], cond={"cond": setup["cond"]}, uncond={"cond": setup["uncond"]},
+        sigmas=setup["sigmas"], sampler="euler",
+    )
+    for _ in range(2):  # reset() starts a second run
+        guided.reset()
+        x, sigmas = setup["x"] * setup["sigmas"][0], setup["sigmas"].tolist()
+        for s, sn in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (sn - s) * (x - guided(x, s)) / s
+        torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, 0.0, None), rtol=1e-10, atol=1e-10)
+
+
+def test_gated_and_named_negative(K, setup):
+    """Outside .between the step is the sampler's own on c; negative= re-noises with neg."""
+    neg = torch.randn(helpers.B, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    expr = CFGpp(LAM, negative="neg").between(1.0, 100.0)
+    guided = _guided(setup, expr, sampler="euler", conds={"neg": neg})
+    x = K.sampling.sample_euler(guided, setup["x"] * setup["sigmas"][0], setup["sigmas"], disable=True)
+    ref, sigmas = setup["x"] * setup["sigmas"][0], setup["sigmas"].tolist()
+    for s, sn in zip(sigmas[:-1], sigmas[1:]):
+        sig = torch.full((helpers.B,), s, dtype=torch.float64)
+        c0 = setup["den"](ref, sig, cond=setup["cond"])
+        n0 = setup["den"](ref, sig, cond=neg) if s > 1.0 else c0
+        x0 = n0 + LAM * (c0 - n0)
+        ref = x0 + sn * (ref - n0) / s
+    assert any(s <= 1.0 for s in sigmas[:-1]) and any(s > 1.0 for s in sigmas[:-1])
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
 # -- refusals --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("sampler", [None, "heun", "dpmpp_sde", "dpm_2"])
 def test_other_samplers_are_refused_by_name(setup, sampler):
-    with pytest.raises(GuidanceValueError, match="'euler', 'euler_ancestral', 'dpmpp_2m'"):
+    with pytest.raises(GuidanceValueError, match=r"sampler='euler' \| 'euler_ancestral' \| 'dpmpp_2m'"):
         _guided(setup, sampler=sampler)
+
+
+def test_eta_belongs_to_the_ancestral_sampler(setup):
+    with pytest.raises(GuidanceValueError, match="eta=0.5 is the ancestral sampler's"):
+        _guided(setup, sampler="euler", eta=0.5)
 
 
 def test_a_schedule_is_required(setup):
@@ -203,7 +240,7 @@ def test_callers_that_cannot_step_refuse(setup):
     x = setup["x"]
     with pytest.raises(GuidanceValueError, match="needs the sampler's cooperation"):
         plan.step(plan.init(), x, 1.0, {"cond": {}, "uncond": {}}, {})
-    with pytest.raises(GuidanceValueError, match="needs the sampler's cooperation.*Supported"):
-        gk.guide(gk.compile(CFGpp(LAM)), lambda x, s, **c: x, cond={}, uncond={})(x, 1.0)
+    with pytest.raises(GuidanceValueError, match="guide\\(\\): CFGpp.*got sampler=None.*Supported"):
+        gk.guide(gk.compile(CFGpp(LAM)), lambda x, s, **c: x, cond={}, uncond={})
     with pytest.raises(GuidanceValueError, match="must lie in"):
         CFGpp(1.5)  # the paper's lam lies in [0, 1]
