@@ -58,8 +58,11 @@ from guidekit.terms import (
     SEGTerm,
     SLGTerm,
     TCFGTerm,
+    Toward,
+    TowardTerm,
     Uncond,
     UncondTerm,
+    composable,
 )
 
 __version__ = "0.1.0"
@@ -77,4 +80,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
+    "Toward", "TowardTerm", "composable",
 ]

@@ -10,6 +10,7 @@ from guidekit.terms.sag import SAG, SAGTerm
 from guidekit.terms.seg import SEG, SEGTerm
 from guidekit.terms.slg import SLG, SLGTerm
 from guidekit.terms.tcfg import TCFG, TCFGTerm
+from guidekit.terms.toward import Toward, TowardTerm, composable
 from guidekit.terms.zerostar import CFGZeroStar, CFGZeroStarTerm
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "SAG", "SAGTerm",
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "FDG", "FDGTerm",
+    "Toward", "TowardTerm", "composable",
 ]
