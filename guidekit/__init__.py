@@ -63,6 +63,7 @@ from guidekit.terms import (
     Uncond,
     UncondTerm,
     composable,
+    dual_cfg,
 )
 
 __version__ = "0.1.0"
@@ -81,4 +82,5 @@ __all__ = [
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
     "Toward", "TowardTerm", "composable",
+    "dual_cfg",
 ]

@@ -3,6 +3,7 @@
 from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
+from guidekit.terms.dual import dual_cfg
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.fdg import FDG, FDGTerm
 from guidekit.terms.pag import PAG, PAGTerm
@@ -23,4 +24,5 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "FDG", "FDGTerm",
     "Toward", "TowardTerm", "composable",
+    "dual_cfg",
 ]
