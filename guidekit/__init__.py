@@ -54,6 +54,8 @@ from guidekit.terms import (
     EMAGTerm,
     FDGTerm,
     PAGTerm,
+    PerpNeg,
+    PerpNegTerm,
     SAGTerm,
     SEGTerm,
     SLGTerm,
@@ -82,5 +84,6 @@ __all__ = [
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
     "Toward", "TowardTerm", "composable",
+    "PerpNeg", "PerpNegTerm",
     "dual_cfg",
 ]

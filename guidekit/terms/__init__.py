@@ -7,6 +7,7 @@ from guidekit.terms.dual import dual_cfg
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.fdg import FDG, FDGTerm
 from guidekit.terms.pag import PAG, PAGTerm
+from guidekit.terms.perpneg import PerpNeg, PerpNegTerm
 from guidekit.terms.sag import SAG, SAGTerm
 from guidekit.terms.seg import SEG, SEGTerm
 from guidekit.terms.slg import SLG, SLGTerm
@@ -24,5 +25,6 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "FDG", "FDGTerm",
     "Toward", "TowardTerm", "composable",
+    "PerpNeg", "PerpNegTerm",
     "dual_cfg",
 ]
