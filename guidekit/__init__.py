@@ -38,6 +38,7 @@ from guidekit.terms import (
     EMAG,
     EMAGQ,
     FDG,
+    ICG,
     PAG,
     SAG,
     SEG,
@@ -53,6 +54,7 @@ from guidekit.terms import (
     EMAGQTerm,
     EMAGTerm,
     FDGTerm,
+    ICGTerm,
     PAGTerm,
     PerpNeg,
     PerpNegTerm,
@@ -85,5 +87,6 @@ __all__ = [
     "FDG", "FDGTerm", "DynamicThreshold",
     "Toward", "TowardTerm", "composable",
     "PerpNeg", "PerpNegTerm",
+    "ICG", "ICGTerm",
     "dual_cfg",
 ]

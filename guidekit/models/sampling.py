@@ -27,6 +27,7 @@ from guidekit.branch import MAIN
 from guidekit.combinators.cads_embedding import ClassEmbeddingCADS
 from guidekit.combinators.cads_embedding import adapt as cads_plans
 from guidekit.plan import CallRecord, Plan, RowLayout
+from guidekit.pools import pool_names
 
 
 @attrs.frozen(eq=False)
@@ -111,6 +112,9 @@ def sample(
     models = {"weak": weak.model_fn} if weak is not None else None
     cond = {"class_labels": y}
     uncond = {"class_labels": torch.full_like(y, bundled.null_class)}
+    # ICG's pools (guidekit.pools): every real label, never the null class
+    real = torch.arange(bundled.classes, device=y.device, dtype=y.dtype)
+    pools = {name: {"class_labels": real} for name in pool_names(plan.left)}
     # CADS leaves the integer labels alone and anneals their embedding inside the forward
     _, step_plan, embed_plan = cads_plans(plan, class_labels=True)
     cads = None
@@ -139,7 +143,7 @@ def sample(
                 yield
 
         guided = guidekit.guide(
-            step_plan, bundled.model_fn, cond=cond, uncond=uncond, models=models,
+            step_plan, bundled.model_fn, cond=cond, uncond=uncond, conds=pools, models=models,
             sigmas=sigmas, seed=seed,
             around_call=around if engine is not None or cads is not None else None,
         )

@@ -6,6 +6,7 @@ from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.dual import dual_cfg
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.fdg import FDG, FDGTerm
+from guidekit.terms.icg import ICG, ICGTerm
 from guidekit.terms.pag import PAG, PAGTerm
 from guidekit.terms.perpneg import PerpNeg, PerpNegTerm
 from guidekit.terms.sag import SAG, SAGTerm
@@ -26,5 +27,6 @@ __all__ = [
     "FDG", "FDGTerm",
     "Toward", "TowardTerm", "composable",
     "PerpNeg", "PerpNegTerm",
+    "ICG", "ICGTerm",
     "dual_cfg",
 ]
