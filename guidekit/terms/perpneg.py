@@ -18,7 +18,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.fields import Examples, finite, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
-from guidekit.text import is_number
+from guidekit.text import fmt_call, fmt_value, is_number
 
 if TYPE_CHECKING:
     from guidekit.context import StepContext
@@ -98,6 +98,15 @@ class PerpNegTerm(NonlinearPrediction):
                 f"{self!r}: the negative {clash[0]!r} is the positive or the unconditional "
                 f"conditioning, whose direction is zero or c - u itself; name another one"
             )
+
+    def _fmt(self) -> str:
+        # one negative or one weight prints bare (negative='neg'), as it may be written
+        text = fmt_call(self)
+        for field in ("negative", "neg_scale"):
+            value = getattr(self, field)
+            if len(value) == 1:
+                text = text.replace(f"{field}={fmt_value(value)}", f"{field}={fmt_value(value[0])}")
+        return text
 
     def weights(self) -> tuple[float, ...]:
         """One weight per negative (a single ``neg_scale`` applies to every negative)."""

@@ -98,3 +98,11 @@ def test_bad_arguments_are_refused_by_name() -> None:
         PerpNeg(7, negative="uncond")
     with pytest.raises(GuidanceValueError, match="twice"):
         PerpNeg(7, negative=("neg", "neg"))
+
+
+def test_one_negative_prints_bare_and_parses_back() -> None:
+    e = PerpNeg(7, negative="x", neg_scale=0.5)
+    assert str(e) == "PerpNeg(7, negative='x', neg_scale=0.5)" and parse(str(e)) == e
+    assert e == PerpNeg(7, negative=("x",), neg_scale=(0.5,))
+    two = PerpNeg(7, negative=("a", "b"), neg_scale=(1, 2))
+    assert str(two) == "PerpNeg(7, negative=('a', 'b'), neg_scale=(1, 2))" and parse(str(two)) == two
