@@ -40,6 +40,7 @@ def test_icg_matches_the_paper(w: float) -> None:
     """Every step: c, then B rows each holding ONE pool member; out = u_r + w (c - u_r)."""
     expr = ICG(w)
     assert parse(str(expr)) == expr
+    assert "pooled conditionings: icg" in str(guidekit.compile(expr, prediction="eps"))
     guided, main = _guided(expr)
     for k, sigma in enumerate(SIGMAS):
         out = np64(guided(t64(x_at(k)), sigma))
