@@ -39,6 +39,7 @@ from guidekit.terms import (
     EMAG,
     EMAGQ,
     FDG,
+    ICG,
     PAG,
     SAG,
     SEG,
@@ -57,14 +58,21 @@ from guidekit.terms import (
     EMAGQTerm,
     EMAGTerm,
     FDGTerm,
+    ICGTerm,
     PAGTerm,
+    PerpNeg,
+    PerpNegTerm,
     SAGTerm,
     SEGTerm,
     SLGTerm,
     TCFGTerm,
+    Toward,
+    TowardTerm,
     TPGTerm,
     Uncond,
     UncondTerm,
+    composable,
+    dual_cfg,
 )
 
 __version__ = "0.1.0"
@@ -85,4 +93,8 @@ __all__ = [
     "Tokens",
     "CFGpp", "CFGppTerm",
     "TPG", "TPGTerm",
+    "Toward", "TowardTerm", "composable",
+    "PerpNeg", "PerpNegTerm",
+    "ICG", "ICGTerm",
+    "dual_cfg",
 ]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from guidekit.forward import group_key
+from guidekit.pools import pool_names
 from guidekit.split import AutoSplit, FixedSplit, PerBranch, calls_for, planned_chunk, split_label
 from guidekit.text import fmt_number
 
@@ -58,6 +59,12 @@ def describe(plan: Plan) -> str:
         lines.append(
             f"  scales by noise level: {shown}; below at one level per interval (a progress "
             f"shape at r = 1/2): plan.explain(sigmas) shows each step"
+        )
+    pools = pool_names(plan.left)
+    if pools:
+        lines.append(
+            f"  pooled conditionings: {', '.join(pools)} (P candidates each; every sample "
+            f"draws one per step, seeded by the run's seed)"
         )
     for lo, hi, prog in plan.regions():
         where = "all sigma" if not plan.breakpoints else (

@@ -60,7 +60,9 @@ _VALUES = "a number, 'string', tuple, None, True or False"
 
 def _unknown(name: str) -> str:
     lower = {n.lower(): n for n in CONSTRUCTORS}
-    close = difflib.get_close_matches(name.lower(), list(lower), n=1)
+    close = difflib.get_close_matches(name.lower(), list(lower), n=3)
+    # among equally close names, a transposition of the same letters wins (CGF -> CFG, not ICG)
+    close.sort(key=lambda n: sorted(n) != sorted(name.lower()))
     hint = f" (did you mean {lower[close[0]]}?)" if close else ""
     return f"unknown name {name!r}{hint}; known constructors: {', '.join(sorted(CONSTRUCTORS))}"
 

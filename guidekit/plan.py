@@ -29,6 +29,7 @@ from guidekit.expr import Entry, Expr, atom_branches
 from guidekit.fixed import fixed_program
 from guidekit.forward import ModelFn, group_key, run_groups
 from guidekit.padding import Tokens
+from guidekit.pools import draw_pools, pool_names
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
 from guidekit.renoise import check_keep
@@ -364,6 +365,8 @@ class Plan:
     def _modified(
         self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
     ) -> Mapping[str, Mapping[str, Any]]:
+        # pooled conditionings (ICG) draw this step's rows first: modifiers see B rows
+        conds = draw_pools(conds, pool_names(self.left), ctx.x.shape[0], ctx.seed, ctx.level)
         for mod in self.modifiers:
             conds = mod.modify(conds, ctx)
         return conds

@@ -28,6 +28,7 @@ from guidekit.combinators.cads_embedding import ClassEmbeddingCADS
 from guidekit.combinators.cads_embedding import adapt as cads_plans
 from guidekit.models.labels import named_labels
 from guidekit.plan import CallRecord, Plan, RowLayout
+from guidekit.pools import pool_names
 
 
 @attrs.frozen(eq=False)
@@ -118,6 +119,9 @@ def sample(
     named = {"uncond": {"class_labels": torch.full_like(y, bundled.null_class)},
              **named_labels(conds, y, bundled.classes, bundled.null_class)}
     uncond = named.pop("uncond")
+    # ICG's pools (guidekit.pools): every real label, never the null class
+    real = torch.arange(bundled.classes, device=y.device, dtype=y.dtype)
+    pools = {name: {"class_labels": real} for name in pool_names(plan.left)}
     # CADS leaves the integer labels alone and anneals their embedding inside the forward
     _, step_plan, embed_plan = cads_plans(plan, class_labels=True)
     cads = None
@@ -147,7 +151,7 @@ def sample(
 
         guided = guidekit.guide(
             step_plan, bundled.model_fn, cond=cond, uncond=uncond, models=models,
-            sigmas=sigmas, seed=seed, conds=named,
+            sigmas=sigmas, seed=seed, conds={**named, **pools},
             around_call=around if engine is not None or cads is not None else None,
         )
         values = sigmas.tolist()

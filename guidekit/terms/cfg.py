@@ -14,6 +14,16 @@ from guidekit.errors import GuidanceValueError
 from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import LinearTerm
+from guidekit.text import display_name
+
+
+def check_distinct(term: object, cond: str, negative: str) -> None:
+    """Refuse a guidance between one conditioning and itself (a zero ``c - n``)."""
+    if cond == negative:
+        raise GuidanceValueError(
+            f"{display_name(type(term))}(cond={cond!r}, negative={negative!r}): the two conditionings "
+            f"are the same, so the guidance (c - n) is zero; name two different ones"
+        )
 
 
 @register
@@ -73,11 +83,7 @@ class CFGTerm(LinearTerm):
     }
 
     def __attrs_post_init__(self) -> None:
-        if self.cond == self.negative:
-            raise GuidanceValueError(
-                f"CFG(cond={self.cond!r}, negative={self.negative!r}): the two conditionings "
-                f"are the same, so the guidance (c - n) is zero; name two different ones"
-            )
+        check_distinct(self, self.cond, self.negative)
 
     def coefficients(self) -> dict[Branch, float]:
         c, n = Branch(cond=self.cond), Branch(cond=self.negative)

@@ -49,7 +49,20 @@ from strategies import (
     worlds,
 )
 
-from guidekit import APG, CADS, CFG, TCFG, Autoguidance, CFGZeroStar, Cond, Rescale, Uncond
+from guidekit import (
+    APG,
+    CADS,
+    CFG,
+    ICG,
+    TCFG,
+    Autoguidance,
+    CFGZeroStar,
+    Cond,
+    PerpNeg,
+    Rescale,
+    Toward,
+    Uncond,
+)
 
 LAWS: list[Law] = [
     Law(
@@ -88,6 +101,11 @@ LAWS: list[Law] = [
             (CFG(7), Autoguidance(1.5) + Autoguidance(0.5, model="small"), 2),
             # p + d cancels u exactly, p + d + d does not: the rows may differ there
             (CFG(0.5), 0.5 * (Cond() - Uncond()), 1),
+            # one named conditioning read by several terms is one row block
+            (CFG(7, negative="neg") + Toward(2, "style"),
+             Toward(1, "style", negative="neg") - (Cond("style") - Uncond()), 2),
+            (PerpNeg(5, negative=("neg", "style")) + (ICG(2) - Cond("icg")),
+             Toward(-1.5, "neg") + 0.5 * (Cond("style") - Cond("icg")), 3),
         ),
     ),
     Law(

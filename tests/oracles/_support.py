@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 #: first tag of each conditioning; sample ``i`` of conditioning ``name`` has tag ``base + i``
-TAG_BASE = {"cond": 1000, "uncond": 2000}
+TAG_BASE = {"cond": 1000, "uncond": 2000, "style": 3000, "neg": 4000, "neg2": 5000, "cond2": 6000}
 SHAPE = (2, 3, 4)  # non-batch shape of x and of every prediction
 BATCH = 3
 

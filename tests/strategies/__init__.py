@@ -85,6 +85,7 @@ from .values import (
     terms,
 )
 from .worlds import (
+    POOLS,
     SHAPE,
     SPACES,
     TAG_NAMES,
@@ -111,6 +112,7 @@ __all__ = [
     "FakeModel",
     "GATE_POINTS",
     "LayoutProbe",
+    "POOLS",
     "PROCESSOR_REFERENCE",
     "ROW_SIGMAS",
     "Reference",

@@ -30,7 +30,7 @@ from guidekit import (
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
 from guidekit.schedules import Level, resolve
-from guidekit.terms import CFGppTerm, FDGTerm
+from guidekit.terms import CFGppTerm, FDGTerm, PerpNegTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm
 
 from .worlds import World, branch_output, modified
@@ -194,6 +194,19 @@ def _fdg(t: FDGTerm, env: Env) -> torch.Tensor:
     return env.from_x0(img)
 
 
+def _perpneg(t: PerpNegTerm, env: Env) -> torch.Tensor:
+    """Perp-Neg (arXiv 2304.04968, Alg. 1): ``u + w [d - sum_i w_i (d_i - (<d_i,d>/<d,d>) d)]``
+    with ``d = c - u``, ``d_i = c_neg_i - u``, per sample; one ``neg_scale`` weighs all."""
+    c, u = env.value(Branch(MAIN, t.cond)), env.value(uncond_of())
+    d = c - u
+    ws = t.neg_scale if len(t.neg_scale) == len(t.negative) else t.neg_scale * len(t.negative)
+    total = d
+    for n, w in zip(t.negative, ws):
+        dn = env.value(Branch(MAIN, n)) - u
+        total = total - w * (dn - dot(dn, d) / dot(d, d) * d)
+    return u + t.scale * total
+
+
 def _direction(t: Any, env: Env) -> torch.Tensor:
     """PAG / SEG / SLG (methods.md): ``s (c - n)``, ``n`` the term's negative branch."""
     return t.scale * (env.value(t.positive()) - env.value(t.negative()))
@@ -209,6 +222,7 @@ TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
     CFGZeroStarTerm: _cfg_zero_star,
     TCFGTerm: _tcfg,
     FDGTerm: _fdg,
+    PerpNegTerm: _perpneg,
 }
 
 #: term class -> its linear form as (atom, coefficient) pairs; a nonlinear term is its own
@@ -221,6 +235,7 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     CFGZeroStarTerm: lambda t: [(t, 1.0)],
     TCFGTerm: lambda t: [(t, 1.0)],
     FDGTerm: lambda t: [(t, 1.0)],
+    PerpNegTerm: lambda t: [(t, 1.0)],
 }
 
 
@@ -333,6 +348,8 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
         return (cond_of(), uncond_of())
     if isinstance(atom, CFGppTerm):
         return (Branch(MAIN, atom.cond), Branch(MAIN, atom.negative))
+    if isinstance(atom, PerpNegTerm):
+        return (Branch(MAIN, atom.cond), uncond_of(), *(Branch(MAIN, n) for n in atom.negative))
     raise KeyError(f"tests/strategies/reference.py does not know which branches {atom!r} reads")
 
 

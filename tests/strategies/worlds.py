@@ -30,7 +30,9 @@ from .values import AUTOGUIDANCE_MODELS, FLOW_SIGMAS, VE_SIGMAS
 #: (prediction space, noise convention) pairs whose conversions the reference knows.
 SPACES = (("x0", "ve"), ("eps", "ve"), ("v", "ve"), ("flow", "flow"))
 #: every conditioning name the strategies draw (terms' ``field_examples``), with its tag
-TAGS = {COND: 0, UNCOND: 1, "style": 2, "neg": 3}
+TAGS = {COND: 0, UNCOND: 1, "style": 2, "neg": 3, "icg": 4}
+#: conditionings given as pools (ICG, guidekit/pools.py): P candidates, one drawn per sample
+POOLS = {"icg": 5}
 TAG_NAMES = {v: k for k, v in TAGS.items()}
 SHAPE = (3, 4, 4)
 
@@ -93,14 +95,17 @@ def sample_x(world: World, step: int) -> torch.Tensor:
 
 
 def conditionings(world: World) -> dict[str, dict[str, torch.Tensor]]:
-    """``cond`` / ``uncond`` dicts: integer ``tag`` and ``idx`` name a row's branch and
-    sample; ``emb`` is a float embedding for CADS to anneal (the fake models ignore it)."""
-    b = world.batch
+    """Every conditioning by name: integer ``tag`` and ``idx`` name a row's branch and
+    sample (a pool's ``idx`` its candidate); ``emb`` is a float embedding for CADS to anneal
+    (the fake models ignore it). A pool (:data:`POOLS`) has P rows instead of B."""
+    sizes = {name: POOLS.get(name, world.batch) for name in TAGS}
     return {
         name: {
-            "tag": torch.full((b,), tag, dtype=torch.long),
-            "idx": torch.arange(b),
-            "emb": _normal(world, "emb", name, shape=(4,)),
+            "tag": torch.full((sizes[name],), tag, dtype=torch.long),
+            "idx": torch.arange(sizes[name]),
+            "emb": _normal(world, "emb", name, shape=(4,)) if name not in POOLS else torch.randn(
+                sizes[name], 4, generator=_generator(world, "emb", name), dtype=torch.float64
+            ),
         }
         for name, tag in TAGS.items()
     }
@@ -166,7 +171,9 @@ class FakeModel:
                     f"model {self.name!r} row {self.rows_seen + r}: around_call's layout says "
                     f"{told[r]!r}, the plan's program says {branch!r}"
                 )
-            assert (TAG_NAMES[int(tag[r])], int(idx[r])) == (branch.cond, b), (
+            # a pool's row holds the candidate drawn for sample b, not b itself
+            sample = b if branch.cond not in POOLS else int(idx[r])
+            assert (TAG_NAMES[int(tag[r])], int(idx[r])) == (branch.cond, sample), (
                 f"model {self.name!r} row {self.rows_seen + r}: conditioning "
                 f"{TAG_NAMES[int(tag[r])]!r} sample {int(idx[r])}, layout says {branch!r} "
                 f"sample {b}"
