@@ -30,6 +30,7 @@ from guidekit.expr import Expr, Scaled, Sum
 from guidekit.parse import parse
 from guidekit.plan import CallRecord, ForwardGroup, Plan
 from guidekit.runner import Guided, guide
+from guidekit.schedules import Beta, Constant, Cosine, Linear, Piecewise, PowerLaw, Window
 from guidekit.spaces import Noise, convert
 from guidekit.split import AutoSplit, FixedSplit
 from guidekit.state import State
@@ -45,6 +46,8 @@ from guidekit.terms import (
     TCFG,
     Autoguidance,
     AutoguidanceTerm,
+    BetaCFG,
+    BetaCFGTerm,
     CFGTerm,
     CFGZeroStar,
     CFGZeroStarTerm,
@@ -77,4 +80,6 @@ __all__ = [
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "GAG", "GAGModifier", "NAG", "NAGModifier", "PLADIS", "PLADISModifier",
     "FDG", "FDGTerm", "DynamicThreshold",
+    "BetaCFG", "BetaCFGTerm",
+    "Beta", "Constant", "Cosine", "Linear", "Piecewise", "PowerLaw", "Window",
 ]

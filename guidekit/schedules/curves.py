@@ -121,11 +121,11 @@ def beta_pdf(r: float, a: float, b: float) -> float:
     return math.exp(log_norm + (a - 1.0) * math.log(r) + (b - 1.0) * math.log1p(-r))
 
 
-def _at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+def at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     finite(instance, attribute, value)
     if value < 1:
         raise GuidanceValueError(
-            f"Beta({attribute.name}=...): {attribute.name} must be >= 1 so that the density is "
+            f"{type(instance).__name__.removesuffix('Term')}({attribute.name}=...): {attribute.name} must be >= 1 so that the density is "
             f"finite at r = 0 and 1, got {fmt_number(value)}"
         )
 
@@ -137,8 +137,8 @@ class Beta(ProgressShape):
     zero at the first and last step for ``a, b > 1``, largest in between."""
 
     scale: float = attrs.field(converter=to_float, validator=finite)
-    a: float = attrs.field(default=2.0, converter=to_float, validator=_at_least_one)
-    b: float = attrs.field(default=2.0, converter=to_float, validator=_at_least_one)
+    a: float = attrs.field(default=2.0, converter=to_float, validator=at_least_one)
+    b: float = attrs.field(default=2.0, converter=to_float, validator=at_least_one)
     sigma_max: float | None = _bound()
     sigma_min: float | None = _bound()
     _name: ClassVar[str] = "Beta"

@@ -2,6 +2,7 @@
 
 from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
+from guidekit.terms.betacfg import BetaCFG, BetaCFGTerm
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.emag import EMAG, EMAGQ, EMAGQTerm, EMAGTerm
 from guidekit.terms.fdg import FDG, FDGTerm
@@ -21,4 +22,5 @@ __all__ = [
     "SAG", "SAGTerm",
     "SEG", "SEGTerm", "SLG", "SLGTerm",
     "FDG", "FDGTerm",
+    "BetaCFG", "BetaCFGTerm",
 ]
