@@ -92,6 +92,8 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
         )
     if any(math.isclose(v, w, rel_tol=1e-9, abs_tol=1e-12) for w in scales):
         return
+    if plan.scheduled and v > 1:
+        return  # a scale by noise level has no one value: > 1 only turns the u rows on
     shown = ", ".join(f"{w:g}" for w in sorted(scales))
     if v <= 1:
         raise GuidanceValueError(

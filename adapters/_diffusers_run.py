@@ -30,7 +30,7 @@ from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
 from ._diffusers_layout import Layout
 from ._diffusers_rows import fill, first_difference
-from ._diffusers_schedule import schedule_of, sigma_for
+from ._diffusers_schedule import schedule_of, sigma_for, timestep_schedule
 
 
 class GuidedPipeline:
@@ -113,6 +113,8 @@ class GuidedPipeline:
         if self._run is not None and not self._new_run:
             return self._run
         schedule = schedule_of(self.pipe.scheduler) if exact and self.sigma_fn is None else None
+        if schedule is None and self._step_plan.scheduled and self.sigma_fn is None:
+            schedule = timestep_schedule(self.pipe.scheduler)  # r needs the run's levels
         if self._run is None:
             self._run = Run(self._step_plan, sigmas=schedule, seed=self.seed, on_rise="restart")
         else:
