@@ -115,6 +115,8 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
         return
     if v <= 1 and not any(b.cond == UNCOND for _, _, p in plan.regions() for b in p.branches):
         return  # CFG(w, negative="neg"): no unconditional rows to prepare
+    if plan.scheduled and v > 1:
+        return  # a scale by noise level has no one value: > 1 only turns the u rows on
     shown = ", ".join(f"{w:g}" for w in sorted(scales))
     if v <= 1:
         raise GuidanceValueError(

@@ -55,7 +55,7 @@ from ._diffusers_guider_level import needs_x, step_level
 from ._diffusers_guider_rows import tile_inputs
 from ._diffusers_guider_state import combine_stateful
 from ._diffusers_prompts import named_conds
-from ._diffusers_schedule import conventions
+from ._diffusers_schedule import conventions, schedule_of
 from ._renoise import refuse
 
 LATENT_KEYS = batches_.LATENT_KEYS
@@ -255,7 +255,11 @@ class GuidekitGuidance(BaseGuidance):
         # step 0 is a new pipeline call; a level above the last one is a new run too. Each
         # starts with an empty call log, so a guider reused for many calls holds one run's.
         if step == 0 or self._run.rose(sigma):
-            self._run.reset()
+            if self._plan.scheduled and self._scheduler is not None:
+                # a scale by the run's progress needs its schedule (guidekit.schedules)
+                self._run.reset(sigmas=schedule_of(self._scheduler))
+            else:
+                self._run.reset()
         self._sigma = sigma
 
     def _current_sigma(self) -> float:
@@ -264,7 +268,7 @@ class GuidekitGuidance(BaseGuidance):
     def _groups(self) -> tuple[ForwardGroup, ...]:
         if not self._active():
             return (ForwardGroup(MAIN, (Branch(MAIN, COND),)),)
-        return self._plan.program(self._current_sigma()).groups
+        return self._plan.program(self._current_sigma(), self._run.state.schedule).groups
 
     @property
     def num_conditions(self) -> int:

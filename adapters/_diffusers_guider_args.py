@@ -26,6 +26,8 @@ from guidekit.plan import Plan
 def cfg_scale(plan: Plan) -> float | None:
     """The expression's CFG scale ``w`` (``1 -`` the unconditional branch's coefficient),
     or None where it changes with the noise level (a gated CFG)."""
+    if plan.scheduled:
+        return None  # a scale by noise level (guidekit.schedules)
     u = Branch(MAIN, UNCOND)
     scales = {round(1.0 - prog.coef_map.get(u, 0.0), 12) for _lo, _hi, prog in plan.regions()}
     return scales.pop() if len(scales) == 1 else None

@@ -32,7 +32,7 @@ from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
 from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
-from ._diffusers_schedule import schedule_of, sigma_for
+from ._diffusers_schedule import schedule_of, sigma_for, timestep_schedule
 from ._renoise import Renoiser, renoised, scheduler_renoiser
 
 
@@ -121,6 +121,8 @@ class GuidedPipeline:
         if self._run is not None and not self._new_run:
             return self._run
         schedule = schedule_of(self.pipe.scheduler) if exact and self.sigma_fn is None else None
+        if schedule is None and self._step_plan.scheduled and self.sigma_fn is None:
+            schedule = timestep_schedule(self.pipe.scheduler)  # r needs the run's levels
         if self._run is None:
             self._run = Run(self._step_plan, sigmas=schedule, seed=self.seed, on_rise="restart")
         else:
@@ -278,7 +280,7 @@ class GuidedPipeline:
             self._renoise = scheduler_renoiser(
                 run.plan, self.pipe.scheduler, "guided(pipe, ...)", eta=self._eta
             )
-        needed = {b.cond for b in run.plan.program(sigma).branches}
+        needed = {b.cond for b in run.plan.program(sigma, run.state.schedule).branches}
         named = sorted(needed & named_conds(run.plan))
         if named and self.prompts is not None:
             lookup = None
@@ -289,6 +291,13 @@ class GuidedPipeline:
                 split.conds[COND], named, lookup, split.conds.get(UNCOND)
             ))
         missing = sorted(needed - split.conds.keys())
+        unnamed = [n for n in missing if n != UNCOND]
+        if unnamed:
+            raise GuidanceValueError(
+                f"{self.plan.expr!r} needs the {' and '.join(repr(n) for n in unnamed)} "
+                f"conditioning at sigma={sigma:g}, which the pipeline does not encode: pass it "
+                f"as guided(pipe, expr, prompts={{{unnamed[0]!r}: ...}})"
+            )
         if missing:
             raise GuidanceValueError(
                 f"{self.plan.expr!r} needs the {' and '.join(missing)} conditioning at sigma="

@@ -63,6 +63,16 @@ def _alphas_sigma(abar: torch.Tensor, t: float) -> float:
     return math.exp((1 - frac) * math.log(float(table[lo])) + frac * math.log(float(table[lo + 1])))
 
 
+def timestep_schedule(scheduler: Any) -> list[float] | None:
+    """The noise levels of the scheduler's ``timesteps`` (a scheduler without a sigma table:
+    DDIM, DDPM), for a scale by the run's progress (:mod:`guidekit.schedules`)."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+        return None
+    levels = [sigma_for(scheduler, float(t))[0] for t in dict.fromkeys(timesteps.tolist())]
+    return sorted(set(levels), reverse=True)
+
+
 def sigma_for(scheduler: Any, timestep: float) -> tuple[float, bool]:
     """guidekit's noise level for the model timestep ``timestep`` (in scheduler units).
 

@@ -31,6 +31,7 @@ from guidekit.padding import Tokens
 from guidekit.parse import parse
 from guidekit.plan import CallRecord, ForwardGroup, Plan
 from guidekit.runner import Guided, guide
+from guidekit.schedules import Beta, Constant, Cosine, Linear, Piecewise, PowerLaw, Window
 from guidekit.spaces import Noise, convert
 from guidekit.split import AutoSplit, FixedSplit
 from guidekit.state import State
@@ -48,6 +49,8 @@ from guidekit.terms import (
     TPG,
     Autoguidance,
     AutoguidanceTerm,
+    BetaCFG,
+    BetaCFGTerm,
     CFGpp,
     CFGppTerm,
     CFGTerm,
@@ -97,4 +100,6 @@ __all__ = [
     "PerpNeg", "PerpNegTerm",
     "ICG", "ICGTerm",
     "dual_cfg",
+    "BetaCFG", "BetaCFGTerm",
+    "Beta", "Constant", "Cosine", "Linear", "Piecewise", "PowerLaw", "Window",
 ]

@@ -107,7 +107,7 @@ def compile(
     used = {b for _, _, prog in plan.regions() for b in prog.branches}
     used.update(plan.program(0.0).branches)
     used.update(
-        b for e in entries if isinstance(e.coef, Schedule) and not e.coef.is_zero()
+        b for e in entries if isinstance(e.coef, Schedule) and not e.coef.zero_on(e.lo, e.hi)
         for b in atom_branches(e.atom)
     )
     groups = tuple(

@@ -87,6 +87,7 @@ class StepWatch:
 
     def __init__(self, plan: Any, batch: int, policy: NonFinite, warned: set[str]) -> None:
         self.plan = plan
+        self.schedule: tuple[float, ...] | None = None  # the run's, for scheduled scales
         self.batch = batch
         self.policy = policy
         self.warned = warned
@@ -121,7 +122,7 @@ class StepWatch:
 
     def _offset(self, record: CallRecord) -> tuple[tuple[Branch, ...], int]:
         """The failing call's group branches and its first row within that group."""
-        groups = self.plan.program(record.sigma).groups
+        groups = self.plan.program(record.sigma, self.schedule).groups
         g, lo = 0, 0
         for r in self.records[:-1]:  # this guided call's earlier model calls, in group order
             lo += r.rows

@@ -204,16 +204,20 @@ class Plan:
         return out[::-1]
 
     # -- counting -------------------------------------------------------------------------------
-    def rows(self, sigma: float, batch: int = 1) -> int:
-        """Model rows per step at ``sigma`` for a sampler batch of ``batch``."""
-        return sum(len(g.branches) for g in self.program(sigma).groups) * batch
+    def rows(self, sigma: float, batch: int = 1, sigmas: Sequence[float] | None = None) -> int:
+        """Model rows per step at ``sigma`` for a sampler batch of ``batch`` (scheduled
+        scales read at ``sigma`` on the run's schedule ``sigmas``)."""
+        prog = self.program(sigma, None if sigmas is None else tuple(float(s) for s in sigmas))
+        return sum(len(g.branches) for g in prog.groups) * batch
 
-    def nfe(self, sigma: float, batch: int = 1) -> int:
+    def nfe(self, sigma: float, batch: int = 1, sigmas: Sequence[float] | None = None) -> int:
         """Model calls per step at ``sigma``: under a fixed policy, or the auto split's
         decisions so far (one call where it has not decided)."""
         return sum(
             calls_for(r, planned_chunk(self.policy, group_key(g), r, batch))
-            for g in self.program(sigma).groups
+            for g in self.program(
+                sigma, None if sigmas is None else tuple(float(s) for s in sigmas)
+            ).groups
             for r in [len(g.branches) * batch]
         )
 

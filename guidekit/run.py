@@ -229,6 +229,7 @@ class Run:
         before = self.state
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
         watch = StepWatch(self.plan, batch, self.nonfinite, self._warned)
+        watch.schedule = before.schedule
         y, after = self.plan.step(
             before, x, sigma, conds, watch.models(models),
             splitter=self.splitter, on_call=watch.observer(self.calls.append), output=output,

@@ -58,6 +58,11 @@ class Schedule:
     #: the fields that, all 0, make the schedule 0 everywhere
     _zero_when: ClassVar[tuple[str, ...]] = ("scale",)
 
+    def zero_on(self, lo: float, hi: float) -> bool:
+        """Whether the value is 0 at every sigma in ``(lo, hi]`` (then a gated entry of it
+        never runs its branches; ``False`` where that cannot be told)."""
+        return self.is_zero()
+
     def _fmt(self) -> str:
         return fmt_call(self)
 
@@ -149,6 +154,9 @@ class Affine(Schedule):
 
     def is_zero(self) -> bool:
         return self.const == 0 and all(s.is_zero() for s, _ in self.parts)
+
+    def zero_on(self, lo: float, hi: float) -> bool:
+        return self.const == 0 and all(s.zero_on(lo, hi) for s, _ in self.parts)
 
     def _fmt(self) -> str:
         text = fmt_number(self.const) if self.const else ""

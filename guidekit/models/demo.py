@@ -73,7 +73,8 @@ def negative_entries(model: str) -> list[Entry]:
 
 def rows_per_step(plan: Any, sigmas: torch.Tensor, batch: int) -> list[int]:
     """``plan.rows(sigma, batch)`` at every step of the schedule (the final 0 excluded)."""
-    return [plan.rows(float(s), batch) for s in sigmas[:-1]]
+    levels = [float(s) for s in sigmas]
+    return [plan.rows(s, batch, levels) for s in levels[:-1]]
 
 
 def one_call(plan: Any) -> bool:
@@ -88,13 +89,14 @@ def check_calls(plan: Any, calls: Sequence[Any], sigmas: torch.Tensor, batch: in
     Every step must run ``plan.rows(sigma, batch)`` rows in all; without a row budget, in
     exactly one call per forward group.
     """
-    for i, s in enumerate(float(v) for v in sigmas[:-1]):
+    levels = [float(v) for v in sigmas]
+    for i, s in enumerate(levels[:-1]):
         made = [c for c in calls if c.step == i]
-        want = plan.rows(s, batch)
+        want = plan.rows(s, batch, levels)
         got = sum(c.rows for c in made)
         if got != want:
             raise AssertionError(f"step {i} (sigma {s:.4g}): {got} rows ran, plan.rows says {want}")
-        groups = len(plan.program(s).groups)
+        groups = len(plan.program(s, tuple(levels)).groups)
         if not budget and len(made) != groups:
             raise AssertionError(
                 f"step {i} (sigma {s:.4g}): {len(made)} calls for {groups} forward groups"

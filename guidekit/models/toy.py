@@ -159,9 +159,10 @@ def calls_by_step(plan: Plan, calls: list[CallRecord], sigmas: torch.Tensor,
                   batch: int) -> tuple[StepCalls, ...]:
     """Group ``guided.calls`` by step and pair them with the plan's forward groups."""
     out = []
-    for i, sigma in enumerate(float(s) for s in sigmas[:-1]):
+    levels = tuple(float(s) for s in sigmas)
+    for i, sigma in enumerate(levels[:-1]):
         made = tuple(c for c in calls if c.step == i)
-        groups = plan.program(sigma).groups
+        groups = plan.program(sigma, levels).groups
         expected = tuple((g.model, len(g.branches) * batch) for g in groups)
         out.append(StepCalls(i, sigma, made, expected))
     return tuple(out)

@@ -44,6 +44,15 @@ class ProgressShape(Schedule):
                 f"neither (then r comes from the run's schedule)"
             )
 
+    def zero_on(self, lo: float, hi: float) -> bool:
+        if self.is_zero():
+            return True
+        smax, smin = self.sigma_max, self.sigma_min  # type: ignore[attr-defined]
+        if smax is None:
+            return False  # any r may fall anywhere: it is the run's
+        # r = 0 for every sigma >= sigma_max, r = 1 for every sigma <= sigma_min
+        return (lo >= smax and self.shape(0.0) == 0) or (hi <= smin and self.shape(1.0) == 0)
+
     def at(self, level: Any) -> float:
         r = level.progress(self, self.sigma_max, self.sigma_min)  # type: ignore[attr-defined]
         return self.shape(min(1.0, max(0.0, r)))
@@ -121,11 +130,11 @@ def beta_pdf(r: float, a: float, b: float) -> float:
     return math.exp(log_norm + (a - 1.0) * math.log(r) + (b - 1.0) * math.log1p(-r))
 
 
-def _at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+def at_least_one(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     finite(instance, attribute, value)
     if value < 1:
         raise GuidanceValueError(
-            f"Beta({attribute.name}=...): {attribute.name} must be >= 1 so that the density is "
+            f"{type(instance).__name__.removesuffix('Term')}({attribute.name}=...): {attribute.name} must be >= 1 so that the density is "
             f"finite at r = 0 and 1, got {fmt_number(value)}"
         )
 
@@ -137,8 +146,8 @@ class Beta(ProgressShape):
     zero at the first and last step for ``a, b > 1``, largest in between."""
 
     scale: float = attrs.field(converter=to_float, validator=finite)
-    a: float = attrs.field(default=2.0, converter=to_float, validator=_at_least_one)
-    b: float = attrs.field(default=2.0, converter=to_float, validator=_at_least_one)
+    a: float = attrs.field(default=2.0, converter=to_float, validator=at_least_one)
+    b: float = attrs.field(default=2.0, converter=to_float, validator=at_least_one)
     sigma_max: float | None = _bound()
     sigma_min: float | None = _bound()
     _name: ClassVar[str] = "Beta"

@@ -17,6 +17,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.fields import finite, to_float
 from guidekit.misuse import gate_bounds
 from guidekit.schedule import Schedule, register_schedule
+from guidekit.schedules.progress import Level
 from guidekit.text import fmt_number, is_number
 
 
@@ -61,6 +62,13 @@ class Piecewise(Schedule):
 
     def is_zero(self) -> bool:
         return all(v == 0 for _, v in self.points)
+
+    def zero_on(self, lo: float, hi: float) -> bool:
+        # continuous and linear between points: 0 on (lo, hi] iff 0 at both ends and at
+        # every point between
+        inside = [Level(s) for s, _ in self.points if lo < s < hi]
+        ends = [Level(max(lo, 0.0)), Level(hi if hi != float("inf") else self.points[-1][0])]
+        return all(self.at(lv) == 0 for lv in (*ends, *inside))
 
     def __init__(self, *points: Any) -> None:
         self.__attrs_init__(points)  # type: ignore[attr-defined]
@@ -117,3 +125,8 @@ class Window(Schedule):
 
     def at(self, level: Any) -> float:
         return self.value if self.lo < level.sigma <= self.hi else self.outside
+
+    def zero_on(self, lo: float, hi: float) -> bool:
+        meets = max(lo, self.lo) < min(hi, self.hi)
+        within = self.lo <= lo and hi <= self.hi
+        return (self.value == 0 or not meets) and (self.outside == 0 or within)

@@ -30,6 +30,10 @@ def scheduled_parts(expr: Any, steps: Iterable[Any]) -> tuple[tuple[Any, Schedul
     out: list[tuple[Any, Schedule]] = []
     for part in (*_nodes(expr), *steps):
         out.extend((part, s) for s in scheduled_fields(part).values())
+        # a term whose formula reads the progress itself (BetaCFG's time curve)
+        implicit = getattr(part, "implicit_schedules", None)
+        if implicit is not None:
+            out.extend((part, s) for s in implicit())
     return tuple(dict.fromkeys(out))
 
 

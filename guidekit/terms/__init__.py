@@ -2,6 +2,7 @@
 
 from guidekit.terms.autoguidance import Autoguidance, AutoguidanceTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm, NonlinearPrediction, Term
+from guidekit.terms.betacfg import BetaCFG, BetaCFGTerm
 from guidekit.terms.cfg import CFG, CFGTerm, Cond, CondTerm, Uncond, UncondTerm
 from guidekit.terms.cfgpp import CFGpp, CFGppTerm
 from guidekit.terms.dual import dual_cfg
@@ -33,4 +34,5 @@ __all__ = [
     "PerpNeg", "PerpNegTerm",
     "ICG", "ICGTerm",
     "dual_cfg",
+    "BetaCFG", "BetaCFGTerm",
 ]

@@ -30,7 +30,7 @@ from guidekit import (
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.expr import Expr
 from guidekit.schedules import Level, resolve
-from guidekit.terms import CFGppTerm, FDGTerm, PerpNegTerm
+from guidekit.terms import BetaCFGTerm, CFGppTerm, FDGTerm, PerpNegTerm
 from guidekit.terms.base import DirectionTerm, LinearTerm
 
 from .worlds import World, branch_output, modified
@@ -205,6 +205,19 @@ def _perpneg(t: PerpNegTerm, env: Env) -> torch.Tensor:
         dn = env.value(Branch(MAIN, n)) - u
         total = total - w * (dn - dot(dn, d) / dot(d, d) * d)
     return u + t.scale * total
+def _betacfg(t: BetaCFGTerm, env: Env) -> torch.Tensor:
+    """beta-CFG (arXiv 2502.10574): ``u + w pdf(r) (c - u) / ||c - u||^gamma``, ``r`` by log
+    sigma between the term's bounds, the Beta density from ``math.lgamma``."""
+    c, u = env.value(cond_of()), env.value(uncond_of())
+    assert t.sigma_max is not None and t.sigma_min is not None
+    s = min(max(env.sigma, t.sigma_min), t.sigma_max)
+    r = math.log(t.sigma_max / s) / math.log(t.sigma_max / t.sigma_min)
+    log_b = math.lgamma(t.a) + math.lgamma(t.b) - math.lgamma(t.a + t.b)
+    pdf = 0.0 if (r == 0 and t.a > 1) or (r == 1 and t.b > 1) else math.exp(
+        (t.a - 1) * math.log(r) if r > 0 else 0.0) * math.exp(
+        (t.b - 1) * math.log1p(-r) if r < 1 else 0.0) / math.exp(log_b)
+    d = c - u
+    return u + t.scale * pdf * d / dot(d, d).sqrt().clamp_min(1e-12) ** t.gamma
 
 
 def _direction(t: Any, env: Env) -> torch.Tensor:
@@ -223,6 +236,7 @@ TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
     TCFGTerm: _tcfg,
     FDGTerm: _fdg,
     PerpNegTerm: _perpneg,
+    BetaCFGTerm: _betacfg,
 }
 
 #: term class -> its linear form as (atom, coefficient) pairs; a nonlinear term is its own
@@ -236,6 +250,7 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     TCFGTerm: lambda t: [(t, 1.0)],
     FDGTerm: lambda t: [(t, 1.0)],
     PerpNegTerm: lambda t: [(t, 1.0)],
+    BetaCFGTerm: lambda t: [(t, 1.0)],
 }
 
 
@@ -344,7 +359,7 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
     """The branches an atom reads: itself, or both main branches for a nonlinear term."""
     if isinstance(atom, Branch):
         return (atom,)
-    if isinstance(atom, (CFGZeroStarTerm, TCFGTerm, FDGTerm)):
+    if isinstance(atom, (CFGZeroStarTerm, TCFGTerm, FDGTerm, BetaCFGTerm)):
         return (cond_of(), uncond_of())
     if isinstance(atom, CFGppTerm):
         return (Branch(MAIN, atom.cond), Branch(MAIN, atom.negative))

@@ -35,7 +35,7 @@ from guidekit.parse import MAX_DEPTH
         ("CGF(7)", 0, "did you mean CFG?"),
         ("cfg(7)", 0, "did you mean CFG?"),
         ("CFG(7) + Autoguidnce(1.5)", 9, "did you mean Autoguidance?"),
-        ("CFG(7) + Foo(1)", 9, "known constructors: APG, Autoguidance, CADS, CFG"),
+        ("CFG(7) + Foo(1)", 9, "known constructors: APG, Autoguidance, BetaCFG, CADS, CFG"),
         ("CFG(7) @ APG()", 7, "operator '@' is not part of guidance text"),
         ("CFG(7) ** 2", 7, "operator '**'"),
         ("CFG(7) // 2", 7, "operator '//'"),
