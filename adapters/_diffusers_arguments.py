@@ -71,7 +71,8 @@ def cfg_scales(plan: Plan) -> set[float]:
         1.0 - sum(c for b, c in p.coef_map.items() if unconditional(b))
         for _, _, p in plan.regions() if any(unconditional(b) for b in p.coef_map)
     }
-    return found | set(_cfg_terms(plan.expr))
+    # a scheduled CFG's scale has no one value (plan.scheduled: check_scale lets v > 1 pass)
+    return found | {w for w in _cfg_terms(plan.expr) if isinstance(w, (int, float))}
 
 
 def _cfg_terms(node: Any) -> list[float]:
@@ -111,12 +112,12 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
             f"and inside guided(...) the expression alone guides: write CFG({v:g}) in the "
             f"expression, or leave {name} out"
         )
+    if plan.scheduled and v > 1:
+        return  # a scale by noise level has no one value: > 1 only turns the u rows on
     if any(math.isclose(v, w, rel_tol=1e-9, abs_tol=1e-12) for w in scales):
         return
     if v <= 1 and not any(b.cond == UNCOND for _, _, p in plan.regions() for b in p.branches):
         return  # CFG(w, negative="neg"): no unconditional rows to prepare
-    if plan.scheduled and v > 1:
-        return  # a scale by noise level has no one value: > 1 only turns the u rows on
     shown = ", ".join(f"{w:g}" for w in sorted(scales))
     if v <= 1:
         raise GuidanceValueError(
