@@ -42,7 +42,9 @@ import guidekit
 from guidekit.checks import check_first_level
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
+from guidekit.renoise import sampler_term
 
+from ._kdiffusion_sample import bind, cfgpp_settings, function_name
 from ._renoise import renoised, renoiser
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
@@ -118,11 +120,13 @@ class KDiffusionGuided(SamplerAdapter):
         tokens: :class:`guidekit.Tokens` -- how conditionings of different token lengths
             share one call (padded under the model's mask, or repeated); by default they
             run as separate calls.
-        sampler, eta: for ``CFGpp`` (CFG++), the sampler you call -- ``"euler"``
-            (``sample_euler``, ``s_churn=0``), ``"euler_ancestral"`` (with its ``eta``) or
-            ``"dpmpp_2m"`` -- which the adapter's prediction makes take CFG++ steps
-            (see ``adapters/_renoise.py``); CFGpp needs ``sigmas=`` too. Other samplers
-            are refused for CFGpp; without CFGpp these are not used.
+        sampler, eta: for ``CFGpp`` (CFG++) called by the sampler directly, the sampler you
+            call -- ``"euler"`` (``sample_euler``, ``s_churn=0``), ``"euler_ancestral"``
+            (``eta=`` required: the one you pass the sampler) or ``"dpmpp_2m"`` -- which the
+            adapter's prediction makes take CFG++ steps (see ``adapters/_renoise.py``);
+            CFGpp needs ``sigmas=`` too. Leave both out and sample through :meth:`sample`,
+            which reads them from the call. Other samplers are refused for CFGpp; without
+            CFGpp these are not used.
     """
 
     def __init__(
@@ -147,7 +151,7 @@ class KDiffusionGuided(SamplerAdapter):
         nonfinite: str = "raise",
         tokens: Any = None,
         sampler: str | None = None,
-        eta: float = 1.0,
+        eta: float | None = None,
     ) -> None:
         if prediction not in _KINDS:
             raise GuidanceValueError(
@@ -183,7 +187,11 @@ class KDiffusionGuided(SamplerAdapter):
             around_call=around_call, nonfinite=check_policy(nonfinite, "KDiffusionGuided"),
             tokens=tokens,
         )
-        self._renoise = renoiser(plan, sampler, sigmas, "KDiffusionGuided", eta=eta)
+        self._declared = (sampler, eta)
+        # CFG++ without sampler=: the step is read from sample()'s call; a direct call refuses
+        self._unstepped = sampler is None and eta is None and sampler_term(plan.expr) is not None
+        if not self._unstepped:
+            self._renoise = renoiser(plan, sampler, sigmas, "KDiffusionGuided", eta=eta)
 
     # -- translation ------------------------------------------------------------------------
     def _time(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -215,11 +223,49 @@ class KDiffusionGuided(SamplerAdapter):
         if self.run.state.level_sigma is None and self.run.state.schedule is not None:
             check_first_level(level_of(sigma), self.run.state.schedule, "KDiffusionGuided", CHURN)
         if self._renoise is None:
+            if self._unstepped:
+                raise GuidanceValueError(
+                    f"KDiffusionGuided: {self.plan.expr!r} re-noises inside the sampler's step, "
+                    f"which this call does not say: sample through guided.sample(k_diffusion."
+                    f"sampling.sample_euler, x, sigmas, ...) (it reads the sampler and its eta), "
+                    f"or pass sampler= ('euler' | 'euler_ancestral' with eta= | 'dpmpp_2m') and "
+                    f"sigmas= when building the adapter"
+                )
             return self.run(x, sigma, extra_args, output="x0")
         return renoised(
             self._renoise, lambda keep: self.run(x, sigma, extra_args, "x0", keep),
             x, level_of(sigma), "x0",
         )
+
+    def sample(self, fn: Callable[..., Any], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """``fn(self, x, *args, **kwargs)`` -- a ``k_diffusion.sampling`` sampler -- as a new
+        run on the call's ``sigmas``.
+
+        For ``CFGpp`` the sampler and its ``eta`` are read from the call (the arguments
+        given, else ``fn``'s defaults; see ``adapters/_kdiffusion_sample.py``), so the
+        re-noising always matches the step the sampler takes; a function or setting that is
+        no CFG++ step (``sample_heun``, ``s_churn > 0``) is refused by name.
+        """
+        call = bind(fn, self, x, args, kwargs)
+        sigmas = call.get("sigmas")
+        term = sampler_term(self.plan.expr)
+        own, self._renoise = self._renoise, None
+        try:
+            self.reset(sigmas=sigmas)
+            if term is not None:
+                sampler, eta = cfgpp_settings(fn, call, term)
+                if self._declared != (None, None) and self._declared != (sampler, eta):
+                    raise GuidanceValueError(
+                        f"KDiffusionGuided.sample({function_name(fn)}, ...): the adapter was "
+                        f"built with sampler={self._declared[0]!r}, eta={self._declared[1]!r} "
+                        f"but this call steps sampler={sampler!r}, eta={eta!r}; leave "
+                        f"sampler= and eta= out of the adapter: sample() reads them from the call"
+                    )
+                where = f"KDiffusionGuided.sample({function_name(fn)}, ...)"
+                self._renoise = renoiser(self.plan, sampler, sigmas, where, eta=eta)
+            return fn(self, x, *args, **kwargs)
+        finally:
+            self._renoise = own
 
     def __repr__(self) -> str:
         return f"<KDiffusionGuided {self.plan.expr!r}, model predicts {self.prediction}>"

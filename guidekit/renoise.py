@@ -30,7 +30,9 @@ of the two levels' noise-to-signal ratios; ``sigma_next / sigma`` in the VE conv
   ``U + (G - U) / (1 - rho)``: CFG with ``w = lam sigma / (sigma - sigma_next)`` (VE).
 * ``"euler_ancestral"`` (VE) -- k-diffusion's ``sample_euler_ancestral(eta=...)`` steps to
   ``sigma_down`` and adds ``sigma_up`` fresh noise; CFG++ re-noises to ``sigma_down`` with
-  ``U`` and adds the same noise, so ``rho = sigma_down / sigma``.
+  ``U`` and adds the same noise, so ``rho = sigma_down / sigma``. ``sigma_down`` depends on
+  ``eta``, which must therefore be given (no default); ``s_noise`` only scales the added
+  noise, which both steps share, so any value is exact.
 * ``"dpmpp_2m"`` (VE) -- k-diffusion's ``sample_dpmpp_2m``. The paper has no DPM++ 2M
   formula; its authors' code (CFGpp-diffusion/CFGpp, ``dpm++_2m_cfg++``; ComfyUI's
   ``sample_dpmpp_2m_cfg_pp`` is the same) steps ``x_next = G + rho (x - U) +
@@ -131,11 +133,15 @@ SAMPLERS = {"euler": ("ve", "vp", "flow"), "euler_ancestral": ("ve",), "dpmpp_2m
 
 
 def renoiser(
-    plan: Plan, sampler: str | None, sigmas: Any, where: str, *, eta: float = 1.0,
+    plan: Plan, sampler: str | None, sigmas: Any, where: str, *, eta: float | None = None,
     names: Sequence[str] = tuple(SAMPLERS), arg: str = "sampler",
 ) -> Renoiser | None:
     """A :class:`Renoiser` for ``plan`` when it holds CFGpp (else ``None``); refuses a sampler
-    or schedule it cannot step exactly, naming them."""
+    or schedule it cannot step exactly, naming them.
+
+    ``eta`` is the ancestral sampler's noise amount: required for ``"euler_ancestral"`` (it
+    sets the level CFG++ re-noises to, and guidekit never sees the sampler's call, so no
+    default could be right), refused for the others."""
     term = sampler_term(plan.expr)
     if term is None:
         return None
@@ -147,7 +153,15 @@ def renoiser(
             f"for {arg}={' | '.join(map(repr, ok))} here; got {arg}={sampler!r}. Pass the "
             f"{arg} you call (and sample with it), or use CFG. Supported: {SUPPORTED}"
         )
-    if eta != 1.0 and sampler != "euler_ancestral":
+    if sampler == "euler_ancestral" and eta is None:
+        raise GuidanceValueError(
+            f"{where}: {term!r} with {arg}='euler_ancestral' needs the eta your sampler call "
+            f"uses (it sets the level CFG++ re-noises to, and guidekit cannot see that call): "
+            f"pass eta= explicitly (k-diffusion's sample_euler_ancestral defaults to eta=1.0), "
+            f"or sample through KDiffusionGuided.sample(k_diffusion.sampling."
+            f"sample_euler_ancestral, x, sigmas, eta=...), which reads it from the call"
+        )
+    if eta is not None and sampler != "euler_ancestral":
         raise GuidanceValueError(
             f"{where}: eta={eta:g} is the ancestral sampler's noise amount, but {arg}="
             f"{sampler!r} adds no noise: leave eta out, or pass {arg}='euler_ancestral'"
@@ -171,10 +185,11 @@ class Renoiser:
     """One sampling run's CFG++ bookkeeping: the step index and the last step's values."""
 
     def __init__(
-        self, plan: Plan, term: Any, sampler: str, levels: list[float], where: str, eta: float
+        self, plan: Plan, term: Any, sampler: str, levels: list[float], where: str,
+        eta: float | None,
     ) -> None:
         self.plan, self.term, self.sampler = plan, term, sampler
-        self.levels, self.where, self.eta = levels, where, float(eta)
+        self.levels, self.where, self.eta = levels, where, eta
         self.reset()
 
     def reset(self, sigmas: Any = ...) -> None:

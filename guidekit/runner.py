@@ -125,9 +125,10 @@ class Guided(Run):
         nonfinite: NonFinite = "raise",
         tokens: Tokens | Sequence[Tokens] | None = None,
         sampler: str | None = None,
+        eta: float | None = None,
     ) -> None:
         # CFG++ needs the sampler's step: the loop names it (sampler="euler"); None without it
-        self._renoise = renoiser(plan, sampler, sigmas, "guide()")
+        self._renoise = renoiser(plan, sampler, sigmas, "guide()", eta=eta)
         self.models: dict[str, ModelFn] = {MAIN: model, **(models or {})}
         named: dict[str, Mapping[str, Any]] = {COND: cond}
         if uncond is not None:
@@ -193,6 +194,7 @@ def guide(
     loop takes with the returned prediction -- ``"euler"`` (``x + (sigma_next - sigma) d``
     in the plan's noise convention), or k-diffusion's ``"euler_ancestral"`` / ``"dpmpp_2m"``
     (VE) -- with ``sigmas`` the schedule; the prediction returned then makes that step the
-    CFG++ step (:mod:`guidekit.renoise`). Without ``sampler`` CFGpp is refused.
+    CFG++ step (:mod:`guidekit.renoise`). ``"euler_ancestral"`` needs the ``eta`` your
+    loop's ancestral step uses, explicitly (no default). Without ``sampler`` CFGpp is refused.
     """
     return Guided(plan, model, cond=cond, uncond=uncond, **kwargs)

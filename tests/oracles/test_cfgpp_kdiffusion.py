@@ -20,7 +20,7 @@ import torch
 import guidekit as gk
 from guidekit import CFG, PAG, CFGpp, Cond
 from guidekit.adapters.kdiffusion import KDiffusionGuided
-from guidekit.errors import GuidanceValueError
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 import _kdiffusion_helpers as helpers  # noqa: E402
@@ -104,7 +104,7 @@ def test_euler_matches_the_paper_loop(K, setup):
 def test_euler_ancestral_matches_the_paper_loop(K, setup, eta):
     g = torch.Generator().manual_seed(7)
     noises = [torch.randn(setup["x"].shape, generator=g, dtype=torch.float64) for _ in range(5)]
-    guided = _guided(setup, sampler="euler_ancestral", eta=eta)
+    guided = _guided(setup, sampler="euler_ancestral", eta=eta)  # eta= required: see below
     x = K.sampling.sample_euler_ancestral(
         guided, setup["x"] * setup["sigmas"][0], setup["sigmas"], eta=eta,
         noise_sampler=Noises(noises), disable=True,
@@ -189,10 +189,87 @@ def test_gated_and_named_negative(K, setup):
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
 
 
+# -- guided.sample(fn, ...): the sampler and its eta read from the call ------------------------
+
+
+@pytest.mark.parametrize("eta", [0.5, None])  # None: sample_euler_ancestral's own default, 1
+def test_sample_reads_eta_from_the_call(K, setup, eta):
+    g = torch.Generator().manual_seed(7)
+    noises = [torch.randn(setup["x"].shape, generator=g, dtype=torch.float64) for _ in range(5)]
+    guided = KDiffusionGuided(PP, setup["den"], cond=setup["cond"], uncond=setup["uncond"])
+    kw = {} if eta is None else {"eta": eta}
+    x = guided.sample(
+        K.sampling.sample_euler_ancestral, setup["x"] * setup["sigmas"][0], setup["sigmas"],
+        noise_sampler=Noises(noises), disable=True, s_noise=1.0, **kw,
+    )
+    ref = oracle_euler_ancestral(setup, LAM, 1.0 if eta is None else eta, noises)
+    torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+    assert len(guided.calls) == 5
+
+
+def test_sample_reads_a_partial_and_steps_euler_and_dpmpp_2m(K, setup):
+    import functools
+
+    g = torch.Generator().manual_seed(7)
+    noises = [torch.randn(setup["x"].shape, generator=g, dtype=torch.float64) for _ in range(5)]
+    guided = KDiffusionGuided(PP, setup["den"], cond=setup["cond"], uncond=setup["uncond"])
+    start = setup["x"] * setup["sigmas"][0]
+    fn = functools.partial(K.sampling.sample_euler_ancestral, eta=0.3, noise_sampler=Noises(noises))
+    x = guided.sample(fn, start, setup["sigmas"], disable=True)
+    torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, 0.3, noises), rtol=1e-10, atol=1e-10)
+    x = guided.sample(K.sampling.sample_euler, start, setup["sigmas"], disable=True)
+    torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, 0.0, None), rtol=1e-10, atol=1e-10)
+    x = guided.sample(K.sampling.sample_dpmpp_2m, start, setup["sigmas"], disable=True)
+    torch.testing.assert_close(x, oracle_dpmpp_2m(setup, LAM), rtol=1e-10, atol=1e-10)
+
+
+def test_sample_without_cfgpp_runs_any_sampler(K, setup):
+    start = setup["x"] * setup["sigmas"][0]
+    ours = _guided(setup, CFG(3)).sample(K.sampling.sample_heun, start, setup["sigmas"], disable=True)
+    direct = K.sampling.sample_heun(_guided(setup, CFG(3)), start, setup["sigmas"], disable=True)
+    torch.testing.assert_close(ours, direct, rtol=0, atol=0)
+
+
+def test_ancestral_eta_is_required_for_a_direct_call(setup):
+    """sample_euler_ancestral's eta is invisible to the denoiser: no default may stand in."""
+    with pytest.raises(GuidanceValueError, match=r"needs the eta.*pass eta=.*guided\.sample|needs the eta.*KDiffusionGuided\.sample"):
+        _guided(setup, sampler="euler_ancestral")
+    plan = gk.compile(CFGpp(LAM), prediction="x0", noise="ve")
+    with pytest.raises(GuidanceValueError, match=r"guide\(\): .*needs the eta.*pass eta="):
+        gk.guide(plan, setup["den"], cond={"cond": setup["cond"]}, uncond={"cond": setup["uncond"]},
+                 sigmas=setup["sigmas"], sampler="euler_ancestral")
+
+
+def test_a_direct_call_without_sampler_is_refused(K, setup):
+    guided = KDiffusionGuided(PP, setup["den"], cond=setup["cond"], uncond=setup["uncond"])
+    with pytest.raises(GuidanceValueError, match=r"guided\.sample\(k_diffusion\.sampling.*or pass sampler="):
+        K.sampling.sample_euler(guided, setup["x"] * setup["sigmas"][0], setup["sigmas"], disable=True)
+
+
+@pytest.mark.parametrize("name, kw, match", [
+    ("sample_heun", {}, "k_diffusion.sampling.sample_heun is none of them"),
+    ("sample_dpmpp_2m_sde", {}, "sample_dpmpp_2m_sde is none of them"),
+    ("sample_euler", {"s_churn": 1.0}, "s_churn=1 raises each step's level"),
+])
+def test_sample_refuses_what_is_no_cfgpp_step(K, setup, name, kw, match):
+    guided = KDiffusionGuided(PP, setup["den"], cond=setup["cond"], uncond=setup["uncond"])
+    with pytest.raises(GuidanceValueError, match=match):
+        guided.sample(getattr(K.sampling, name), setup["x"] * setup["sigmas"][0], setup["sigmas"], **kw)
+    assert guided.calls == []  # refused before the sampler ran
+
+
+def test_sample_refuses_a_call_that_contradicts_the_adapter(K, setup):
+    guided = _guided(setup, sampler="euler_ancestral", eta=1.0)
+    with pytest.raises(GuidanceValueError, match=r"built with sampler='euler_ancestral', eta=1.0.*eta=0.5"):
+        guided.sample(K.sampling.sample_euler_ancestral, setup["x"] * setup["sigmas"][0], setup["sigmas"], eta=0.5)
+    with pytest.raises(GuidanceTypeError, match="sample_euler"):
+        guided.sample(K.sampling.sample_euler, setup["x"], setup["sigmas"], bogus=1)
+
+
 # -- refusals --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", [None, "heun", "dpmpp_sde", "dpm_2"])
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_sde", "dpm_2"])
 def test_other_samplers_are_refused_by_name(setup, sampler):
     with pytest.raises(GuidanceValueError, match=r"sampler='euler' \| 'euler_ancestral' \| 'dpmpp_2m'"):
         _guided(setup, sampler=sampler)
