@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from guidekit.branch import COND, UNCOND
 from guidekit.forward import group_key
 from guidekit.pools import pool_names
+from guidekit.renoise import sampler_term
 from guidekit.split import AutoSplit, FixedSplit, PerBranch, calls_for, planned_chunk, split_label
 from guidekit.text import fmt_number
 
@@ -45,6 +47,23 @@ def decisions(plan: Plan) -> list[str]:
         lines.append(f"  split {group} at {rows // batch}x{batch} rows: {how} ({times})")
     return lines
 
+def renoising(plan: Plan) -> list[str]:
+    """For a CFG++ plan: the branch the sampler re-noises with, and who can step it."""
+    term = sampler_term(plan.expr)
+    if term is None:
+        return []
+    branch = term.renoise
+    named = {UNCOND: "Uncond()", COND: "Cond()"}.get(branch.cond, f"Cond({branch.cond!r})")
+    return [
+        f"  re-noise: with {branch.label} ({named}) -- CFG++ needs the sampler's cooperation: "
+        f"x0 comes from the guided prediction, the step re-noises with {branch.label}; runs "
+        f"under guide(..., sampler=...), KDiffusionGuided.sample(fn, ...) or sampler=, "
+        f"FlowGuided(solver='euler'), diffusers Euler / FlowMatchEuler / DDIM (eta=0) "
+        f"schedulers (classic pipelines); where it is gated off, the "
+        f"sampler's own step"
+    ]
+
+
 def describe(plan: Plan) -> str:
     """``print(plan)``: groups, and per interval of sigma the calls, NFE and combine."""
     lines = [
@@ -77,7 +96,7 @@ def describe(plan: Plan) -> str:
         )
         lines.append(f"  {where}: {calls}; {nfe}; {prog.formula}")
     shared = [f"  tokens {title}: {how} (last step)" for title, how in plan.shared.items()]
-    return "\n".join(lines + decisions(plan) + shared)
+    return "\n".join(lines + renoising(plan) + decisions(plan) + shared)
 
 def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) -> str:
     """Per step (consecutive equal steps merged): branches, rows, calls, NFE, combine."""

@@ -105,6 +105,16 @@ def test_print_and_explain_show_rows_calls_and_formula():
     assert "total: 4 steps, 6 model calls, 20 rows" in explained
 
 
+def test_print_names_the_branch_cfgpp_renoises_with():
+    """CFG++ re-noises inside the sampler's step: print(plan) says with what, and who steps it."""
+    text = str(gk.compile(gk.CFGpp(0.6) + gk.PAG(1)))
+    assert "re-noise: with u (Uncond()) -- CFG++ needs the sampler's cooperation" in text
+    assert "KDiffusionGuided.sample" in text and "FlowGuided(solver='euler')" in text
+    named = str(gk.compile(gk.CFGpp(0.6, negative="neg").between(1, 10)))
+    assert "re-noise: with neg (Cond('neg'))" in named and "gated off" in named
+    assert "re-noise" not in str(gk.compile(CFG(3)))
+
+
 def test_nonlinear_atoms_and_processor_requirements():
     plan = gk.compile(TCFG(3) | Rescale(0.7))
     assert [b.label for b in plan.branches] == ["c", "u"]
