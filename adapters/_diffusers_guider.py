@@ -16,7 +16,9 @@ model (Autoguidance's weak model) run on that model: ``prepare_models`` points t
 denoiser at it for that batch and ``cleanup_models`` undoes it.
 
 The run's state (APG momentum, CADS's step) lives on a :class:`guidekit.run.Run`: each
-pipeline call (step 0) starts a fresh run, and so does a level above the last one.
+pipeline call (step 0) starts a fresh run, and so does a level above the last one. CFG++
+returns the prediction the loop's scheduler steps into a CFG++ step
+(``adapters/_diffusers_guider_renoise.py``).
 """
 
 from __future__ import annotations
@@ -52,11 +54,11 @@ from ._diffusers_guider_attention import (
     refuse_unsupported,
 )
 from ._diffusers_guider_level import needs_x, step_level
+from ._diffusers_guider_renoise import check_window, guider_renoiser
 from ._diffusers_guider_rows import tile_inputs
-from ._diffusers_guider_state import combine_stateful
+from ._diffusers_guider_state import combine
 from ._diffusers_prompts import named_conds
 from ._diffusers_schedule import conventions, schedule_of
-from ._renoise import refuse
 
 LATENT_KEYS = batches_.LATENT_KEYS
 _DDPM_FALLBACK = Noise("vp")
@@ -134,7 +136,10 @@ class GuidekitGuidance(BaseGuidance):
         self._models: dict[str, Callable[..., Any]] = {}
         self._around_call: Any = None
         self._plan = self._compile()
+        check_window(self._plan, start, stop)
         self._run = Run(self._plan, seed=seed, on_rise="restart")
+        self._eta: float | None = None  # DDIM's, as attach(eta=) states it (CFG++)
+        self._renoise: Any = None  # CFG++ stepping, per pipeline call
         self._input_predictions = [batches_.identifier(b) for b in self._plan.branches]
         super().__init__(start, stop, enabled)
         self._sigma: float | None = None
@@ -168,7 +173,6 @@ class GuidekitGuidance(BaseGuidance):
         )
         check_guidance_scale(plan, self._guidance_scale, repr(self._given))
         refuse_unsupported(plan)
-        refuse(plan, "GuidekitGuidance")  # CFG++ re-noises inside the step the guider cannot see
         return plan
 
     @property
@@ -214,6 +218,7 @@ class GuidekitGuidance(BaseGuidance):
         models: Mapping[str, Callable[..., Any]] | None = None,
         around_call: Any = None,
         conds: Mapping[str, Mapping[str, Any]] | None = None,
+        eta: float | None = None,
         **named_models: Callable[..., Any],
     ) -> GuidekitGuidance:
         """Bind run-time objects the config cannot hold; returns the guider.
@@ -224,8 +229,10 @@ class GuidekitGuidance(BaseGuidance):
         the named conditionings the expression reads (``Cond("style")``, ``CFG(7,
         negative="neg")``), each a dict keyed by the loop's guider inputs, e.g.
         ``{"neg": {"encoder_hidden_states": e, "text_embeds": pooled}}`` (inputs the loop
-        passes alike for cond and uncond, such as time ids, may be left out).
+        passes alike for cond and uncond, such as time ids, may be left out). ``eta`` states
+        the loop's DDIM eta, which CFG++ under ``DDIMScheduler`` needs (only 0 is supported).
         """
+        self._eta = self._eta if eta is None else float(eta)
         if conds is not None:
             reads = named_conds(self._plan)
             self._named.update(batches_.check_named(conds, reads, repr(self._expr)))
@@ -260,6 +267,8 @@ class GuidekitGuidance(BaseGuidance):
                 self._run.reset(sigmas=schedule_of(self._scheduler))
             else:
                 self._run.reset()
+            # CFG++: the scheduler's levels of this call (adapters/_diffusers_guider_renoise.py)
+            self._renoise = guider_renoiser(self._plan, self._scheduler, self._eta)
         self._sigma = sigma
 
     def _current_sigma(self) -> float:
@@ -391,11 +400,9 @@ class GuidekitGuidance(BaseGuidance):
                     f"latents)) or name them with latent_key="
                 )
             x = torch.zeros_like(any_pred)
-        sigma = self._current_sigma()
-        if self._forward_state is not None:
-            out = combine_stateful(self._run, x, sigma, preds, self._forward_state)
-        else:
-            out = self._run.step(x, sigma, {}, {}, native=preds, level=sigma)
+        out = combine(
+            self._run, x, self._current_sigma(), preds, self._forward_state, self._renoise
+        )
         return GuiderOutput(pred=out, pred_cond=cond, pred_uncond=uncond)
 
 

@@ -20,15 +20,33 @@ import torch
 
 from guidekit.branch import COND, UNCOND, Branch
 from guidekit.plan import RowLayout
+from guidekit.renoise import Renoiser, renoised
 from guidekit.run import Run
 from guidekit.state import ForwardState
 
 
+def combine(
+    run: Run, x: torch.Tensor, sigma: float, preds: Mapping[Branch, torch.Tensor],
+    observed: ForwardState | None, renoise: Renoiser | None,
+) -> torch.Tensor:
+    """One step's guided prediction from the batches' ``preds``; with CFG++ (``renoise``,
+    see ``adapters/_diffusers_guider_renoise.py``) the one the scheduler's own step turns
+    into the CFG++ step."""
+
+    def step(keep: dict[Branch, torch.Tensor] | None) -> torch.Tensor:
+        if observed is not None:
+            return combine_stateful(run, x, sigma, preds, observed, keep)
+        return run.step(x, sigma, {}, {}, native=preds, level=sigma, keep=keep)
+
+    return renoised(renoise, step, x, sigma, run.plan.prediction)
+
+
 def combine_stateful(
     run: Run, x: torch.Tensor, sigma: float, preds: Mapping[Branch, torch.Tensor],
-    observed: ForwardState,
+    observed: ForwardState, keep: dict[Branch, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``run.step`` at ``(x, sigma)`` replaying ``preds``, with ``observed``'s observations."""
+    """``run.step`` at ``(x, sigma)`` replaying ``preds``, with ``observed``'s observations
+    (``keep``: see ``Plan.step``)."""
     current: list[RowLayout] = []
 
     @contextlib.contextmanager
@@ -52,4 +70,4 @@ def combine_stateful(
     models = {model: replay for model in {b.model for b in preds}}
     # the inputs were laid out by the loop already: the replayed calls need none
     conds: dict[str, dict[str, Any]] = {COND: {}, UNCOND: {}}
-    return run.step(x, sigma, conds, models, around_call=around_call, level=sigma)
+    return run.step(x, sigma, conds, models, around_call=around_call, level=sigma, keep=keep)

@@ -16,7 +16,6 @@ from guidekit.renoise import (
     SAMPLERS,
     SUPPORTED,
     Renoiser,
-    refused,
     renoised,
     renoiser,
     sampler_term,
@@ -65,7 +64,7 @@ def scheduler_renoiser(
     config = getattr(scheduler, "config", {}) or {}
     if eta:
         raise GuidanceValueError(
-            f"{where}: {term!r} with the pipeline call's eta={eta:g}: DDIM's eta adds noise "
+            f"{where}: {term!r} with DDIM's eta={eta:g}: DDIM's eta adds noise "
             f"that guidekit's CFG++ step does not model; sample with eta=0"
         )
     if name not in SCHEDULERS or config.get("stochastic_sampling", False):
@@ -73,21 +72,15 @@ def scheduler_renoiser(
         raise GuidanceValueError(
             f"{where}: {term!r} re-noises inside the scheduler's step, which guidekit expresses "
             f"for {', '.join(SCHEDULERS)} (deterministic); the pipeline runs {name}{extra}. "
-            f"Swap the scheduler (pipe.scheduler = EulerDiscreteScheduler.from_config("
-            f"pipe.scheduler.config), FlowMatchEulerDiscreteScheduler for flow pipelines) or "
-            f"use CFG. Supported: {SUPPORTED}"
+            f"Swap the scheduler (EulerDiscreteScheduler.from_config(scheduler.config), "
+            f"FlowMatchEulerDiscreteScheduler for flow models: pipe.scheduler = ... or, modular, "
+            f"update_components(scheduler=...)) or use CFG. Supported: {SUPPORTED}"
         )
     if name == "DDIMScheduler":
         return renoiser(plan, "euler", _ddim_levels(scheduler, where, term), where)
     return renoiser(plan, "euler", getattr(scheduler, "sigmas", None), where)
 
 
-def refuse(plan: Plan, where: str) -> None:
-    """For a caller that cannot step CFG++ at all: refuse a plan holding it, by name."""
-    if sampler_term(plan.expr) is not None:
-        raise refused(plan.expr, f"{where}: ")
-
-
 __all__ = [
-    "SAMPLERS", "SCHEDULERS", "Renoiser", "refuse", "renoised", "renoiser", "scheduler_renoiser",
+    "SAMPLERS", "SCHEDULERS", "Renoiser", "renoised", "renoiser", "scheduler_renoiser",
 ]

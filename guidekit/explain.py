@@ -59,7 +59,7 @@ def renoising(plan: Plan) -> list[str]:
         f"x0 comes from the guided prediction, the step re-noises with {branch.label}; runs "
         f"under guide(..., sampler=...), KDiffusionGuided.sample(fn, ...) or sampler=, "
         f"FlowGuided(solver='euler'), diffusers Euler / FlowMatchEuler / DDIM (eta=0) "
-        f"schedulers (classic pipelines); where it is gated off, the "
+        f"schedulers (classic pipelines and GuidekitGuidance); where it is gated off, the "
         f"sampler's own step"
     ]
 

@@ -12,8 +12,8 @@ optionally gated and piped. The directions (PAG, SEG, SLG, ``w (Cond('a') - Cond
 
 ``Plan.step`` evaluates such a plan only for a caller that takes the re-noising branch
 (``keep=``): a :class:`Renoiser` (``guide(..., sampler="euler")`` and the sampler adapters).
-Every other caller -- ``guide()`` without ``sampler=``, a bare ``plan.step``, the modular
-diffusers guider -- gets an error naming what is supported.
+Every other caller -- ``guide()`` without ``sampler=``, a bare ``plan.step`` -- gets an
+error naming what is supported.
 
 How a :class:`Renoiser` makes an unmodified sampler take CFG++ steps: it hands the
 sampler a prediction ``D'`` such that the sampler's ordinary step from ``(x, sigma)`` equals the CFG++ step of
@@ -24,7 +24,8 @@ of the two levels' noise-to-signal ratios; ``sigma_next / sigma`` in the VE conv
 
 * ``"euler"`` -- k-diffusion's ``sample_euler``, flow Euler (``x + (sigma_next - sigma) v``),
   diffusers' ``EulerDiscreteScheduler`` / ``FlowMatchEulerDiscreteScheduler`` /
-  ``DDIMScheduler`` (``eta = 0``: an Euler step in ``x / sqrt(abar)``). The sampler
+  ``DDIMScheduler`` (``eta = 0``: an Euler step in ``x / sqrt(abar)``), in classic pipelines
+  and under the modular guider. The sampler
   steps ``x_next = rho' x + ...`` onto ``a_next D' + b_next (x - a D') / b``; CFG++ wants
   ``a_next G + b_next (x - a U) / b``, so ``D' = (G - rho U) / (1 - rho)`` --
   ``U + (G - U) / (1 - rho)``: CFG with ``w = lam sigma / (sigma - sigma_next)`` (VE).
@@ -65,11 +66,13 @@ if TYPE_CHECKING:
 #: where CFG++ runs (the error messages list it)
 SUPPORTED = (
     "guide(plan, ..., sigmas=sigmas, sampler='euler') for a loop of Euler steps; "
-    "k-diffusion: KDiffusionGuided(..., sigmas=sigmas, sampler='euler' | 'euler_ancestral' | "
-    "'dpmpp_2m') with sample_euler (s_churn=0), sample_euler_ancestral or sample_dpmpp_2m; "
+    "k-diffusion: KDiffusionGuided(...).sample(fn, x, sigmas, ...) or KDiffusionGuided(..., "
+    "sigmas=sigmas, sampler='euler' | 'euler_ancestral' (with eta=) | 'dpmpp_2m') with "
+    "sample_euler (s_churn=0), sample_euler_ancestral or sample_dpmpp_2m; "
     "flow_matching: FlowGuided(..., time_grid=grid, solver='euler') with ODESolver "
     "method='euler'; diffusers: guided(pipe, ...) with EulerDiscreteScheduler, "
-    "FlowMatchEulerDiscreteScheduler or DDIMScheduler (eta=0)"
+    "FlowMatchEulerDiscreteScheduler or DDIMScheduler (eta=0), and the modular guider "
+    "GuidekitGuidance(...).attach(scheduler=...) under the same (DDIM: attach(eta=0))"
 )
 
 

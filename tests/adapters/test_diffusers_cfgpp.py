@@ -5,8 +5,7 @@ Tiny real Stable Diffusion (``EulerDiscreteScheduler``, ``DDIMScheduler``) and S
 the scheduler's own sigmas and timesteps and takes the paper's step -- the denoised estimate
 from ``u + lam (c - u)``, re-noised with the unconditional noise -- without guidekit; inside
 ``guided(pipe, CFGpp(lam))`` the pipeline's unmodified scheduler must land on the same
-latents. Schedulers whose step guidekit cannot make a CFG++ step, and the modular guider,
-refuse it by name.
+latents. Schedulers whose step guidekit cannot make a CFG++ step refuse it by name.
 """
 
 from __future__ import annotations
@@ -150,5 +149,9 @@ def test_other_schedulers_and_the_modular_guider_refuse() -> None:
     ):
         pipe(PROMPTS, **kwargs)
     assert "forward" not in vars(pipe.unet)  # the pipeline is as before after the error
-    with pytest.raises(GuidanceValueError, match="GuidekitGuidance: CFGpp.*needs the sampler's cooperation"):
-        GuidekitGuidance(CFGpp(LAM))
+    # the modular guider steps it too (tests/adapters/test_diffusers_modular_cfgpp.py), under
+    # the same schedulers
+    guider = GuidekitGuidance(CFGpp(LAM)).attach(scheduler=pipe.scheduler)
+    pipe.scheduler.set_timesteps(2)
+    with pytest.raises(GuidanceValueError, match="GuidekitGuidance: CFGpp.*runs DPMSolverMultistepScheduler"):
+        guider.set_state(0, 2, pipe.scheduler.timesteps[0])
