@@ -27,6 +27,7 @@ from _diffusers_helpers import (  # noqa: E402
     W,
     forwards,
 )
+from _modular_sd3 import sd3_modular  # noqa: E402
 
 # the shared fixtures: pytest finds them by name in this module
 _quiet_single_thread, pipes, weak_models = (
@@ -81,15 +82,7 @@ def test_guider_config_round_trips_and_needs_a_scheduler_for_sigma(tmp_path: Pat
         guider.set_state(step=0, num_inference_steps=3, timestep=torch.tensor(999))
 
 
-def _modular_sd3(pipe: Any, guider: Any) -> Any:
-    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
-        StableDiffusion3T2ICoreDenoiseStep,
-    )
-
-    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
-    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
-    modular.set_progress_bar_config(disable=True)
-    return modular
+_modular_sd3 = sd3_modular
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
+from _modular_sd3 import sd3_modular, sd3_setup  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (a fixture)
 
 F64, STEPS, LAM = torch.float64, 3, 0.6
@@ -34,30 +35,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def sd3() -> tuple[Any, dict[str, Any]]:
-    pipe = tiny.sd3_pipeline().to(F64)
-    with torch.no_grad():
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=["a cat", "a dog"], prompt_2=None, prompt_3=None, negative_prompt=["", ""],
-            do_classifier_free_guidance=True, max_sequence_length=16,
-        )
-    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
-    inputs = {
-        "prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
-        "negative_pooled_prompt_embeds": nppe, "latents": lat, "num_inference_steps": STEPS,
-        "height": 16, "width": 16,
-    }
-    return pipe, inputs
+    return sd3_setup()
 
 
 def _sd3(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
-        StableDiffusion3T2ICoreDenoiseStep,
-    )
-
-    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
-    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
-    modular.set_progress_bar_config(disable=True)
-    out: torch.Tensor = modular(output="latents", **inputs)
+    out: torch.Tensor = sd3_modular(pipe, guider)(output="latents", **inputs)
     return out
 
 
