@@ -172,6 +172,24 @@ def test_a_hand_written_euler_loop_through_guide(setup):
         torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, 0.0, None), rtol=1e-10, atol=1e-10)
 
 
+def test_a_hand_written_ancestral_loop_through_guide(setup):
+    """guide(..., sampler="euler_ancestral", eta=0.5): the loop's own ancestral step."""
+    plan = gk.compile(CFGpp(LAM), prediction="x0", noise="ve")
+    eta = 0.5
+    guided = gk.guide(
+        plan, setup["den"], cond={"cond": setup["cond"]}, uncond={"cond": setup["uncond"]},
+        sigmas=setup["sigmas"], sampler="euler_ancestral", eta=eta,
+    )
+    g = torch.Generator().manual_seed(7)
+    noises = [torch.randn(setup["x"].shape, generator=g, dtype=torch.float64) for _ in range(5)]
+    x, sigmas = setup["x"] * setup["sigmas"][0], setup["sigmas"].tolist()
+    for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        up = min(sn, eta * math.sqrt(sn**2 * (s**2 - sn**2) / s**2)) if sn else 0.0
+        down = math.sqrt(sn**2 - up**2)
+        x = x + (down - s) * (x - guided(x, s)) / s + up * noises[i]
+    torch.testing.assert_close(x, oracle_euler_ancestral(setup, LAM, eta, noises), rtol=1e-10, atol=1e-10)
+
+
 def test_gated_and_named_negative(K, setup):
     """Outside .between the step is the sampler's own on c; negative= re-noises with neg."""
     neg = torch.randn(helpers.B, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
