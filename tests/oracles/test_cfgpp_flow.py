@@ -93,3 +93,16 @@ def test_a_midpoint_solver_is_caught(data):
     solver = fm.ODESolver(velocity_model=guided)
     with pytest.raises(GuidanceValueError, match="not a step of the schedule"):
         solver.sample(x_init=data["noise"], step_size=None, method="midpoint", time_grid=data["grid"])
+
+
+def test_a_solver_grid_other_than_the_adapters_is_caught(data):
+    """FlowGuided has no hidden solver setting: the solver's own step grid (step_size=) is
+    read from the solver and compared with the adapter's, and a mismatch is refused."""
+    fm = importlib.import_module("flow_matching.solver")
+    guided = FlowGuided(
+        CFGpp(LAM), data["net"], cond=data["cond"], uncond=data["uncond"],
+        time_grid=data["grid"], solver="euler",
+    )
+    solver = fm.ODESolver(velocity_model=guided)
+    with pytest.raises(GuidanceValueError, match="solver steps on 17 points"):
+        solver.sample(x_init=data["noise"], step_size=1 / 16, method="euler", time_grid=data["grid"])
