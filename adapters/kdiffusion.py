@@ -29,6 +29,11 @@ model twice per step (see :mod:`guidekit.state`). ``sample_dpm_fast`` and
 a new, lower noise level is a step; when ``dpm_adaptive`` rejects a trial step and evaluates
 again at its start, the state returns to what it was before that level was first evaluated
 (the rejected trial's evaluations are forgotten).
+
+Sampling: ``sample_euler(guided, x, sigmas)`` as with any denoiser, or
+``guided.sample(sample_euler, x, sigmas, ...)``, a new run on the call's ``sigmas`` that for
+``CFGpp`` (CFG++) reads the sampler and its ``eta`` from the call itself
+(``adapters/_kdiffusion_sample.py``).
 """
 
 from __future__ import annotations
