@@ -120,6 +120,8 @@ def guided(
             (with the call's arguments), one string for every sample or a list with one per
             prompt of the call. Class-label pipelines (DiT) take class labels (ints or label
             names). The pipeline's ``prompt`` stays ``cond``, its ``negative_prompt`` ``uncond``.
+            ICG's pool is a list of ``P`` candidates, ``{"icg": ["a cat", "a dog", ...]}``,
+            one drawn per sample per step (DiT: class labels, by default every real label).
 
     Yields:
         A :class:`GuidedPipeline` with the plan and a record of the model calls.
