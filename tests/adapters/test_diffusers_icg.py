@@ -108,6 +108,23 @@ def test_text_pool_equals_a_separate_pass_oracle_in_one_call_per_step(
 
 
 @torch.no_grad()
+def test_a_pool_of_another_token_length_runs_as_a_separate_call(pipes: Any) -> None:
+    """The call's embeddings were made with 16 T5 tokens, the pool is encoded at the call's
+    default (256): the token rule of named prompts, two calls per step, still the oracle."""
+    pipe = pipes("sd3")
+    setup = setup_for("sd3", pipe)
+    with guided(pipe, ICG(W), prompts={"icg": POOL}, seed=SEED) as run:
+        out = sample(pipe, **_no_cfg(setup))
+    assert [c.branches for c in run.calls] == [("c",), ("icg",)] * STEPS
+    assert all("separate call" in c.tokens for c in run.calls)
+    pe, _, ppe, _ = pipe.encode_prompt(
+        prompt=POOL, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False
+    )
+    ref = _oracle(setup, {"encoder_hidden_states": pe, "pooled_projections": ppe}, W, SEED)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
 def test_a_pool_from_prompt_text_and_images_per_prompt(pipes: Any) -> None:
     """The pool does not follow the call's batch: P candidates for B = 4 samples."""
     pipe = pipes("sd")
