@@ -293,6 +293,61 @@ def setup_for(kind: str, pipe: Any) -> Setup:
                  lambda i, t: float(t) / 1000.0, scheduler, "flow", "flow")
 
 
+def text_inputs(kind: str, pipe: Any, texts: list[str], length: int = 16) -> dict[str, torch.Tensor]:
+    """The denoiser inputs of ``texts`` (one row each), encoded as the pipeline does, without
+    CFG; ``length``: the T5 tokens of PixArt and SD3 (``max_sequence_length``)."""
+    if kind == "sd":
+        pe, _ = pipe.encode_prompt(texts, "cpu", 1, False)
+        return {"encoder_hidden_states": pe}
+    if kind == "pixart":
+        pe, pm, _, _ = pipe.encode_prompt(texts, False, device="cpu", max_sequence_length=length)
+        return {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
+    pe, _, ppe, _ = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+        max_sequence_length=length,
+    )
+    return {"encoder_hidden_states": pe, "pooled_projections": ppe}
+
+
+# -- the modular SD3 denoise step (tests of the guider=) ------------------------------------------
+
+
+@torch.no_grad()
+def modular_sd3_case(texts: list[str]) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """A tiny SD3 pipeline (float64), the inputs of its modular denoise step (two prompts,
+    fixed latents, three steps) and the guider inputs of ``texts`` (``encoder_hidden_states``,
+    ``text_embeds``), encoded by the pipeline."""
+    pipe = tiny.sd3_pipeline().to(F64)
+    pe, npe, ppe, nppe = pipe.encode_prompt(
+        prompt=["a cat", "a dog"], prompt_2=None, prompt_3=None, negative_prompt=["", ""],
+        do_classifier_free_guidance=True, max_sequence_length=16,
+    )
+    other, _, pooled, _ = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+        max_sequence_length=16,
+    )
+    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
+    inputs = {
+        "prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+        "negative_pooled_prompt_embeds": nppe, "latents": lat, "num_inference_steps": STEPS,
+        "height": 16, "width": 16,
+    }
+    return pipe, inputs, {"encoder_hidden_states": other, "text_embeds": pooled}
+
+
+def modular_sd3(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """The latents of a modular SD3 denoise step on ``pipe``'s components with ``guider``."""
+    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
+        StableDiffusion3T2ICoreDenoiseStep,
+    )
+
+    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
+    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
+    modular.set_progress_bar_config(disable=True)
+    out: torch.Tensor = modular(output="latents", **inputs)
+    return out
+
+
 def attention_state(module: torch.nn.Module) -> dict[str, Any]:
     """Every attention processor, instance ``forward`` and hook of ``module``, by identity:
     equal snapshots mean the attention engine left nothing behind."""

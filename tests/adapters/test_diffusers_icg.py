@@ -34,6 +34,7 @@ from _diffusers_helpers import (  # noqa: E402
     forwards,
     sample,
     setup_for,
+    text_inputs,
 )
 
 from guidekit.adapters._diffusers_pools import pooled_rows  # noqa: E402
@@ -43,21 +44,6 @@ _quiet_single_thread, pipes = helpers._quiet_single_thread, helpers.pipes
 # encode alike and make the draws invisible
 POOL = ["a cat", "a big dog", "a tall green tree", "a red house by the sea", "birds"]
 W, SEED = 3.0, 5
-
-
-def _pool_inputs(kind: str, pipe: Any) -> dict[str, torch.Tensor]:
-    """The pool's ``P`` candidate rows of each denoiser input, encoded here."""
-    if kind == "sd":
-        pe, _ = pipe.encode_prompt(POOL, "cpu", 1, False)
-        return {"encoder_hidden_states": pe}
-    if kind == "pixart":
-        pe, pm, _, _ = pipe.encode_prompt(POOL, False, device="cpu", max_sequence_length=16)
-        return {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
-    pe, _, ppe, _ = pipe.encode_prompt(
-        prompt=POOL, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-        max_sequence_length=16,
-    )
-    return {"encoder_hidden_states": pe, "pooled_projections": ppe}
 
 
 def _oracle(setup: Setup, pool: dict[str, torch.Tensor], w: float, seed: int) -> torch.Tensor:
@@ -95,14 +81,14 @@ def test_text_pool_equals_a_separate_pass_oracle_in_one_call_per_step(
         pipe, ICG(W), prompts={"icg": POOL}, seed=SEED
     ) as run:
         out = sample(pipe, **_no_cfg(setup), **length)
-    ref = _oracle(setup, _pool_inputs(kind, pipe), W, SEED)
+    ref = _oracle(setup, text_inputs(kind, pipe, POOL), W, SEED)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert [(c.rows, c.branches) for c in run.calls] == [(4, ("c", "icg"))] * STEPS
     assert log == [("main", 4)] * STEPS
     # another seed draws other candidates: not the same sample
     with guided(pipe, ICG(W), prompts={"icg": POOL}, seed=SEED + 1):
         other = sample(pipe, **_no_cfg(setup), **length)
-    ref = _oracle(setup_for(kind, pipe), _pool_inputs(kind, pipe), W, SEED + 1)
+    ref = _oracle(setup_for(kind, pipe), text_inputs(kind, pipe, POOL), W, SEED + 1)
     torch.testing.assert_close(other, ref, rtol=0, atol=1e-5)
     assert (other - out).abs().max() > 1e-4
 
@@ -117,10 +103,7 @@ def test_a_pool_of_another_token_length_runs_as_a_separate_call(pipes: Any) -> N
         out = sample(pipe, **_no_cfg(setup))
     assert [c.branches for c in run.calls] == [("c",), ("icg",)] * STEPS
     assert all("separate call" in c.tokens for c in run.calls)
-    pe, _, ppe, _ = pipe.encode_prompt(
-        prompt=POOL, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False
-    )
-    ref = _oracle(setup, {"encoder_hidden_states": pe, "pooled_projections": ppe}, W, SEED)
+    ref = _oracle(setup, text_inputs("sd3", pipe, POOL, length=256), W, SEED)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

@@ -23,46 +23,17 @@ from guidekit.adapters.diffusers import GuidekitGuidance, guided
 from guidekit.pools import pool_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_diffusers as tiny  # noqa: E402
+from _diffusers_helpers import STEPS, forwards, modular_sd3, modular_sd3_case  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (a fixture)
 
-F64 = torch.float64
 POOL = ["a cat", "a big dog", "a tall green tree", "a red house by the sea", "birds"]
-W, SEED, STEPS = 3.0, 5, 3
+W, SEED = 3.0, 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def sd3() -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
-    pipe = tiny.sd3_pipeline().to(F64)
-    with torch.no_grad():
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=["a cat", "a dog"], prompt_2=None, prompt_3=None, negative_prompt=["", ""],
-            do_classifier_free_guidance=True, max_sequence_length=16,
-        )
-        pool, _, pooled, _ = pipe.encode_prompt(
-            prompt=POOL, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=16,
-        )
-    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
-    inputs = {
-        "prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
-        "negative_pooled_prompt_embeds": nppe, "latents": lat, "num_inference_steps": STEPS,
-        "height": 16, "width": 16,
-    }
-    return pipe, inputs, {"encoder_hidden_states": pool, "text_embeds": pooled}
-
-
-def _modular(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
-        StableDiffusion3T2ICoreDenoiseStep,
-    )
-
-    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
-    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
-    modular.set_progress_bar_config(disable=True)
-    out: torch.Tensor = modular(output="latents", **inputs)
-    return out
+    return modular_sd3_case(POOL)
 
 
 def _oracle(pipe: Any, inputs: dict[str, Any], pool: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,16 +66,10 @@ def test_a_pool_equals_a_separate_pass_oracle_and_the_classic_adapter(
     guider = GuidekitGuidance(ICG(W), seed=SEED, batched=batched).attach(
         scheduler=pipe.scheduler, conds={"icg": pool}
     )
-    rows: list[int] = []
-    handle = pipe.transformer.pos_embed.register_forward_pre_hook(
-        lambda m, a: rows.append(int(a[0].shape[0]))
-    )
-    try:
-        out = _modular(pipe, guider, inputs)
-    finally:
-        handle.remove()
+    with forwards("sd3", main=pipe.transformer) as log:
+        out = modular_sd3(pipe, guider, inputs)
     torch.testing.assert_close(out, _oracle(pipe, inputs, pool), rtol=0, atol=1e-10)
-    assert rows == ([4] * STEPS if batched else [2, 2] * STEPS)
+    assert [rows for _, rows in log] == ([4] * STEPS if batched else [2, 2] * STEPS)
     assert guider._input_predictions == ["pred_cond", "pred_icg"]
     # the classic adapter, the pool given as prompts, draws the same candidates
     with guided(pipe, ICG(W), prompts={"icg": POOL}, seed=SEED):
@@ -112,7 +77,7 @@ def test_a_pool_equals_a_separate_pass_oracle_and_the_classic_adapter(
                        **inputs).images
     torch.testing.assert_close(out, classic, rtol=0, atol=1e-10)
     # the same guider again: a new run, the same draws
-    torch.testing.assert_close(_modular(pipe, guider, inputs), out, rtol=0, atol=0)
+    torch.testing.assert_close(modular_sd3(pipe, guider, inputs), out, rtol=0, atol=0)
 
 
 @torch.no_grad()
@@ -120,7 +85,7 @@ def test_a_missing_or_malformed_pool_is_refused_by_name(sd3: Any) -> None:
     pipe, inputs, pool = sd3
     guider = GuidekitGuidance(ICG(W)).attach(scheduler=pipe.scheduler)
     with pytest.raises(GuidanceValueError, match=r"draws 'icg' from a pool.*attach\(conds=\{'icg'.*P candidates stacked"):
-        _modular(pipe, guider, inputs)
+        modular_sd3(pipe, guider, inputs)
     with pytest.raises(GuidanceValueError, match=r"'icg' has tensors of different leading sizes"):
         guider.attach(conds={"icg": {**pool, "text_embeds": pool["text_embeds"][:2]}})
     with pytest.raises(GuidanceValueError, match=r"'icg' holds no tensor with a leading axis"):
@@ -137,10 +102,10 @@ def test_cads_anneals_the_drawn_rows_as_in_the_classic_adapter(sd3: Any) -> None
     pipe, inputs, pool = sd3
     expr = ICG(W) | CADS(tau1=0.2, tau2=0.9, noise_scale=0.5)
     guider = GuidekitGuidance(expr, seed=SEED).attach(scheduler=pipe.scheduler, conds={"icg": pool})
-    out = _modular(pipe, guider, inputs)
+    out = modular_sd3(pipe, guider, inputs)
     with guided(pipe, expr, prompts={"icg": POOL}, seed=SEED):
         classic = pipe(guidance_scale=1, output_type="latent", max_sequence_length=16,
                        **inputs).images
     torch.testing.assert_close(out, classic, rtol=0, atol=1e-10)
     plain = GuidekitGuidance(ICG(W), seed=SEED).attach(scheduler=pipe.scheduler, conds={"icg": pool})
-    assert (out - _modular(pipe, plain, inputs)).abs().max() > 1e-6
+    assert (out - modular_sd3(pipe, plain, inputs)).abs().max() > 1e-6

@@ -21,45 +21,16 @@ from guidekit import CFG, Cond, GuidanceTypeError, GuidanceValueError, Uncond
 from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_diffusers as tiny  # noqa: E402
+from _diffusers_helpers import modular_sd3, modular_sd3_case  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (a fixture)
 
-F64 = torch.float64
 NEG = "blurry, dark"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def sd3() -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
-    pipe = tiny.sd3_pipeline().to(F64)
-    with torch.no_grad():
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=["a cat", "a dog"], prompt_2=None, prompt_3=None, negative_prompt=["", ""],
-            do_classifier_free_guidance=True, max_sequence_length=16,
-        )
-        neg, _, pooled, _ = pipe.encode_prompt(
-            prompt=[NEG, NEG], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=16,
-        )
-    lat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
-    inputs = {
-        "prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
-        "negative_pooled_prompt_embeds": nppe, "latents": lat, "num_inference_steps": 3,
-        "height": 16, "width": 16,
-    }
-    return pipe, inputs, {"encoder_hidden_states": neg, "text_embeds": pooled}
-
-
-def _modular(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    from diffusers.modular_pipelines.stable_diffusion_3.modular_blocks_stable_diffusion_3 import (
-        StableDiffusion3T2ICoreDenoiseStep,
-    )
-
-    modular = StableDiffusion3T2ICoreDenoiseStep().init_pipeline()
-    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
-    modular.set_progress_bar_config(disable=True)
-    out: torch.Tensor = modular(output="latents", **inputs)
-    return out
+    return modular_sd3_case([NEG, NEG])
 
 
 def _rows(pipe: Any) -> tuple[list[int], Any]:
@@ -77,13 +48,13 @@ def test_a_named_negative_equals_the_pipelines_negative_embeddings(sd3: Any, bat
     as_negative = {**inputs, "negative_prompt_embeds": neg["encoder_hidden_states"],
                    "negative_pooled_prompt_embeds": neg["text_embeds"]}
     plain = GuidekitGuidance(CFG(7), batched=batched).attach(scheduler=pipe.scheduler)
-    ref = _modular(pipe, plain, as_negative)
+    ref = modular_sd3(pipe, plain, as_negative)
     guider = GuidekitGuidance(CFG(7, negative="neg"), batched=batched).attach(
         scheduler=pipe.scheduler, conds={"neg": neg}
     )
     rows, handle = _rows(pipe)
     try:
-        out = _modular(pipe, guider, inputs)
+        out = modular_sd3(pipe, guider, inputs)
     finally:
         handle.remove()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
@@ -103,12 +74,12 @@ def test_three_conditionings_equal_the_classic_adapter_with_prompts(sd3: Any, ba
     )
     rows, handle = _rows(pipe)
     try:
-        out = _modular(pipe, guider, inputs)
+        out = modular_sd3(pipe, guider, inputs)
     finally:
         handle.remove()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     assert rows == ([6] * 3 if batched else [2, 2, 2] * 3)
-    assert (out - _modular(pipe, GuidekitGuidance(CFG(7)).attach(scheduler=pipe.scheduler), inputs)).abs().max() > 1e-4
+    assert (out - modular_sd3(pipe, GuidekitGuidance(CFG(7)).attach(scheduler=pipe.scheduler), inputs)).abs().max() > 1e-4
 
 
 @torch.no_grad()
@@ -127,7 +98,7 @@ def test_named_conditionings_the_guider_cannot_build_are_refused(sd3: Any) -> No
         if conds is not None:
             guider.attach(conds=conds)
         with pytest.raises(error, match=match):
-            _modular(pipe, guider, inputs)
+            modular_sd3(pipe, guider, inputs)
     guider = GuidekitGuidance(expr)
     with pytest.raises(GuidanceValueError, match=r"does not read 'style'"):
         guider.attach(conds={"style": neg})
