@@ -48,7 +48,7 @@ def default_pools(plan: Plan, classes: int | None) -> dict[str, list[int]]:
 
 def check_pool_value(name: str, value: Any, labels: bool) -> None:
     """A pool is a non-empty list: ``P`` prompts, or ``P`` class labels."""
-    if not isinstance(value, (list, tuple, range)) or not len(value):
+    if not isinstance(value, (list, tuple)) or not value:
         raise GuidanceTypeError(
             f"guided(prompts={{{name!r}: ...}}) is ICG's pool: a non-empty list of the real "
             f"conditions to draw from, e.g. {example(name, labels)}, got {value!r:.60}"

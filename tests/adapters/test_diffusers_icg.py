@@ -181,6 +181,7 @@ def test_pools_that_cannot_be_honoured_are_refused_by_name(pipes: Any) -> None:
         (pipe, ICG(W), {"icg": "a cat"}, GuidanceTypeError, r"is ICG's pool: a non-empty list"),
         (pipe, ICG(W), {"icg": []}, GuidanceTypeError, r"is ICG's pool: a non-empty list"),
         (pipe, ICG(W), {"icg": ["a cat", 3]}, GuidanceTypeError, r"takes a prompt \(str\)"),
+        (dit, ICG(W), {"icg": range(3)}, GuidanceTypeError, r"is ICG's pool: a non-empty list"),
         (dit, ICG(W), {"icg": [0, 1000]}, GuidanceValueError,
          r"holds real class labels 0\.\.999, got \[1000\]"),
         (dit, ICG(W), {"icg": ["zebra"]}, GuidanceValueError, r"prompts=\{'icg'"),
