@@ -57,6 +57,7 @@ from ._diffusers_guider_level import needs_x, step_level
 from ._diffusers_guider_renoise import check_window, guider_renoiser
 from ._diffusers_guider_rows import tile_inputs
 from ._diffusers_guider_state import combine
+from ._diffusers_pools import plan_pools
 from ._diffusers_prompts import named_conds
 from ._diffusers_schedule import conventions, schedule_of
 
@@ -234,8 +235,8 @@ class GuidekitGuidance(BaseGuidance):
         """
         self._eta = self._eta if eta is None else float(eta)
         if conds is not None:
-            reads = named_conds(self._plan)
-            self._named.update(batches_.check_named(conds, reads, repr(self._expr)))
+            reads, pools = named_conds(self._plan), plan_pools(self._plan)
+            self._named.update(batches_.check_named(conds, reads, repr(self._expr), pools))
         if scheduler is not None:
             self._scheduler = scheduler
             self._plan = self._compile()
@@ -316,7 +317,7 @@ class GuidekitGuidance(BaseGuidance):
         latent_key = self._latent_key or next((k for k in LATENT_KEYS if k in keys), None)
         self._x = get(latent_key, 0) if latent_key is not None else None
         self._conds = batches_.read_conds(
-            repr(self._expr), groups, get, keys, latent_key, self._named
+            repr(self._expr), groups, get, keys, latent_key, self._named, plan_pools(self._plan)
         )
         self._batches = batches_.units(groups, self._batched)
         self._forward_state = None
@@ -331,16 +332,16 @@ class GuidekitGuidance(BaseGuidance):
         )
 
     def _modified(self, conds: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
-        """The conditionings after the plan's input modifiers (CADS), as ``Plan.step`` does."""
-        if not self._plan.modifiers or not self._active():
+        """The conditionings with ICG's pools drawn and the plan's input modifiers (CADS)
+        applied, as ``Plan.step`` does."""
+        pools = plan_pools(self._plan)
+        if not (self._plan.modifiers or pools) or not self._active():
             return conds
-        batch = self._batch_size()
-        tensors = batches_.batch_tensors(conds, batch)
-        x = self._x if self._x is not None else torch.zeros(batch)
         # CADS() anneals the token embeddings, not pooled ones (as with guided(...))
         plan = cads_for_guider(self._plan, {k for d in conds.values() for k in d})
-        modified = plan.modify(self._run.state, x, self._current_sigma(), tensors)
-        return {c: {**conds[c], **modified[c]} for c in conds}
+        return batches_.model_conds(
+            plan, self._run.state, self._x, self._current_sigma(), conds, pools
+        )
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         super().prepare_models(denoiser)
@@ -382,7 +383,7 @@ class GuidekitGuidance(BaseGuidance):
             self._undo.pop()()
 
     def _batch_size(self) -> int:
-        return batches_.batch_size(self._conds, self._x)
+        return batches_.batch_size(self._conds, self._x, plan_pools(self._plan))
 
     def __call__(self, data: list[Any]) -> GuiderOutput:
         preds = batches_.predictions(self._batches, data)

@@ -16,9 +16,12 @@ import torch
 
 from guidekit import GuidanceTypeError, GuidanceValueError
 from guidekit.branch import COND, MAIN, UNCOND, Branch
-from guidekit.plan import ForwardGroup
+from guidekit.plan import ForwardGroup, Plan
+from guidekit.pools import pool_size
+from guidekit.state import State
 
 from ._diffusers_guider_rows import concat_values
+from ._diffusers_pools import pooled_rows
 
 LATENT_KEYS = ("hidden_states", "latents", "sample", "x")
 
@@ -43,13 +46,21 @@ def pick(value: Any, index: int) -> Any:
 
 def read_conds(
     text: str, groups: Sequence[ForwardGroup], get: Getter, keys: Sequence[str], skip: str | None,
-    named: Mapping[str, Mapping[str, Any]] | None = None,
+    named: Mapping[str, Mapping[str, Any]] | None = None, pools: Sequence[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """guidekit's conditionings the step needs: ``cond`` / ``uncond`` from each input's pair,
-    the named ones from ``named`` (``guider.attach(conds=...)``)."""
+    the named ones from ``named`` (``guider.attach(conds=...)``); ``pools`` are ICG's, given
+    as ``P`` stacked candidates."""
     needed = {b.cond for g in groups for b in g.branches}
     named = named or {}
     missing = sorted(needed - {COND, UNCOND} - named.keys())
+    if missing and missing[0] in pools:
+        raise GuidanceValueError(
+            f"{text} draws {missing[0]!r} from a pool of real conditions: give ICG's pool "
+            f"with guider.attach(conds={{{missing[0]!r}: {{input: tensor, ...}}}}), each "
+            f"tensor the P candidates stacked along the first axis, keyed by the loop's guider "
+            f"inputs ({', '.join(k for k in keys if k != skip)})"
+        )
     if missing:
         raise GuidanceValueError(
             f"{text} uses conditioning(s) {missing}; a diffusers guider receives only (cond, "
@@ -67,13 +78,17 @@ def read_conds(
             f"negative prompt or negative embeddings)"
         )
     for name in sorted(needed - {COND, UNCOND}):
-        conds[name] = _named(name, named[name], get, [k for k in keys if k != skip])
+        size = pool_size(name, named[name]) if name in pools else None
+        conds[name] = _named(name, named[name], get, [k for k in keys if k != skip], size)
     return conds
 
 
-def _named(name: str, given: Mapping[str, Any], get: Getter, keys: Sequence[str]) -> dict[str, Any]:
+def _named(
+    name: str, given: Mapping[str, Any], get: Getter, keys: Sequence[str], size: int | None
+) -> dict[str, Any]:
     """One named conditioning's inputs: the given ones, and the inputs the loop passes alike
-    for ``cond`` and ``uncond`` (the time ids, say); any other is refused by name."""
+    for ``cond`` and ``uncond`` (the time ids, say), ``size`` times for a pool of ``size``
+    candidates; any other is refused by name."""
     unknown = sorted(given.keys() - set(keys))
     if unknown:
         raise GuidanceValueError(
@@ -92,6 +107,8 @@ def _named(name: str, given: Mapping[str, Any], get: Getter, keys: Sequence[str]
                 f"differs between the pipeline's conditional and unconditional inputs: give "
                 f"{name!r} its own {key!r}"
             )
+        if size is not None and isinstance(c, torch.Tensor):
+            c = pooled_rows(name, key, c, size)
         out[key] = c
     return out
 
@@ -110,9 +127,11 @@ def _alike(a: Any, b: Any) -> bool:
         return False
 
 
-def check_named(conds: Any, reads: set[str], text: str) -> dict[str, dict[str, Any]]:
+def check_named(
+    conds: Any, reads: set[str], text: str, pools: Sequence[str] = ()
+) -> dict[str, dict[str, Any]]:
     """``guider.attach(conds=...)``: named conditionings, each a dict of guider inputs, each
-    one that the expression ``text`` ``reads``."""
+    one that the expression ``text`` ``reads``; a pool's tensors lead with its candidates."""
     if not isinstance(conds, Mapping) or not all(
         isinstance(k, str) and isinstance(v, Mapping) and all(isinstance(i, str) for i in v)
         for k, v in conds.items()
@@ -133,6 +152,8 @@ def check_named(conds: Any, reads: set[str], text: str) -> dict[str, dict[str, A
                 f"reads {', '.join(map(repr, sorted(reads))) or 'none'}): write Cond({name!r}) "
                 f"or CFG(w, negative={name!r}) in the expression"
             )
+        if name in pools:
+            pool_size(name, conds[name])
     return {k: dict(v) for k, v in conds.items()}
 
 
@@ -178,9 +199,29 @@ def batch_tensors(conds: Mapping[str, Mapping[str, Any]], batch: int) -> dict[st
     }
 
 
-def batch_size(conds: Mapping[str, Mapping[str, Any]], x: torch.Tensor | None) -> int:
-    """The loop's batch ``B``: the leading size of the first conditioning tensor (or ``x``)."""
-    for d in conds.values():
+def model_conds(
+    plan: Plan, state: State, x: torch.Tensor | None, sigma: float,
+    conds: dict[str, dict[str, Any]], pools: Sequence[str],
+) -> Mapping[str, Mapping[str, Any]]:
+    """The conditionings as the model sees them, as ``Plan.step`` makes them: each pool's
+    rows drawn for this step (:mod:`guidekit.pools`), then the plan's input modifiers."""
+    batch = batch_size(conds, x, pools)
+    tensors = batch_tensors({c: d for c, d in conds.items() if c not in pools}, batch)
+    for c in pools:
+        if c in conds:  # P candidates: the plan draws B rows of them
+            tensors[c] = {k: v for k, v in conds[c].items() if isinstance(v, torch.Tensor) and v.ndim}
+    modified = plan.modify(state, x if x is not None else torch.zeros(batch), sigma, tensors)
+    return {c: {**conds[c], **modified[c]} for c in conds}
+
+
+def batch_size(
+    conds: Mapping[str, Mapping[str, Any]], x: torch.Tensor | None, pools: Sequence[str] = ()
+) -> int:
+    """The loop's batch ``B``: the leading size of the first conditioning tensor (or ``x``),
+    a pool's ``P`` candidates aside."""
+    for name, d in conds.items():
+        if name in pools:
+            continue
         for v in d.values():
             if isinstance(v, torch.Tensor) and v.ndim >= 1:
                 return int(v.shape[0])

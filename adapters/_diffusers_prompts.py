@@ -21,6 +21,8 @@ An expression may read conditionings other than the pipeline's own two (``Cond("
   residuals are computed for each named prompt (see ``_diffusers_controlnet``);
 * class-label pipelines (DiT): a "prompt" is a class label, an int or a label name the
   pipeline's ``get_label_ids`` knows, for every sample or one per class label of the call;
+* ICG's pools (``prompts={"icg": [...]}``) are lists of candidates, ``P`` rows per input
+  instead of one per sample (see ``_diffusers_pools``);
 * anything else with one entry per row is refused, naming the argument.
 """
 
@@ -36,6 +38,15 @@ from guidekit.branch import COND, UNCOND
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan
 
+from ._diffusers_pools import (
+    check_pool_labels,
+    check_pool_value,
+    example,
+    plan_pools,
+    pool_sizes,
+    pooled_rows,
+)
+
 #: per-row denoiser arguments a prompt does not decide: a named conditioning takes the
 #: conditional rows' values
 FOLLOW = frozenset({
@@ -50,9 +61,13 @@ def named_conds(plan: Plan) -> set[str]:
     return {b.cond for _, _, p in plan.regions() for b in p.branches} - {COND, UNCOND}
 
 
-def check_prompts(prompts: Any, plan: Plan, *, labels: bool) -> dict[str, Any]:
-    """``guided``'s ``prompts=``: every named conditioning of ``plan`` given, nothing else."""
+def check_prompts(
+    prompts: Any, plan: Plan, *, labels: bool, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """``guided``'s ``prompts=``: every named conditioning of ``plan`` given, nothing else;
+    ``defaults`` fill the pools left out (DiT: every real class label)."""
     given: dict[str, Any] = {}
+    pools = plan_pools(plan)
     if prompts is not None:
         if not isinstance(prompts, Mapping) or not all(isinstance(k, str) for k in prompts):
             raise GuidanceTypeError(
@@ -67,9 +82,18 @@ def check_prompts(prompts: Any, plan: Plan, *, labels: bool) -> dict[str, Any]:
                 f"{'prompt' if name == COND else 'negative prompt'}; pass it to the pipeline "
                 f"call ({'prompt' if name == COND else 'negative_prompt'}=...)"
             )
+        if name in pools:
+            check_pool_value(name, value, labels)
         _check_value(name, value, labels)
+    given = {**{k: v for k, v in (defaults or {}).items() if k not in given}, **given}
     needed = named_conds(plan)
     missing, unused = sorted(needed - given.keys()), sorted(given.keys() - needed)
+    if missing and missing[0] in pools:
+        raise GuidanceValueError(
+            f"{plan.expr!r} draws the conditioning {missing[0]!r} from a pool of real "
+            f"conditions, which the pipeline does not make: pass ICG's pool as guided(..., "
+            f"{example(missing[0], labels)}), one drawn per sample at every step"
+        )
     if missing:
         kind = "class label" if labels else "prompt"
         raise GuidanceValueError(
@@ -100,11 +124,18 @@ def _check_value(name: str, value: Any, labels: bool) -> None:
 class NamedPrompts:
     """The named prompts of one ``guided`` block and their encodings in the current call."""
 
-    def __init__(self, pipe: Any, prompts: Mapping[str, Any], *, labels: bool) -> None:
+    def __init__(
+        self, pipe: Any, prompts: Mapping[str, Any], *, labels: bool,
+        pools: tuple[str, ...] = (), classes: int | None = None,
+    ) -> None:
         self.pipe = pipe
         self.prompts = dict(prompts)
         self.labels = labels
+        # ICG's pools: P candidates each (a list of prompts or class labels)
+        self.pools = pool_sizes({n: v for n, v in self.prompts.items() if n in pools})
         self._label_ids = {n: self._ids(n, v) for n, v in self.prompts.items()} if labels else {}
+        for name in self.pools.keys() & self._label_ids.keys():
+            check_pool_labels(name, self._label_ids[name], classes)
         self.in_call = False
         self.own: tuple[Any, ...] | None = None  # the pipeline's own encode_prompt outputs
         self.encoded: dict[str, tuple[Any, ...]] = {}
@@ -159,6 +190,10 @@ class NamedPrompts:
         batch = _prompt_batch(given)
         for name, value in self.prompts.items():
             texts = [value] * batch if isinstance(value, str) else list(value)
+            if name in self.pools:  # P candidates, encoded together: one token length
+                named = _outputs(orig(**_named_arguments(signature, given, texts, images=1)))
+                self.encoded[name] = (*self.encoded.get(name, ()), *named)
+                continue
             if len(texts) != batch:
                 raise GuidanceValueError(
                     f"guided(prompts={{{name!r}: [...]}}) has {len(texts)} prompts for a "
@@ -188,10 +223,13 @@ class NamedPrompts:
     def _row(
         self, name: str, path: str, value: torch.Tensor, computed: Lookup | None, alike: bool
     ) -> torch.Tensor:
+        size = self.pools.get(name)
         if path in FOLLOW:
-            return value
+            return value if size is None else pooled_rows(name, path, value, size)
         if self.labels and path == LABELS:
             ids = self._label_ids[name]
+            if size is not None:  # the pool's P labels, drawn from by the plan
+                return torch.tensor(ids, dtype=value.dtype, device=value.device)
             b = int(value.shape[0])
             if b % len(ids):
                 raise GuidanceValueError(
@@ -209,7 +247,7 @@ class NamedPrompts:
             if found is not None:
                 return found
         if alike:
-            return value
+            return value if size is None else pooled_rows(name, path, value, size)
         raise GuidanceValueError(
             f"the denoiser's argument {path!r} has one entry per row, and guidekit cannot build "
             f"it for the named conditioning {name!r}: it is not an output of the pipeline's "
@@ -258,10 +296,12 @@ def _prompt_batch(given: Mapping[str, Any]) -> int:
 
 
 def _named_arguments(
-    signature: inspect.Signature, given: Mapping[str, Any], texts: list[str]
+    signature: inspect.Signature, given: Mapping[str, Any], texts: list[str],
+    images: int | None = None,
 ) -> dict[str, Any]:
     """``encode_prompt``'s arguments for the named prompt ``texts``: the pipeline's own,
-    the prompt replaced, without negative prompt, given embeddings or CFG."""
+    the prompt replaced, without negative prompt, given embeddings or CFG; ``images``
+    replaces the images per prompt (a pool: one row per candidate)."""
     out: dict[str, Any] = {}
     for name, param in signature.parameters.items():
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -271,6 +311,8 @@ def _named_arguments(
             out[name] = texts
         elif name == "do_classifier_free_guidance":
             out[name] = False
+        elif name == "num_images_per_prompt" and images is not None:
+            out[name] = images
         elif (
             name.startswith(("negative_", "prompt_")) or "embeds" in name
             or "attention_mask" in name

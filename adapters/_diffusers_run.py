@@ -30,6 +30,7 @@ from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
 from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
+from ._diffusers_pools import example, plan_pools
 from ._diffusers_prompts import NamedPrompts, named_conds
 from ._diffusers_rows import fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for, timestep_schedule
@@ -293,10 +294,16 @@ class GuidedPipeline:
         missing = sorted(needed - split.conds.keys())
         unnamed = [n for n in missing if n != UNCOND]
         if unnamed:
+            pooled = unnamed[0] in plan_pools(run.plan)
+            labels = self.prompts is not None and self.prompts.labels
+            how = (
+                f"ICG's pool of real conditions, guided(pipe, expr, {example(unnamed[0], labels)})"
+                if pooled else f"guided(pipe, expr, prompts={{{unnamed[0]!r}: ...}})"
+            )
             raise GuidanceValueError(
                 f"{self.plan.expr!r} needs the {' and '.join(repr(n) for n in unnamed)} "
                 f"conditioning at sigma={sigma:g}, which the pipeline does not encode: pass it "
-                f"as guided(pipe, expr, prompts={{{unnamed[0]!r}: ...}})"
+                f"as {how}"
             )
         if missing:
             raise GuidanceValueError(

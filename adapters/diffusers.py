@@ -62,6 +62,7 @@ from ._diffusers_cads import ClassEmbeddingCADS, label_embedders
 from ._diffusers_cads import adapt as cads_plans
 from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout, as_layout, denoiser_of, layout_for
+from ._diffusers_pools import default_pools, plan_pools
 from ._diffusers_prompts import NamedPrompts, check_prompts
 from ._diffusers_rows import NOT_ROW_ARGS, SHARED_ROW_ARGS
 from ._diffusers_run import GuidedForward, GuidedPipeline
@@ -119,6 +120,8 @@ def guided(
             (with the call's arguments), one string for every sample or a list with one per
             prompt of the call. Class-label pipelines (DiT) take class labels (ints or label
             names). The pipeline's ``prompt`` stays ``cond``, its ``negative_prompt`` ``uncond``.
+            ICG's pool is a list of ``P`` candidates, ``{"icg": ["a cat", "a dog", ...]}``,
+            one drawn per sample per step (DiT: class labels, by default every real label).
 
     Yields:
         A :class:`GuidedPipeline` with the plan and a record of the model calls.
@@ -141,8 +144,10 @@ def guided(
     modules: dict[str, Any] = {MAIN: module, **models}
     check_model_values(plan, modules, where="guided(pipe): ", example="other_transformer")
     # Everything that can refuse (CADS's and the engines' checks) runs before anything changes.
-    class_labels = bool(label_embedders(module))
-    named = _prompts(pipe, plan, prompts, class_labels)
+    embedders = label_embedders(module)
+    class_labels = bool(embedders)
+    classes = getattr(embedders[0][1], "num_classes", None) if embedders else None
+    named = _prompts(pipe, plan, prompts, class_labels, classes)
     plan, step_plan, embed_plan = cads_plans(plan, class_labels=class_labels)
     cads = None
     if embed_plan is not None:
@@ -181,11 +186,22 @@ def guided(
         yield run
 
 
-def _prompts(pipe: Any, plan: Plan, prompts: Any, class_labels: bool) -> NamedPrompts | None:
+def _prompts(
+    pipe: Any, plan: Plan, prompts: Any, class_labels: bool, classes: int | None
+) -> NamedPrompts | None:
     """``prompts=`` checked against the plan's named conditionings and the pipeline."""
     encodes = callable(getattr(pipe, "encode_prompt", None))
     labels = class_labels and not encodes
-    given = check_prompts(prompts, plan, labels=labels)
+    classes = classes if labels else None
+    given = check_prompts(prompts, plan, labels=labels, defaults=default_pools(plan, classes))
+    pools = plan_pools(plan)
+    if pools and isinstance(getattr(pipe, "controlnet", None), torch.nn.Module):
+        # its residuals depend on the drawn condition, which the ControlNet call precedes
+        raise GuidanceValueError(
+            f"{plan.expr!r} draws {pools[0]!r} from a pool, and {type(pipe).__name__} "
+            f"computes ControlNet residuals per condition before guidekit draws: ICG's pools "
+            f"are not supported with a ControlNet; use the pipeline without one"
+        )
     if not given:
         return None
     if not encodes and not labels:
@@ -195,7 +211,7 @@ def _prompts(pipe: Any, plan: Plan, prompts: Any, class_labels: bool) -> NamedPr
             f"{', '.join(map(repr, given))}; use guidekit.guide(..., conds=...) with your own "
             f"embeddings"
         )
-    return NamedPrompts(pipe, given, labels=labels)
+    return NamedPrompts(pipe, given, labels=labels, pools=pools, classes=classes)
 
 
 def _check_keywords(

@@ -293,6 +293,48 @@ def setup_for(kind: str, pipe: Any) -> Setup:
                  lambda i, t: float(t) / 1000.0, scheduler, "flow", "flow")
 
 
+def text_inputs(kind: str, pipe: Any, texts: list[str], length: int = 16) -> dict[str, torch.Tensor]:
+    """The denoiser inputs of ``texts`` (one row each), encoded as the pipeline does, without
+    CFG; ``length``: the T5 tokens of PixArt and SD3 (``max_sequence_length``)."""
+    if kind == "sd":
+        pe, _ = pipe.encode_prompt(texts, "cpu", 1, False)
+        return {"encoder_hidden_states": pe}
+    if kind == "pixart":
+        pe, pm, _, _ = pipe.encode_prompt(texts, False, device="cpu", max_sequence_length=length)
+        return {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
+    pe, _, ppe, _ = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+        max_sequence_length=length,
+    )
+    return {"encoder_hidden_states": pe, "pooled_projections": ppe}
+
+
+# -- the modular SD3 denoise step (tests of the guider=) ------------------------------------------
+
+
+@torch.no_grad()
+def modular_sd3_case(texts: list[str]) -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
+    """The tiny SD3 pipeline and its modular denoise step's inputs (``_modular_sd3.sd3_setup``)
+    with the guider inputs of ``texts`` (``encoder_hidden_states``, ``text_embeds``), encoded
+    by the pipeline."""
+    from _modular_sd3 import sd3_setup
+
+    pipe, inputs = sd3_setup()
+    other, _, pooled, _ = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+        max_sequence_length=16,
+    )
+    return pipe, inputs, {"encoder_hidden_states": other, "text_embeds": pooled}
+
+
+def modular_sd3(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """The latents of a modular SD3 denoise step on ``pipe``'s components with ``guider``."""
+    from _modular_sd3 import sd3_modular
+
+    out: torch.Tensor = sd3_modular(pipe, guider)(output="latents", **inputs)
+    return out
+
+
 def attention_state(module: torch.nn.Module) -> dict[str, Any]:
     """Every attention processor, instance ``forward`` and hook of ``module``, by identity:
     equal snapshots mean the attention engine left nothing behind."""

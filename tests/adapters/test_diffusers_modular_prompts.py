@@ -21,28 +21,16 @@ from guidekit import CFG, Cond, GuidanceTypeError, GuidanceValueError, Uncond
 from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _modular_sd3 import sd3_modular, sd3_setup  # noqa: E402
+from _diffusers_helpers import modular_sd3, modular_sd3_case  # noqa: E402
 from tiny_diffusers import one_thread  # noqa: E402,F401  (a fixture)
 
-F64 = torch.float64
 NEG = "blurry, dark"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def sd3() -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
-    pipe, inputs = sd3_setup()
-    with torch.no_grad():
-        neg, _, pooled, _ = pipe.encode_prompt(
-            prompt=[NEG, NEG], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-            max_sequence_length=16,
-        )
-    return pipe, inputs, {"encoder_hidden_states": neg, "text_embeds": pooled}
-
-
-def _modular(pipe: Any, guider: Any, inputs: dict[str, Any]) -> torch.Tensor:
-    out: torch.Tensor = sd3_modular(pipe, guider)(output="latents", **inputs)
-    return out
+    return modular_sd3_case([NEG, NEG])
 
 
 def _rows(pipe: Any) -> tuple[list[int], Any]:
@@ -60,13 +48,13 @@ def test_a_named_negative_equals_the_pipelines_negative_embeddings(sd3: Any, bat
     as_negative = {**inputs, "negative_prompt_embeds": neg["encoder_hidden_states"],
                    "negative_pooled_prompt_embeds": neg["text_embeds"]}
     plain = GuidekitGuidance(CFG(7), batched=batched).attach(scheduler=pipe.scheduler)
-    ref = _modular(pipe, plain, as_negative)
+    ref = modular_sd3(pipe, plain, as_negative)
     guider = GuidekitGuidance(CFG(7, negative="neg"), batched=batched).attach(
         scheduler=pipe.scheduler, conds={"neg": neg}
     )
     rows, handle = _rows(pipe)
     try:
-        out = _modular(pipe, guider, inputs)
+        out = modular_sd3(pipe, guider, inputs)
     finally:
         handle.remove()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
@@ -86,12 +74,12 @@ def test_three_conditionings_equal_the_classic_adapter_with_prompts(sd3: Any, ba
     )
     rows, handle = _rows(pipe)
     try:
-        out = _modular(pipe, guider, inputs)
+        out = modular_sd3(pipe, guider, inputs)
     finally:
         handle.remove()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     assert rows == ([6] * 3 if batched else [2, 2, 2] * 3)
-    assert (out - _modular(pipe, GuidekitGuidance(CFG(7)).attach(scheduler=pipe.scheduler), inputs)).abs().max() > 1e-4
+    assert (out - modular_sd3(pipe, GuidekitGuidance(CFG(7)).attach(scheduler=pipe.scheduler), inputs)).abs().max() > 1e-4
 
 
 @torch.no_grad()
@@ -110,7 +98,7 @@ def test_named_conditionings_the_guider_cannot_build_are_refused(sd3: Any) -> No
         if conds is not None:
             guider.attach(conds=conds)
         with pytest.raises(error, match=match):
-            _modular(pipe, guider, inputs)
+            modular_sd3(pipe, guider, inputs)
     guider = GuidekitGuidance(expr)
     with pytest.raises(GuidanceValueError, match=r"does not read 'style'"):
         guider.attach(conds={"style": neg})

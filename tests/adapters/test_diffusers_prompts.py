@@ -35,6 +35,7 @@ from _diffusers_helpers import (  # noqa: E402
     sample,
     setup_for,
     snapshot,
+    text_inputs,
 )
 
 _quiet_single_thread, pipes = helpers._quiet_single_thread, helpers.pipes
@@ -115,18 +116,7 @@ def test_one_named_prompt_per_prompt_and_images_per_prompt(get: Any) -> None:
 
 def _named_embeddings(kind: str, pipe: Any, text: str) -> dict[str, torch.Tensor]:
     """The denoiser inputs of ``text`` (both samples), encoded as the pipeline does."""
-    texts = [text] * len(PROMPTS)
-    if kind == "sd":
-        pe, _ = pipe.encode_prompt(texts, "cpu", 1, False)
-        return {"encoder_hidden_states": pe}
-    if kind == "pixart":
-        pe, pm, _, _ = pipe.encode_prompt(texts, False, device="cpu", max_sequence_length=16)
-        return {"encoder_hidden_states": pe, "encoder_attention_mask": pm}
-    pe, _, ppe, _ = pipe.encode_prompt(
-        prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
-        max_sequence_length=16,
-    )
-    return {"encoder_hidden_states": pe, "pooled_projections": ppe}
+    return text_inputs(kind, pipe, [text] * len(PROMPTS))
 
 
 @pytest.mark.parametrize("kind", ["sd", "pixart", "sd3"])
