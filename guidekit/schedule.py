@@ -51,6 +51,11 @@ class Schedule:
         """Whether the value is known from sigma alone (no run schedule needed)."""
         return not self.needs_progress
 
+    def bounds(self) -> tuple[float, float]:
+        """The least and the greatest value over every noise level (a field with a range,
+        such as Rescale's ``phi`` in ``[0, 1]``, checks a schedule by them)."""
+        raise NotImplementedError
+
     def is_zero(self) -> bool:
         """Whether the value is 0 at every level (its branches never need to run)."""
         return all(getattr(self, name) == 0 for name in self._zero_when)
@@ -173,24 +178,41 @@ def value_at(value: Any, level: Any) -> float:
 
 
 def scheduled_fields(obj: Any) -> dict[str, Schedule]:
-    """The fields of an attrs value (a term, processor, modifier) that hold a schedule."""
+    """The fields of an attrs value (a term, processor, modifier) that hold a schedule; an
+    item of a tuple field (PerpNeg's ``neg_scale``) is keyed ``name[i]``."""
     if not attrs.has(type(obj)):
         return {}
     out = {}
     for f in attrs.fields(type(obj)):
         value = getattr(obj, f.name)
+        key = f.alias or f.name
         if isinstance(value, Schedule):
-            out[f.alias or f.name] = value
+            out[key] = value
+        elif isinstance(value, tuple):
+            out.update((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, Schedule))
     return out
 
 
+def _value_at(value: Any, level: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(value_at(v, level) for v in value)
+    return value_at(value, level)
+
+
 def resolve(obj: Any, level: Any) -> Any:
-    """``obj`` with every scheduled field replaced by its value at ``level`` (itself when it
-    has none): what a nonlinear term or a post-processor computes with at that step."""
-    fields = scheduled_fields(obj)
-    if not fields:
+    """``obj`` with every scheduled field (or tuple item) replaced by its value at ``level``
+    (itself when it has none): what a nonlinear term or a post-processor computes with at
+    that step."""
+    if not scheduled_fields(obj):
         return obj
-    return attrs.evolve(obj, **{k: s.at(level) for k, s in fields.items()})
+    changed = {}
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if isinstance(value, Schedule) or (
+            isinstance(value, tuple) and any(isinstance(v, Schedule) for v in value)
+        ):
+            changed[f.alias or f.name] = _value_at(value, level)
+    return attrs.evolve(obj, **changed)
 
 
 def check_shape(where: str, value: Any) -> None:

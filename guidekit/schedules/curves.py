@@ -60,6 +60,14 @@ class ProgressShape(Schedule):
     def shape(self, r: float) -> float:
         raise NotImplementedError
 
+    def peaks(self) -> tuple[float, ...]:
+        """Where ``shape`` may have an extreme inside ``(0, 1)`` (none: it is monotone)."""
+        return ()
+
+    def bounds(self) -> tuple[float, float]:
+        values = [self.shape(r) for r in (0.0, 1.0, *self.peaks())]
+        return min(values), max(values)
+
 
 def _bound() -> Any:
     return attrs.field(default=None, converter=to_float, validator=positive_or_none, kw_only=True)
@@ -158,3 +166,7 @@ class Beta(ProgressShape):
 
     def shape(self, r: float) -> float:
         return self.scale * beta_pdf(r, self.a, self.b)
+
+    def peaks(self) -> tuple[float, ...]:
+        # the density's mode, (a - 1) / (a + b - 2), lies inside (0, 1) when a, b > 1
+        return ((self.a - 1) / (self.a + self.b - 2),) if self.a > 1 and self.b > 1 else ()

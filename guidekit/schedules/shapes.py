@@ -34,6 +34,9 @@ class Constant(Schedule):
     def at(self, level: Any) -> float:
         return self.value
 
+    def bounds(self) -> tuple[float, float]:
+        return self.value, self.value
+
 
 def _points(value: Any) -> tuple[tuple[float, float], ...]:
     if not isinstance(value, tuple) or not value:
@@ -69,6 +72,10 @@ class Piecewise(Schedule):
         inside = [Level(s) for s, _ in self.points if lo < s < hi]
         ends = [Level(max(lo, 0.0)), Level(hi if hi != float("inf") else self.points[-1][0])]
         return all(self.at(lv) == 0 for lv in (*ends, *inside))
+
+    def bounds(self) -> tuple[float, float]:
+        values = [v for _, v in self.points]  # linear between points: extremes at points
+        return min(values), max(values)
 
     def __init__(self, *points: Any) -> None:
         self.__attrs_init__(points)  # type: ignore[attr-defined]
@@ -125,6 +132,9 @@ class Window(Schedule):
 
     def at(self, level: Any) -> float:
         return self.value if self.lo < level.sigma <= self.hi else self.outside
+
+    def bounds(self) -> tuple[float, float]:
+        return min(self.value, self.outside), max(self.value, self.outside)
 
     def zero_on(self, lo: float, hi: float) -> bool:
         meets = max(lo, self.lo) < min(hi, self.hi)

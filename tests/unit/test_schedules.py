@@ -96,8 +96,9 @@ def test_printed_schedules_parse_back(text):
 
 
 def test_fields_name_what_takes_a_schedule():
-    with pytest.raises(GuidanceTypeError, match=r"APG\(eta=...\): eta takes a number, not the schedule Cosine\(1\)"):
-        APG(eta=Cosine(1))
+    # APG's eta is a weight of the update and takes one; its momentum is a decay and does not
+    with pytest.raises(GuidanceTypeError, match=r"APG\(momentum=...\): momentum takes a number, not the schedule Cosine\(1\)"):
+        APG(momentum=Cosine(1))
     with pytest.raises(GuidanceTypeError, match=r"CFG\(scale=...\).*combination of schedules"):
         CFG(1 - Cosine(1))
     with pytest.raises(GuidanceValueError, match="sigma_max and sigma_min"):
