@@ -66,7 +66,12 @@ class Schedule:
     def zero_on(self, lo: float, hi: float) -> bool:
         """Whether the value is 0 at every sigma in ``(lo, hi]`` (then a gated entry of it
         never runs its branches; ``False`` where that cannot be told)."""
-        return self.is_zero()
+        return self.equals_on(0.0, lo, hi)
+
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        """Whether the value is ``value`` at every sigma in ``(lo, hi]`` (``False`` where
+        that cannot be told): ``1 - w`` is 0 there when ``w`` is 1 there."""
+        return value == 0 and self.is_zero()
 
     def _fmt(self) -> str:
         return fmt_call(self)
@@ -161,7 +166,12 @@ class Affine(Schedule):
         return self.const == 0 and all(s.is_zero() for s, _ in self.parts)
 
     def zero_on(self, lo: float, hi: float) -> bool:
-        return self.const == 0 and all(s.zero_on(lo, hi) for s, _ in self.parts)
+        if self.const == 0 and all(s.zero_on(lo, hi) for s, _ in self.parts):
+            return True
+        if len(self.parts) == 1:  # const + k s is 0 where s is -const / k (CFG's 1 - w)
+            (s, k), = self.parts
+            return s.equals_on(-self.const / k, lo, hi)
+        return False
 
     def _fmt(self) -> str:
         text = fmt_number(self.const) if self.const else ""

@@ -44,14 +44,16 @@ class ProgressShape(Schedule):
                 f"neither (then r comes from the run's schedule)"
             )
 
-    def zero_on(self, lo: float, hi: float) -> bool:
-        if self.is_zero():
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        if value == 0 and self.is_zero():
             return True
         smax, smin = self.sigma_max, self.sigma_min  # type: ignore[attr-defined]
         if smax is None:
             return False  # any r may fall anywhere: it is the run's
         # r = 0 for every sigma >= sigma_max, r = 1 for every sigma <= sigma_min
-        return (lo >= smax and self.shape(0.0) == 0) or (hi <= smin and self.shape(1.0) == 0)
+        return (lo >= smax and self.shape(0.0) == value) or (
+            hi <= smin and self.shape(1.0) == value
+        )
 
     def at(self, level: Any) -> float:
         r = level.progress(self, self.sigma_max, self.sigma_min)  # type: ignore[attr-defined]
