@@ -150,3 +150,35 @@ def test_a_named_conditioning_reaches_every_adapter(sd3: dict[str, Any]) -> None
     torch.testing.assert_close(_modular(sd3, expr, True), ref, rtol=0, atol=1e-8)
     torch.testing.assert_close(_custom(sd3, expr), ref, rtol=0, atol=1e-8)
     assert (ref - _classic(sd3, CFG(W))).abs().max() > 1e-4
+
+
+def _per_step(make: Any, values: list[float], levels: list[float]) -> Any:
+    """``make(v_i)`` gated to step ``i``'s level alone, summed: the constant-scale run."""
+    cuts = [float("inf"), *((a + b) / 2 for a, b in zip(levels, levels[1:])), 0.0]  # noisiest first
+    return sum((make(v).between(lo, hi) for v, hi, lo in zip(values, cuts, cuts[1:])), CFG(W))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda w: TPG(w, layers=1), lambda w: SLG(w, layers=1, cond="uncond"),
+     lambda w: Toward(w, "neg")],
+    ids=["tpg", "slg-uncond", "toward"],
+)
+@torch.no_grad()
+def test_a_scheduled_scale_equals_the_constant_scale_of_each_step(
+    sd3: dict[str, Any], make: Any
+) -> None:
+    """``CFG(W) + D(Linear(2))`` runs step ``i`` as ``CFG(W) + D(4 i / (N - 1))``: the same
+    latents as the sum of those constant terms each gated to its own step, in the classic
+    adapter and the modular guider; the 0 scale of the first step drops D's rows there."""
+    pipe = sd3["pipe"]
+    expr = CFG(W) + make(Linear(2.0))
+    with guided(pipe, expr, prompts={"neg": NEG} if _uses_neg(expr) else None, seed=SEED) as run:
+        out = pipe(output_type="latent", max_sequence_length=16, **sd3["inputs"]).images
+    levels = [c.sigma for c in run.calls]
+    values = [4.0 * i / (STEPS - 1) for i in range(STEPS)]
+    ref = _classic(sd3, _per_step(make, values, levels))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
+    torch.testing.assert_close(_modular(sd3, expr, True), ref, rtol=0, atol=1e-8)
+    rows = [c.rows for c in run.calls]
+    assert rows[0] < rows[1] == rows[2]  # D's branch does not run where its scale is 0

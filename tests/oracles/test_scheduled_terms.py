@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import guidekit
-from guidekit import APG, CFG, PerpNeg, Rescale, Toward, Uncond, composable, dual_cfg, parse
+from guidekit import APG, CFG, FDG, PerpNeg, Rescale, Toward, Uncond, composable, dual_cfg, parse
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.schedules import Cosine, Level, Linear, Piecewise, Window
 
@@ -62,6 +62,7 @@ CASES: dict[str, tuple[Make, tuple[Any, ...]]] = {
     "dual": (lambda a, b: dual_cfg(a, b, cond2="style"), (Cosine(3), Linear(2.5))),
     "dual-nested-inner": (lambda a: dual_cfg(a, 2, cond2="style", nested=True), (Cosine(3),)),
     "dual-nested-outer": (lambda b: dual_cfg(3, b, cond2="style", nested=True), (Linear(2),)),
+    "fdg": (lambda lo, e: FDG(low=lo, high=6, eta=e), (Cosine(3), Window(0.5, 1, 10, outside=1))),
     "apg-eta": (lambda e: CFG(4) | APG(eta=e), (Linear(0.5),)),
     "rescale-phi": (lambda p: CFG(4) | Rescale(p), (Window(0.7, 1, 10),)),
 }
