@@ -7,7 +7,9 @@ composable, PerpNeg, dual_cfg, BetaCFG, scheduled scales, all with a named condi
 the modular guider, ``conds=`` in ``guidekit.guide``) -- a hand-written loop over
 ``guidekit.guide`` (the attention engine installed by hand), ``guided(pipe, ...)`` and the
 modular denoise step with ``GuidekitGuidance`` (one batch per branch, and batched) give the
-same latents, which differ from plain CFG.
+same latents, which differ from plain CFG. A scheduled scale equals, step by step, the
+constant scales of its steps (each gated to its own step), and the x0-space terms repeat on
+Stable Diffusion's eps UNet under DDIM (classic adapter against the custom-sampler API).
 """
 
 from __future__ import annotations
@@ -182,3 +184,35 @@ def test_a_scheduled_scale_equals_the_constant_scale_of_each_step(
     torch.testing.assert_close(_modular(sd3, expr, True), ref, rtol=0, atol=1e-8)
     rows = [c.rows for c in run.calls]
     assert rows[0] < rows[1] == rows[2]  # D's branch does not run where its scale is 0
+
+
+SD_EXPRS: dict[str, Any] = {
+    "fdg-projected": FDG(low=3.0, high=Linear(4.0), eta=0.5),
+    "dynamic-threshold": CFG(W) | DynamicThreshold(0.9, max_value=1.5),
+    "perpneg-scheduled": PerpNeg(Cosine(W), negative="neg", neg_scale=(Linear(1),)),
+    "betacfg": BetaCFG(W, gamma=0.5),
+    "dual-tpg": dual_cfg(Cosine(3.0), W, cond2="neg") + TPG(Linear(1.0), layers=0),
+}
+
+
+@pytest.mark.parametrize("name", list(SD_EXPRS))
+@torch.no_grad()
+def test_an_eps_unet_pipeline_equals_the_custom_api(pipes: Any, name: str) -> None:
+    """The same on Stable Diffusion's UNet under DDIM (an eps model, VP noise, levels from
+    ``alphas_cumprod``): the x0-space terms convert through the scheduler's own table."""
+    expr = SD_EXPRS[name]
+    pipe = pipes("sd")
+    setup = setup_for("sd", pipe)
+    prompts = {"neg": NEG} if _uses_neg(expr) else None
+    # the expression alone guides: no pipeline scale
+    kwargs = {k: v for k, v in setup.kwargs.items() if k != "guidance_scale"}
+    with guided(pipe, expr, prompts=prompts, seed=SEED):
+        classic = helpers.sample(pipe, **kwargs)
+    neg = pipe.encode_prompt([NEG, NEG], "cpu", 1, False)[0]
+    sigmas = [setup.sigma_of(i, t) for i, t in enumerate(setup.scheduler.timesteps)] + [0.0]
+    plan = setup.compile(expr)
+    with gk.attention.install(denoiser(pipe), plan) as around_call:
+        custom = setup.loop(plan, around_call=around_call, seed=SEED, sigmas=sigmas,
+                            conds={"neg": {"encoder_hidden_states": neg}} if prompts else None)
+    torch.testing.assert_close(custom, classic, rtol=0, atol=1e-8)
+    assert (classic - helpers.sample(pipe, **setup.kwargs)).abs().max() > 1e-4
