@@ -68,6 +68,7 @@ def combine_stateful(
         return torch.cat(parts)
 
     models = {model: replay for model in {b.model for b in preds}}
-    # the inputs were laid out by the loop already: the replayed calls need none
-    conds: dict[str, dict[str, Any]] = {COND: {}, UNCOND: {}}
+    # the inputs were laid out by the loop already: the replayed calls need none, but every
+    # conditioning the step runs (a named one too: TPG with Toward(w, 'neg')) must be named
+    conds: dict[str, dict[str, Any]] = {c: {} for c in (COND, UNCOND, *(b.cond for b in preds))}
     return run.step(x, sigma, conds, models, around_call=around_call, level=sigma, keep=keep)

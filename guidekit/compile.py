@@ -11,11 +11,12 @@ from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
 from guidekit.fixed import check_fixed_shapes
+from guidekit.linear import reads
 from guidekit.parallel import as_parallel
 from guidekit.plan import ForwardGroup, Plan
 from guidekit.processor import AttentionModifier, InputModifier, Piped, Pipeline, Processor
 from guidekit.renoise import sampler_term
-from guidekit.schedule import Schedule
+from guidekit.schedule import Schedule, scheduled_fields
 from guidekit.schedules.steps import is_dynamic, scheduled_parts
 from guidekit.spaces import as_noise, check_prediction
 from guidekit.split import AutoSplit, make_splitter
@@ -110,6 +111,13 @@ def compile(
         b for e in entries if isinstance(e.coef, Schedule) and not e.coef.zero_on(e.lo, e.hi)
         for b in atom_branches(e.atom)
     )
+    # a nonlinear term with a scheduled scale may read all its branches at some level even
+    # where a zero scale reduces it at the levels looked at above (PerpNeg)
+    used.update(
+        b for e in entries
+        if not isinstance(e.atom, Branch) and scheduled_fields(e.atom) and _may_run(e)
+        for b in reads(e.atom)
+    )
     groups = tuple(
         attrs.evolve(g, branches=tuple(b for b in g.branches if b in used)) for g in plan.groups
     )
@@ -117,6 +125,12 @@ def compile(
         plan, groups=tuple(g for g in groups if g.branches), programs={},
         fixed_shapes=fixed_shapes,
     )
+
+
+def _may_run(e: Entry) -> bool:
+    if isinstance(e.coef, Schedule):
+        return not e.coef.zero_on(e.lo, e.hi)
+    return e.coef != 0
 
 
 def _merge(entries: tuple[Entry, ...]) -> tuple[Entry, ...]:

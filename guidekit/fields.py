@@ -112,6 +112,21 @@ def unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None
         )
 
 
+def unit_interval_or_schedule(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """A weight in ``[0, 1]``: a number there, or a schedule whose every value lies there."""
+    if not _is_schedule(value):
+        unit_interval(instance, attribute, value)
+        return
+    finite_or_schedule(instance, attribute, value)
+    lo, hi = value.bounds()
+    if not 0 <= lo <= hi <= 1:
+        raise GuidanceValueError(
+            f"{_where(instance, attribute)}: {attribute.name} must lie in [0, 1] at every "
+            f"noise level, and {value!r} takes values from {fmt_number(lo)} to "
+            f"{fmt_number(hi)}; scale the schedule into [0, 1]"
+        )
+
+
 def name(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str) or not value.isidentifier():
         raise GuidanceTypeError(

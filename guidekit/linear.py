@@ -38,3 +38,19 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
     if isinstance(atom, Branch):
         return (atom,)
     return tuple(atom.atom_branches())
+
+
+def linear_at(atom: Any) -> dict[Any, float] | None:
+    """A nonlinear atom as the linear form its scales make it at this level (PerpNeg at
+    scale 0 is ``u``), or ``None``: it runs as it is."""
+    form = getattr(atom, "linear_at", None)
+    return None if form is None else form()  # type: ignore[no-any-return]
+
+
+def reads(atom: Any) -> tuple[Branch, ...]:
+    """The branches an atom may read at some level: those of the form a zero scale fixed
+    for the whole run makes it (``PerpNeg(0, neg_scale=Cosine(1))`` is ``u``), else its own."""
+    form = linear_at(atom)
+    if form is None:
+        return atom_branches(atom)
+    return tuple(dict.fromkeys(b for a in form for b in atom_branches(a)))

@@ -28,6 +28,7 @@ from guidekit.explain import describe, explain
 from guidekit.expr import Entry, Expr, atom_branches
 from guidekit.fixed import fixed_program
 from guidekit.forward import ModelFn, group_key, run_groups
+from guidekit.linear import linear_at
 from guidekit.padding import Tokens
 from guidekit.pools import draw_pools, pool_names
 from guidekit.processor import AttentionModifier
@@ -170,7 +171,11 @@ class Plan:
                 if where is not None:
                     coef = value_at(coef, where)
                     atom = atom if isinstance(atom, Branch) else resolve(atom, where)
-                coefs[atom] = coefs.get(atom, 0.0) + coef
+                # a nonlinear term a zero scale makes linear here (PerpNeg(0) is u) reads
+                # only the branches of that form
+                form = None if isinstance(atom, Branch) else linear_at(atom)
+                for a, k in ({atom: 1.0} if form is None else form).items():
+                    coefs[a] = coefs.get(a, 0.0) + coef * k
         # cancelled terms leave round-off residues (3.3 - 1.1 - 2.2); they need no rows
         coefs = {a: c for a, c in coefs.items() if abs(c) > 1e-12}
         needed: dict[Branch, None] = {}

@@ -51,6 +51,11 @@ class Schedule:
         """Whether the value is known from sigma alone (no run schedule needed)."""
         return not self.needs_progress
 
+    def bounds(self) -> tuple[float, float]:
+        """The least and the greatest value over every noise level (a field with a range,
+        such as Rescale's ``phi`` in ``[0, 1]``, checks a schedule by them)."""
+        raise NotImplementedError
+
     def is_zero(self) -> bool:
         """Whether the value is 0 at every level (its branches never need to run)."""
         return all(getattr(self, name) == 0 for name in self._zero_when)
@@ -61,7 +66,12 @@ class Schedule:
     def zero_on(self, lo: float, hi: float) -> bool:
         """Whether the value is 0 at every sigma in ``(lo, hi]`` (then a gated entry of it
         never runs its branches; ``False`` where that cannot be told)."""
-        return self.is_zero()
+        return self.equals_on(0.0, lo, hi)
+
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        """Whether the value is ``value`` at every sigma in ``(lo, hi]`` (``False`` where
+        that cannot be told): ``1 - w`` is 0 there when ``w`` is 1 there."""
+        return value == 0 and self.is_zero()
 
     def _fmt(self) -> str:
         return fmt_call(self)
@@ -156,7 +166,12 @@ class Affine(Schedule):
         return self.const == 0 and all(s.is_zero() for s, _ in self.parts)
 
     def zero_on(self, lo: float, hi: float) -> bool:
-        return self.const == 0 and all(s.zero_on(lo, hi) for s, _ in self.parts)
+        if self.const == 0 and all(s.zero_on(lo, hi) for s, _ in self.parts):
+            return True
+        if len(self.parts) == 1:  # const + k s is 0 where s is -const / k (CFG's 1 - w)
+            (s, k), = self.parts
+            return s.equals_on(-self.const / k, lo, hi)
+        return False
 
     def _fmt(self) -> str:
         text = fmt_number(self.const) if self.const else ""
@@ -173,24 +188,41 @@ def value_at(value: Any, level: Any) -> float:
 
 
 def scheduled_fields(obj: Any) -> dict[str, Schedule]:
-    """The fields of an attrs value (a term, processor, modifier) that hold a schedule."""
+    """The fields of an attrs value (a term, processor, modifier) that hold a schedule; an
+    item of a tuple field (PerpNeg's ``neg_scale``) is keyed ``name[i]``."""
     if not attrs.has(type(obj)):
         return {}
     out = {}
     for f in attrs.fields(type(obj)):
         value = getattr(obj, f.name)
+        key = f.alias or f.name
         if isinstance(value, Schedule):
-            out[f.alias or f.name] = value
+            out[key] = value
+        elif isinstance(value, tuple):
+            out.update((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, Schedule))
     return out
 
 
+def _value_at(value: Any, level: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(value_at(v, level) for v in value)
+    return value_at(value, level)
+
+
 def resolve(obj: Any, level: Any) -> Any:
-    """``obj`` with every scheduled field replaced by its value at ``level`` (itself when it
-    has none): what a nonlinear term or a post-processor computes with at that step."""
-    fields = scheduled_fields(obj)
-    if not fields:
+    """``obj`` with every scheduled field (or tuple item) replaced by its value at ``level``
+    (itself when it has none): what a nonlinear term or a post-processor computes with at
+    that step."""
+    if not scheduled_fields(obj):
         return obj
-    return attrs.evolve(obj, **{k: s.at(level) for k, s in fields.items()})
+    changed = {}
+    for f in attrs.fields(type(obj)):
+        value = getattr(obj, f.name)
+        if isinstance(value, Schedule) or (
+            isinstance(value, tuple) and any(isinstance(v, Schedule) for v in value)
+        ):
+            changed[f.alias or f.name] = _value_at(value, level)
+    return attrs.evolve(obj, **changed)
 
 
 def check_shape(where: str, value: Any) -> None:

@@ -27,7 +27,7 @@ import torch
 from guidekit.branch import Branch, uncond
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Expr
-from guidekit.fields import Examples, Range, finite, positive_or_none, to_float
+from guidekit.fields import Examples, Range, finite, finite_or_schedule, positive_or_none, to_float
 from guidekit.processor import Processor
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
@@ -58,7 +58,7 @@ class APGProjection(Processor):
     is ``APG(eta=0, norm_threshold=5, momentum=-0.5)``.
     """
 
-    eta: float = attrs.field(default=0.0, converter=to_float, validator=finite)
+    eta: float = attrs.field(default=0.0, converter=to_float, validator=finite_or_schedule)
     norm_threshold: float | None = attrs.field(
         default=None, converter=to_float, validator=positive_or_none
     )

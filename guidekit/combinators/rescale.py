@@ -13,7 +13,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, cond
-from guidekit.fields import to_float, unit_interval
+from guidekit.fields import to_float, unit_interval_or_schedule
 from guidekit.processor import Processor
 from guidekit.registry import register
 
@@ -30,7 +30,7 @@ class CFGRescale(Processor):
     ``phi = 0`` is the identity; the paper recommends ``phi = 0.7``.
     """
 
-    phi: float = attrs.field(default=0.7, converter=to_float, validator=unit_interval)
+    phi: float = attrs.field(default=0.7, converter=to_float, validator=unit_interval_or_schedule)
     _name: ClassVar[str] = "Rescale"
     _positional: ClassVar[tuple[str, ...]] = ("phi",)
     _example: ClassVar[str] = "Rescale(0.7)"

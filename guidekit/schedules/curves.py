@@ -44,14 +44,16 @@ class ProgressShape(Schedule):
                 f"neither (then r comes from the run's schedule)"
             )
 
-    def zero_on(self, lo: float, hi: float) -> bool:
-        if self.is_zero():
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        if value == 0 and self.is_zero():
             return True
         smax, smin = self.sigma_max, self.sigma_min  # type: ignore[attr-defined]
         if smax is None:
             return False  # any r may fall anywhere: it is the run's
         # r = 0 for every sigma >= sigma_max, r = 1 for every sigma <= sigma_min
-        return (lo >= smax and self.shape(0.0) == 0) or (hi <= smin and self.shape(1.0) == 0)
+        return (lo >= smax and self.shape(0.0) == value) or (
+            hi <= smin and self.shape(1.0) == value
+        )
 
     def at(self, level: Any) -> float:
         r = level.progress(self, self.sigma_max, self.sigma_min)  # type: ignore[attr-defined]
@@ -59,6 +61,14 @@ class ProgressShape(Schedule):
 
     def shape(self, r: float) -> float:
         raise NotImplementedError
+
+    def peaks(self) -> tuple[float, ...]:
+        """Where ``shape`` may have an extreme inside ``(0, 1)`` (none: it is monotone)."""
+        return ()
+
+    def bounds(self) -> tuple[float, float]:
+        values = [self.shape(r) for r in (0.0, 1.0, *self.peaks())]
+        return min(values), max(values)
 
 
 def _bound() -> Any:
@@ -158,3 +168,7 @@ class Beta(ProgressShape):
 
     def shape(self, r: float) -> float:
         return self.scale * beta_pdf(r, self.a, self.b)
+
+    def peaks(self) -> tuple[float, ...]:
+        # the density's mode, (a - 1) / (a + b - 2), lies inside (0, 1) when a, b > 1
+        return ((self.a - 1) / (self.a + self.b - 2),) if self.a > 1 and self.b > 1 else ()

@@ -34,6 +34,12 @@ class Constant(Schedule):
     def at(self, level: Any) -> float:
         return self.value
 
+    def bounds(self) -> tuple[float, float]:
+        return self.value, self.value
+
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        return self.value == value
+
 
 def _points(value: Any) -> tuple[tuple[float, float], ...]:
     if not isinstance(value, tuple) or not value:
@@ -63,12 +69,16 @@ class Piecewise(Schedule):
     def is_zero(self) -> bool:
         return all(v == 0 for _, v in self.points)
 
-    def zero_on(self, lo: float, hi: float) -> bool:
-        # continuous and linear between points: 0 on (lo, hi] iff 0 at both ends and at
-        # every point between
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
+        # continuous and linear between points: ``value`` on (lo, hi] iff it is that at both
+        # ends and at every point between
         inside = [Level(s) for s, _ in self.points if lo < s < hi]
         ends = [Level(max(lo, 0.0)), Level(hi if hi != float("inf") else self.points[-1][0])]
-        return all(self.at(lv) == 0 for lv in (*ends, *inside))
+        return all(self.at(lv) == value for lv in (*ends, *inside))
+
+    def bounds(self) -> tuple[float, float]:
+        values = [v for _, v in self.points]  # linear between points: extremes at points
+        return min(values), max(values)
 
     def __init__(self, *points: Any) -> None:
         self.__attrs_init__(points)  # type: ignore[attr-defined]
@@ -126,7 +136,10 @@ class Window(Schedule):
     def at(self, level: Any) -> float:
         return self.value if self.lo < level.sigma <= self.hi else self.outside
 
-    def zero_on(self, lo: float, hi: float) -> bool:
+    def bounds(self) -> tuple[float, float]:
+        return min(self.value, self.outside), max(self.value, self.outside)
+
+    def equals_on(self, value: float, lo: float, hi: float) -> bool:
         meets = max(lo, self.lo) < min(hi, self.hi)
         within = self.lo <= lo and hi <= self.hi
-        return (self.value == 0 or not meets) and (self.outside == 0 or within)
+        return (self.value == value or not meets) and (self.outside == value or within)

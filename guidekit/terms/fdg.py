@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from guidekit.branch import Branch, cond, uncond
 from guidekit.errors import GuidanceValueError
-from guidekit.fields import Examples, Range, finite, finite_or_schedule, to_float
+from guidekit.fields import Examples, Range, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
@@ -94,7 +94,7 @@ class FDGTerm(NonlinearPrediction):
     low: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     high: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     levels: int = attrs.field(default=2, validator=_levels)
-    eta: float = attrs.field(default=1.0, converter=to_float, validator=finite)
+    eta: float = attrs.field(default=1.0, converter=to_float, validator=finite_or_schedule)
     _name: ClassVar[str] = "FDG"
     _example: ClassVar[str] = "FDG(low=5, high=10)"
     field_examples: ClassVar[Examples] = {"levels": (2,), "eta": (1.0, Range(0, 1))}

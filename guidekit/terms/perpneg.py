@@ -15,8 +15,10 @@ import torch
 
 from guidekit.branch import COND, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
+from guidekit.schedule import Schedule
+from guidekit.schedules.shapes import Piecewise, Window
 from guidekit.terms.base import NonlinearPrediction
 from guidekit.text import fmt_call, fmt_value, is_number
 
@@ -29,8 +31,8 @@ def _to_names(value: Any) -> Any:
 
 
 def _to_scales(value: Any) -> Any:
-    if is_number(value):
-        return (float(value),)
+    if is_number(value) or isinstance(value, Schedule):
+        return (float(value) if is_number(value) else value,)
     if isinstance(value, (tuple, list)):
         return tuple(float(v) if is_number(v) else v for v in value)
     return value
@@ -49,10 +51,16 @@ def _names(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 def _scales(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, tuple) or not value:
         raise GuidanceTypeError(
-            f"PerpNeg(neg_scale=...): expected a number or a tuple of numbers, got {value!r}"
+            f"PerpNeg(neg_scale=...): expected a number, a schedule or a tuple of them, got "
+            f"{value!r}"
         )
     for v in value:
-        finite(instance, attribute, v)
+        finite_or_schedule(instance, attribute, v)
+
+
+def _zero(value: Any) -> bool:
+    """0 at every level (a schedule: everywhere; a compile-time view of an unresolved term)."""
+    return value.is_zero() if isinstance(value, Schedule) else value == 0
 
 
 @register
@@ -62,7 +70,9 @@ class PerpNegTerm(NonlinearPrediction):
     remove what is perpendicular to ``c - u``.
 
     ``negative`` names one conditioning or a tuple of them; ``neg_scale`` is one weight for
-    all, or one per negative. The projection is per sample (ComfyUI's ``PerpNegGuider``
+    all, or one per negative. ``scale`` and each weight may be a schedule by noise level; at
+    a level where ``scale`` is 0 the term is ``u``, and a negative whose weight is 0 there is
+    not computed (:meth:`linear_at`). The projection is per sample (ComfyUI's ``PerpNegGuider``
     projects over the whole batch, which mixes samples when ``B > 1``: **paper, not peer**).
     The result is the same in every prediction space (differences of predictions convert by
     one scalar per step, which the projection keeps), so it runs in the model's own space.
@@ -70,7 +80,7 @@ class PerpNegTerm(NonlinearPrediction):
     subtracted whole.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     negative: tuple[str, ...] = attrs.field(default=("neg",), converter=_to_names, validator=_names)
     neg_scale: tuple[float, ...] = attrs.field(
         default=(1.0,), converter=_to_scales, validator=_scales
@@ -80,7 +90,10 @@ class PerpNegTerm(NonlinearPrediction):
     _positional: ClassVar[tuple[str, ...]] = ("scale",)
     _example: ClassVar[str] = "PerpNeg(7, negative='neg', neg_scale=1)"
     field_examples: ClassVar[Examples] = {
-        "negative": (("neg",), ("neg", "style")), "neg_scale": ((1.0,), (0.5,), (1.0, -0.5)),
+        "negative": (("neg",), ("neg", "style")), "neg_scale": (
+            (1.0,), (0.5,), (1.0, -0.5), (0.0,), (Window(1, 0.3, 4),),
+            (Piecewise((0.05, 0), (7, 1)), -0.5),
+        ),
         "cond": ("cond", "style"),
     }
 
@@ -113,6 +126,22 @@ class PerpNegTerm(NonlinearPrediction):
         if len(self.neg_scale) == 1:
             return self.neg_scale * len(self.negative)
         return self.neg_scale
+
+    def linear_at(self) -> dict[Any, float] | None:
+        """This term (its scales numbers) as a linear form when a zero scale makes it one:
+        ``u`` at ``scale = 0``, ``CFG(scale)`` when every weight is 0, the term without its
+        zero-weight negatives otherwise (``None``: no weight is 0; the plan then runs it as
+        it is). The plan drops the branches the form does not read."""
+        c, u = Branch(cond=self.cond), Branch(cond=UNCOND)
+        if _zero(self.scale):
+            return {u: 1.0}
+        kept = [(n, w) for n, w in zip(self.negative, self.weights()) if not _zero(w)]
+        if len(kept) == len(self.negative):
+            return None
+        if not kept:
+            return {c: self.scale, u: 1.0 - self.scale}
+        names, ws = zip(*kept)
+        return {attrs.evolve(self, negative=names, neg_scale=ws): 1.0}
 
     def atom_branches(self) -> tuple[Branch, ...]:
         return (Branch(cond=self.cond), Branch(cond=UNCOND), *(Branch(cond=n) for n in self.negative))

@@ -16,8 +16,9 @@ import attrs
 from guidekit.branch import COND, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError
 from guidekit.expr import Expr
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
+from guidekit.schedule import Schedule
 from guidekit.terms.base import LinearTerm
 from guidekit.terms.cfg import Cond, Uncond, check_distinct
 from guidekit.text import is_number
@@ -33,7 +34,7 @@ class TowardTerm(LinearTerm):
     ``Uncond() + Toward(3, "a") + Toward(2, "b")`` is Composable Diffusion's AND.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     cond: str = attrs.field(default=COND, validator=name)
     negative: str = attrs.field(default=UNCOND, validator=name, kw_only=True)
     # a direction like PAG's, but its negative side is a field (a name), as in CFG
@@ -57,7 +58,8 @@ def composable(weights: Mapping[str, float], *, negative: str = UNCOND) -> Expr:
 
     ``composable({"cond": 7, "neg": -2})`` is ``Uncond() + Toward(7) + Toward(-2, 'neg')``,
     a plain expression (it prints and parses as such). The weights are not divided by their
-    number, as in the paper's code; a negative weight steers away from that conditioning.
+    number, as in the paper's code; a negative weight steers away from that conditioning. A
+    weight may be a schedule by noise level (``composable({"cond": Cosine(7)})``).
     """
     if not isinstance(weights, Mapping) or not weights:
         raise GuidanceTypeError(
@@ -66,9 +68,10 @@ def composable(weights: Mapping[str, float], *, negative: str = UNCOND) -> Expr:
         )
     expr: Any = Uncond() if negative == UNCOND else Cond(negative)
     for cond, w in weights.items():
-        if not is_number(w):
+        if not (is_number(w) or isinstance(w, Schedule)):
             raise GuidanceTypeError(
-                f"composable(weights): the weight of {cond!r} must be a number, got {w!r}"
+                f"composable(weights): the weight of {cond!r} must be a number or a schedule, "
+                f"got {w!r}"
             )
         expr = expr + TowardTerm(w, cond, negative=negative)
     return expr  # type: ignore[no-any-return]

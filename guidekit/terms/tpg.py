@@ -40,7 +40,7 @@ from guidekit.attention.ops import (
     to_layers,
 )
 from guidekit.branch import COND, MAIN, Branch
-from guidekit.fields import Examples, finite, to_float
+from guidekit.fields import Examples, finite_or_schedule, to_float
 from guidekit.registry import register
 from guidekit.terms.base import DirectionTerm
 
@@ -128,7 +128,7 @@ class TPGTerm(DirectionTerm):
     at install, listing the blocks).
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     layers: Layers = attrs.field(default=None, converter=to_layers, validator=check_layers)
     _name: ClassVar[str] = "TPG"
     _positional: ClassVar[tuple[str, ...]] = ("scale",)

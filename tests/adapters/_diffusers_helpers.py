@@ -144,16 +144,20 @@ def pipe_untouched(pipe: Any, before: dict[str, int]) -> bool:
 def _guide_loop(
     plan: gk.Plan, scheduler: Any, x: torch.Tensor, make_model: Callable[[Any], Any],
     cond: dict[str, Any], uncond: dict[str, Any], weak: Any, sigma_of: Callable[[int, Any], float],
-    around_call: Any = None, seed: int = 0,
+    around_call: Any = None, seed: int = 0, conds: dict[str, Any] | None = None,
+    sigmas: Any = None,
 ) -> torch.Tensor:
     """A diffusers-style loop: scale the input, guide with ``guidekit.guide``, step.
 
-    ``now`` (shared with the models) holds the current timestep ``t`` and step index ``i``.
+    ``now`` (shared with the models) holds the current timestep ``t`` and step index ``i``;
+    ``conds`` are named conditionings, ``sigmas`` the run's schedule (progress shapes).
     """
     now: dict[str, Any] = {}
+    extra = {"conds": conds} if conds else {}
     guided_model = gk.guide(
         plan, make_model(None, now), cond=cond, uncond=uncond,
         models={"weak": make_model(weak, now)}, around_call=around_call, seed=seed,
+        sigmas=sigmas, **extra,
     )
     for i, t in enumerate(scheduler.timesteps):
         now["t"], now["i"] = t, i
@@ -192,11 +196,12 @@ class Setup:
         return gk.compile(expr, prediction=self.prediction, noise=self.noise)
 
     def loop(
-        self, plan: gk.Plan, around_call: Any = None, weak: Any = None, seed: int = 0
+        self, plan: gk.Plan, around_call: Any = None, weak: Any = None, seed: int = 0,
+        conds: dict[str, Any] | None = None, sigmas: Any = None,
     ) -> torch.Tensor:
         x = _guide_loop(
             plan, self.scheduler, self.latents, self.make, self.cond, self.uncond, weak,
-            self.sigma_of, around_call=around_call, seed=seed,
+            self.sigma_of, around_call=around_call, seed=seed, conds=conds, sigmas=sigmas,
         )
         return self.finish(x)
 

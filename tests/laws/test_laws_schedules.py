@@ -35,7 +35,8 @@ def scale_fields(cls: type) -> list[str]:
 
 
 SCHEDULED = [c for c in term_classes() if scale_fields(c)]
-DIRECTIONS = [c for c in SCHEDULED if issubclass(c, DirectionTerm)]
+# a direction (weight 0): PAG-like terms and Toward, whose negative side is a name
+DIRECTIONS = [c for c in SCHEDULED if issubclass(c, DirectionTerm) or kind(c) == "direction"]
 
 
 def as_prediction(p: Expr, t: Expr) -> Expr:
@@ -88,5 +89,6 @@ def test_a_window_schedule_equals_the_gate(data: st.DataObject) -> None:
 
 
 def test_the_laws_see_scheduled_terms() -> None:
-    assert {c.__name__ for c in DIRECTIONS} >= {"PAGTerm", "AutoguidanceTerm"}
+    assert {c.__name__ for c in DIRECTIONS} >= {"PAGTerm", "AutoguidanceTerm", "TPGTerm", "TowardTerm"}
+    assert {c.__name__ for c in SCHEDULED} >= {"PerpNegTerm", "FDGTerm", "BetaCFGTerm"}
     assert all(kind(c) in ("prediction", "direction", "nonlinear") for c in SCHEDULED)

@@ -239,6 +239,16 @@ TERM_REFERENCE: dict[type, Callable[[Any, Env], torch.Tensor]] = {
     BetaCFGTerm: _betacfg,
 }
 
+def _perpneg_form(t: PerpNegTerm) -> list[tuple[Any, float]]:
+    """Perp-Neg at a scale of 0 is ``u``; with every weight 0 it is ``CFG(w)`` toward ``cond``."""
+    ws = t.neg_scale * (len(t.negative) // len(t.neg_scale))
+    if t.scale == 0:
+        return [(uncond_of(), 1.0)]
+    if all(w == 0 for w in ws):
+        return [(Branch(MAIN, t.cond), t.scale), (uncond_of(), 1.0 - t.scale)]
+    return [(t, 1.0)]
+
+
 #: term class -> its linear form as (atom, coefficient) pairs; a nonlinear term is its own
 #: atom with coefficient 1.
 TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
@@ -249,7 +259,7 @@ TERM_COEFFICIENTS: dict[type, Callable[[Any], list[tuple[Any, float]]]] = {
     CFGZeroStarTerm: lambda t: [(t, 1.0)],
     TCFGTerm: lambda t: [(t, 1.0)],
     FDGTerm: lambda t: [(t, 1.0)],
-    PerpNegTerm: lambda t: [(t, 1.0)],
+    PerpNegTerm: lambda t: _perpneg_form(t),
     BetaCFGTerm: lambda t: [(t, 1.0)],
 }
 
@@ -363,8 +373,10 @@ def atom_branches(atom: Any) -> tuple[Branch, ...]:
         return (cond_of(), uncond_of())
     if isinstance(atom, CFGppTerm):
         return (Branch(MAIN, atom.cond), Branch(MAIN, atom.negative))
-    if isinstance(atom, PerpNegTerm):
-        return (Branch(MAIN, atom.cond), uncond_of(), *(Branch(MAIN, n) for n in atom.negative))
+    if isinstance(atom, PerpNegTerm):  # a negative of weight 0 is not read
+        ws = atom.neg_scale * (len(atom.negative) // len(atom.neg_scale))
+        return (Branch(MAIN, atom.cond), uncond_of(),
+                *(Branch(MAIN, n) for n, w in zip(atom.negative, ws) if w != 0))
     raise KeyError(f"tests/strategies/reference.py does not know which branches {atom!r} reads")
 
 

@@ -96,8 +96,9 @@ def test_printed_schedules_parse_back(text):
 
 
 def test_fields_name_what_takes_a_schedule():
-    with pytest.raises(GuidanceTypeError, match=r"APG\(eta=...\): eta takes a number, not the schedule Cosine\(1\)"):
-        APG(eta=Cosine(1))
+    # APG's eta is a weight of the update and takes one; its momentum is a decay and does not
+    with pytest.raises(GuidanceTypeError, match=r"APG\(momentum=...\): momentum takes a number, not the schedule Cosine\(1\)"):
+        APG(momentum=Cosine(1))
     with pytest.raises(GuidanceTypeError, match=r"CFG\(scale=...\).*combination of schedules"):
         CFG(1 - Cosine(1))
     with pytest.raises(GuidanceValueError, match="sigma_max and sigma_min"):
@@ -164,3 +165,22 @@ def test_explain_and_print_show_the_schedule():
     assert "out = u" in text.splitlines()[3] and "scales by noise level: Linear(2)" in str(plan)
     assert plan.rows(14.0, B, ) == 2 * B  # structural view: r = 1/2
     assert plan.program(14.0, SIGMAS).branches == (gk.branch.Branch(cond="uncond"),)
+
+
+def test_a_schedules_bounds_cover_every_level():
+    """``bounds()`` is what a field with a range (Rescale's phi in [0, 1]) checks."""
+    levels = [Level(s, (14.0, 7.0, 3.0, 1.0, 0.3, 0.05)) for s in (14.0, 7.0, 3.0, 1.0, 0.3, 0.05)]
+    for s in (Constant(0.4), Piecewise((0, 0.2), (3, 0.9), (9, 0.1)), Window(0.8, 1, 5, outside=0.1),
+              Linear(0.5), Cosine(0.5), PowerLaw(0.3, 2), Beta(0.5, 2, 3), Beta(0.2, 1, 3)):
+        lo, hi = s.bounds()
+        values = [s.at(lv) for lv in levels]
+        assert lo <= min(values) + 1e-12 and max(values) <= hi + 1e-12, s
+        assert min(values) == pytest.approx(lo, abs=0.2) and max(values) == pytest.approx(hi, abs=0.2)
+
+
+def test_one_minus_a_scale_that_is_one_there_runs_no_branch():
+    """CFG's ``1 - w`` is 0 where ``w`` is 1: ``u`` is not laid out for a gated CFG whose
+    window leaves ``w = 1`` on the whole gate."""
+    plan = gk.compile(CFG(Window(0, 20, math.inf, outside=1)).between(0, 0.05))
+    assert [b.label for b in plan.branches] == ["c"]
+    assert [b.label for b in gk.compile(CFG(Piecewise((0, 1), (3, 1), (9, 4))).between(0, 3)).branches] == ["c"]
