@@ -237,7 +237,11 @@ class Renoiser:
         i = self._index_of(sigma)
         nxt = self.levels[i + 1]
         plan, noise = self.plan, self.plan.noise
-        active = any(atom == self.term for atom, _ in plan.program(sigma, tuple(self.levels)).coefs)
+        # a scheduled lam is resolved per level (a CFGpp of that step's number): match the kind
+        active = any(
+            type(atom) is type(self.term)
+            for atom, _ in plan.program(sigma, tuple(self.levels)).coefs
+        )
         g0 = convert(guided, output, "x0", x, sigma, noise)
         if active:
             u0 = convert(keep[self.term.renoise], plan.prediction, "x0", x, sigma, noise)

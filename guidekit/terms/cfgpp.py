@@ -29,7 +29,7 @@ import torch
 
 from guidekit.branch import COND, UNCOND, Branch
 from guidekit.errors import GuidanceValueError
-from guidekit.fields import Examples, name, to_float, unit_interval
+from guidekit.fields import Examples, name, to_float, unit_interval_or_schedule
 from guidekit.registry import register
 from guidekit.terms.base import NonlinearPrediction
 
@@ -48,7 +48,7 @@ class CFGppTerm(NonlinearPrediction):
     re-noise.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=unit_interval)
+    scale: float = attrs.field(converter=to_float, validator=unit_interval_or_schedule)
     cond: str = attrs.field(default=COND, validator=name, kw_only=True)
     negative: str = attrs.field(default=UNCOND, validator=name, kw_only=True)
     _name: ClassVar[str] = "CFGpp"

@@ -14,7 +14,7 @@ import attrs
 
 from guidekit.branch import COND, Branch
 from guidekit.errors import GuidanceValueError
-from guidekit.fields import Examples, finite, name, to_float
+from guidekit.fields import Examples, finite_or_schedule, name, to_float
 from guidekit.registry import register
 from guidekit.terms.base import LinearTerm
 
@@ -30,7 +30,7 @@ class ICGTerm(LinearTerm):
     every call of that step). ``cond`` names the positive side.
     """
 
-    scale: float = attrs.field(converter=to_float, validator=finite)
+    scale: float = attrs.field(converter=to_float, validator=finite_or_schedule)
     pool: str = attrs.field(default="icg", validator=name, kw_only=True)
     cond: str = attrs.field(default=COND, validator=name, kw_only=True)
     _name: ClassVar[str] = "ICG"

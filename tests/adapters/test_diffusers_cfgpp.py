@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from guidekit import CFGpp, GuidanceValueError
+from guidekit.schedules import Linear
+from guidekit.schedules.steps import level_at
 from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,8 +37,11 @@ def _latents(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("lam", [LAM, Linear(0.5)], ids=["constant", "scheduled"])
 @torch.no_grad()
-def test_stable_diffusion_euler_matches_a_cfgpp_loop() -> None:
+def test_stable_diffusion_euler_matches_a_cfgpp_loop(lam: Any) -> None:
+    """A scheduled lam (``Linear(0.5)``: 0 at the noisiest step to 1 at the cleanest) is the
+    paper's step at each step's value, on the scheduler's own sigmas."""
     from diffusers import EulerDiscreteScheduler
 
     pipe = tiny.sd_pipeline(EulerDiscreteScheduler(**EULER)).to(F64)
@@ -44,7 +49,7 @@ def test_stable_diffusion_euler_matches_a_cfgpp_loop() -> None:
     lat = _latents((2, 4, 8, 8))
     kwargs = {"prompt_embeds": pe, "negative_prompt_embeds": npe, "num_inference_steps": STEPS,
               "height": 16, "width": 16, "output_type": "latent"}
-    with guided(pipe, CFGpp(LAM)) as run:
+    with guided(pipe, CFGpp(lam)) as run:
         out = pipe(latents=lat, **kwargs).images
     assert [c.rows for c in run.calls] == [4] * STEPS  # one call [c u] per step
 
@@ -56,9 +61,10 @@ def test_stable_diffusion_euler_matches_a_cfgpp_loop() -> None:
         xin = x / (s**2 + 1) ** 0.5
         eps_c = pipe.unet(xin, t, encoder_hidden_states=pe).sample
         eps_u = pipe.unet(xin, t, encoder_hidden_states=npe).sample
-        x0 = x - s * (eps_u + LAM * (eps_c - eps_u))
+        w = lam.at(level_at(s, sigmas)) if isinstance(lam, Linear) else lam
+        x0 = x - s * (eps_u + w * (eps_c - eps_u))
         x = x0 + sn * eps_u
-        gap.append(float((sn * LAM * (eps_c - eps_u)).abs().max()))
+        gap.append(float((sn * w * (eps_c - eps_u)).abs().max()))
     # EulerDiscreteScheduler.step computes in float32; re-noising with the guided noise
     # instead (plain CFG) moves a step by far more than the tolerance
     torch.testing.assert_close(out, x, rtol=0, atol=1e-5)

@@ -21,6 +21,7 @@ import torch
 
 from guidekit import CFG, PAG, CFGpp, GuidanceValueError
 from guidekit.adapters.diffusers import GuidekitGuidance, guided
+from guidekit.schedules import Linear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
@@ -61,6 +62,21 @@ def test_sd3_flow_match_euler_equals_the_classic_adapter(sd3: Any, batched: bool
     # not plain CFG at the same scale: the re-noising matters (far beyond the tolerance)
     cfg = GuidekitGuidance(CFG(LAM)).attach(scheduler=pipe.scheduler)
     assert (out - _sd3(pipe, cfg, inputs)).abs().max() > 1e-5
+
+
+@torch.no_grad()
+def test_a_scheduled_lam_equals_the_classic_adapter(sd3: Any) -> None:
+    """``CFGpp(Linear(0.5))`` reads lam at each step's level on the scheduler's sigmas in both
+    adapters; not the constant lam's result."""
+    pipe, inputs = sd3
+    expr = CFGpp(Linear(0.5))
+    with guided(pipe, expr):
+        ref = pipe(output_type="latent", **inputs).images
+    guider = GuidekitGuidance(expr).attach(scheduler=pipe.scheduler)
+    out = _sd3(pipe, guider, inputs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
+    const = GuidekitGuidance(CFGpp(0.5)).attach(scheduler=pipe.scheduler)
+    assert (out - _sd3(pipe, const, inputs)).abs().max() > 1e-6
 
 
 # -- SDXL: the loop's UNet with its own added conditioning, against hand-written loops ---------

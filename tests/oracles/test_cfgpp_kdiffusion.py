@@ -21,6 +21,8 @@ import guidekit as gk
 from guidekit import CFG, PAG, CFGpp, Cond
 from guidekit.adapters.kdiffusion import KDiffusionGuided
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+from guidekit.schedules import Linear
+from guidekit.schedules.steps import level_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 import _kdiffusion_helpers as helpers  # noqa: E402
@@ -41,7 +43,8 @@ def oracle_euler_ancestral(setup, lam, eta, noises):
     x, sigmas = setup["x"] * setup["sigmas"][0], setup["sigmas"].tolist()
     for i, (s, sn) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         c0, u0 = _two(setup, x, s)
-        x0 = u0 + lam * (c0 - u0)            # x0 = x - s (eps_u + lam (eps_c - eps_u))
+        w = lam[i] if isinstance(lam, list) else lam  # a list: lam per step
+        x0 = u0 + w * (c0 - u0)              # x0 = x - s (eps_u + lam (eps_c - eps_u))
         eps_u = (x - u0) / s
         if sn == 0:
             x = x0
@@ -155,6 +158,25 @@ def test_directions_add_to_the_denoised_estimate(K, setup):
         x0 = u0 + LAM * (c0 - u0) + 0.5 * (a0 - c0)
         ref = x0 + sn * (ref - u0) / s
     torch.testing.assert_close(x, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_a_scheduled_lam_is_the_paper_step_at_each_steps_value(K, setup):
+    """``CFGpp(Linear(0.5))``: lam from 0 at the noisiest step to 1 at the cleanest, each step
+    the paper's CFG++ step at that value; a schedule leaving [0, 1] is refused by name."""
+    sched = Linear(0.5)
+    expr = CFGpp(sched)
+    assert gk.parse(str(expr)) == expr
+    sigmas = setup["sigmas"].tolist()
+    lams = [sched.at(level_at(s, sigmas)) for s in sigmas[:-1]]
+    assert lams[0] == 0 and lams[-1] == 1
+    for name in ("euler", "euler_ancestral"):
+        kw = {"eta": 0.0} if name == "euler_ancestral" else {}
+        guided = _guided(setup, expr, sampler=name, **kw)
+        fn = getattr(K.sampling, f"sample_{name}")
+        x = fn(guided, setup["x"] * setup["sigmas"][0], setup["sigmas"], disable=True, **kw)
+        torch.testing.assert_close(x, oracle_euler_ancestral(setup, lams, 0.0, None), rtol=1e-10, atol=1e-10)
+    with pytest.raises(GuidanceValueError, match=r"CFGpp.*\[0, 1\]"):
+        CFGpp(Linear(1))
 
 
 def test_a_hand_written_euler_loop_through_guide(setup):

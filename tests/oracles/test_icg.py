@@ -14,6 +14,8 @@ import torch
 import guidekit
 from guidekit import CADS, ICG, parse
 from guidekit.errors import GuidanceValueError
+from guidekit.schedules import Linear
+from guidekit.schedules.steps import level_at
 
 from ._support import BATCH, FakeModel, branch, branch_value, conditioning, np64, t64, x_at
 
@@ -114,3 +116,27 @@ def test_a_bad_pool_is_refused_by_name() -> None:
         guidekit.guide(plan, FakeModel("main"), cond=conditioning("cond"))
     with pytest.raises(GuidanceValueError, match="different names"):
         ICG(3, pool="cond")
+
+
+
+def test_a_scheduled_scale_equals_the_constant_of_each_step_and_drops_c_at_zero() -> None:
+    """``ICG(Linear(2))`` on the run's schedule: at step k, ``u_r + w_k (c - u_r)`` with the
+    same draws as a constant-scale run (the pool is drawn per step, whatever the scale); at
+    ``w = 0`` (the first step) the plan runs the drawn rows only."""
+    sched, sigmas = Linear(2), SIGMAS + (0.0,)
+    expr = ICG(sched)
+    assert parse(str(expr)) == expr
+    guided, main = _guided(expr, sigmas=sigmas)
+    const, cmain = _guided(ICG(3), sigmas=sigmas)
+    for k, sigma in enumerate(SIGMAS):
+        out = np64(guided(t64(x_at(k)), sigma))
+        const(t64(x_at(k)), sigma)
+        w = sched.at(level_at(sigma, sigmas))
+        call = main.calls[-1]
+        drawn = call["tag"][-BATCH:].tolist()
+        assert drawn == cmain.calls[-1]["tag"][-BATCH:].tolist()
+        u_r = np.stack([branch_value("main", t, sigma) for t in drawn])
+        c = branch("main", "cond", sigma)
+        np.testing.assert_allclose(out, u_r + w * (c - u_r), rtol=1e-12, atol=1e-12)
+        assert call["rows"] == (BATCH if k == 0 else 2 * BATCH)
+    assert sched.at(level_at(SIGMAS[0], sigmas)) == 0
