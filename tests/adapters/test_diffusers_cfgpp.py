@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from guidekit import CFGpp, GuidanceValueError
+from guidekit.adapters.diffusers import GuidekitGuidance, guided
 from guidekit.schedules import Linear
 from guidekit.schedules.steps import level_at
-from guidekit.adapters.diffusers import GuidekitGuidance, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
