@@ -18,6 +18,7 @@ Attention-space guidance hooks ``m.transformer`` (``guidekit.attention.install``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -133,3 +134,20 @@ class SceneModel:
                 raise TypeError(f"SceneModel.compile sets {key}= itself")
         return guidekit.compile(expr, prediction=self.prediction,
                                 noise=self.convention.guidekit_noise(), **kwargs)
+
+
+def load_scene_model(path: str | Path, *, device: Any = "cpu") -> SceneModel:
+    """A :class:`SceneModel` from a file written by ``python -m guidekit.models.scenes.train``
+    (float32, eval mode)."""
+    from guidekit.models.store import read
+
+    tensors, meta = read(path)
+    if not meta.get("format", "").startswith("guidekit-scenes-pixart/"):
+        raise ValueError(f"{path} is not a scenes denoiser (format {meta.get('format')!r})")
+    nets = build_networks(
+        int(meta["layers"]), heads=int(meta["heads"]), head_dim=int(meta["head_dim"]),
+        text_width=int(meta["text_width"]), text_layers=int(meta["text_layers"]),
+    )
+    nets.load_state_dict({k: v.float() for k, v in tensors.items()})
+    nets.eval().requires_grad_(False).to(device)
+    return SceneModel(nets, meta["prediction"], metadata=dict(meta))
