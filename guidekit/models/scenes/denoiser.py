@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from guidekit.models.dit import patch_transformer_config, xavier_linears
+
 #: One sample: channels, height, width.
 SHAPE = (3, 32, 32)
 PATCH = 4
@@ -32,14 +34,7 @@ def pixart_config(
 ) -> dict[str, Any]:
     """Constructor arguments of the scenes denoiser."""
     return {
-        "num_attention_heads": heads,
-        "attention_head_dim": head_dim,
-        "in_channels": SHAPE[0],
-        # no learned-variance half
-        "out_channels": SHAPE[0],
-        "num_layers": layers,
-        "sample_size": side,
-        "patch_size": patch,
+        **patch_transformer_config((SHAPE[0], side, side), patch, layers, heads, head_dim),
         # PixArt requires it to equal heads * head_dim (its default, 1152, breaks small ones)
         "cross_attention_dim": heads * head_dim,
         "caption_channels": caption_channels,
@@ -47,12 +42,6 @@ def pixart_config(
         "use_additional_conditions": False,
         "dropout": 0.0,
     }
-
-
-def _xavier(w: torch.Tensor, gen: torch.Generator | None) -> None:
-    fan_out, fan_in = w.shape[0], w[0].numel()
-    bound = (6.0 / (fan_in + fan_out)) ** 0.5
-    w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
 
 
 def _normal(w: torch.Tensor, gen: torch.Generator | None, std: float = 0.02) -> None:
@@ -63,13 +52,7 @@ def init_weights(model: Any, generator: torch.Generator | None = None) -> None:
     """Initialise as the module docstring says (seeded by ``generator``)."""
     gen = generator
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                _xavier(module.weight, gen)
-                if module.bias is not None:
-                    module.bias.zero_()
-        _xavier(model.pos_embed.proj.weight, gen)
-        model.pos_embed.proj.bias.zero_()
+        xavier_linears(model, gen)
         emb = model.adaln_single.emb.timestep_embedder
         for lin in (emb.linear_1, emb.linear_2, model.adaln_single.linear,
                     model.caption_projection.linear_1, model.caption_projection.linear_2):

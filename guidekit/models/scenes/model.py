@@ -25,6 +25,7 @@ import attrs
 import torch
 from torch import nn
 
+from guidekit.models.bundled import compile_for
 from guidekit.models.scenes.denoiser import HEAD_DIM, HEADS, LAYERS, SHAPE, build_denoiser
 from guidekit.models.scenes.encoder import TokenEncoder
 from guidekit.models.scenes.tokenizer import Tokenizer
@@ -125,15 +126,7 @@ class SceneModel:
 
     def compile(self, expr: Any, **kwargs: Any) -> Any:
         """``guidekit.compile`` with this model's prediction and noise (text is parsed)."""
-        import guidekit
-
-        if isinstance(expr, str):
-            expr = guidekit.parse(expr)
-        for key in ("prediction", "noise"):
-            if key in kwargs:
-                raise TypeError(f"SceneModel.compile sets {key}= itself")
-        return guidekit.compile(expr, prediction=self.prediction,
-                                noise=self.convention.guidekit_noise(), **kwargs)
+        return compile_for(expr, self.convention, "SceneModel.compile", **kwargs)
 
 
 def load_scene_model(path: str | Path, *, device: Any = "cpu") -> SceneModel:

@@ -15,15 +15,12 @@ count is sized for about 20 minutes on 2 CPU cores and not yet tuned.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
-import numpy as np
 import torch
 
 from guidekit.models.scenes.attributes import HEADS
@@ -35,7 +32,7 @@ from guidekit.models.scenes.model import SceneNetworks, build_networks
 from guidekit.models.scenes.tokenizer import Tokenizer
 from guidekit.models.schedules import Convention, convention
 from guidekit.models.store import WEIGHTS_DIR, save
-from guidekit.models.train import TrainResult
+from guidekit.models.train import TrainResult, _say, fit_classifier, fit_with_ema
 
 FORMAT = "guidekit-scenes-pixart/1"
 NAMES = ("scenes", "scenes-weak", "scenes-classifier")
@@ -63,10 +60,6 @@ RECIPES: dict[str, Recipe] = {
     # the weak sibling for Autoguidance: the same run, two thirds of the steps (as for digits)
     "scenes-weak": Recipe(steps=2000),
 }
-
-
-def _say(*args: Any) -> None:
-    print(*args, flush=True)
 
 
 def drop_captions(
@@ -101,30 +94,15 @@ def train_text_diffusion(
     ``caption_drop`` and noises the batch by ``conv``. Returns the EMA copy (eval mode).
     """
     gen = torch.Generator().manual_seed(seed)
-    networks.train()
-    ema_model = copy.deepcopy(networks).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(networks.parameters(), lr=lr)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for k in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
         tok, m = drop_captions(ids[idx], mask[idx], caption_drop, gen)
         x, sigma, target = conv.training_batch(images[idx], gen)
-        loss = torch.nn.functional.mse_loss(networks(conv, x, sigma, tok, m), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
-        opt.step()
-        decay = min(ema, (1 + k) / (10 + k))
-        with torch.no_grad():
-            for pe, pm in zip(ema_model.parameters(), networks.parameters()):
-                pe.lerp_(pm, 1 - decay)
-        losses.append(float(loss.detach()))
-        if log is not None and ((k + 1) % log_every == 0 or k + 1 == steps):
-            took = time.perf_counter() - start
-            log(f"  step {k + 1:5d}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
-                f"{took:6.1f} s ({(k + 1) / took:.2f} steps/s)")
-    return TrainResult(ema_model, losses, time.perf_counter() - start)
+        return torch.nn.functional.mse_loss(networks(conv, x, sigma, tok, m), target)
+
+    return fit_with_ema(networks, batch_loss, steps=steps, lr=lr, ema=ema, log=log,
+                        log_every=log_every)
 
 
 def metadata(name: str, recipe: Recipe, seed: int, steps: int, train_size: int,
@@ -174,21 +152,12 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = AttributeClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    start = time.perf_counter()
-    model.train()
-    for k in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        loss = attribute_loss(model(images[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log is not None and ((k + 1) % 250 == 0 or k + 1 == steps):
-            log(f"  step {k + 1:5d}/{steps}  loss {loss.item():.4f}  "
-                f"{time.perf_counter() - start:.1f} s")
-    return model.eval()
+        return attribute_loss(model(images[idx]), labels[idx])
+
+    return fit_classifier(model, batch_loss, steps=steps, lr=lr, log=log)
 
 
 def run_classifier(seed: int, out: Path, *, steps: int = 2000, train_size: int = TRAIN_SIZE,
