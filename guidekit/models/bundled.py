@@ -44,6 +44,20 @@ def network_prediction(
     return transformer(x_in, timestep=timestep.to(x.device), class_labels=labels).sample
 
 
+def compile_for(expr: Any, conv: Convention, owner: str, **kwargs: Any) -> Any:
+    """``guidekit.compile`` of ``expr`` (text is parsed) with the prediction and noise of
+    ``conv``; ``owner`` names the caller in the refusal of a ``prediction=`` / ``noise=``."""
+    import guidekit
+
+    if isinstance(expr, str):
+        expr = guidekit.parse(expr)
+    for key in ("prediction", "noise"):
+        if key in kwargs:
+            raise TypeError(f"{owner} sets {key}= itself")
+    return guidekit.compile(expr, prediction=conv.prediction, noise=conv.guidekit_noise(),
+                            **kwargs)
+
+
 @attrs.define(eq=False)
 class Bundled:
     """One shipped DiT with everything guidekit needs to sample it.
@@ -83,16 +97,8 @@ class Bundled:
 
     def compile(self, expr: Any, **kwargs: Any) -> Any:
         """``guidekit.compile`` with this model's prediction and noise (text is parsed)."""
-        import guidekit
-
-        if isinstance(expr, str):
-            expr = guidekit.parse(expr)
-        for key in ("prediction", "noise"):
-            if key in kwargs:
-                raise TypeError(f"Bundled.compile sets {key}= itself ({self.name!r} model)")
-        return guidekit.compile(
-            expr, prediction=self.prediction, noise=self.convention.guidekit_noise(), **kwargs
-        )
+        return compile_for(expr, self.convention, f"Bundled.compile ({self.name!r} model)",
+                           **kwargs)
 
     def __repr__(self) -> str:
         layers = self.transformer.config.num_layers

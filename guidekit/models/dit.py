@@ -34,17 +34,27 @@ HEADS = 2
 HEAD_DIM = 32
 
 
-def dit_config(layers: int = 6, *, heads: int = HEADS, head_dim: int = HEAD_DIM) -> dict[str, Any]:
-    """Constructor arguments of the bundled DiT with ``layers`` transformer blocks."""
+def patch_transformer_config(
+    shape: tuple[int, int, int], patch: int, layers: int, heads: int, head_dim: int
+) -> dict[str, Any]:
+    """The size arguments shared by diffusers' patch transformers (DiT, PixArt) for square
+    images of ``shape`` (channels, side, side) in pixel space."""
     return {
         "num_attention_heads": heads,
         "attention_head_dim": head_dim,
-        "in_channels": SHAPE[0],
+        "in_channels": shape[0],
         # one output channel per input channel: no learned-variance half
-        "out_channels": SHAPE[0],
+        "out_channels": shape[0],
         "num_layers": layers,
-        "sample_size": SHAPE[1],
-        "patch_size": PATCH,
+        "sample_size": shape[1],
+        "patch_size": patch,
+    }
+
+
+def dit_config(layers: int = 6, *, heads: int = HEADS, head_dim: int = HEAD_DIM) -> dict[str, Any]:
+    """Constructor arguments of the bundled DiT with ``layers`` transformer blocks."""
+    return {
+        **patch_transformer_config(SHAPE, PATCH, layers, heads, head_dim),
         # for DiT this is the number of CLASSES, not of diffusion steps
         "num_embeds_ada_norm": CLASSES,
     }
@@ -61,24 +71,31 @@ def disable_label_dropout(model: Any) -> None:
         emb.dropout_prob = 0.0
 
 
+def xavier_(w: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Xavier-uniform in place (fans of a linear or conv weight), from ``generator``."""
+    fan_out, fan_in = w.shape[0], w[0].numel()
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    w.copy_(torch.rand(w.shape, generator=generator) * 2 * bound - bound)
+
+
+def xavier_linears(model: Any, generator: torch.Generator | None = None) -> None:
+    """Xavier-uniform every linear layer and the patch embedding of a diffusers patch
+    transformer, biases 0 (the DiT paper's base initialisation)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            xavier_(module.weight, generator)
+            if module.bias is not None:
+                module.bias.zero_()
+    # the patch embedding is a linear map of each flattened patch
+    xavier_(model.pos_embed.proj.weight, generator)
+    model.pos_embed.proj.bias.zero_()
+
+
 def init_weights(model: Any, generator: torch.Generator | None = None) -> None:
     """Initialise as the DiT paper does: Xavier linears, N(0, 0.02) embeddings, adaLN-Zero."""
     gen = generator
-
-    def xavier(w: torch.Tensor) -> None:
-        fan_out, fan_in = w.shape[0], w[0].numel()
-        bound = (6.0 / (fan_in + fan_out)) ** 0.5
-        w.copy_(torch.rand(w.shape, generator=gen) * 2 * bound - bound)
-
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                xavier(module.weight)
-                if module.bias is not None:
-                    module.bias.zero_()
-        # the patch embedding is a linear map of each flattened patch
-        xavier(model.pos_embed.proj.weight)
-        model.pos_embed.proj.bias.zero_()
+        xavier_linears(model, gen)
         for block in model.transformer_blocks:
             emb = block.norm1.emb
             emb.class_embedder.embedding_table.weight.copy_(

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
@@ -33,6 +33,7 @@ from guidekit.models.schedules import Convention, convention
 from guidekit.models.store import save, weight_path
 
 FORMAT = "guidekit-bundled-dit/1"
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @attrs.frozen
@@ -102,6 +103,34 @@ def train_diffusion(
     checkpoint equals a shorter run with the same seed).
     """
     gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+        x0, y = images[idx], drop_labels(labels[idx], label_drop, gen)
+        x, sigma, target = conv.training_batch(x0, gen)
+        pred = network_prediction(model, conv, x, sigma, y)
+        return torch.nn.functional.mse_loss(pred, target)
+
+    return fit_with_ema(model, batch_loss, steps=steps, lr=lr, ema=ema, log=log,
+                        log_every=log_every, checkpoints=checkpoints,
+                        on_checkpoint=on_checkpoint)
+
+
+def fit_with_ema(
+    model: torch.nn.Module,
+    batch_loss: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    ema: float = 0.999,
+    log: Callable[..., None] | None = _say,
+    log_every: int = 100,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[int, torch.nn.Module], None] | None = None,
+) -> TrainResult:
+    """The bundled diffusion models' optimisation loop: ``batch_loss()`` draws and scores one
+    batch; AdamW at a constant ``lr``, gradient norm clipped at 1, and an EMA copy (decay
+    ``ema``, warmed up as ``(1 + k) / (10 + k)``) that is returned in eval mode."""
     model.train()
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -109,11 +138,7 @@ def train_diffusion(
     start = time.perf_counter()
     marks = set(checkpoints)
     for k in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x0, y = images[idx], drop_labels(labels[idx], label_drop, gen)
-        x, sigma, target = conv.training_batch(x0, gen)
-        pred = network_prediction(model, conv, x, sigma, y)
-        loss = torch.nn.functional.mse_loss(pred, target)
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,14 +218,27 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = Classifier()
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
+        x = shift_augment(images[idx], gen)
+        return torch.nn.functional.cross_entropy(model(x), labels[idx])
+
+    return fit_classifier(model, batch_loss, steps=steps, lr=lr, log=log)
+
+
+def fit_classifier(
+    model: M, batch_loss: Callable[[], torch.Tensor], *, steps: int,
+    lr: float = 2e-3, log: Callable[..., None] | None = _say,
+) -> M:
+    """The evaluation classifiers' loop: AdamW (weight decay 1e-4) with cosine decay over
+    ``steps``; returns ``model`` in eval mode."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.perf_counter()
     model.train()
     for k in range(steps):
-        idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
-        x = shift_augment(images[idx], gen)
-        loss = torch.nn.functional.cross_entropy(model(x), labels[idx])
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
