@@ -106,6 +106,12 @@ class Plan:
         return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
     @functools.cached_property  # per plan: its structure is fixed at compile
+    def keyed(self) -> bool:
+        """Whether a perturbation reads the step's random key inside the forward (TPG's
+        permutations, ``ForwardState.key``): only then is the key tensor made per step."""
+        return any(getattr(b.perturbation, "needs_state", False) for b in self.branches)
+
+    @functools.cached_property  # per plan: its structure is fixed at compile
     def stateful(self) -> tuple[tuple[Any, str], ...]:
         """``(perturbation, model)`` for each perturbation whose state is built inside the
         forward (EMAG's averages), in layout order."""
@@ -301,7 +307,7 @@ class Plan:
         pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
         forward_state = ForwardState(
             batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs),
-            seed=state.seed,
+            seed=state.seed, keyed=self.keyed,
         )
         if where is not None and self.dynamic:  # gated / scheduled attention modifiers
             forward_state.modifiers = {m: modifier_at(m, where) for m in self.dynamic}

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from guidekit.attention.blocks import BlockSkipper
+from guidekit.attention.call import EngineCall
 from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux
 from guidekit.attention.hooks import (
@@ -226,27 +227,30 @@ class AttentionEngine:
             raise errors[0]
 
     # -- per call ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def around_call(self, layout: RowLayout) -> Iterator[None]:
+    def around_call(self, layout: RowLayout) -> contextlib.AbstractContextManager[None]:
         """Context manager entered around one model call (pass it as ``around_call``)."""
         if not self._installed:
             raise GuidanceValueError(
                 "around_call used while the attention engine is not installed: call the model "
                 "inside `with guidekit.attention.install(model, plan) as around_call:`"
             )
+        return EngineCall(self, layout)
+
+    def activate(self, layout: RowLayout) -> None:
+        """Make ``layout``'s routes the active ones (called with the engine's lock held)."""
         selection = self._selection(layout)
-        with self._lock:
-            routes = self._routes.get((layout, selection))
-            if routes is None:
-                routes = self._routes_for(layout, dict(selection))
-                self._routes[(layout, selection)] = routes
-            previous, previous_state = self._active, self._state
-            self._active, self._state = routes, layout.state
-            try:
-                with self.modifiers.active(layout):
-                    yield
-            finally:
-                self._active, self._state = previous, previous_state
+        routes = self._routes.get((layout, selection))
+        if routes is None:
+            routes = self._routes_for(layout, dict(selection))
+            self._routes[(layout, selection)] = routes
+        self._active, self._state = routes, layout.state
+
+    def active_routes(self) -> tuple[Any, Any]:
+        """The active routes and step state (for :meth:`restore_routes`)."""
+        return self._active, self._state
+
+    def restore_routes(self, previous: tuple[Any, Any]) -> None:
+        self._active, self._state = previous
 
     def _selection(self, layout: RowLayout) -> tuple[tuple[Any, str | None], ...]:
         """The layer each stateful perturbation acts in at this step (from its state)."""
