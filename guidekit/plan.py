@@ -32,7 +32,7 @@ from guidekit.padding import Tokens
 from guidekit.pools import draw_pools, pool_names
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
-from guidekit.renoise import check_keep
+from guidekit.renoise import check_keep, sampler_term
 from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
 from guidekit.schedule import resolve, value_at
@@ -110,6 +110,10 @@ class Plan:
         """Whether a perturbation reads the step's random key inside the forward (TPG's
         permutations, ``ForwardState.key``): only then is the key tensor made per step."""
         return any(getattr(b.perturbation, "needs_state", False) for b in self.branches)
+
+    @functools.cached_property  # a walk of the expression, not one per step
+    def _resamples(self) -> bool:
+        return sampler_term(self.expr) is not None
 
     @functools.cached_property  # per plan: its structure is fixed at compile
     def stateful(self) -> tuple[tuple[Any, str], ...]:
@@ -280,7 +284,8 @@ class Plan:
         sampler-step term (CFG++, :mod:`guidekit.renoise`) runs only for a caller that
         passes it, since that caller must re-noise with the term's branch.
         """
-        check_keep(self.expr, keep)
+        if keep is None and self._resamples:
+            check_keep(self.expr, keep)  # refuses: the caller cannot re-noise (CFG++)
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
         s = self._sigma(sigma, x)
