@@ -288,7 +288,9 @@ def share(
     where they cannot, each ``how`` saying so. Conditionings are never changed in place.
     """
     unique = list(dict.fromkeys(names))
-    if len(unique) == 1 or any(not isinstance(conds.get(n), Mapping) for n in unique):
+    if len(unique) == 1 or any(
+        type(conds.get(n)) is not dict and not isinstance(conds.get(n), Mapping) for n in unique
+    ):
         return [Shared(tuple(range(len(names))), conds)]  # concat_conds refuses a bad one
     if not tokens and _same_shapes([conds[n] for n in unique]):
         # the usual step (equal keys and shapes, no rules): what the classes below find

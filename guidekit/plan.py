@@ -145,8 +145,17 @@ class Plan:
     def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
         """Each stateful perturbation's input state, from the step's inputs by name (a
         perturbation that keeps no state, SAG, gets ``None``)."""
-        named = self._named_parts()[len(self.post) + len(self.modifiers):]
-        return {p: (inputs.get(n) if n is not None else None) for n, p in named}
+        return {p: (inputs.get(n) if n is not None else None) for n, p in self._perturbations}
+
+    @functools.cached_property
+    def _perturbations(self) -> tuple[tuple[str | None, Any], ...]:
+        """The stateful perturbations' part of :meth:`_named_parts` (read at every step)."""
+        return self._parts[len(self.post) + len(self.modifiers):]
+
+    @functools.cached_property
+    def _state_names(self) -> dict[Any, str | None]:
+        """Each stateful perturbation's state name (``None``: it keeps none, SAG)."""
+        return {p: n for n, p in self._perturbations}
 
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
@@ -306,10 +315,7 @@ class Plan:
         if native is not None:
             check_native(self, prog, native, s)
             ctx.native = dict(native)
-        named = self._named_parts()
-        post_names = [n for n, _ in named[: len(self.post)]]
-        # a perturbation's state by its name; None for one without (SAG keeps nothing)
-        pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
+        post_names = [n for n, _ in self._parts[: len(self.post)]]
         forward_state = ForwardState(
             batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs),
             seed=state.seed, keyed=self.keyed,
@@ -333,14 +339,15 @@ class Plan:
         results = dict(inputs)
         for p, model in stateful:
             memo = forward_state.memos.get(p)
-            source = Branch(model=model, cond=getattr(p, "source", COND))
-            if memo is None and source in prog.branches:
-                raise GuidanceValueError(
-                    f"{p!r} observed nothing during this step although the rows of "
-                    f"{source.label} ran: the around_call given does not belong to an "
-                    f"attention engine installed for this plan"
-                )
-            name = pert_names[p]
+            if memo is None:
+                source = Branch(model=model, cond=getattr(p, "source", COND))
+                if source in prog.branches:
+                    raise GuidanceValueError(
+                        f"{p!r} observed nothing during this step although the rows of "
+                        f"{source.label} ran: the around_call given does not belong to an "
+                        f"attention engine installed for this plan"
+                    )
+            name = self._state_names[p]
             if name is not None:  # the step's observations -> the next state, by name
                 results[name] = p.commit(inputs[name], memo)
         space = self.prediction
