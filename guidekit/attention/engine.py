@@ -287,7 +287,13 @@ class AttentionEngine:
         self, op: AttentionPerturbation, path: str, route: Route, start: int
     ) -> dict[str, Any]:
         """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`)."""
-        return {**self.scope_kwargs(op, path, route, start), **self.size_kwargs(op)}
+        # the two of them inline: this runs for every perturbed segment of every call
+        kwargs: dict[str, Any] = {}
+        if getattr(op, "stateful", False):
+            kwargs["scope"] = Scope(path, self._state, route.sample(start))
+        if getattr(op, "needs_grid", False):
+            kwargs["size"] = self.input_size.size
+        return kwargs
 
     def _routes_for(
         self, layout: RowLayout, selected: dict[Any, str | None] | None = None
