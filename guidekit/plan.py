@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
@@ -112,7 +113,7 @@ class Plan:
         return any(getattr(b.perturbation, "needs_state", False) for b in self.branches)
 
     @functools.cached_property  # a walk of the expression, not one per step
-    def _resamples(self) -> bool:
+    def _resamples(self) -> bool:  # a CFG++ term: the caller must take ``keep``
         return sampler_term(self.expr) is not None
 
     @functools.cached_property  # per plan: its structure is fixed at compile
@@ -145,17 +146,12 @@ class Plan:
     def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
         """Each stateful perturbation's input state, from the step's inputs by name (a
         perturbation that keeps no state, SAG, gets ``None``)."""
-        return {p: (inputs.get(n) if n is not None else None) for n, p in self._perturbations}
+        return {p: (inputs.get(n) if n is not None else None) for p, n in self._state_names.items()}
 
-    @functools.cached_property
-    def _perturbations(self) -> tuple[tuple[str | None, Any], ...]:
-        """The stateful perturbations' part of :meth:`_named_parts` (read at every step)."""
-        return self._parts[len(self.post) + len(self.modifiers):]
-
-    @functools.cached_property
+    @functools.cached_property  # read at every step
     def _state_names(self) -> dict[Any, str | None]:
-        """Each stateful perturbation's state name (``None``: it keeps none, SAG)."""
-        return {p: n for n, p in self._perturbations}
+        """Each stateful perturbation's state name (``None``: it keeps none, SAG), in order."""
+        return {p: n for n, p in self._parts[len(self.post) + len(self.modifiers):]}
 
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
@@ -402,7 +398,8 @@ class Plan:
                     f"[B] tensor with B = x.shape[0] = {batch}"
                 )
         s = level_of(sigma)
-        check_sigmas((s,), "sigma")
+        if not (s >= 0.0 and math.isfinite(s)):  # what check_sigmas refuses, and says why
+            check_sigmas((s,), "sigma")
         self.noise.check_sigma(s)
         return s
 
