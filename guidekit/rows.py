@@ -90,6 +90,14 @@ class RowLayout:
         return (row + self.offset) % self.batch if self.batch else row
 
 
+def stateless(layout: RowLayout) -> RowLayout:
+    """``layout`` without its step state (equal to it): a cache key that keeps nothing of
+    the step alive."""
+    if layout.state is None:
+        return layout
+    return RowLayout(layout.model, layout.rows, layout.blocks, layout.offset, layout.batch)
+
+
 def layout_rows(
     group: ForwardGroup, batch: int, lo: int, hi: int, state: ForwardState | None = None
 ) -> RowLayout:

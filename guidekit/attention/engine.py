@@ -64,6 +64,7 @@ from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
+from guidekit.rows import stateless
 
 
 class AttentionEngine:
@@ -242,7 +243,9 @@ class AttentionEngine:
         routes = self._routes.get((layout, selection))
         if routes is None:
             routes = self._routes_for(layout, dict(selection))
-            self._routes[(layout, selection)] = routes
+            # kept under the layout WITHOUT its step state: a key holding the ForwardState
+            # would keep that step's observations (EMAG's maps) alive as long as the engine
+            self._routes[(stateless(layout), selection)] = routes
         self._active, self._state = routes, layout.state
 
     def active_routes(self) -> tuple[Any, Any]:
