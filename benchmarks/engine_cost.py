@@ -16,7 +16,9 @@ are interleaved in pairs (the order rotates); the figure is the median over repe
 routing and perturbed maths included. The clock is the timing thread's CPU time
 (``time.thread_time``; ``--wall`` for wall time): on a shared machine a descheduled thread
 adds wall time but no CPU time. "extra ATen ops" counts the operators (kernel launches) the
-guided step dispatches beyond the bare call's, a figure no load changes.
+guided step dispatches beyond the bare call's, "extra Python calls" the Python function
+calls (``sys.setprofile``'s call events) it makes beyond the bare call's: figures no load
+changes.
 """
 
 from __future__ import annotations
@@ -143,6 +145,24 @@ def op_count(fn: Callable[[], Any]) -> int:
     return count.ops
 
 
+def call_count(fn: Callable[[], Any]) -> int:
+    """Python function calls (Python and built-in) one call of ``fn`` makes: like the
+    operator count, a measure of the step's work that no load on the machine changes."""
+    count = 0
+
+    def tick(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(tick)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
 def profile(step: Callable[[], Any], calls: int, top: int) -> None:
     """cProfile of ``calls`` steps: the top functions by own time and by cumulative time."""
     prof = cProfile.Profile()
@@ -201,6 +221,7 @@ def main() -> None:
             for _ in range(5):
                 s()
         ops = {n: op_count(s) for n, s in steps.items()}
+        calls = {n: call_count(s) for n, s in steps.items()}
         clock = bench.timed if args.wall else cpu_timed
         times = paired(steps, pairs, repeats, clock)
     finally:
@@ -213,9 +234,10 @@ def main() -> None:
             name, str(rows), f"{bench.median(times[bare]) * 1e3:.2f}",
             f"{bench.median(times[name]) * 1e3:.2f}", f"{bench.median(diffs) * 1e3:.2f}",
             f"{bench.paired_ratio(times[name], times[bare]):.3f}", str(ops[name] - ops[bare]),
+            str(calls[name] - calls[bare]),
         ])
     header = ["expression", "rows", "bare ms", "guided ms/step", "guided - bare ms",
-              "guided / bare", "extra ATen ops"]
+              "guided / bare", "extra ATen ops", "extra Python calls"]
     print(bench.text_table(header, rows_out))
     notes = [f"{repeats} paired repeats, medians, {'wall' if args.wall else 'thread CPU'} time"]
     for name in EXPRESSIONS:

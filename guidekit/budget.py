@@ -10,9 +10,9 @@ the rows. A peak that did not rise (an earlier, bigger peak hides the call's own
 nothing, so the measurement is retried on the next calls (``attempts`` times, then the
 group runs without a memory cap). Readers:
 
-* free memory: ``torch.cuda.mem_get_info`` on CUDA; on CPU ``psutil.virtual_memory()``
-  when psutil is installed, else ``MemAvailable`` from ``/proc/meminfo``; ``None`` (no cap)
-  where neither exists;
+* free memory: ``torch.cuda.mem_get_info`` on CUDA; on CPU ``MemAvailable`` from
+  ``/proc/meminfo``, else ``psutil.virtual_memory()`` when psutil is installed; ``None``
+  (no cap) where neither exists;
 * peak memory: ``torch.cuda.max_memory_allocated`` (never reset: the user's own peak
   statistics stay theirs) on CUDA; the process's ``VmHWM`` / ``VmRSS`` from
   ``/proc/self/status`` on CPU.
@@ -53,10 +53,15 @@ def free_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    # /proc/meminfo's MemAvailable first: psutil reports the same figure on Linux, at twice
+    # the cost (it parses the whole file); psutil serves the systems without /proc
+    available = _meminfo("MemAvailable")
+    if available is not None:
+        return available
     try:
-        import psutil  # optional: the /proc reader below does without it
+        import psutil  # optional
     except ImportError:
-        return _meminfo("MemAvailable")
+        return None
     return int(psutil.virtual_memory().available)
 
 

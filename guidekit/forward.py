@@ -99,7 +99,7 @@ def run_groups(
             if shared is not None:  # what the group's last step did, for print(plan)
                 if part.how:
                     shared[sub.title] = part.how
-                else:
+                elif shared:  # (the title is built only when there is one to forget)
                     shared.pop(sub.title, None)
             full = _run_group(
                 sub, model, x, sigma, part.conds, split, native, part.how,
@@ -154,9 +154,9 @@ def _run_group(
             check_output(out, group.model, hi - lo, xs)
             outs.append(out)
             if on_call is not None:
-                labels = tuple(
-                    group.branches[i].label for i in range(lo // batch, (hi - 1) // batch + 1)
-                )
+                labels = group.branch_labels if whole else group.branch_labels[
+                    lo // batch : (hi - 1) // batch + 1
+                ]
                 on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
         full = outs[0] if len(outs) == 1 else torch.cat(outs)
         if timed:

@@ -258,6 +258,23 @@ def _sequences_differ(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return sequence
 
 
+def _same_shapes(dicts: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether ``dicts`` have the same keys, and under each key tensors of one shape in all
+    of them or a non-tensor in all of them (one form, :func:`_form`, without rules)."""
+    first = dicts[0]
+    for d in dicts[1:]:
+        if d.keys() != first.keys():
+            return False
+        for k, v in first.items():
+            w = d[k]
+            if isinstance(v, torch.Tensor):
+                if not isinstance(w, torch.Tensor) or w.shape[1:] != v.shape[1:]:
+                    return False
+            elif isinstance(w, torch.Tensor):
+                return False
+    return True
+
+
 def share(
     names: Sequence[str],
     conds: Mapping[str, Mapping[str, Any]],
@@ -271,8 +288,14 @@ def share(
     where they cannot, each ``how`` saying so. Conditionings are never changed in place.
     """
     unique = list(dict.fromkeys(names))
-    if len(unique) == 1 or any(not isinstance(conds.get(n), Mapping) for n in unique):
+    if len(unique) == 1 or any(
+        type(conds.get(n)) is not dict and not isinstance(conds.get(n), Mapping) for n in unique
+    ):
         return [Shared(tuple(range(len(names))), conds)]  # concat_conds refuses a bad one
+    if not tokens and _same_shapes([conds[n] for n in unique]):
+        # the usual step (equal keys and shapes, no rules): what the classes below find
+        # for it, without building them at every call
+        return [Shared(tuple(range(len(names))), dict(conds))]
     whole = [Shared(tuple(range(len(names))), conds)]
     dicts: dict[str, Mapping[str, Any]] = {n: conds[n] for n in unique}
     masks = {r.mask for r in tokens}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
@@ -33,7 +34,7 @@ from guidekit.padding import Tokens
 from guidekit.pools import draw_pools, pool_names
 from guidekit.processor import AttentionModifier
 from guidekit.program import Program, atom_label, fmt_term
-from guidekit.renoise import check_keep
+from guidekit.renoise import check_keep, sampler_term
 from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
 from guidekit.schedule import resolve, value_at
@@ -107,6 +108,16 @@ class Plan:
         return tuple(m for m in self.modifiers if isinstance(m, AttentionModifier))
 
     @functools.cached_property  # per plan: its structure is fixed at compile
+    def keyed(self) -> bool:
+        """Whether a perturbation reads the step's random key inside the forward (TPG's
+        permutations, ``ForwardState.key``): only then is the key tensor made per step."""
+        return any(getattr(b.perturbation, "needs_state", False) for b in self.branches)
+
+    @functools.cached_property  # a walk of the expression, not one per step
+    def _resamples(self) -> bool:  # a CFG++ term: the caller must take ``keep``
+        return sampler_term(self.expr) is not None
+
+    @functools.cached_property  # per plan: its structure is fixed at compile
     def stateful(self) -> tuple[tuple[Any, str], ...]:
         """``(perturbation, model)`` for each perturbation whose state is built inside the
         forward (EMAG's averages), in layout order."""
@@ -136,8 +147,12 @@ class Plan:
     def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
         """Each stateful perturbation's input state, from the step's inputs by name (a
         perturbation that keeps no state, SAG, gets ``None``)."""
-        named = self._named_parts()[len(self.post) + len(self.modifiers):]
-        return {p: (inputs.get(n) if n is not None else None) for n, p in named}
+        return {p: (inputs.get(n) if n is not None else None) for p, n in self._state_names.items()}
+
+    @functools.cached_property  # read at every step
+    def _state_names(self) -> dict[Any, str | None]:
+        """Each stateful perturbation's state name (``None``: it keeps none, SAG), in order."""
+        return {p: n for n, p in self._parts[len(self.post) + len(self.modifiers):]}
 
     def region(self, sigma: float) -> int:
         sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
@@ -279,7 +294,8 @@ class Plan:
         sampler-step term (CFG++, :mod:`guidekit.renoise`) runs only for a caller that
         passes it, since that caller must re-noise with the term's branch.
         """
-        check_keep(self.expr, keep)
+        if keep is None and self._resamples:
+            check_keep(self.expr, keep)  # refuses: the caller cannot re-noise (CFG++)
         if not isinstance(x, torch.Tensor) or x.ndim < 1:
             raise GuidanceTypeError(f"x must be a tensor with a batch axis, got {type(x).__name__}")
         s = self._sigma(sigma, x)
@@ -300,13 +316,10 @@ class Plan:
         if native is not None:
             check_native(self, prog, native, s)
             ctx.native = dict(native)
-        named = self._named_parts()
-        post_names = [n for n, _ in named[: len(self.post)]]
-        # a perturbation's state by its name; None for one without (SAG keeps nothing)
-        pert_names = {p: n for n, p in named[len(self.post) + len(self.modifiers):]}
+        post_names = [n for n, _ in self._parts[: len(self.post)]]
         forward_state = ForwardState(
             batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs),
-            seed=state.seed,
+            seed=state.seed, keyed=self.keyed,
         )
         if where is not None and self.dynamic:  # gated / scheduled attention modifiers
             forward_state.modifiers = {m: modifier_at(m, where) for m in self.dynamic}
@@ -327,14 +340,15 @@ class Plan:
         results = dict(inputs)
         for p, model in stateful:
             memo = forward_state.memos.get(p)
-            source = Branch(model=model, cond=getattr(p, "source", COND))
-            if memo is None and source in prog.branches:
-                raise GuidanceValueError(
-                    f"{p!r} observed nothing during this step although the rows of "
-                    f"{source.label} ran: the around_call given does not belong to an "
-                    f"attention engine installed for this plan"
-                )
-            name = pert_names[p]
+            if memo is None:
+                source = Branch(model=model, cond=getattr(p, "source", COND))
+                if source in prog.branches:
+                    raise GuidanceValueError(
+                        f"{p!r} observed nothing during this step although the rows of "
+                        f"{source.label} ran: the around_call given does not belong to an "
+                        f"attention engine installed for this plan"
+                    )
+            name = self._state_names[p]
             if name is not None:  # the step's observations -> the next state, by name
                 results[name] = p.commit(inputs[name], memo)
         space = self.prediction
@@ -389,7 +403,8 @@ class Plan:
                     f"[B] tensor with B = x.shape[0] = {batch}"
                 )
         s = level_of(sigma)
-        check_sigmas((s,), "sigma")
+        if not (s >= 0.0 and math.isfinite(s)):  # what check_sigmas refuses, and says why
+            check_sigmas((s,), "sigma")
         self.noise.check_sigma(s)
         return s
 

@@ -3,6 +3,7 @@ the combine formula that ``print(plan)`` shows."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import attrs
@@ -20,11 +21,13 @@ class Program:
     groups: tuple[ForwardGroup, ...]
     formula: str
 
-    @property
+    # read at every step of the program's interval: made once (the fields are frozen)
+    @functools.cached_property
     def coef_map(self) -> dict[Any, float]:
+        """The coefficients by atom (shared: read it, never change it)."""
         return dict(self.coefs)
 
-    @property
+    @functools.cached_property
     def branches(self) -> tuple[Branch, ...]:
         return tuple(b for g in self.groups for b in g.branches)
 

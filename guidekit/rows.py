@@ -9,6 +9,7 @@ then perturbed ones; every branch is a block of ``B`` rows (the sampler's batch)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,11 +34,16 @@ class ForwardGroup:
     branches: tuple[Branch, ...]
     stage: int = 0
 
-    @property
-    def labels(self) -> str:
-        return " ".join(b.label for b in self.branches)
+    # read at every call: made once per group (the fields are frozen)
+    @functools.cached_property
+    def branch_labels(self) -> tuple[str, ...]:
+        return tuple(b.label for b in self.branches)
 
-    @property
+    @functools.cached_property
+    def labels(self) -> str:
+        return " ".join(self.branch_labels)
+
+    @functools.cached_property
     def title(self) -> str:
         """``main [c u]``, or ``main (2nd call) [u[SAG...]]`` for a dependent group."""
         return f"{self.model}{' (2nd call)' if self.stage else ''} [{self.labels}]"
@@ -82,6 +88,14 @@ class RowLayout:
     def sample(self, row: int) -> int:
         """Index in the sampler's batch of the call's row ``row``."""
         return (row + self.offset) % self.batch if self.batch else row
+
+
+def stateless(layout: RowLayout) -> RowLayout:
+    """``layout`` without its step state (equal to it): a cache key that keeps nothing of
+    the step alive."""
+    if layout.state is None:
+        return layout
+    return RowLayout(layout.model, layout.rows, layout.blocks, layout.offset, layout.batch)
 
 
 def layout_rows(

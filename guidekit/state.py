@@ -185,12 +185,13 @@ class State:
         if missing:
             raise GuidanceValueError(f"no next state for the component(s) {', '.join(missing)}")
         values = tuple(results[n] for n in self.components)
+        # the constructor itself: attrs.evolve reads every field's definition at each call,
+        # and this runs once per model call
         if kind is CallKind.NEW:
-            return attrs.evolve(
-                self, before=self.current, current=values, level=self.level + 1,
-                level_sigma=sigma,
-            )
-        return attrs.evolve(self, current=values)
+            return State(self.seed, self.schedule, self.components, self.current, values,
+                         self.level + 1, sigma)
+        return State(self.seed, self.schedule, self.components, self.before, values,
+                     self.level, self.level_sigma)
 
 
 def new_state(
@@ -236,13 +237,18 @@ class ForwardState:
     modifiers: dict[Any, Any] = attrs.field(factory=dict)
     #: the run's seed (TPG's token permutations are drawn from it and ``level``)
     seed: int = 0
+    #: whether to make :attr:`key` (``Plan.step`` asks only for a plan that reads it)
+    keyed: bool = True
     #: ``[seed mod 2**63, level]`` as an int64 tensor, made here, outside the model call:
     #: randomness drawn inside a compiled forward reads it as a graph input (a Python int
-    #: there would be a compile-time constant, recompiled at every step)
-    key: torch.Tensor = attrs.field(init=False)
+    #: there would be a compile-time constant, recompiled at every step). ``None`` when not
+    #: ``keyed``: a tensor made per step is an operator no other plan needs
+    key: torch.Tensor | None = attrs.field(init=False)
 
     @key.default
-    def _key(self) -> torch.Tensor:
+    def _key(self) -> torch.Tensor | None:
+        if not self.keyed:
+            return None
         return torch.tensor([self.seed % 2**63, self.level], dtype=torch.int64)
 
     def memo(self, owner: Any, factory: Any) -> Any:

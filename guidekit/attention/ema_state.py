@@ -144,7 +144,8 @@ def blend(previous: torch.Tensor | None, current: torch.Tensor, beta: float) -> 
 def spread(average: torch.Tensor, current: torch.Tensor) -> float:
     """``mean |E - A|``: each sample's mean, averaged over the finite ones (NaN if none)."""
     per_sample = (average - current.to(average.dtype)).abs().flatten(1).mean(dim=1)
-    whole = float(per_sample.mean())
+    # one sample (B = 1): its own value, without a mean over one number (an operator)
+    whole = float(per_sample.mean() if per_sample.numel() > 1 else per_sample)
     if math.isfinite(whole):  # every sample finite (the usual case): no mask to build
         return whole
     finite = per_sample[torch.isfinite(per_sample)]

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from guidekit.attention.blocks import BlockSkipper
+from guidekit.attention.call import EngineCall
 from guidekit.attention.ema import Observe, Scope
 from guidekit.attention.flux import TextLength, is_flux
 from guidekit.attention.hooks import (
@@ -63,6 +64,7 @@ from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
+from guidekit.rows import stateless
 
 
 class AttentionEngine:
@@ -226,27 +228,32 @@ class AttentionEngine:
             raise errors[0]
 
     # -- per call ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def around_call(self, layout: RowLayout) -> Iterator[None]:
+    def around_call(self, layout: RowLayout) -> contextlib.AbstractContextManager[None]:
         """Context manager entered around one model call (pass it as ``around_call``)."""
         if not self._installed:
             raise GuidanceValueError(
                 "around_call used while the attention engine is not installed: call the model "
                 "inside `with guidekit.attention.install(model, plan) as around_call:`"
             )
+        return EngineCall(self, layout)
+
+    def activate(self, layout: RowLayout) -> None:
+        """Make ``layout``'s routes the active ones (called with the engine's lock held)."""
         selection = self._selection(layout)
-        with self._lock:
-            routes = self._routes.get((layout, selection))
-            if routes is None:
-                routes = self._routes_for(layout, dict(selection))
-                self._routes[(layout, selection)] = routes
-            previous, previous_state = self._active, self._state
-            self._active, self._state = routes, layout.state
-            try:
-                with self.modifiers.active(layout):
-                    yield
-            finally:
-                self._active, self._state = previous, previous_state
+        routes = self._routes.get((layout, selection))
+        if routes is None:
+            routes = self._routes_for(layout, dict(selection))
+            # kept under the layout WITHOUT its step state: a key holding the ForwardState
+            # would keep that step's observations (EMAG's maps) alive as long as the engine
+            self._routes[(stateless(layout), selection)] = routes
+        self._active, self._state = routes, layout.state
+
+    def active_routes(self) -> tuple[Any, Any]:
+        """The active routes and step state (for :meth:`restore_routes`)."""
+        return self._active, self._state
+
+    def restore_routes(self, previous: tuple[Any, Any]) -> None:
+        self._active, self._state = previous
 
     def _selection(self, layout: RowLayout) -> tuple[tuple[Any, str | None], ...]:
         """The layer each stateful perturbation acts in at this step (from its state)."""
@@ -283,7 +290,13 @@ class AttentionEngine:
         self, op: AttentionPerturbation, path: str, route: Route, start: int
     ) -> dict[str, Any]:
         """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`)."""
-        return {**self.scope_kwargs(op, path, route, start), **self.size_kwargs(op)}
+        # the two of them inline: this runs for every perturbed segment of every call
+        kwargs: dict[str, Any] = {}
+        if getattr(op, "stateful", False):
+            kwargs["scope"] = Scope(path, self._state, route.sample(start))
+        if getattr(op, "needs_grid", False):
+            kwargs["size"] = self.input_size.size
+        return kwargs
 
     def _routes_for(
         self, layout: RowLayout, selected: dict[Any, str | None] | None = None

@@ -54,7 +54,7 @@ def fused_self_attention(
         key = attn.norm_k(key)
     # one split per tensor (one operator) rather than a slice per segment and tensor
     sizes = [b - a for a, b, _ in segments]
-    qs, ks, vs = (t.split_with_sizes(sizes) for t in (query, key, value))
+    qs, ks, vs = query.split_with_sizes(sizes), key.split_with_sizes(sizes), value.split_with_sizes(sizes)
     cores = []
     for (a, _, op), q, k, v in zip(segments, qs, ks, vs):
         if op is None:

@@ -79,6 +79,7 @@ from guidekit.attention.processors import ModifierModuleProcessor, ModifierProce
 from guidekit.attention.route import LayerCall, LayerOps, add_block
 from guidekit.attention.sdpa import Frame, modified_sdpa
 from guidekit.errors import GuidanceValueError
+from guidekit.rows import stateless
 
 
 def _is_core(m: Any) -> bool:
@@ -248,7 +249,10 @@ class ModifierHooks:
             if calls is None:
                 if len(self._calls) > 4096:  # a scheduled scale: one entry per noise level
                     self._calls.clear()
-                calls = self._calls[key] = self._calls_for(layout, now)
+                calls = self._calls_for(layout, now)
+                # kept under the layout without its step state (the step's observations)
+                bare = stateless(layout)
+                self._calls[(bare, tuple(now.items())) if now else bare] = calls
             self._active = calls
         self._negatives = {}
         try:

@@ -5,6 +5,8 @@ and its errors (a batch change)."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -164,3 +166,26 @@ def test_a_preset_too_deep_for_the_model_names_the_preset() -> None:
     # the paper's choice scaled to the depth works on the same model
     guidekit.attention.install(model, guidekit.compile(
         EMAG.sd3(sigmas, layers=None), prediction="flow", noise="flow"))
+
+
+@pytest.mark.parametrize("expr", [CFG(2) + EMAG(1.5, layers=(1, 2)), CFG(2) + EMAGQ(1.5, layers=(1, 2))])
+def test_the_engine_keeps_no_step_state_once_the_run_is_gone(expr: Any) -> None:
+    # each step's ForwardState holds that step's observed maps (queries); the engine's route
+    # cache must not keep any of them alive for as long as it is installed
+    model = tiny_dit(num_layers=4)
+    plan = guidekit.compile(expr, prediction="eps", noise="ve")
+    seen: list[weakref.ref[Any]] = []
+    with torch.no_grad(), guidekit.attention.install(model, plan) as around:
+
+        def recording(layout: Any) -> Any:
+            seen.append(weakref.ref(layout.state))
+            return around(layout)
+
+        run = guided(model, plan, recording)
+        x = start()
+        for sigma in SIGMAS[:-1]:
+            x = x - 0.1 * run(x, sigma)
+        del run
+        gc.collect()
+        assert len(seen) == len(SIGMAS) - 1
+        assert all(ref() is None for ref in seen)
