@@ -91,7 +91,8 @@ def _check(plan: guidekit.Plan, world: World, lengths: dict[str, int], tokens: T
     separate, s = _run(plan, world, conds, None)
     for a, b in zip(shared, separate):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
-    groups = [len(plan.program(sigma).groups) for sigma in world.sigmas]
+    schedule = (*world.sigmas, 0.0)  # the run's (a progress schedule reads its step there)
+    groups = [len(plan.program(sigma, schedule).groups) for sigma in world.sigmas]
     assert len(g.calls) == sum(groups)  # every group one call, whatever the lengths
     for call in g.calls:
         names = {n for n in TAGS if any(b == {"cond": "c", "uncond": "u"}.get(n, n)
