@@ -35,8 +35,10 @@ examples:
 
 SWEEP_HELP = """\
 A grid of guidance scales per method (CFG, PAG, CFG + PAG, Autoguidance, APG, CADS, EMAG,
-CFG + EMAG) on the bundled eps and flow models, over several seeds: class accuracy, FD and
-diversity gap with mean and spread over seeds. Writes runs.csv, summary.csv, summary.md,
+CFG + EMAG) or per guidance expression of your own (--expr, --exprs; {s} where the swept
+scale goes) on the bundled eps and flow models, over several seeds: class accuracy, FD and
+diversity gap with mean and spread over seeds. Every expression is parsed, and tried on
+every model for one step, before anything is sampled. Writes runs.csv, summary.csv, summary.md,
 pareto-<model>.png (needs matplotlib: pip install 'guidekit[plots]') and speed.csv
 (per-step time ratios) to --out. Shard it over processes with torchrun: each process takes
 every n-th job, rank 0 gathers and writes; the numbers equal a single process's.
@@ -46,6 +48,9 @@ SWEEP_EPILOG = """\
 examples:
   python -m guidekit sweep --out sweep
   python -m guidekit sweep --models eps --methods none,CFG,PAG --seeds 2 --samples 10
+  python -m guidekit sweep --expr "CFG(1.5) + EMAG(1)" --expr "CFG({s}) | APG(eta=0)" \
+      --scales 1.5 3
+  python -m guidekit sweep --exprs mine.txt --scales 1.5,2,3 --methods none,CFG
   torchrun --nproc_per_node 2 --standalone -m guidekit sweep --out sweep
   python -m torch.distributed.run --nproc_per_node 2 --standalone -m guidekit sweep
 """
@@ -134,10 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models", type=_names, default=["eps", "flow"],
                        help="comma-separated bundled models (default eps,flow)")
     sweep.add_argument("--methods", type=_names, default=None,
-                       help="comma-separated methods (default: all this guidekit has): "
+                       help="comma-separated methods (default: all this guidekit has; with "
+                       "--expr/--exprs only the unguided baseline 'none'): "
                        "none,CFG,PAG,CFG+PAG,Autoguidance,APG,CADS,EMAG,CFG+EMAG")
-    sweep.add_argument("--scales", type=_floats, default=None,
-                       help="comma-separated scales replacing every method's default grid")
+    sweep.add_argument("--expr", "-e", action="append", default=[], metavar="EXPR",
+                       help="a guidance expression to sweep, read by guidekit.parse; {s} "
+                       "where the scale goes (swept over --scales), without it run once per "
+                       "seed; repeat for several")
+    sweep.add_argument("--exprs", metavar="FILE", default=None,
+                       help="a file of guidance expressions, one per line (# comments)")
+    sweep.add_argument("--scales", type=_floats, nargs="+", default=None,
+                       help="scales (space- or comma-separated) replacing every method's "
+                       "default grid; the grid of every expression with {s}")
     sweep.add_argument("--seeds", type=_positive, default=3, help="seeds 0..n-1 (default 3)")
     sweep.add_argument("--samples", "-n", type=_positive, default=20,
                        help="samples PER DIGIT per job (default 20: 200 per job; FD depends "
@@ -197,24 +210,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from guidekit.models import MODEL_NAMES
-    from guidekit.models.sweep import METHODS, run_sweep
+    from guidekit.errors import GuidanceError
+    from guidekit.models.sweep import METHODS, read_exprs, run_sweep, sweep_models
 
-    bad = [m for m in args.models if m not in MODEL_NAMES] + [
+    bad = [m for m in args.models if m not in sweep_models()] + [
         m for m in args.methods or () if m not in METHODS
     ]
     if bad:  # a message, not a traceback from deep inside the run
         print(f"guidekit sweep: unknown model or method {bad}; models: "
-              f"{', '.join(MODEL_NAMES)}; methods: {', '.join(METHODS)}", file=sys.stderr)
+              f"{', '.join(sweep_models())}; methods: {', '.join(METHODS)}", file=sys.stderr)
         return 2
-    run_sweep(
-        models=args.models, methods=args.methods, scales=args.scales,
-        seeds=range(args.seeds), per_digit=args.samples, steps=args.steps, out=args.out,
-        threads=args.threads, device=args.device, speed=not args.no_speed,
-        speed_batch=args.speed_batch, speed_steps=args.speed_steps,
-        speed_repeats=args.speed_repeats, plots=not args.no_plot,
-        progress=not args.no_progress,
-    )
+    exprs = list(args.expr)
+    if args.exprs is not None:
+        try:
+            exprs += read_exprs(args.exprs)
+        except OSError as err:
+            print(f"guidekit sweep: cannot read --exprs {args.exprs!r}: {err}", file=sys.stderr)
+            return 2
+    methods = args.methods
+    if methods is None and exprs:  # the expressions and the baseline they are paired with
+        methods = ["none"]
+    scales = None if args.scales is None else [s for group in args.scales for s in group]
+    try:
+        run_sweep(
+            models=args.models, methods=methods, scales=scales, exprs=exprs,
+            seeds=range(args.seeds), per_digit=args.samples, steps=args.steps, out=args.out,
+            threads=args.threads, device=args.device, speed=not args.no_speed,
+            speed_batch=args.speed_batch, speed_steps=args.speed_steps,
+            speed_repeats=args.speed_repeats, plots=not args.no_plot,
+            progress=not args.no_progress,
+        )
+    except GuidanceError as err:  # a bad or unsupported expression: refused before sampling
+        print(f"guidekit sweep: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,9 @@
-"""The sweep's grid: methods and their scales, one job per (model, method, scale, seed)."""
+"""The sweep's grid: methods and their scales, one job per (model, method, scale, seed).
+
+A method is a named entry of :data:`METHODS` or a guidance expression given as text
+(:class:`~guidekit.models.sweep.exprs.Expr`); what a job conditions on and how it is scored
+belong to its model's family (:mod:`~guidekit.models.sweep.family`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ from typing import Any
 import attrs
 
 from guidekit.errors import GuidanceError
-from guidekit.models.cache import ModelCache, digit_labels, weak_name
+from guidekit.models.cache import ModelCache
+from guidekit.models.sweep.exprs import Expr, fmt_scale
+from guidekit.models.sweep.family import family_of
 
 #: ``method -> (expression template with {s}, default scales)``. "none" is the unguided
 #: conditional baseline every Pareto plot shows. Combinations fix CFG at a mild 1.5 (the
@@ -28,10 +35,6 @@ METHODS: dict[str, tuple[str, tuple[float, ...]]] = {
 }
 
 
-def fmt_scale(scale: float) -> str:
-    return f"{scale:g}"
-
-
 def expression(method: str, scale: float) -> str:
     """The guidance text of ``method`` at ``scale`` (read by ``guidekit.parse``)."""
     return METHODS[method][0].format(s=fmt_scale(scale))
@@ -40,16 +43,24 @@ def expression(method: str, scale: float) -> str:
 @attrs.frozen
 class Job:
     """One sweep job. ``seed`` seeds the sampling (noise, plan state): jobs that differ only
-    in method or scale share their initial noise, so comparisons are paired."""
+    in method or scale share their initial noise, so comparisons are paired.
+
+    ``template`` is the text of an expression method (``{s}`` where the scale goes; ``scale``
+    None where it has none); ``None`` for a named method of :data:`METHODS`.
+    """
 
     index: int
     model: str
     method: str
-    scale: float
+    scale: float | None
     seed: int
+    template: str | None = None
 
     @property
     def text(self) -> str:
+        if self.template is not None:
+            return Expr(self.template, self.method).text(self.scale)
+        assert self.scale is not None  # a named method always has its scale
         return expression(self.method, self.scale)
 
 
@@ -63,28 +74,32 @@ def check_methods(methods: Iterable[str] | None = None) -> list[str]:
     return wanted
 
 
-def unsupported(models: ModelCache, model: str, method: str) -> str | None:
+def unsupported(models: ModelCache, model: str, method: str | Expr,
+                scale: float | None = None) -> str | None:
     """Why ``model`` cannot run ``method`` (a GuidanceError from a one-step probe), or None.
 
-    Probed, not assumed: a method the model cannot feed is reported, not faked.
+    ``method`` is a name of :data:`METHODS` (probed at its first default scale) or an
+    expression (probed at ``scale``). Probed, not assumed: a method the model cannot feed
+    is reported, not faked.
     """
-    from guidekit.models import sample
-
-    text = expression(method, METHODS[method][1][0])
-    bundled = models(model)
-    weak = models(weak_name(model)) if "Autoguidance" in text else None
+    if isinstance(method, Expr):
+        text = method.text(scale)
+    else:
+        text = expression(method, METHODS[method][1][0])
     try:
-        sample(bundled, text, [0, 1], steps=1, seed=0, weak=weak)
+        family_of(model).probe(models, model, text)
     except GuidanceError as err:
         return f"{type(err).__name__}: {err}"
     return None
 
 
 def make_jobs(models: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
-              scales: Sequence[float] | None = None) -> list[Job]:
-    """The grid in a fixed order: model, method, scale, seed (``index`` is the position).
+              scales: Sequence[float] | None = None, exprs: Sequence[Expr] = ()) -> list[Job]:
+    """The grid in a fixed order: model, method, scale, seed (``index`` is the position);
+    per model the named ``methods`` first, then ``exprs``.
 
-    ``scales`` replaces every method's default scales (the "none" baseline keeps its 0).
+    ``scales`` replaces every method's default scales (the "none" baseline keeps its 0) and
+    is the grid of every expression with ``{s}``; one without runs once per seed.
     """
     jobs: list[Job] = []
     for model in models:
@@ -93,24 +108,28 @@ def make_jobs(models: Sequence[str], methods: Sequence[str], seeds: Sequence[int
             for scale in grid:
                 for seed in seeds:
                     jobs.append(Job(len(jobs), model, method, float(scale), int(seed)))
+        for expr in exprs:
+            at: Sequence[float | None] = tuple(scales or ()) if expr.swept else (None,)
+            for s in at:
+                for seed in seeds:
+                    jobs.append(Job(len(jobs), model, expr.method,
+                                    None if s is None else float(s), int(seed), expr.template))
     return jobs
 
 
 def run_job(job: Job, models: ModelCache, *, per_digit: int, steps: int) -> dict[str, Any]:
-    """Sample and score one job; a CSV row (``seconds`` is the only non-reproducible field)."""
-    from guidekit.models import evaluate, sample
+    """Sample and score one job; a CSV row (``seconds`` is the only non-reproducible field).
 
-    labels = digit_labels(per_digit)
-    bundled = models(job.model)
-    weak = models(weak_name(job.model)) if "Autoguidance" in job.text else None
-    result = sample(bundled, job.text, labels, steps=steps, seed=job.seed, weak=weak)
-    m = evaluate(result.images, labels)
+    ``per_digit``: samples per class of the model's family (digits: per digit).
+    """
+    family = family_of(job.model)
+    cond = family.conditioning(per_digit)
+    result = family.sample(models, job.model, job.text, cond, steps=steps, seed=job.seed)
     return {
         "index": job.index, "model": job.model, "method": job.method,
         "scale": fmt_scale(job.scale), "expression": job.text, "seed": job.seed,
-        "samples": int(labels.shape[0]), "steps": steps,
-        "accuracy": m.accuracy, "fd": m.fd, "diversity": m.diversity,
-        "diversity_gap": m.diversity_gap,
+        "samples": len(cond), "steps": steps,
+        **family.score(result.images, cond),
         "calls": len(result.calls), "rows": sum(c.rows for c in result.calls),
         "seconds": result.seconds,
     }

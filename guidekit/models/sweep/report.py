@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from guidekit.models.sweep.family import DIGITS, family_of
 from guidekit.models.sweep.grid import METHODS
 
-#: the scores of a job, summarised over seeds
-METRICS = ("accuracy", "fd", "diversity", "diversity_gap")
+#: the scores of a digit job, summarised over seeds (another family names its own:
+#: ``Family.metrics``; every family scores ``accuracy`` and ``fd``, the Pareto axes)
+METRICS = DIGITS.metrics
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -28,8 +30,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation (ddof 1; NaN for one seed) per configuration.
 
-    Works on fresh rows and on rows read back from ``runs.csv`` (strings). ``*_vs_none``
-    are the paired differences to the unguided ("none") run of the same model and seed.
+    Works on fresh rows and on rows read back from ``runs.csv`` (strings). A configuration
+    is a (model, method, scale): a named method or an expression's text (its repr). The
+    scores summarised are the model family's ``metrics``. ``*_vs_none`` are the paired
+    differences to the unguided ("none") run of the same model and seed.
     """
     base = {(r["model"], r["seed"]): r for r in rows if r["method"] == "none"}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -40,7 +44,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"model": model, "method": method, "scale": scale,
                                "expression": rs[0]["expression"], "seeds": len(rs),
                                "samples": rs[0]["samples"]}
-        for key in METRICS:
+        for key in family_of(model).metrics:
             values = [float(r[key]) for r in rs]
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values)
         # paired with the unguided baseline run of the same model and seed (same initial
@@ -76,6 +80,8 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
     difference to the unguided run of the same seed (paired), mean ± std over seeds."""
 
     def pm(r: dict[str, Any], key: str, digits: int) -> str:
+        if f"{key}_mean" not in r:  # a score this model's family does not give
+            return "-"
         mean, std = r[f"{key}_mean"], r[f"{key}_std"]
         return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
@@ -105,7 +111,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """``pareto-<model>.png``: FD against accuracy, one panel per method (matplotlib).
+    """``pareto-<model>.png``: FD against accuracy, one panel per method (matplotlib): a
+    named method or a given expression, titled by its text (``s`` where the scale goes).
 
     Each panel shows the method's configurations (mean, error bars one std over seeds,
     labelled by scale), the unguided baseline (star) and the Pareto front of both.
@@ -141,7 +148,7 @@ def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
                             xytext=(3, 3), textcoords="offset points")
             for r in base:
                 ax.plot(r["accuracy_mean"], r["fd_mean"], "k*", markersize=9, zorder=3)
-            ax.set_title(METHODS[method][0].format(s="s"), fontsize=9)
+            ax.set_title(panel_title(method), fontsize=9)
             ax.grid(alpha=0.3)
         for ax in axes.flat[len(methods):]:
             ax.axis("off")
@@ -158,6 +165,12 @@ def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def panel_title(method: str) -> str:
+    """A Pareto panel's title: the method's expression, ``s`` where the scale goes."""
+    template = METHODS[method][0] if method in METHODS else method
+    return template.replace("{s}", "s")
 
 
 def _nz(v: float) -> float:

@@ -1,12 +1,15 @@
-"""``guidekit sweep``: a grid of guidance scales per method on the bundled digit models.
+"""``guidekit sweep``: a grid of guidance scales per method on the bundled models.
 
-Every job is one (model, method, scale, seed): sample every digit ``samples`` times with
-``guidekit.models.sample`` and score the result with ``guidekit.models.evaluate`` (class
-accuracy, Fréchet distance to held-out real digits, diversity gap). The sweep writes
+Every job is one (model, method, scale, seed). A method is a named one (``METHODS``) or any
+guidance expression given as text (``exprs``; ``{s}`` where the swept scale goes), parsed
+and probed on every model before anything is sampled. A job samples ``samples`` per class
+through its model's family and scores the result there (digits: ``guidekit.models.sample``,
+``guidekit.models.evaluate``: class accuracy, Fréchet distance to held-out real digits,
+diversity gap). The sweep writes
 
 * ``runs.csv``: one line per job;
 * ``summary.csv`` and ``summary.md``: per (model, method, scale) the mean and the sample
-  standard deviation (ddof 1) over seeds;
+  standard deviation (ddof 1) over seeds (an expression's method is its repr);
 * ``pareto-<model>.png``: FD against accuracy, one panel per method, Pareto-optimal
   configurations joined (needs matplotlib: ``pip install 'guidekit[plots]'``);
 * ``speed.csv``: per-step time ratios measured in the same run (guided step / bare batched
@@ -32,8 +35,11 @@ from typing import Any
 import attrs
 import torch
 
+from guidekit.errors import GuidanceValueError
 from guidekit.models.cache import ModelCache
 from guidekit.models.sweep.distributed import gather, init_distributed
+from guidekit.models.sweep.exprs import Expr, check_exprs, fmt_scale
+from guidekit.models.sweep.family import family_of
 from guidekit.models.sweep.grid import check_methods, make_jobs, run_job, unsupported
 from guidekit.models.sweep.report import markdown_table, pareto_plots, summarize, write_csv
 from guidekit.models.sweep.speed import speed_figures, speed_table
@@ -56,6 +62,7 @@ def run_sweep(
     models: Sequence[str] = ("eps", "flow"),
     methods: Sequence[str] | None = None,
     scales: Sequence[float] | None = None,
+    exprs: Sequence[str] = (),
     seeds: Sequence[int] = (0, 1, 2),
     per_digit: int = 20,
     steps: int = 20,
@@ -73,11 +80,18 @@ def run_sweep(
     """Run the sweep (sharded over ranks under torchrun); rank 0 writes ``out``.
 
     ``threads`` pins torch's intra-op threads for the run (restored afterwards); ``None``
-    keeps the current setting. See the module doc for the files.
+    keeps the current setting. ``exprs``: guidance expressions run besides ``methods``
+    (``{s}`` swept over ``scales``; without it, once per seed; ``methods`` None with
+    expressions runs only the "none" baseline besides them); a bad one, or one a model
+    cannot run, raises GuidanceValueError naming it before anything is sampled. See the
+    module doc for the files.
     """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    for model in models:
+        family_of(model)  # an unknown model: refused before anything loads
+    given = check_exprs(exprs, scales)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -85,7 +99,9 @@ def run_sweep(
         ctx = init_distributed(device)
         say = (echo or (lambda _: None)) if ctx.rank == 0 else (lambda _: None)
         cache = ModelCache(ctx.device)
-        keep, notes = check_methods(methods), []
+        # given expressions alone run with the baseline they are paired with
+        keep = check_methods(["none"] if methods is None and given else methods)
+        notes: list[str] = []
         runnable = []
         for method in keep:
             reasons = {m: unsupported(cache, m, method) for m in models}
@@ -94,7 +110,8 @@ def run_sweep(
                     notes.append(f"{method} left out on {m}: {why}")
             if not any(reasons.values()):
                 runnable.append(method)
-        jobs = make_jobs(models, runnable, seeds, scales)
+        refuse_unsupported(cache, models, given, scales)
+        jobs = make_jobs(models, runnable, seeds, scales, given)
         mine = jobs[ctx.rank::ctx.world]
         bar = tqdm(mine, desc=f"guidekit sweep [rank {ctx.rank}/{ctx.world}]", unit="job",
                    disable=not progress or ctx.rank != 0, leave=False)
@@ -150,3 +167,20 @@ def run_sweep(
                 if sys.exc_info()[0] is None:
                     dist.barrier()
                 dist.destroy_process_group()
+
+
+def refuse_unsupported(cache: ModelCache, models: Sequence[str], exprs: Sequence[Expr],
+                       scales: Sequence[float] | None) -> None:
+    """Raise GuidanceValueError naming the expression, the model and why, for the first
+    given expression a model cannot run (probed at its first scale).
+
+    A named method a model cannot run is left out with a note; a given one was asked for.
+    """
+    for expr in exprs:
+        scale = float(scales[0]) if expr.swept and scales else None
+        for model in models:
+            why = unsupported(cache, model, expr, scale)
+            if why:
+                at = f" at scale {fmt_scale(scale)}" if scale is not None else ""
+                raise GuidanceValueError(f"sweep expression {expr.template!r}{at} cannot run "
+                                         f"on model {model!r}: {why}")
