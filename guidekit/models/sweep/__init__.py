@@ -26,6 +26,7 @@ from guidekit.models.sweep.report import (
     mean_std,
     panel_title,
     pareto_front,
+    pareto_panels,
     pareto_plots,
     read_csv,
     summarize,
@@ -38,7 +39,7 @@ __all__ = [
     "DIGITS", "FAMILIES", "METHODS", "METRICS", "Dist", "Expr", "Family", "Job", "SweepResult",
     "check_exprs", "check_methods", "expression", "family_of", "fmt_scale", "gather",
     "init_distributed", "make_jobs", "markdown_table", "mean_std", "method_name",
-    "panel_title", "pareto_front", "pareto_plots", "read_csv", "read_exprs",
+    "panel_title", "pareto_front", "pareto_panels", "pareto_plots", "read_csv", "read_exprs",
     "refuse_unsupported", "run_job", "run_sweep", "speed_figures", "speed_table", "summarize",
     "sweep_models", "unsupported", "write_csv",
 ]

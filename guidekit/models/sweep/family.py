@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from guidekit.errors import GuidanceValueError
 from guidekit.models.bundled import MODEL_NAMES
 from guidekit.models.cache import ModelCache, digit_labels, weak_name
 
@@ -62,7 +63,13 @@ class Digits:
                steps: int, seed: int) -> Any:
         from guidekit.models import sample
 
-        weak = models(weak_name(model)) if "Autoguidance" in text else None
+        weak = None
+        if "Autoguidance" in text:
+            if weak_name(model) not in self.models:
+                raise GuidanceValueError(f"Autoguidance on model {model!r} reads a weaker "
+                                         f"sibling as 'weak' and {model!r} has none: run it on "
+                                         "eps or flow")
+            weak = models(weak_name(model))
         return sample(models(model), text, conditioning, steps=steps, seed=seed, weak=weak)
 
     def probe(self, models: ModelCache, model: str, text: str) -> None:

@@ -110,6 +110,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+def pareto_panels(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One model's summary rows per Pareto panel, in order: one panel per method (a named
+    method or a given expression's text), the "none" baseline drawn in every panel."""
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] != "none":
+            panels.setdefault(r["method"], []).append(r)
+    return panels
+
+
 def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     """``pareto-<model>.png``: FD against accuracy, one panel per method (matplotlib): a
     named method or a given expression, titled by its text (``s`` where the scale goes).
@@ -126,15 +136,14 @@ def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for model in dict.fromkeys(r["model"] for r in summary):
         rows = [r for r in summary if r["model"] == model]
         base = [r for r in rows if r["method"] == "none"]
-        methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
+        methods = pareto_panels(rows)
         if not methods:
             continue
         cols = min(4, len(methods))
         nrows = math.ceil(len(methods) / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False,
                                  sharex=True, sharey=True)
-        for ax, method in zip(axes.flat, methods):
-            mine = [r for r in rows if r["method"] == method]
+        for ax, (method, mine) in zip(axes.flat, methods.items()):
             pts = mine + base
             xy = [(r["accuracy_mean"], r["fd_mean"]) for r in pts]
             front = pareto_front(xy)
