@@ -38,9 +38,9 @@ A grid of guidance scales per method (CFG, PAG, CFG + PAG, Autoguidance, APG, CA
 CFG + EMAG) or per guidance expression of your own (--expr, --exprs; {s} where the swept
 scale goes) on the bundled eps and flow models, over several seeds: class accuracy, FD and
 diversity gap with mean and spread over seeds. Every expression is parsed, and tried on
-every model for one step, before anything is sampled. Writes runs.csv, summary.csv, summary.md,
-pareto-<model>.png (needs matplotlib: pip install 'guidekit[plots]') and speed.csv
-(per-step time ratios) to --out. Shard it over processes with torchrun: each process takes
+every model for one step, before anything is sampled. Writes runs.csv, summary.csv,
+summary.md, pareto-<model>.png (needs matplotlib: pip install 'guidekit[plots]') and
+speed.csv (per-step time ratios) to --out. Shard it over processes with torchrun: each process takes
 every n-th job, rank 0 gathers and writes; the numbers equal a single process's.
 """
 
