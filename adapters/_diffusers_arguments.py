@@ -32,6 +32,8 @@ from guidekit.branch import UNCOND, Branch, uncond
 from guidekit.combinators.rescale import CFGRescale
 from guidekit.errors import GuidanceValueError
 from guidekit.plan import Plan
+from guidekit.renoise import sampler_term
+from guidekit.terms.base import Term
 from guidekit.terms.cfg import CFGTerm
 
 #: Guidance-looking arguments that are model or ControlNet inputs, never guidance guidekit owns.
@@ -72,14 +74,25 @@ def cfg_scales(plan: Plan) -> set[float]:
         for _, _, p in plan.regions() if any(unconditional(b) for b in p.coef_map)
     }
     # a scheduled CFG's scale has no one value (plan.scheduled: check_scale lets v > 1 pass)
-    return found | {w for w in _cfg_terms(plan.expr) if isinstance(w, (int, float))}
+    return found | {w for w in cfg_term_scales(plan.expr) if isinstance(w, (int, float))}
 
 
-def _cfg_terms(node: Any) -> list[float]:
+#: the fields that hold a CFG-like guidance scale of a prediction term other than CFG's
+#: ``scale`` (FDG's two band scales: diffusers' ``guidance_scales=[low, high]``)
+_SCALE_FIELDS = ("scale", "low", "high")
+
+
+def cfg_term_scales(node: Any) -> list[float]:
+    """The guidance scales of the expression's CFG-like predictions: CFG, and every other
+    prediction term guiding from a negative with a scale (PerpNeg, ICG, BetaCFG, CFG-Zero*,
+    TCFG, FDG); not CFG++'s ``lam`` (its own range, [0, 1])."""
     if isinstance(node, CFGTerm):
         return [node.scale]
+    if isinstance(node, Term) and getattr(type(node), "_kind", "") in ("prediction", "nonlinear"):
+        if getattr(node, "weight", 0) == 1:
+            return [getattr(node, f) for f in _SCALE_FIELDS if hasattr(node, f)]
     kids = node.children() if hasattr(node, "children") else ()
-    return [w for kid in kids for w in _cfg_terms(kid)]
+    return [w for kid in kids for w in cfg_term_scales(kid)]
 
 
 def _off(value: Any, default: Any) -> bool:
@@ -107,6 +120,13 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
     if not scales:
         if v <= 1:
             return
+        lam = sampler_term(expr)
+        if lam is not None:
+            raise GuidanceValueError(
+                f"the pipeline call's {name}={v:g} is a CFG scale, and {lam!r} guides by its "
+                f"own lam (in [0, 1], not a CFG scale): leave {name} out (the pipeline's "
+                f"default prepares the unconditional rows CFG++ re-noises with)"
+            )
         raise GuidanceValueError(
             f"the pipeline call's {name}={v:g} asks for CFG, which {expr!r} does not contain, "
             f"and inside guided(...) the expression alone guides: write CFG({v:g}) in the "

@@ -22,6 +22,8 @@ from guidekit.branch import MAIN, UNCOND, Branch
 from guidekit.expr import Expr
 from guidekit.plan import Plan
 
+from ._diffusers_arguments import cfg_term_scales
+
 
 def cfg_scale(plan: Plan) -> float | None:
     """The expression's CFG scale ``w`` (``1 -`` the unconditional branch's coefficient),
@@ -29,7 +31,13 @@ def cfg_scale(plan: Plan) -> float | None:
     if plan.scheduled:
         return None  # a scale by noise level (guidekit.schedules)
     u = Branch(MAIN, UNCOND)
-    scales = {round(1.0 - prog.coef_map.get(u, 0.0), 12) for _lo, _hi, prog in plan.regions()}
+    regions = plan.regions()
+    if not any(u in prog.coef_map for _lo, _hi, prog in regions):
+        # no linear u anywhere: a nonlinear CFG-like term's own scale (PerpNeg(7): 7)
+        own = {round(w, 12) for w in cfg_term_scales(plan.expr) if isinstance(w, (int, float))}
+        if own:
+            return own.pop() if len(own) == 1 else None
+    scales = {round(1.0 - prog.coef_map.get(u, 0.0), 12) for _lo, _hi, prog in regions}
     return scales.pop() if len(scales) == 1 else None
 
 

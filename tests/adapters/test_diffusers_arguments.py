@@ -89,6 +89,36 @@ def test_a_scale_for_an_expression_without_cfg_is_refused(sd: Any) -> None:
 
 
 @torch.no_grad()
+def test_cfg_like_terms_accept_their_own_scale_and_cfgpp_none(sd: Any) -> None:
+    """PerpNeg(w), ICG(w), CFG-Zero*(w) guide with a CFG scale: the pipeline's
+    guidance_scale=w is theirs (a different one is refused); CFG++'s lam is not a CFG scale,
+    so an explicit guidance_scale is refused, naming lam and the fix."""
+    neg = {"neg": "blurry"}
+    with guided(sd, gk.PerpNeg(W, negative="neg"), prompts=neg) as g:
+        run_sd(sd, guidance_scale=W)
+    assert [c.rows for c in g.calls] == [6] * 3  # c, u and neg in one call per step
+    with guided(sd, gk.PerpNeg(W, negative="neg"), prompts=neg), pytest.raises(
+        GuidanceValueError, match=r"guidance_scale=5 is not the CFG scale of PerpNeg\(4.*\(4\)"
+    ):
+        run_sd(sd, guidance_scale=5.0)
+    with guided(sd, gk.ICG(3), prompts={"icg": ["a tree", "a car"]}) as g:
+        run_sd(sd, guidance_scale=3.0)
+    assert [c.rows for c in g.calls] == [4] * 3
+    with guided(sd, gk.CFGZeroStar(W)) as g:
+        run_sd(sd, guidance_scale=W)
+    with guided(sd, gk.CFGpp(0.6)), pytest.raises(
+        GuidanceValueError, match=r"guidance_scale=7 is a CFG scale, and CFGpp\(0.6\) guides by "
+        r"its own lam.*leave guidance_scale out"
+    ):
+        run_sd(sd, guidance_scale=7.0)
+    # the modular guider exposes the same scale (its SDXL blocks read guider.guidance_scale)
+    from guidekit.adapters.diffusers import GuidekitGuidance
+
+    assert GuidekitGuidance(gk.PerpNeg(W, negative="neg")).guidance_scale == W
+    assert GuidekitGuidance(gk.ICG(3)).guidance_scale == 3
+
+
+@torch.no_grad()
 def test_a_gated_cfg_accepts_its_scale() -> None:
     pipe = tiny.dit_pipeline().to(F64)
     with guided(pipe, CFG(W).between(0, 1e9)) as g:
