@@ -83,26 +83,20 @@ def test_flow_needs_the_euler_solver(data):
         )
 
 
-def test_a_midpoint_solver_is_caught(data):
-    """Declared euler, stepped with midpoint: the off-grid evaluation is refused."""
+@pytest.mark.parametrize(
+    ("step_size", "method", "match"),
+    [(None, "midpoint", "not a step of the schedule"), (1 / 16, "euler", "solver steps on 17 points")],
+    ids=["midpoint", "own-grid"],
+)
+def test_a_solver_other_than_the_declared_euler_is_caught(data, step_size, method, match):
+    """Declared euler: a midpoint solver's off-grid evaluation, and the solver's own step grid
+    (step_size=, read from the solver: FlowGuided has no hidden solver setting) compared with
+    the adapter's, are both refused."""
     fm = importlib.import_module("flow_matching.solver")
     guided = FlowGuided(
         CFGpp(LAM), data["net"], cond=data["cond"], uncond=data["uncond"],
         time_grid=data["grid"], solver="euler",
     )
     solver = fm.ODESolver(velocity_model=guided)
-    with pytest.raises(GuidanceValueError, match="not a step of the schedule"):
-        solver.sample(x_init=data["noise"], step_size=None, method="midpoint", time_grid=data["grid"])
-
-
-def test_a_solver_grid_other_than_the_adapters_is_caught(data):
-    """FlowGuided has no hidden solver setting: the solver's own step grid (step_size=) is
-    read from the solver and compared with the adapter's, and a mismatch is refused."""
-    fm = importlib.import_module("flow_matching.solver")
-    guided = FlowGuided(
-        CFGpp(LAM), data["net"], cond=data["cond"], uncond=data["uncond"],
-        time_grid=data["grid"], solver="euler",
-    )
-    solver = fm.ODESolver(velocity_model=guided)
-    with pytest.raises(GuidanceValueError, match="solver steps on 17 points"):
-        solver.sample(x_init=data["noise"], step_size=1 / 16, method="euler", time_grid=data["grid"])
+    with pytest.raises(GuidanceValueError, match=match):
+        solver.sample(x_init=data["noise"], step_size=step_size, method=method, time_grid=data["grid"])
