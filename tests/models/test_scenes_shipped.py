@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import guidekit
+from guidekit import CFG
 from guidekit.models.scenes.attributes import HEADS
 from guidekit.models.scenes.classifier import adherence, load_scene_classifier
 from guidekit.models.scenes.data import TEST_SIZE, load
@@ -39,8 +41,10 @@ def test_a_few_step_cfg_sample_of_the_shipped_model_makes_one_call_per_step() ->
     assert [(c.rows, c.branches) for c in r.calls] == [(4, ("c", "u"))] * 3
     assert r.images.shape == (2, 3, 32, 32) and torch.isfinite(r.images).all()
     assert r.images.abs().max() <= 1
-    again = sample_scenes(m, "CFG(3)", CAPTIONS, steps=3, seed=0)
+    again = sample_scenes(m, m.compile("CFG(3)"), CAPTIONS, steps=3, seed=0)
     assert torch.equal(r.images, again.images)
+    with pytest.raises(ValueError, match="compile it with model.compile"):
+        sample_scenes(m, guidekit.compile(CFG(3), prediction="eps"), CAPTIONS, steps=1)
 
 
 def test_a_negative_caption_and_nag_share_the_one_call() -> None:

@@ -58,6 +58,12 @@ def sample_scenes(
     if not captions:
         raise ValueError("sample_scenes: give at least one caption")
     plan = expr if isinstance(expr, Plan) else model.compile(expr)
+    if (plan.prediction, plan.noise.kind) != (model.prediction, model.convention.noise):
+        raise ValueError(
+            f"sample_scenes: the plan was compiled for prediction={plan.prediction!r}, noise="
+            f"{plan.noise.kind!r}, but the scenes model predicts {model.prediction!r} with "
+            f"noise {model.convention.noise!r}: compile it with model.compile(expr)"
+        )
     n = len(captions)
     named = {k: model.conditions(_per_sample(k, v, n)) for k, v in (conds or {}).items()}
     uncond = named.pop("uncond", None) or model.conditions([""] * n)
