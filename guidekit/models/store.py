@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-NAMES = ("eps", "flow", "eps-weak", "flow-weak", "classifier", "reference")
+NAMES = ("eps", "flow", "eps-weak", "flow-weak", "classifier", "reference", "scenes",
+         "scenes-classifier")
+#: The files that ``python -m guidekit.models.scenes.train`` writes (the rest are the digits').
+SCENE_NAMES = ("scenes", "scenes-classifier")
 
 
 def weight_path(name: str, directory: str | Path | None = None) -> Path:
@@ -48,9 +51,11 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     path = Path(path)
     if not path.exists():
+        trainer = ("guidekit.models.scenes.train" if path.stem.startswith("scenes")
+                   else "guidekit.models.train")
         raise FileNotFoundError(
             f"{path} is missing: reinstall guidekit, or rebuild it with "
-            f"`python -m guidekit.models.train {path.stem}`"
+            f"`python -m {trainer} {path.stem}`"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})

@@ -9,6 +9,8 @@ features can serve a Fréchet distance, as the digits classifier's do.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -76,3 +78,17 @@ def adherence(predicted: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     out = {k: float(right[:, j].float().mean()) for j, k in enumerate(HEADS)}
     out["all"] = float(right.all(1).float().mean())
     return out
+
+
+def load_scene_classifier(path: str | Path | None = None) -> AttributeClassifier:
+    """The shipped attribute classifier, or the one at ``path`` (eval mode, float32)."""
+    from guidekit.models.store import read, weight_path
+
+    path = path or weight_path("scenes-classifier")
+    state, meta = read(path)
+    if not meta.get("format", "").startswith("guidekit-scenes-classifier/"):
+        raise ValueError(f"{path} is not a scenes attribute classifier "
+                         f"(format {meta.get('format')!r})")
+    model = AttributeClassifier()
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()

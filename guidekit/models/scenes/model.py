@@ -5,7 +5,7 @@ the keyword arguments of ``model_fn``: ``{"encoder_hidden_states": [B, L, C],
 "encoder_attention_mask": [B, L]}``. An unconditional row is the empty caption ``""``
 (what caption dropout trains). So a guidance expression's conditionings are captions::
 
-    m = SceneModel.fresh()                      # random weights until shipped ones exist
+    m = load_scene_model()                      # the shipped weights
     plan = m.compile(CFG(3, negative="neg") | NAG(4, negative="neg"))
     guided = guidekit.guide(plan, m.model_fn, cond=m.conditions(captions),
                             uncond=m.conditions([""] * n),
@@ -129,11 +129,12 @@ class SceneModel:
         return compile_for(expr, self.convention, "SceneModel.compile", **kwargs)
 
 
-def load_scene_model(path: str | Path, *, device: Any = "cpu") -> SceneModel:
-    """A :class:`SceneModel` from a file written by ``python -m guidekit.models.scenes.train``
-    (float32, eval mode)."""
-    from guidekit.models.store import read
+def load_scene_model(path: str | Path | None = None, *, device: Any = "cpu") -> SceneModel:
+    """The shipped scenes model (no training needed), or ``path``: a file written by
+    ``python -m guidekit.models.scenes.train`` (float32, eval mode)."""
+    from guidekit.models.store import read, weight_path
 
+    path = path or weight_path("scenes")
     tensors, meta = read(path)
     if not meta.get("format", "").startswith("guidekit-scenes-pixart/"):
         raise ValueError(f"{path} is not a scenes denoiser (format {meta.get('format')!r})")
