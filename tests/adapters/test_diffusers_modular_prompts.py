@@ -33,12 +33,16 @@ def sd3() -> tuple[Any, dict[str, Any], dict[str, torch.Tensor]]:
     return modular_sd3_case([NEG, NEG])
 
 
-def _rows(pipe: Any) -> tuple[list[int], Any]:
+def _counted(pipe: Any, guider: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
+    """The modular step's latents and the rows of each transformer call it made."""
     rows: list[int] = []
     handle = pipe.transformer.pos_embed.register_forward_pre_hook(
         lambda m, a: rows.append(int(a[0].shape[0]))
     )
-    return rows, handle
+    try:
+        return modular_sd3(pipe, guider, inputs), rows
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -52,11 +56,7 @@ def test_a_named_negative_equals_the_pipelines_negative_embeddings(sd3: Any, bat
     guider = GuidekitGuidance(CFG(7, negative="neg"), batched=batched).attach(
         scheduler=pipe.scheduler, conds={"neg": neg}
     )
-    rows, handle = _rows(pipe)
-    try:
-        out = modular_sd3(pipe, guider, inputs)
-    finally:
-        handle.remove()
+    out, rows = _counted(pipe, guider, inputs)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     assert rows == ([4] * 3 if batched else [2, 2] * 3)
     assert guider._input_predictions == ["pred_cond", "pred_neg"]
@@ -72,11 +72,7 @@ def test_three_conditionings_equal_the_classic_adapter_with_prompts(sd3: Any, ba
     guider = GuidekitGuidance(expr, batched=batched).attach(
         scheduler=pipe.scheduler, conds={"neg": neg}
     )
-    rows, handle = _rows(pipe)
-    try:
-        out = modular_sd3(pipe, guider, inputs)
-    finally:
-        handle.remove()
+    out, rows = _counted(pipe, guider, inputs)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     assert rows == ([6] * 3 if batched else [2, 2, 2] * 3)
     assert (out - modular_sd3(pipe, GuidekitGuidance(CFG(7)).attach(scheduler=pipe.scheduler), inputs)).abs().max() > 1e-4
