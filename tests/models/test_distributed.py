@@ -1,9 +1,9 @@
 """The sweep sharded over 2 CPU processes by torchrun gives the single process's numbers.
 
 Launches ``python -m torch.distributed.run --nproc_per_node 2 --standalone -m guidekit
-sweep`` (gloo) on a tiny grid and compares its ``runs.csv`` with an in-process run: every
-column but the wall time and the rank that ran the job must be equal, and both ranks must
-have run jobs.
+sweep`` (2 CPU ranks meeting in torchrun's store) on a tiny grid and compares its
+``runs.csv`` with an in-process run: every column but the wall time and the rank that ran
+the job must be equal, and both ranks must have run jobs.
 """
 
 from __future__ import annotations

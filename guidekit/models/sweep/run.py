@@ -17,7 +17,7 @@ diversity gap). The sweep writes
 
 Scale-out: run it under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node 2
 --standalone -m guidekit sweep ...``) and each process takes every ``world``-th job; rank 0
-gathers the metrics (``gather_object``; gloo on CPU, nccl on GPU), writes the files and
+gathers the metrics through torchrun's store (no process group), writes the files and
 measures the speed figures alone. Seeds belong to jobs, not to ranks, and every process pins
 the same number of torch threads, so the numbers equal a single process's exactly (on the
 same device type; only the ``seconds`` column differs).
@@ -25,8 +25,6 @@ same device type; only the ``seconds`` column differs).
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,16 +155,6 @@ def run_sweep(
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                # every rank done before any tears its connections down: gloo aborts a rank
-                # whose peer left mid-shutdown ("terminate called without an active exception");
-                # not on an error, where the other ranks may never reach the barrier
-                if sys.exc_info()[0] is None:
-                    dist.barrier()
-                dist.destroy_process_group()
 
 
 def refuse_unsupported(cache: ModelCache, models: Sequence[str], exprs: Sequence[Expr],
