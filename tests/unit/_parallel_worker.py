@@ -111,12 +111,13 @@ def main() -> None:
     if dist.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
     # every rank done, then leave without tearing gloo down: its shutdown can abort a rank
-    # whose peer left first ("terminate called without an active exception", seen once in
-    # CI after a passing run); the report is already written and nothing else is pending
+    # whose peer left first ("terminate called without an active exception": the sweep's
+    # torchrun test, once in CI, after its run had passed); the report is written by now
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
 
 if __name__ == "__main__":
     main()
