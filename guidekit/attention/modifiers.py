@@ -46,8 +46,10 @@ Rows nothing applies to go through the layer's original processor in one call.
    ``u`` in another call) the negative conditioning's tensor ``key`` is taken from the
    step's conditionings (``ForwardState.conds``, after input modifiers such as CADS) and
    projected as the model does before its blocks: PixArt's ``caption_projection``; for a
-   ``UNet2DConditionModel`` nothing (or its ``text_proj`` ``encoder_hid_proj``). Other
-   models, plain modules and cross-attention masks are refused here, with a message.
+   ``UNet2DConditionModel`` nothing (or its ``text_proj`` ``encoder_hid_proj``), with the
+   conditioning's own caption mask made additive as those models do
+   (:mod:`~guidekit.attention.negative`). Other models and plain modules are refused here,
+   with a message.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from guidekit.attention.layers import (
     is_joint_attention,
     resolve_layers,
 )
+from guidekit.attention.negative import missing_negative, negative_bias
 from guidekit.attention.processors import ModifierModuleProcessor, ModifierProcessor, processor_for
 from guidekit.attention.route import LayerCall, LayerOps, add_block
 from guidekit.attention.sdpa import Frame, modified_sdpa
@@ -300,29 +303,9 @@ class ModifierHooks:
             raise GuidanceValueError(
                 f"layer {path!r}: {nag!r} needs rows of the conditioning {nag.negative!r} in "
                 f"the same model call here (their keys and values at this layer are the "
-                f"negative prompt's), and this call has none: {self._missing_negative(nag)}"
+                f"negative prompt's), and this call has none: {missing_negative(self.plan, nag)}"
             )
         return torch.tensor(rows, device=device)
-
-    def _missing_negative(self, nag: Any) -> str:
-        """Why a call lacks NAG's negative rows, and what the user can change."""
-        branches = [b for b in self.plan.branches if b.cond == nag.negative]
-        if not branches:
-            return (
-                f"no branch of {self.plan.expr!r} runs {nag.negative!r}; put one on NAG's "
-                f"left, e.g. CFG(w) | {nag!r}, or name a conditioning a branch runs with "
-                f"NAG(..., negative='...')"
-            )
-        if self.plan.max_rows is not None:
-            return (
-                f"the row budget max_rows={self.plan.max_rows!r} put the {nag.negative!r} "
-                f"rows in another call; compile with max_rows=None (one call per step) or a "
-                f"budget that holds the whole forward group"
-            )
-        return (
-            f"the branch that runs {nag.negative!r} is gated off at this step "
-            f"(.between(...)), while NAG acts at every step; leave that branch ungated"
-        )
 
     def negative_context(
         self,
@@ -348,18 +331,29 @@ class ModifierHooks:
                     assert mask is not None
                     masks.append(mask[n])
                 continue
-            if row_mask:
-                raise GuidanceValueError(
-                    f"layer {path!r}: {nag!r} found no row of the conditioning "
-                    f"{nag.negative!r} in this model call, and the layer has a cross-attention "
-                    f"mask, which guidekit cannot build for the negative prompt on its own "
-                    f"(or leave the mask out): {self._missing_negative(nag)}"
-                )
             projected = self._projected_negative(call, nag, path)
-            contexts.append(projected[call.layout.sample(r)].to(context.dtype))
+            sample = call.layout.sample(r)
+            contexts.append(projected[sample].to(context.dtype))
+            if row_mask:
+                assert mask is not None
+                masks.append(negative_bias(self._negative_conds(nag), mask, sample, nag, path))
         neg = torch.stack(contexts)
         neg_mask = torch.stack(masks) if row_mask else mask
         return neg, neg_mask
+
+    def _negative_conds(self, nag: Any) -> dict[str, Any]:
+        """The step's tensors of NAG's negative conditioning."""
+        # the current layout's state: a cached LayerCall may hold an earlier step's layout
+        state = getattr(self._layout, "state", None)
+        conds = getattr(state, "conds", None) or {}
+        negative = conds.get(nag.negative)
+        if negative is None:
+            raise GuidanceValueError(
+                f"{nag!r} needs the conditioning {nag.negative!r} (its negative prompt), but "
+                f"the step has only {', '.join(map(repr, conds)) or 'none'}: pass "
+                f"{nag.negative}={{...}} to guide() or in plan.step's conds"
+            )
+        return negative  # type: ignore[no-any-return]
 
     def _projected_negative(self, call: LayerCall, nag: Any, path: str) -> torch.Tensor:
         cached = self._negatives.get(nag)
@@ -371,18 +365,9 @@ class ModifierHooks:
                 f"layer {path!r}: {nag!r} found no row of the conditioning {nag.negative!r} "
                 f"in this model call, and guidekit does not know how {arch} turns a "
                 f"conditioning into its cross-attention context (it knows PixArt and "
-                f"UNet2DConditionModel): {self._missing_negative(nag)}"
+                f"UNet2DConditionModel): {missing_negative(self.plan, nag)}"
             )
-        # the current layout's state: a cached LayerCall may hold an earlier step's layout
-        state = getattr(self._layout, "state", None)
-        conds = getattr(state, "conds", None) or {}
-        negative = conds.get(nag.negative)
-        if negative is None:
-            raise GuidanceValueError(
-                f"{nag!r} needs the conditioning {nag.negative!r} (its negative prompt), but "
-                f"the step has only {', '.join(map(repr, conds)) or 'none'}: pass "
-                f"{nag.negative}={{...}} to guide() or in plan.step's conds"
-            )
+        negative = self._negative_conds(nag)
         key = nag.key
         if key is None:
             found = [

@@ -214,12 +214,32 @@ def test_nag_away_from_a_named_caption_beside_plain_cfg(model: SceneModel, conds
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-9)
 
 
-def test_nag_without_the_negative_rows_in_the_call_is_refused_for_a_masked_caption(
+def test_nag_without_the_negative_rows_builds_their_mask_as_pixart_does(
         model: SceneModel, conds) -> None:
-    # the negative is not one of CFG's rows and the captions carry a mask: guidekit cannot
-    # rebuild the masked context by itself, so it says so instead of guessing
-    with pytest.raises(GuidanceValueError, match="cross-attention mask"):
-        _guided(model, CFG(3) | NAG(4, negative="neg"), conds)
+    """The negative is not one of CFG's rows: guidekit projects its caption itself and makes
+    its mask additive as PixArt does before its blocks ((1 - m) * -10000)."""
+    c, u, n = conds["cond"], conds["uncond"], conds["neg"]
+    y, calls = _guided(model, CFG(3) | NAG(4, negative="neg"), conds)
+    assert [(r.rows, r.branches) for r in calls] == [(2 * B, ("c", "u"))] * STEPS
+    alone, alone_calls = _guided(model, Cond() | NAG(4), {"cond": c, "uncond": u})
+    assert [r.rows for r in alone_calls] == [B] * STEPS  # NAG alone adds no rows
+    with torch.no_grad():
+        away_neg = RefCross((4.0, 2.5, 0.25), _layer_negative(model, n))
+        away_u = RefCross((4.0, 2.5, 0.25), _layer_negative(model, u))
+
+        def d(x: torch.Tensor, s: float) -> torch.Tensor:
+            uu = _branch(model, x, s, u, RefCross())
+            return uu + 3 * (_branch(model, x, s, c, away_neg) - uu)
+
+        ref = _euler(d, model.sigmas(STEPS).tolist())
+        ref_alone = _euler(lambda x, s: _branch(model, x, s, c, away_u),
+                           model.sigmas(STEPS).tolist())
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(alone, ref_alone, rtol=0, atol=1e-9)
+    # without its caption mask the negative cannot be masked: refused, naming the key
+    bare = {k: v for k, v in n.items() if k != "encoder_attention_mask"}
+    with pytest.raises(GuidanceValueError, match="encoder_attention_mask"):
+        _guided(model, CFG(3) | NAG(4, negative="neg"), {**conds, "neg": bare})
 
 
 def test_cfg_with_a_negative_caption_plus_emag(model: SceneModel, conds) -> None:
