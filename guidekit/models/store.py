@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-NAMES = ("eps", "flow", "eps-weak", "flow-weak", "classifier", "reference", "scenes",
-         "scenes-classifier")
+#: The scenes denoisers (:func:`guidekit.models.scenes.model.load_scene_model`).
+SCENE_MODELS = ("scenes", "scenes-weak", "scenes-fast")
 #: The files that ``python -m guidekit.models.scenes.train`` writes (the rest are the digits').
-SCENE_NAMES = ("scenes", "scenes-classifier")
+SCENE_NAMES = (*SCENE_MODELS, "scenes-classifier")
+NAMES = ("eps", "flow", "eps-weak", "flow-weak", "classifier", "reference", *SCENE_NAMES)
 
 
 def weight_path(name: str, directory: str | Path | None = None) -> Path:

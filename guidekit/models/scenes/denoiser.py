@@ -6,10 +6,14 @@ caption tokens (``attn2``) and adaLN-single timestep modulation. The caption ent
 :class:`~.encoder.TokenEncoder`'s hidden states through PixArt's ``caption_projection``.
 
 Initialisation as in the DiT and PixArt papers (diffusers keeps PyTorch's defaults):
-Xavier-uniform linear layers and patch embedding, N(0, 0.02) timestep and caption
-embeddings and the adaLN-single projection, and zero for every cross-attention output
-projection and the final projection, so the network starts at output 0 and each block's
-cross-attention starts as a no-op.
+Xavier-uniform linear layers and patch embedding, N(0, 0.02) timestep embedding and
+adaLN-single projection, and zero for every cross-attention output projection and the final
+projection, so the network starts at output 0 and each block's cross-attention starts as a
+no-op. One departure from PixArt: the caption projection stays Xavier-uniform. PixArt's
+N(0, 0.02) there suits 4096-wide T5 features; on our 64-wide encoder it shrinks the caption
+to about 0.01, and behind the zero output projection the cross-attention then starts at a
+saddle and learns only the background (docs/models.md, "why the first denoiser ignored
+its caption").
 """
 
 from __future__ import annotations
@@ -54,8 +58,7 @@ def init_weights(model: Any, generator: torch.Generator | None = None) -> None:
     with torch.no_grad():
         xavier_linears(model, gen)
         emb = model.adaln_single.emb.timestep_embedder
-        for lin in (emb.linear_1, emb.linear_2, model.adaln_single.linear,
-                    model.caption_projection.linear_1, model.caption_projection.linear_2):
+        for lin in (emb.linear_1, emb.linear_2, model.adaln_single.linear):
             _normal(lin.weight, gen)
         for block in model.transformer_blocks:
             block.attn2.to_out[0].weight.zero_()
