@@ -106,20 +106,36 @@ class SceneModel:
         return next(self.networks.parameters()).device
 
     def conditions(self, captions: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """``model_fn``'s keyword arguments for ``captions`` (``""``: unconditional)."""
+        """``model_fn``'s keyword arguments for ``captions`` (``""``: unconditional): the
+        encoder's hidden states, the mask, and the token ids (``caption_ids``, which a weak
+        model of Autoguidance encodes with its own encoder: :meth:`weak_fn`)."""
         ids, mask = self.tokenizer.encode(captions)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.no_grad():
             hidden = self.networks.encoder(ids, mask)
-        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask,
+                "caption_ids": ids}
 
     def model_fn(self, x: torch.Tensor, sigma_rows: torch.Tensor,
-                 encoder_hidden_states: torch.Tensor,
-                 encoder_attention_mask: torch.Tensor) -> torch.Tensor:
+                 encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                 caption_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``prediction`` for ``x`` [rows, 3, 32, 32] at ``sigma_rows`` [rows]: guidekit's
-        model convention."""
+        model convention (``caption_ids`` is not read: the hidden states carry the caption)."""
         return network_prediction(self.transformer, self.convention, x, sigma_rows,
                                   encoder_hidden_states, encoder_attention_mask)
+
+    def weak_fn(self, x: torch.Tensor, sigma_rows: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`model_fn` as Autoguidance's weak model: its encoder was trained with its
+        denoiser, so it encodes ``caption_ids`` itself instead of reading the main model's
+        hidden states."""
+        if caption_ids is None:
+            raise ValueError("SceneModel.weak_fn needs caption_ids (SceneModel.conditions "
+                             "gives them): a weak scenes model encodes the caption itself")
+        hidden = self.networks.encoder(caption_ids, encoder_attention_mask)
+        return network_prediction(self.transformer, self.convention, x, sigma_rows, hidden,
+                                  encoder_attention_mask)
 
     def sigmas(self, steps: int) -> torch.Tensor:
         return self.convention.sigmas(steps)
@@ -129,12 +145,17 @@ class SceneModel:
         return compile_for(expr, self.convention, "SceneModel.compile", **kwargs)
 
 
-def load_scene_model(path: str | Path | None = None, *, device: Any = "cpu") -> SceneModel:
-    """The shipped scenes model (no training needed), or ``path``: a file written by
-    ``python -m guidekit.models.scenes.train`` (float32, eval mode)."""
-    from guidekit.models.store import read, weight_path
+def load_scene_model(path: str | Path | None = None, *, device: Any = "cpu",
+                     name: str = "scenes") -> SceneModel:
+    """A shipped scenes model, ``name`` (``scenes``, ``scenes-weak`` or ``scenes-fast``; no
+    training needed), or ``path``: a file written by ``python -m guidekit.models.scenes.train``
+    (float32, eval mode)."""
+    from guidekit.models.store import SCENE_MODELS, read, weight_path
 
-    path = path or weight_path("scenes")
+    if path is None and name not in SCENE_MODELS:
+        raise ValueError(f"unknown scenes model {name!r}: use one of "
+                         f"{', '.join(map(repr, SCENE_MODELS))}")
+    path = path or weight_path(name)
     tensors, meta = read(path)
     if not meta.get("format", "").startswith("guidekit-scenes-pixart/"):
         raise ValueError(f"{path} is not a scenes denoiser (format {meta.get('format')!r})")

@@ -25,12 +25,14 @@ from guidekit.plan import CallRecord, Plan
 
 @attrs.frozen(eq=False)
 class SceneSamples:
-    """Samples ``images`` [N, 3, 32, 32] in [-1, 1], every model call made, wall seconds."""
+    """Samples ``images`` [N, 3, 32, 32] (in [-1, 1] unless unclamped), every model call
+    made, wall seconds, the plan and the initial ``noise`` they were solved from."""
 
     images: torch.Tensor
     calls: list[CallRecord]
     seconds: float
     plan: Plan
+    noise: torch.Tensor
 
 
 def _per_sample(name: str, captions: str | Sequence[str], n: int) -> list[str]:
@@ -50,10 +52,15 @@ def sample_scenes(
     steps: int = 20,
     seed: int = 0,
     conds: Mapping[str, str | Sequence[str]] | None = None,
+    clamp: bool = True,
+    weak: Any = None,
 ) -> SceneSamples:
     """One scene per caption with guidance ``expr`` (an expression, text, or a Plan compiled
     by ``model.compile``); ``seed`` seeds the initial noise and the plan's state, and
-    ``conds`` gives named captions (one, or one per sample; ``"uncond"`` replaces ``""``)."""
+    ``conds`` gives named captions (one, or one per sample; ``"uncond"`` replaces ``""``).
+    ``clamp=False`` returns the ODE's end point as it is (the reflow pairs); ``weak`` is the
+    SceneModel that Autoguidance's ``weak`` rows run on (its own encoder reads the caption:
+    :meth:`~.model.SceneModel.weak_fn`)."""
     captions = list(captions)
     if not captions:
         raise ValueError("sample_scenes: give at least one caption")
@@ -64,6 +71,15 @@ def sample_scenes(
             f"{plan.noise.kind!r}, but the scenes model predicts {model.prediction!r} with "
             f"noise {model.convention.noise!r}: compile it with model.compile(expr)"
         )
+    models = None
+    if weak is not None:
+        if any(g.model == "weak" for g in plan.groups) and "CADS" in repr(plan.expr):
+            # CADS anneals the main encoder's hidden states, which the weak model never reads
+            raise guidekit.GuidanceValueError(
+                "sample_scenes: CADS with Autoguidance's weak scenes model would anneal only "
+                "the main model's caption (the weak model encodes the caption itself): run "
+                "them separately")
+        models = {"weak": weak.weak_fn}
     n = len(captions)
     named = {k: model.conditions(_per_sample(k, v, n)) for k, v in (conds or {}).items()}
     uncond = named.pop("uncond", None) or model.conditions([""] * n)
@@ -77,10 +93,10 @@ def sample_scenes(
     with engine if engine is not None else contextlib.nullcontext() as around:
         guided = guidekit.guide(plan, model.model_fn, cond=model.conditions(captions),
                                 uncond=uncond, conds=named, sigmas=sigmas, seed=seed,
-                                around_call=around)
+                                models=models, around_call=around)
         values = sigmas.tolist()
         for i in range(steps):
             x = x + (values[i + 1] - values[i]) * guided(x, values[i])
-    return SceneSamples(x.clamp(-1, 1).cpu(), list(guided.calls),
-                        time.perf_counter() - start, plan)
+    return SceneSamples((x.clamp(-1, 1) if clamp else x).cpu(), list(guided.calls),
+                        time.perf_counter() - start, plan, noise.cpu())
 

@@ -1,18 +1,18 @@
 """Train the scenes models: ``python -m guidekit.models.scenes.train NAME --seed 0 --threads 1``.
 
-Work in progress (issue 13). NAME is ``scenes`` (the text-conditioned denoiser and its token
-encoder, trained jointly; shipped), ``scenes-weak`` (the same for fewer steps, for
-Autoguidance; not shipped yet) or ``scenes-classifier`` (the attribute classifier; shipped).
-Each run is seeded, pins its torch threads (``--threads``; the shipped files were written
-with 1) and prints its loss as it goes; with the same torch build and threads it reproduces
-the shipped file tensor for tensor.
+NAME is ``scenes`` (the text-conditioned denoiser and its token encoder, trained jointly),
+``scenes-weak`` (the same run stopped early, for Autoguidance), ``scenes-fast`` (the
+few-step sibling, a reflow of ``scenes``: :mod:`~.reflow`) or ``scenes-classifier`` (the
+attribute classifier); all four are shipped. Each run is seeded, pins its torch threads
+(``--threads``; the shipped denoisers were written with 2) and prints its loss as it goes;
+with the same torch build and threads it reproduces the shipped file tensor for tensor.
 
 Denoiser: rectified flow (``prediction="flow"``, :mod:`guidekit.models.schedules`), AdamW
 (lr 1e-3, constant, so ``--checkpoints`` equal shorter runs), batch 64, gradient norm
 clipped at 1, captions replaced by the empty caption with p = 0.1 (caption dropout: the
 unconditional branch of CFG), EMA of both networks (decay 0.999, warmed up as
-``(1 + k) / (10 + k)``) saved in float16; 3500 steps on 20,000 scenes, about 15 minutes on
-one CPU thread. Classifier: 2000 steps, AdamW with cosine decay, stored in float16 and
+``(1 + k) / (10 + k)``) saved in float16; 3500 steps on 20,000 scenes, about 18 minutes on
+two CPU threads. Classifier: 2000 steps, AdamW with cosine decay, stored in float16 and
 scored on the held-out scenes after that rounding.
 """
 
@@ -39,7 +39,7 @@ from guidekit.models.store import WEIGHTS_DIR, save
 from guidekit.models.train import TrainResult, _say, fit_classifier, fit_with_ema
 
 FORMAT = "guidekit-scenes-pixart/1"
-NAMES = ("scenes", "scenes-weak", "scenes-classifier")
+NAMES = ("scenes", "scenes-weak", "scenes-fast", "scenes-classifier")
 
 
 @attrs.frozen
@@ -161,6 +161,50 @@ def train_model(name: str, seed: int, out: Path, *, steps: int | None = None,
     return result
 
 
+def run_reflow(seed: int, out: Path, *, steps: int | None = None,
+               teacher: Path | None = None, checkpoints: Sequence[int] = (),
+               dtype: torch.dtype = torch.float16) -> TrainResult:
+    """Distil and save the few-step sibling ``scenes-fast`` from ``teacher`` (default: the
+    shipped ``scenes``), :mod:`~.reflow`: teacher pairs for the first training captions,
+    then straight-line fine-tuning."""
+    from guidekit.models.scenes import data
+    from guidekit.models.scenes.model import load_scene_model
+    from guidekit.models.scenes.reflow import ReflowRecipe, teacher_pairs, train_reflow
+
+    recipe = ReflowRecipe()
+    total = steps or recipe.steps
+    model = load_scene_model(teacher)
+    captions = data.load(seed, train=recipe.pairs, test=1).train.captions
+    _say(f"scenes-fast: reflow of {teacher or 'the shipped scenes'}: {recipe.pairs} pairs "
+         f"under {recipe.teacher_guidance} ({recipe.teacher_steps} Euler steps, "
+         f"{recipe.uncond:g} unconditional), then {total} steps, seed {seed}, "
+         f"{torch.get_num_threads()} threads")
+    pairs = teacher_pairs(model, captions, recipe, seed=seed)
+    keys = ("prediction", "layers", "heads", "head_dim", "text_width", "text_layers")
+
+    def meta(step: int) -> dict[str, object]:
+        return {
+            "format": FORMAT, "name": "scenes-fast", **{k: model.metadata[k] for k in keys},
+            **{f"reflow_{k}": v for k, v in attrs.asdict(recipe).items()}, "steps": step,
+            "seed": seed, "noise": model.convention.noise,
+            "teacher": str(teacher or "scenes"), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "command": f"python -m guidekit.models.scenes.train scenes-fast --seed {seed} "
+            f"--threads {torch.get_num_threads()}",
+        }
+
+    def keep(step: int, ema_model: torch.nn.Module) -> None:
+        path = save(ema_model.state_dict(), out / f"scenes-fast-step{step}.safetensors",
+                    meta(step), dtype)
+        _say(f"  checkpoint {path}")
+
+    result = train_reflow(model, pairs, recipe, seed=seed, steps=total,
+                          checkpoints=checkpoints, on_checkpoint=keep)
+    path = save(result.model.state_dict(), out / "scenes-fast.safetensors", meta(total), dtype)
+    _say(f"scenes-fast: {result.seconds:.1f} s of fine-tuning, wrote {path}")
+    return result
+
+
 def train_classifier(
     images: torch.Tensor, labels: torch.Tensor, *, steps: int = 2000, seed: int = 0,
     batch: int = 128, lr: float = 2e-3, log: Callable[..., None] | None = _say,
@@ -218,14 +262,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                         help="storage precision of the denoiser weights")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="scenes-fast: the teacher's file (default: the shipped scenes)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    marks = [int(k) for k in args.checkpoints.split(",") if k.strip()]
     if args.name == "scenes-classifier":
         run_classifier(args.seed, args.out, steps=args.steps or 2000,
                        train_size=args.train_size)
+    elif args.name == "scenes-fast":
+        run_reflow(args.seed, args.out, steps=args.steps, teacher=args.teacher,
+                   checkpoints=marks, dtype=getattr(torch, args.dtype))
     else:
-        marks = [int(k) for k in args.checkpoints.split(",") if k.strip()]
         train_model(args.name, args.seed, args.out, steps=args.steps,
                     train_size=args.train_size, dtype=getattr(torch, args.dtype),
                     checkpoints=marks)
