@@ -16,7 +16,8 @@ def weak_name(model: str) -> str:
 
 
 class ModelCache:
-    """Loads each bundled model once (``guidekit.models.load``), on ``device``."""
+    """Loads each bundled model once, on ``device``: the digit models through
+    ``guidekit.models.load``, the scenes models through ``load_scene_model``."""
 
     def __init__(self, device: Any = "cpu"):
         self.device = device
@@ -25,8 +26,14 @@ class ModelCache:
     def __call__(self, name: str) -> Any:
         if name not in self._models:
             from guidekit.models import load
+            from guidekit.models.store import SCENE_MODELS
 
-            self._models[name] = load(name, device=self.device)
+            if name in SCENE_MODELS:
+                from guidekit.models.scenes.model import load_scene_model
+
+                self._models[name] = load_scene_model(name=name, device=self.device)
+            else:
+                self._models[name] = load(name, device=self.device)
         return self._models[name]
 
 

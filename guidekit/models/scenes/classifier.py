@@ -9,6 +9,7 @@ features can serve a Fréchet distance, as the digits classifier's do.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -92,3 +93,10 @@ def load_scene_classifier(path: str | Path | None = None) -> AttributeClassifier
     model = AttributeClassifier()
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_classifier() -> AttributeClassifier:
+    """The shipped attribute classifier, loaded once per process (the demo and the sweep
+    score every job with it)."""
+    return load_scene_classifier()

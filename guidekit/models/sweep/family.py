@@ -4,8 +4,9 @@ The sweep's grid, driver and report never name digits: a job asks its model's fa
 the conditioning of ``per_class`` samples per class, samples through the family and scores
 through it. A family scores at least ``accuracy`` (the share of samples that show what was
 asked for) and ``fd`` (Fréchet distance to real data): the Pareto plots put those two
-against each other. The digit models are :data:`DIGITS`; another family (the text-conditioned
-scenes models) joins by adding itself to :data:`FAMILIES`.
+against each other. The digit models are :data:`DIGITS`, the text-conditioned scenes models
+:data:`~guidekit.models.sweep.scenes.SCENES`; another family joins by adding itself to
+:data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 from guidekit.errors import GuidanceValueError
 from guidekit.models.bundled import MODEL_NAMES
 from guidekit.models.cache import ModelCache, digit_labels, weak_name
+from guidekit.models.sweep.scenes import SCENES
 
 
 class Family(Protocol):
@@ -86,7 +88,7 @@ class Digits:
 DIGITS = Digits()
 
 #: every family the sweep can run; a model name belongs to exactly one
-FAMILIES: tuple[Family, ...] = (DIGITS,)
+FAMILIES: tuple[Family, ...] = (DIGITS, SCENES)
 
 
 def sweep_models() -> tuple[str, ...]:
