@@ -17,7 +17,11 @@ serves as Autoguidance's weak model) under a handful of guidance expressions: un
 Cond(), CFG, CFG + PAG, CFG + EMAG, CFG + EMAG | APG, CFG | CADS, Autoguidance, and the
 flow model. Shows a progress bar, prints a table (expression, model, model calls, rows per
 step, seconds, class accuracy, FD against held-out real digits) and writes a labelled PNG
-grid (rows: expressions, columns: digits). Under two minutes on 2 CPU cores; no download.
+grid (rows: expressions, columns: digits). Then the text-conditioned scenes model (a tiny
+PixArt over caption tokens, shipped too) samples a few captions under unguided, CFG,
+CFG + PAG, CFG + EMAG, and its few-step sibling at 2 steps unguided and with GAG: a table
+(adherence: the attribute classifier's agreement with the caption) and a second grid,
+one row per caption. Under two minutes on 2 CPU cores; no download.
 
 --toy runs the original tiny demo instead: a hand-written Euler loop around the exact
 denoiser of Gaussian class blobs, printing the compiled plan, plan.explain(...) and the
@@ -30,6 +34,9 @@ examples:
   python -m guidekit demo --guidance "CFG(3) + PAG(1.5) | APG(eta=0)" --guidance "CFG(3)"
   python -m guidekit demo --model flow --guidance "CFG(2) + Autoguidance(1)" --samples 20
   python -m guidekit demo --negative 3 --samples 5
+  python -m guidekit demo --caption "a small red circle on the left on a black background" \
+      --negative-caption "a small blue circle on the left on a black background"
+  python -m guidekit demo --model scenes-fast --steps 1 -g "Cond()" -g "Cond() | GAG(2)"
   python -m guidekit demo --toy --guidance "CFG(5).between(0.3, 5)" --batch 8 --max-rows 8
 """
 
@@ -105,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: the demo's list (bundled demo) or CFG(3) + Autoguidance(1).between(0.3, 5) "
         "| APG(eta=0, momentum=-0.5) (--toy)",
     )
-    demo.add_argument("--model", choices=("eps", "flow"), default="eps",
-                      help="bundled model for --guidance expressions (default eps)")
+    demo.add_argument("--model", choices=("eps", "flow", "scenes", "scenes-fast"),
+                      default=None,
+                      help="bundled model for --guidance expressions (default eps); with no "
+                      "--guidance, only that model's family (digits or scenes) runs")
     demo.add_argument("--samples", "-n", type=_positive, default=20,
                       help="samples PER DIGIT, so 10x as many per expression (default 20, as "
                       "in the sweep, so FD is comparable with docs/benchmarks.md)")
@@ -126,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--negative", type=int, default=None, metavar="DIGIT",
                       help="a digit for the conditioning 'neg': CFG(w, negative='neg') steers "
                       "away from it; alone, compares CFG(1.5) with CFG(1.5, negative='neg')")
+    demo.add_argument("--caption", "-c", action="append", default=None, metavar="TEXT",
+                      help="a caption for the scenes model (repeat for several rows; words of "
+                      "the scenes grammar, docs/models.md); runs only the scenes part")
+    demo.add_argument("--negative-caption", default=None, metavar="TEXT",
+                      help="a caption for the scenes conditioning 'neg'; alone, adds "
+                      "CFG(3, negative='neg') and the same with NAG to the scenes entries")
     demo.add_argument("--toy", action="store_true",
                       help="the tiny toy demo (exact Gaussian-blob denoiser, ~1 s)")
     demo.add_argument("--batch", "-b", type=_positive, default=4,
@@ -196,17 +211,57 @@ def _demo(args: argparse.Namespace) -> int:
 
     from guidekit.models.demo import Entry, run_model_demo
 
-    entries = None
-    if args.guidance is not None:
-        entries = [Entry(args.model, text) for text in args.guidance]
+    scenes_asked = (args.caption is not None or args.negative_caption is not None
+                    or (args.model or "").startswith("scenes"))
+    if scenes_asked and args.negative is not None:
+        print("guidekit demo: --negative is a digit for the digit models; give the scenes "
+              "model a --negative-caption", file=sys.stderr)
+        return 2
+    if scenes_asked and args.model in ("eps", "flow"):
+        print(f"guidekit demo: --caption and --negative-caption are for the scenes models, "
+              f"not --model {args.model}", file=sys.stderr)
+        return 2
+    # digits: unless only the scenes were asked for; scenes: with the digits' default list
+    digits = not scenes_asked
+    scenes = scenes_asked or (args.guidance is None and args.model is None
+                              and args.negative is None)
     try:
-        run_model_demo(entries, per_digit=args.samples, steps=args.steps or 20, seed=args.seed,
-                       max_rows=args.max_rows, out=args.out, progress=not args.no_progress,
-                       threads=args.threads, negative=args.negative)
+        if digits:
+            entries = None
+            if args.guidance is not None:
+                entries = [Entry(args.model or "eps", text) for text in args.guidance]
+            run_model_demo(entries, per_digit=args.samples, steps=args.steps or 20,
+                           seed=args.seed, max_rows=args.max_rows, out=args.out,
+                           progress=not args.no_progress, threads=args.threads,
+                           negative=args.negative)
+        if scenes:
+            _scenes_demo(args)
     except GuidanceError as err:
         print(f"guidekit demo: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _scenes_demo(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from guidekit.models.scenes.demo import FAST_STEPS, SceneEntry, run_scene_demo
+
+    entries = None
+    if args.guidance is not None:
+        model = args.model or "scenes"
+        steps = args.steps or (FAST_STEPS if model == "scenes-fast" else 20)
+        entries = [SceneEntry(model, text, steps) for text in args.guidance]
+    out = Path(args.out)
+    old = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        run_scene_demo(entries, args.caption, negative=args.negative_caption, seed=args.seed,
+                       out=out.with_name(f"{out.stem}-scenes{out.suffix or '.png'}"))
+    finally:
+        torch.set_num_threads(old)
 
 
 def _sweep(args: argparse.Namespace) -> int:
