@@ -19,7 +19,8 @@ flow model. Shows a progress bar, prints a table (expression, model, model calls
 step, seconds, class accuracy, FD against held-out real digits) and writes a labelled PNG
 grid (rows: expressions, columns: digits). Then the text-conditioned scenes model (a tiny
 PixArt over caption tokens, shipped too) samples a few captions under unguided, CFG,
-CFG + PAG, CFG + EMAG, and its few-step sibling at 2 steps unguided and with GAG: a table
+CFG + PAG, CFG + EMAG, and its few-step sibling at 2 steps unguided, with GAG and with
+NAG: a table
 (adherence: the attribute classifier's agreement with the caption) and a second grid,
 one row per caption. Under two minutes on 2 CPU cores; no download.
 
@@ -43,7 +44,8 @@ examples:
 SWEEP_HELP = """\
 A grid of guidance scales per method (CFG, PAG, CFG + PAG, Autoguidance, APG, CADS, EMAG,
 CFG + EMAG) or per guidance expression of your own (--expr, --exprs; {s} where the swept
-scale goes) on the bundled eps and flow models, over several seeds: class accuracy, FD and
+scale goes) on the bundled eps and flow models (or the text-conditioned scenes and
+scenes-fast: --models scenes,scenes-fast), over several seeds: class accuracy, FD and
 diversity gap with mean and spread over seeds. Every expression is parsed, and tried on
 every model for one step, before anything is sampled. Writes runs.csv, summary.csv,
 summary.md, pareto-<model>.png (needs matplotlib: pip install 'guidekit[plots]') and
@@ -58,6 +60,7 @@ examples:
   python -m guidekit sweep --expr "CFG(1.5) + EMAG(1)" --expr "CFG({s}) | APG(eta=0)" \
       --scales 1.5 3
   python -m guidekit sweep --exprs mine.txt --scales 1.5,2,3 --methods none,CFG
+  python -m guidekit sweep --models scenes-fast --exprs benchmarks/scenes/fewstep.txt --steps 2
   torchrun --nproc_per_node 2 --standalone -m guidekit sweep --out sweep
   python -m torch.distributed.run --nproc_per_node 2 --standalone -m guidekit sweep
 """
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "the scenes grammar, docs/models.md); runs only the scenes part")
     demo.add_argument("--negative-caption", default=None, metavar="TEXT",
                       help="a caption for the scenes conditioning 'neg'; alone, adds "
-                      "CFG(3, negative='neg') and the same with NAG to the scenes entries")
+                      "CFG(1.5, negative='neg') and the same with NAG to the scenes entries")
     demo.add_argument("--toy", action="store_true",
                       help="the tiny toy demo (exact Gaussian-blob denoiser, ~1 s)")
     demo.add_argument("--batch", "-b", type=_positive, default=4,
@@ -152,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sweep.add_argument("--models", type=_names, default=["eps", "flow"],
-                       help="comma-separated bundled models (default eps,flow)")
+                       help="comma-separated bundled models: eps, flow, scenes, scenes-fast "
+                       "(default eps,flow)")
     sweep.add_argument("--methods", type=_names, default=None,
                        help="comma-separated methods (default: all this guidekit has; with "
                        "--expr/--exprs only the unguided baseline 'none'): "

@@ -28,6 +28,8 @@ class Family(Protocol):
     models: tuple[str, ...]
     #: the score names :meth:`score` returns, in CSV column order
     metrics: tuple[str, ...]
+    #: what ``accuracy`` measures, for the Pareto plots' axis
+    accuracy_label: str
 
     def conditioning(self, per_class: int) -> Any:
         """What one job samples: ``per_class`` samples of every class of the family."""
@@ -57,6 +59,7 @@ class Digits:
     name: str = "digits"
     models: tuple[str, ...] = MODEL_NAMES
     metrics: tuple[str, ...] = ("accuracy", "fd", "diversity", "diversity_gap")
+    accuracy_label: str = "class accuracy"
 
     def conditioning(self, per_class: int) -> Any:
         return digit_labels(per_class)

@@ -162,13 +162,13 @@ def pareto_plots(summary: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         for ax in axes.flat[len(methods):]:
             ax.axis("off")
         for ax in axes[-1]:
-            ax.set_xlabel("class accuracy")
+            ax.set_xlabel(family_of(model).accuracy_label)
         for ax in axes[:, 0]:
             ax.set_ylabel("FD (lower is better)")
         fig.suptitle(f"{model} model: FD vs accuracy (star: unguided Cond(); "
                      f"{rows[0]['samples']} samples, mean ± std over {rows[0]['seeds']} seed(s))",
                      fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
         path = out / f"pareto-{model}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -76,6 +76,7 @@ class Scenes:
     name: str = "scenes"
     models: tuple[str, ...] = ("scenes", "scenes-fast")
     metrics: tuple[str, ...] = ("accuracy", "exact", "fd", "diversity", "diversity_gap")
+    accuracy_label: str = "attribute accuracy (mean over heads)"
 
     def conditioning(self, per_class: int) -> SceneJob:
         test = _held_out()
