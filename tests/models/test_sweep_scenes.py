@@ -77,3 +77,13 @@ def test_autoguidance_reads_the_weak_sibling_through_its_own_encoder(models) -> 
     with pytest.raises(guidekit.GuidanceValueError, match="scenes-fast.*has none"):
         SCENES.sample(models, "scenes-fast", "Cond() + Autoguidance(1)", CAPTIONS, steps=1,
                       seed=0)
+
+
+def test_a_method_one_model_cannot_run_is_left_out_of_that_model_only(tmp_path) -> None:
+    result = run_sweep(models=("scenes", "scenes-fast"), methods=("none", "Autoguidance"),
+                       scales=(1.0,), seeds=(0,), per_digit=1, steps=1, out=tmp_path,
+                       speed=False, plots=False, progress=False, echo=None)
+    ran = {(r["model"], r["method"]) for r in result.rows}
+    assert ran == {("scenes", "none"), ("scenes", "Autoguidance"), ("scenes-fast", "none")}
+    assert any("Autoguidance left out on scenes-fast" in n for n in result.notes)
+    assert not any("on scenes:" in n for n in result.notes)

@@ -7,7 +7,7 @@ belong to its model's family (:mod:`~guidekit.models.sweep.family`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -94,9 +94,11 @@ def unsupported(models: ModelCache, model: str, method: str | Expr,
 
 
 def make_jobs(models: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
-              scales: Sequence[float] | None = None, exprs: Sequence[Expr] = ()) -> list[Job]:
+              scales: Sequence[float] | None = None, exprs: Sequence[Expr] = (),
+              skip: Collection[tuple[str, str]] = ()) -> list[Job]:
     """The grid in a fixed order: model, method, scale, seed (``index`` is the position);
-    per model the named ``methods`` first, then ``exprs``.
+    per model the named ``methods`` first, then ``exprs``; ``(model, method)`` pairs in
+    ``skip`` (a method that model cannot run) are left out of that model only.
 
     ``scales`` replaces every method's default scales (the "none" baseline keeps its 0) and
     is the grid of every expression with ``{s}``; one without runs once per seed.
@@ -104,6 +106,8 @@ def make_jobs(models: Sequence[str], methods: Sequence[str], seeds: Sequence[int
     jobs: list[Job] = []
     for model in models:
         for method in methods:
+            if (model, method) in skip:
+                continue
             grid = METHODS[method][1] if scales is None or method == "none" else tuple(scales)
             for scale in grid:
                 for seed in seeds:

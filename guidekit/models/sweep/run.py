@@ -100,16 +100,15 @@ def run_sweep(
         # given expressions alone run with the baseline they are paired with
         keep = check_methods(["none"] if methods is None and given else methods)
         notes: list[str] = []
-        runnable = []
+        skip = set()
         for method in keep:
-            reasons = {m: unsupported(cache, m, method) for m in models}
-            for m, why in reasons.items():
-                if why:
+            for m in models:
+                why = unsupported(cache, m, method)
+                if why:  # left out on that model only: the others still run it
                     notes.append(f"{method} left out on {m}: {why}")
-            if not any(reasons.values()):
-                runnable.append(method)
+                    skip.add((m, method))
         refuse_unsupported(cache, models, given, scales)
-        jobs = make_jobs(models, runnable, seeds, scales, given)
+        jobs = make_jobs(models, keep, seeds, scales, given, skip=skip)
         mine = jobs[ctx.rank::ctx.world]
         bar = tqdm(mine, desc=f"guidekit sweep [rank {ctx.rank}/{ctx.world}]", unit="job",
                    disable=not progress or ctx.rank != 0, leave=False)
