@@ -19,6 +19,7 @@ import torch
 
 import guidekit
 import guidekit.attention
+from guidekit.combinators.cads import CADSAnnealing
 from guidekit.models.sampling import needs_engine
 from guidekit.plan import CallRecord, Plan
 
@@ -73,7 +74,8 @@ def sample_scenes(
         )
     models = None
     if weak is not None:
-        if any(g.model == "weak" for g in plan.groups) and "CADS" in repr(plan.expr):
+        if (any(g.model == "weak" for g in plan.groups)
+                and any(isinstance(m, CADSAnnealing) for m in plan.modifiers)):
             # CADS anneals the main encoder's hidden states, which the weak model never reads
             raise guidekit.GuidanceValueError(
                 "sample_scenes: CADS with Autoguidance's weak scenes model would anneal only "
