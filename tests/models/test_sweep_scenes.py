@@ -87,3 +87,15 @@ def test_a_method_one_model_cannot_run_is_left_out_of_that_model_only(tmp_path) 
     assert ran == {("scenes", "none"), ("scenes", "Autoguidance"), ("scenes-fast", "none")}
     assert any("Autoguidance left out on scenes-fast" in n for n in result.notes)
     assert not any("on scenes:" in n for n in result.notes)
+
+
+def test_one_sweep_runs_both_families(tmp_path) -> None:
+    run_sweep(models=("eps", "scenes-fast"), methods=("none",), exprs=["CFG(1.5)"],
+              seeds=(0,), per_digit=1, steps=1, out=tmp_path, speed=False, plots=False,
+              progress=False, echo=None)
+    rows = read_csv(tmp_path / "runs.csv")
+    assert {r["model"] for r in rows} == {"eps", "scenes-fast"}
+    # the digits score no 'exact': their cells stay empty, the scenes' are filled
+    assert {r["model"]: r["exact"] == "" for r in rows} == {"eps": True, "scenes-fast": False}
+    summary = read_csv(tmp_path / "summary.csv")
+    assert {r["model"] for r in summary} == {"eps", "scenes-fast"}

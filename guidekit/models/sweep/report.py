@@ -61,9 +61,13 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Every row under the union of the rows' columns, in first-seen order: families score
+    different metrics (the scenes' ``exact``), and a cell a row's family has none of is
+    left empty."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
