@@ -5,7 +5,7 @@ batch ``B`` and expression, one Euler run per variant, the order rotated every r
 each ratio the median over repeats of the ratio of neighbouring timings.
 
 Variants: ``default`` (``guidekit.compile(expr)``: the auto split; one plan for all
-repeats, so its trial falls in the warm-up run), ``fresh`` (the same with a new plan every
+repeats, run before the timing until its trials have decided, up to 12 runs), ``fresh`` (the same with a new plan every
 run, so every run pays the trial: what a one-shot call costs), ``one call``
 (``max_rows="one call"``), ``per branch`` (``max_rows="branch"``) and ``diffusers`` (its own
 guider driven the way its modular denoise loop drives it: ``ClassifierFreeGuidance``,
@@ -19,6 +19,7 @@ samples (relative 1e-4); the largest difference from the diffusers guider is pri
 
     python benchmarks/default_split.py --quick            # a few minutes on one thread
     python benchmarks/default_split.py --write split.md   # the whole table
+    python benchmarks/default_split.py --models dit256 --batches 4 16 64 --exprs CFG
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import _bench as bench  # noqa: E402
 import guidekit  # noqa: E402
 from guidekit import APG, CFG, PAG, SLG  # noqa: E402
 from guidekit.attention import install  # noqa: E402
+from guidekit.split import split_label  # noqa: E402
 
 W, S, NORM = 5.0, 3.0, 15.0
 #: (model, batches) of the full table and of --quick
@@ -150,7 +152,14 @@ def peer_run(m: Model, make: Callable[[], Any], x0: torch.Tensor, conds: dict[st
     return run
 
 
-def measure(m: Model, batch: int, steps: int, repeats: int) -> list[dict[str, Any]]:
+def deciding(plan: Any) -> bool:
+    """Whether an auto split plan has a group still on trial."""
+    policy = plan.policy
+    return any(key not in policy.chosen for key in getattr(policy, "timings", {}))
+
+
+def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | None = None,
+            warm_runs: int = 12) -> list[dict[str, Any]]:
     sigmas = m.schedule(steps)
     torch.manual_seed(batch)
     x0 = torch.randn(batch, *m.shape) * sigmas[0]
@@ -159,6 +168,8 @@ def measure(m: Model, batch: int, steps: int, repeats: int) -> list[dict[str, An
              "uncond": {"class_labels": torch.full_like(labels, m.null)}}
     rows = []
     for ename, (expr, guider) in expressions(m, sigmas).items():
+        if names and ename not in names:
+            continue
         variants: dict[str, Callable[[], Any]] = {}
         plans: dict[str, Any] = {}
         for v, max_rows in (("default", None), ("fresh", None), ("one call", "one call"),
@@ -166,6 +177,12 @@ def measure(m: Model, batch: int, steps: int, repeats: int) -> list[dict[str, An
             variants[v], plans[v] = guided_run(m, expr, max_rows, x0, conds, sigmas, v == "fresh")
         variants["diffusers"] = peer_run(m, guider, x0, conds, sigmas)
         outs = {v: fn() for v, fn in variants.items()}
+        # "default" is a plan reused: run it until every trial has decided (its later runs
+        # pay none); "fresh" shows what a one-shot run pays.
+        for _ in range(warm_runs):
+            if not deciding(plans["default"]["plan"]):
+                break
+            variants["default"]()
         peer = outs.pop("diffusers")
         bench.check_agree(outs, 1e-4, f"{m.name} B={batch} {ename}")
         peer_diff = float((peer - outs["one call"]).abs().max() / outs["one call"].abs().max())
@@ -181,8 +198,7 @@ def measure(m: Model, batch: int, steps: int, repeats: int) -> list[dict[str, An
             "fresh/best": bench.paired_ratio(t["fresh"], t[best]),
             "default/diffusers": bench.paired_ratio(t["default"], t["diffusers"]),
             "best/diffusers": bench.paired_ratio(t[best], t["diffusers"]),
-            "chose": ", ".join(sorted({"one call" if c == r else "per branch" if c == b else
-                                       f"{c} rows" for (_, r, b), c in chosen.items()})),
+            "chose": ", ".join(sorted({split_label(r, b, c) for (_, r, b), c in chosen.items()})),
             "peer": peer_diff,
         })
         print(fmt_row(rows[-1]), flush=True)
@@ -212,6 +228,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer batches, steps and repeats")
     p.add_argument("--steps", type=int, default=None, help="Euler steps per run")
     p.add_argument("--models", nargs="*", default=None, choices=sorted(FULL))
+    p.add_argument("--batches", nargs="*", type=int, default=None,
+                   help="batch sizes (default: the grid's per model)")
+    p.add_argument("--exprs", nargs="*", default=None, choices=["CFG", "PAG", "SLG", "APG"])
     args = p.parse_args()
     grid = QUICK if args.quick else FULL
     steps = args.steps or (4 if args.quick else 10)
@@ -222,8 +241,8 @@ def main() -> None:
                   f"{steps} steps per run, {repeats} interleaved repeats, w={W}, s={S}")
     rows: list[dict[str, Any]] = []
     for m in models:
-        for batch in grid[m.name]:
-            rows += measure(m, batch, steps, repeats)
+        for batch in args.batches or grid[m.name]:
+            rows += measure(m, batch, steps, repeats, args.exprs)
     table = bench.markdown(HEADER, [cells(r) for r in rows])
     print("\n" + bench.text_table(HEADER, [cells(r) for r in rows]))
     session.finish([table], notes=[m.line for m in models] + [

@@ -41,8 +41,8 @@ def compile(
         noise: the sampler's noise convention, ``"ve"`` (k-diffusion), ``"vp"`` (DDPM) or
             ``"flow"`` (rectified flow), or a :class:`guidekit.Noise`.
         max_rows: the split policy (:mod:`guidekit.split`). ``None`` (or ``"auto"``), the
-            default: one call per forward group, or one call per branch where that is
-            measured faster, capped by free memory; ``"one call"`` (or ``"all"``) always
+            default: one call per forward group, or one call per branch (or halves of
+            it, down to one row) where that is measured faster, capped by free memory; ``"one call"`` (or ``"all"``) always
             one call; ``"branch"`` one call per branch; an int a row budget (the fewest
             calls of at most that many rows); an :class:`~guidekit.AutoSplit` its settings.
         parallel: a ``torch.distributed`` process group whose ranks share each call's

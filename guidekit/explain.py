@@ -24,7 +24,7 @@ def budget(plan: Plan) -> str:
     if isinstance(policy, AutoSplit):
         cap = "" if policy.max_rows is None else f", at most {policy.max_rows} rows a call"
         mem = "" if policy.memory is None else ", memory-capped"
-        return f"auto (one call, or one call per branch where measured faster{cap}{mem})"
+        return f"auto (one call, or per branch or smaller calls where measured faster{cap}{mem})"
     if isinstance(policy, PerBranch):
         return "one call per branch"
     if isinstance(policy, FixedSplit) and policy.max_rows is None:

@@ -7,7 +7,8 @@ docs/benchmarks.md). Policies
 (``compile(..., max_rows=...)``):
 
 * the default, ``max_rows=None`` or ``"auto"``: :class:`AutoSplit` measures "one call"
-  against "one call per branch" on a forward group's first steps and keeps the faster, under
+  against "one call per branch" (and, while smaller wins, halves of a branch) on a forward
+  group's first steps and keeps the fastest, under
   a :class:`~guidekit.budget.MemoryBudget`; the choice is kept by the plan (per forward group,
   active-branch set and batch), so later runs of the same plan pay no trial;
 * ``"one call"`` (or ``"all"``): :class:`FixedSplit` ``(None)``, one call per forward group;
@@ -116,25 +117,35 @@ def now() -> float:
 
 @attrs.define
 class AutoSplit:
-    """Time one call vs one call per branch on a group's first steps, keep the faster.
+    """Time one call, one call per branch and smaller calls on a group's first steps, keep
+    the fastest.
 
-    Per key ``(group, rows, batch)`` (``group``: the model and its active branches):
+    The candidates form a **ladder** of rows per call, largest first: ``rows`` (one call),
+    ``batch`` (one call per branch), then ``batch`` halved (rounded up) down to 1 row, each
+    capped by ``max_rows`` and the memory cap. Per key ``(group, rows, batch)`` (``group``:
+    the model and its active branches):
 
     * **gate**: the first ``trials`` calls run as one call; if the fastest of them took
       less than ``min_seconds``, one call is kept without trying anything else. Below that a
       call is dominated by per-call overhead, where one call per branch lost by 1.4-2.2x in
       every measurement (docs/benchmarks.md), and a cheap model never pays a trial;
-    * **trial**: otherwise the candidates (one call, one call per branch) take turns, and
-      a candidate's estimate is the **minimum** of its times (noise of a shared machine
-      only adds time; the first call at a new shape pays lazy initialisation);
-    * **decision**: once every candidate has ``trials`` times, keep the fastest if it beats
-      the next by more than ``margin``; while closer, keep timing up to ``max_trials`` each,
-      then keep the fastest (a close call costs little). Early: once the fastest has
-      ``trials`` times and every other candidate is more than ``drop`` times slower, keep it
-      without trying the others again.
+    * **trial**: otherwise the open candidates (at first one call and one call per branch)
+      take turns, and a candidate's estimate is the **minimum** of its times (noise of a
+      shared machine only adds time; the first call at a new shape pays lazy
+      initialisation). A candidate more than ``drop`` times slower than the fastest is a
+      clear loser: it is not timed again;
+    * **descent**: once every contender has ``trials`` times, if the smallest open
+      candidate is the fastest by more than ``margin``, the next rung (half its rows) is
+      opened and timed. On one CPU thread a compute-bound DiT ran fastest at 4-16 rows per
+      call, well below one branch of a large batch (docs/benchmarks.md);
+    * **decision**: otherwise keep the fastest if it beats the next by more than
+      ``margin``; while closer, keep timing the contenders up to ``max_trials`` each, then
+      keep the fastest (a close call costs little). On a tie the larger chunk wins.
 
-    Trial cost, per key and plan: at most ``max_trials`` calls of the slower candidate (2 when
-    it is clearly slower), each costing the difference of the two; nothing below the gate.
+    Trial cost, per key and plan: the ladder has at most ``2 + ceil(log2 batch)`` rungs, a
+    rung is opened only when the one above it won, and each is timed at most ``max_trials``
+    times (``trials`` when clearly slower, once when more than ``drop`` times slower); each
+    timed step costs the difference to the fastest; nothing below the gate.
     ``memory`` caps every candidate by the free memory (see :mod:`guidekit.budget`).
     ``chosen`` maps keys to the chunk in use and ``timings`` keeps the seconds measured per
     candidate: a plan hands the same two dicts to every splitter it makes, so its decisions
@@ -163,12 +174,16 @@ class AutoSplit:
             )
 
     def candidates(self, rows: int, batch: int, cap: int | None = None) -> list[int]:
-        """Chunk sizes to try, largest first: one call, and one call per branch."""
-        cands = [rows, batch] if rows != batch else [rows]
+        """The ladder of chunk sizes a trial may reach, largest first: one call, one call
+        per branch, then the branch halved (rounded up) down to one row, all capped."""
+        ladder, chunk = [rows, batch], batch
+        while chunk > 1:
+            chunk = (chunk + 1) // 2
+            ladder.append(chunk)
         for limit in (self.max_rows, cap):
             if limit is not None:
-                cands = sorted({min(c, limit) for c in cands}, reverse=True)
-        return cands
+                ladder = [min(c, limit) for c in ladder]
+        return sorted(set(ladder), reverse=True)
 
     def _cap(self, key: Key) -> int | None:
         device = self.device.get(key)
@@ -188,19 +203,22 @@ class AutoSplit:
         return chunk
 
     def _trial(self, key: Key, rows: int, batch: int, cap: int | None) -> int:
-        cands = self.candidates(rows, batch, cap)
-        if len(cands) == 1:
-            self.chosen[key] = cands[0]
-            return cands[0]
+        ladder = self.candidates(rows, batch, cap)
+        if len(ladder) == 1:
+            self.chosen[key] = ladder[0]
+            return ladder[0]
         seen = self.timings.setdefault(key, {})
-        for c in [c for c in seen if c not in cands]:
+        for c in [c for c in seen if c not in ladder]:
             del seen[c]  # the memory cap moved: timings of a chunk no longer tried
-        for c in cands:
-            seen.setdefault(c, [])
-        if len(seen[cands[0]]) < self.trials:
-            return cands[0]  # the gate's calls: one call first
-        # Round-robin: the candidates alternate, so drift of the machine hits both alike.
-        return min(cands, key=lambda c: (len(seen[c]), cands.index(c)))
+        # Open: the top two rungs, and every rung down to the smallest one opened so far.
+        low = min(seen, default=ladder[1])
+        for c in ladder:
+            if c >= min(low, ladder[1]):
+                seen.setdefault(c, [])
+        if len(seen[ladder[0]]) < self.trials:
+            return ladder[0]  # the gate's calls: one call first
+        # Round-robin: the contenders alternate, so drift of the machine hits all alike.
+        return min(contenders(seen, self.drop), key=lambda c: (len(seen[c]), -c))
 
     @contextmanager
     def measure(self, model: str, rows: int, batch: int, device: torch.device) -> Iterator[None]:
@@ -219,7 +237,7 @@ class AutoSplit:
         return (model, rows, batch) not in self.chosen
 
     def observe(self, model: str, rows: int, batch: int, chunk: int, seconds: float) -> None:
-        """Record one timed forward group; decide once the data allow it."""
+        """Record one timed forward group; descend or decide once the data allow it."""
         key = (model, rows, batch)
         if key in self.chosen:
             return
@@ -227,29 +245,40 @@ class AutoSplit:
         if seen is None or chunk not in seen:
             return  # not a trial call of this splitter (e.g. a group it never proposed)
         seen[chunk].append(float(seconds))
-        best = self._decide(seen, max(seen))
+        best = self._decide(seen, self.candidates(rows, batch, self._cap(key)))
         if best is not None:
             # the largest candidate is "one call" (under the memory cap of the moment)
             self.chosen[key] = rows if best == max(seen) else best
 
-    def _decide(self, seen: dict[int, list[float]], one: int) -> int | None:
-        """The chunk to keep, or ``None`` while the timings so far cannot tell."""
+    def _decide(self, seen: dict[int, list[float]], ladder: list[int]) -> int | None:
+        """The chunk to keep, or ``None`` while the timings so far cannot tell (a rung
+        opened for the descent counts as not timed yet)."""
+        one = max(seen)
         if len(seen[one]) >= self.trials and min(seen[one]) < self.min_seconds:
             return one  # below the gate: one call, nothing else tried
-        if any(not ts for ts in seen.values()):
+        live = contenders(seen, self.drop)
+        if any(len(seen[c]) < self.trials for c in live):
             return None
-        est = {c: min(ts) for c, ts in seen.items()}
+        est = {c: min(ts) for c, ts in seen.items() if ts}
         # Fastest first; on a tie the larger chunk (fewer calls) wins.
-        best, *rest = sorted(est, key=lambda c: (est[c], -c))
-        runner_up = min(est[c] for c in rest)
-        if len(seen[best]) >= self.trials and runner_up > self.drop * est[best]:
-            return best  # a clear loser: no more of its (expensive) trials
-        counts = [len(ts) for ts in seen.values()]
-        if min(counts) < self.trials:
+        best = min(live, key=lambda c: (est[c], -c))
+        runner_up = min((t for c, t in est.items() if c != best), default=math.inf)
+        clear = runner_up > (1.0 + self.margin) * est[best]
+        lower = [c for c in ladder if c < best]
+        if clear and best == min(seen) and lower:
+            seen[lower[0]] = []  # the smallest rung won: try half its rows
             return None
-        if runner_up > (1.0 + self.margin) * est[best] or min(counts) >= self.max_trials:
+        if clear or all(len(seen[c]) >= self.max_trials for c in live):
             return best
         return None
+
+
+def contenders(seen: dict[int, list[float]], drop: float) -> list[int]:
+    """The candidates still in the running: untimed, or within ``drop`` times the fastest
+    estimate (a candidate's fastest time), largest first."""
+    est = {c: min(ts) for c, ts in seen.items() if ts}
+    fastest = min(est.values(), default=math.inf)
+    return sorted((c for c in seen if c not in est or est[c] <= drop * fastest), reverse=True)
 
 
 #: The policy ``max_rows=None`` / ``"auto"`` copies (its settings, fresh decision tables).

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import guidekit as gk
 from guidekit import CFG, Autoguidance, AutoSplit, Cond, FixedSplit, split
@@ -155,14 +157,15 @@ def test_auto_picks_one_call_when_its_timings_are_faster():
 
 def test_auto_picks_one_call_per_branch_when_its_timings_are_faster():
     split = AutoSplit()
-    chunks = drive(split, {8: 1.3, 4: 1.0}, 20)
+    chunks = drive(split, {8: 1.3, 4: 1.0, 2: 1.1}, 20)  # halving the branch loses
     assert split.chosen[("main", 8, 4)] == 4
     assert {8, 4} <= set(chunks[:4])
-    assert set(chunks[4:]) == {4}
+    assert chunks[4:6] == [2, 2] and set(chunks[6:]) == {4}
 
 
 def test_auto_uses_both_candidates_during_the_trial():
-    for costs in ({8: 1.0, 4: 1.2}, {8: 1.2, 4: 1.0}, {8: 1.0, 4: 1.0}, {8: 1.0, 4: 9.0}):
+    for costs in ({8: 1.0, 4: 1.2}, {8: 1.2, 4: 1.0, 2: 1.2}, {8: 1.0, 4: 1.0},
+                  {8: 1.0, 4: 9.0}):
         split = AutoSplit()
         chunks = drive(split, costs, 12)
         trial = split.timings[("main", 8, 4)]
@@ -187,12 +190,12 @@ def test_auto_estimates_by_the_minimum_so_a_slow_first_call_does_not_mislead():
     assert split.chosen[("main", 8, 4)] == 8
     # ... and the same for the per-branch candidate, while its cold call is within `drop`.
     split = AutoSplit(drop=1.5)
-    drive(split, {8: [1.2, 1.2], 4: [1.7, 1.0]}, 6)
+    drive(split, {8: [1.2, 1.2], 4: [1.7, 1.0], 2: 1.5}, 8)
     assert split.chosen[("main", 8, 4)] == 4
     # A colder first call looks like a clear loser (documented trade-off); drop=inf waits
     # for a second call of every candidate.
     split = AutoSplit(drop=math.inf)
-    drive(split, {8: [1.2, 1.2], 4: [5.0, 1.0]}, 6)
+    drive(split, {8: [1.2, 1.2], 4: [5.0, 1.0], 2: 1.5}, 8)
     assert split.chosen[("main", 8, 4)] == 4
 
 
@@ -229,23 +232,76 @@ def test_auto_ties_go_to_the_larger_chunk():
 def test_auto_decides_each_group_and_batch_separately():
     split = AutoSplit()
     drive(split, {8: 1.0, 4: 2.0}, 6, key=("main", 8, 4))
-    drive(split, {4: 2.0, 2: 1.0}, 6, key=("main", 4, 2))
-    drive(split, {4: 1.0}, 2, key=("weak", 4, 4))
+    drive(split, {4: 2.0, 2: 1.0, 1: 1.5}, 8, key=("main", 4, 2))
+    drive(split, {4: 0.01}, 2, key=("weak", 4, 4))  # below the gate
     assert split.chosen == {("main", 8, 4): 8, ("main", 4, 2): 2, ("weak", 4, 4): 4}
 
 
-def test_auto_with_one_branch_has_nothing_to_try():
+def test_auto_with_one_row_a_call_has_nothing_to_try():
     split = AutoSplit()
-    assert split.chunk("weak", 4, 4) == 4
-    assert split.chosen == {("weak", 4, 4): 4} and split.timings == {}
+    assert split.chunk("weak", 1, 1) == 1
+    split = AutoSplit(max_rows=1)
+    assert split.chunk("main", 8, 4) == 1
+    assert split.chosen == {("main", 8, 4): 1} and split.timings == {}
 
 
-def test_auto_candidates_respect_a_row_budget():
-    assert AutoSplit().candidates(12, 4) == [12, 4]
-    assert AutoSplit(max_rows=5).candidates(12, 4) == [5, 4]
-    assert AutoSplit(max_rows=3).candidates(12, 4) == [3]
-    split = AutoSplit(max_rows=3)
-    assert split.chunk("main", 12, 4) == 3 and split.chosen[("main", 12, 4)] == 3
+def test_auto_ladder_halves_the_branch_and_respects_a_row_budget():
+    assert AutoSplit().candidates(12, 4) == [12, 4, 2, 1]
+    assert AutoSplit().candidates(24, 12) == [24, 12, 6, 3, 2, 1]
+    assert AutoSplit().candidates(10, 5) == [10, 5, 3, 2, 1]  # halved rounding up
+    assert AutoSplit().candidates(4, 4) == [4, 2, 1]  # one branch: halvings of it
+    assert AutoSplit(max_rows=5).candidates(12, 4) == [5, 4, 2, 1]
+    assert AutoSplit(max_rows=3).candidates(12, 4) == [3, 2, 1]
+    assert AutoSplit().candidates(12, 4, cap=2) == [2, 1]
+
+
+def test_auto_descends_while_halving_wins_and_stops_where_it_loses():
+    split = AutoSplit()
+    chunks = drive(split, {8: 1.0, 4: 0.8, 2: 0.6, 1: 0.7}, 14)
+    assert chunks[:8] == [8, 8, 4, 4, 2, 2, 1, 1]  # each rung opened after the one above won
+    assert split.chosen[("main", 8, 4)] == 2 and set(chunks[8:]) == {2}
+    # a halving that loses is the last rung tried
+    split = AutoSplit()
+    chunks = drive(split, {8: 1.0, 4: 0.8, 2: 0.9}, 10)
+    assert chunks[:6] == [8, 8, 4, 4, 2, 2] and set(chunks[6:]) == {4}
+    assert 1 not in split.timings[("main", 8, 4)]
+    # a rung within `margin` of the one above ends the descent too (no clear win)
+    split = AutoSplit(margin=0.05)
+    chunks = drive(split, {8: 1.0, 4: 0.8, 2: 0.79}, 16)
+    assert 1 not in split.timings[("main", 8, 4)]
+    assert split.chosen[("main", 8, 4)] == 2
+
+
+def test_auto_one_branch_group_above_the_gate_tries_halves_of_it():
+    split = AutoSplit()
+    chunks = drive(split, {4: 1.0, 2: 0.8, 1: 0.9}, 10, key=("weak", 4, 4))
+    assert chunks[:6] == [4, 4, 2, 2, 1, 1]
+    assert split.chosen[("weak", 4, 4)] == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batch=st.integers(1, 64),
+    branches=st.integers(1, 4),
+    costs=st.lists(st.floats(0.06, 10.0), min_size=8, max_size=8),
+    noise=st.lists(st.floats(1.0, 1.3), min_size=4, max_size=4),
+)
+def test_auto_trial_is_bounded_and_keeps_the_fastest_it_measured(batch, branches, costs,
+                                                                  noise):
+    rows = batch * branches
+    split = AutoSplit()
+    ladder = split.candidates(rows, batch)
+    # every rung its own cost, each timing scaled by a noise factor
+    cost = {c: [costs[i] * f for f in noise] for i, c in enumerate(ladder)}
+    key = ("main", rows, batch)
+    drive(split, cost, split.max_trials * len(ladder) + 1, key=key)
+    assert key in split.chosen  # decided within max_trials timings of every rung
+    trial = split.timings.get(key, {})
+    assert sum(len(ts) for ts in trial.values()) <= split.max_trials * len(ladder)
+    if trial:
+        est = {c: min(ts) for c, ts in trial.items() if ts}
+        fastest = min(est.values())
+        assert est[split.chosen[key]] == fastest  # the fastest timed, never a slower one
 
 
 def test_auto_ignores_timings_it_did_not_ask_for():

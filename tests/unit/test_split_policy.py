@@ -69,27 +69,45 @@ def test_below_the_gate_one_call_is_kept_without_a_trial():
 
 def test_above_the_gate_the_faster_split_is_measured_and_kept():
     clock, batch = Clock(), 4
-    # Superlinear in rows: one call of 8 rows costs 0.64 s, two calls of 4 rows 0.32 s.
-    main = TimedNet(clock, per_call=0.0, per_row2=0.01)
+    # 0.1 s a call plus 0.01 s x rows**2: one call of 8 rows costs 0.74 s, two calls of 4
+    # rows 0.52 s, four calls of 2 rows 0.56 s (the halving loses: the descent stops).
+    main = TimedNet(clock, per_call=0.1, per_row2=0.01)
     plan = gk.compile(CFG(7), max_rows=AutoSplit(clock=clock))
     y, calls = run(plan, batch, main)
-    # gate: one call twice; trial: per branch twice (a clear win); then per branch.
-    assert main.rows == [8, 8] + [4, 4] * (len(SIGMAS) - 2)
-    assert len(calls) == 2 + 2 * (len(SIGMAS) - 2)
+    # gate: one call twice; trial: per branch twice (a clear win), 2-row calls twice (a
+    # loss); then per branch.
+    assert main.rows == [8, 8] + [4, 4] * 2 + [2] * 8 + [4, 4] * (len(SIGMAS) - 6)
     assert sum(c.rows for c in calls) == 2 * batch * len(SIGMAS)
     assert calls[-1].split == "per branch" and calls[2].split == "per branch (trial)"
+    assert calls[6].split == "2-row calls (trial)"
     assert plan.policy.chosen == {("main [c u]", 8, 4): 4}
     text = str(plan)
-    assert "split main [c u] at 2x4 rows: per branch (one call 640 ms, per branch 320 ms)" in text
+    assert ("split main [c u] at 2x4 rows: per branch (one call 740 ms, per branch 520 ms, "
+            "2-row calls 560 ms)") in text
     assert plan.nfe(1.0, batch) == 2  # the decision, once taken
+    torch.testing.assert_close(y, reference(CFG(7), batch), rtol=1e-12, atol=1e-12)
+
+
+def test_where_calls_grow_superlinearly_the_trial_descends_to_one_row_calls():
+    clock, batch = Clock(), 4
+    main = TimedNet(clock, per_call=0.0, per_row2=0.01)  # k calls of 8/k rows: 0.64 s / k
+    plan = gk.compile(CFG(7), max_rows=AutoSplit(clock=clock))
+    y, calls = run(plan, batch, main)
+    assert plan.policy.chosen == {("main [c u]", 8, 4): 1}
+    assert calls[-1].split == "1-row calls" and calls[-1].rows == 1
+    assert ("split main [c u] at 2x4 rows: 1-row calls (one call 640 ms, per branch 320 ms, "
+            "2-row calls 160 ms, 1-row calls 80 ms)") in str(plan)
+    trial = plan.policy.timings[("main [c u]", 8, 4)]
+    # one call is dropped once per branch ran 2x faster; each rung timed twice at most
+    assert {c: len(ts) for c, ts in trial.items()} == {8: 2, 4: 2, 2: 2, 1: 2}
     torch.testing.assert_close(y, reference(CFG(7), batch), rtol=1e-12, atol=1e-12)
 
 
 def test_a_plan_keeps_its_decisions_for_later_runs():
     clock, batch = Clock(), 3
     plan = gk.compile(CFG(3) + Autoguidance(1), max_rows=AutoSplit(clock=clock))
-    run(plan, batch, TimedNet(clock, per_call=0.0, per_row2=0.01))
-    main = TimedNet(clock, per_call=0.0, per_row2=0.01)
+    run(plan, batch, TimedNet(clock, per_call=0.1, per_row2=0.01))
+    main = TimedNet(clock, per_call=0.1, per_row2=0.01)  # per branch wins, 2-row calls lose
     y, calls = run(plan, batch, main)  # a second run: no trial
     assert main.rows == [batch, batch] * len(SIGMAS)
     assert all("trial" not in c.split for c in calls)
@@ -103,9 +121,9 @@ def test_a_plan_keeps_its_decisions_for_later_runs():
 def test_each_active_branch_set_is_decided_separately():
     policy = AutoSplit(clock=Clock())
     for group, rows in (("main [c u]", 8), ("main [c u u[PAG(2)]]", 12)):
-        for cost in (1.0, 1.0, 0.5, 0.5):
+        for _ in range(6):  # gate, per branch (faster), half a branch (slower)
             chunk = policy.chunk(group, rows, 4)
-            policy.observe(group, rows, 4, chunk, cost if chunk == 4 else 1.0)
+            policy.observe(group, rows, 4, chunk, 0.5 if chunk == 4 else 1.0)
     assert policy.chosen == {("main [c u]", 8, 4): 4, ("main [c u u[PAG(2)]]", 12, 4): 4}
 
 
@@ -124,7 +142,7 @@ def test_overrides_fix_the_split(max_rows, per_step):
 
 
 def test_print_plan_names_the_policy():
-    assert "split: auto (one call, or one call per branch where measured faster, memory-capped)" \
+    assert "split: auto (one call, or per branch or smaller calls where measured faster, memory-capped)" \
         in str(gk.compile(CFG(7)))
     assert "one call per forward group" in str(gk.compile(CFG(7), max_rows="one call"))
     assert "one call per branch" in str(gk.compile(CFG(7), max_rows="branch"))
