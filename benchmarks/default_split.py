@@ -5,8 +5,9 @@ batch ``B`` and expression, one Euler run per variant, the order rotated every r
 each ratio the median over repeats of the ratio of neighbouring timings.
 
 Variants: ``default`` (``guidekit.compile(expr)``: the auto split; one plan for all
-repeats, run before the timing until its trials have decided, up to 12 runs), ``fresh`` (the same with a new plan every
-run, so every run pays the trial: what a one-shot call costs), ``one call``
+repeats, run before the timing until its trials have decided, up to 12 runs), ``fresh``
+(the same with a new plan every run, so every run pays the trial: what a one-shot call
+costs), ``one call``
 (``max_rows="one call"``), ``per branch`` (``max_rows="branch"``) and ``diffusers`` (its own
 guider driven the way its modular denoise loop drives it: ``ClassifierFreeGuidance``,
 ``PerturbedAttentionGuidance``, ``SkipLayerGuidance``, ``AdaptiveProjectedGuidance``).
@@ -155,7 +156,7 @@ def peer_run(m: Model, make: Callable[[], Any], x0: torch.Tensor, conds: dict[st
 def deciding(plan: Any) -> bool:
     """Whether an auto split plan has a group still on trial."""
     policy = plan.policy
-    return any(key not in policy.chosen for key in getattr(policy, "timings", {}))
+    return any(policy.deciding(*key) for key in getattr(policy, "timings", {}))
 
 
 def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | None = None,

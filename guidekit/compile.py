@@ -42,9 +42,10 @@ def compile(
             ``"flow"`` (rectified flow), or a :class:`guidekit.Noise`.
         max_rows: the split policy (:mod:`guidekit.split`). ``None`` (or ``"auto"``), the
             default: one call per forward group, or one call per branch (or halves of
-            it, down to one row) where that is measured faster, capped by free memory; ``"one call"`` (or ``"all"``) always
-            one call; ``"branch"`` one call per branch; an int a row budget (the fewest
-            calls of at most that many rows); an :class:`~guidekit.AutoSplit` its settings.
+            it, down to one row) where that is measured faster, capped by free memory;
+            ``"one call"`` (or ``"all"``) always one call; ``"branch"`` one call per
+            branch; an int a row budget (the fewest calls of at most that many rows); an
+            :class:`~guidekit.AutoSplit` its settings.
         parallel: a ``torch.distributed`` process group whose ranks share each call's
             branch blocks (see :mod:`guidekit.parallel`); ``None`` runs in this process.
         fixed_shapes: run every branch at every step, the inactive ones skipped in the

@@ -211,9 +211,9 @@ class AutoSplit:
         for c in [c for c in seen if c not in ladder]:
             del seen[c]  # the memory cap moved: timings of a chunk no longer tried
         # Open: the top two rungs, and every rung down to the smallest one opened so far.
-        low = min(seen, default=ladder[1])
+        low = min([*seen, ladder[1]])
         for c in ladder:
-            if c >= min(low, ladder[1]):
+            if c >= low:
                 seen.setdefault(c, [])
         if len(seen[ladder[0]]) < self.trials:
             return ladder[0]  # the gate's calls: one call first

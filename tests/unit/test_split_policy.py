@@ -142,8 +142,8 @@ def test_overrides_fix_the_split(max_rows, per_step):
 
 
 def test_print_plan_names_the_policy():
-    assert "split: auto (one call, or per branch or smaller calls where measured faster, memory-capped)" \
-        in str(gk.compile(CFG(7)))
+    assert ("split: auto (one call, or per branch or smaller calls where measured faster, "
+            "memory-capped)") in str(gk.compile(CFG(7)))
     assert "one call per forward group" in str(gk.compile(CFG(7), max_rows="one call"))
     assert "one call per branch" in str(gk.compile(CFG(7), max_rows="branch"))
 
