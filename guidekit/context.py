@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch
-from guidekit.spaces import Noise, convert
+from guidekit.spaces import Noise, from_x0, to_x0
 
 
 @attrs.define(eq=False)
@@ -33,18 +33,34 @@ class StepContext:
     #: set where the plan holds schedules (``None`` otherwise)
     where: Any = None
     _cache: dict[tuple[Branch, str], torch.Tensor] = attrs.field(factory=dict)
+    #: the noise coefficients ``(a, b)`` at ``sigma``, made on first use
+    _ab: tuple[float, float] | None = None
 
     def space_of(self, space: str) -> str:
         return self.prediction if space == "native" else space
 
+    def coefficients(self) -> tuple[float, float]:
+        """``(a, b)`` with ``x = a x0 + b n`` at this step's ``sigma``."""
+        ab = self._ab
+        if ab is None:
+            ab = self._ab = self.noise.coefficients(self.sigma)
+        return ab
+
     def value(self, branch: Branch, space: str = "native") -> torch.Tensor:
-        space = self.space_of(space)
-        if space == self.prediction:
+        if space == "native" or space == self.prediction:
             return self.native[branch]
         key = (branch, space)
-        if key not in self._cache:
-            self._cache[key] = self.convert(self.native[branch], self.prediction, space)
-        return self._cache[key]
+        out = self._cache.get(key)
+        if out is None:
+            out = self._cache[key] = self.convert(self.native[branch], self.prediction, space)
+        return out
 
     def convert(self, pred: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-        return convert(pred, self.space_of(src), self.space_of(dst), self.x, self.sigma, self.noise)
+        # space_of inlined: this runs for every converted value of every step
+        p = self.prediction
+        src = p if src == "native" else src
+        dst = p if dst == "native" else dst
+        if src == dst:
+            return pred
+        a, b = self.coefficients()
+        return from_x0(to_x0(pred, src, self.x, a, b), dst, self.x, a, b)

@@ -79,26 +79,43 @@ def _bad_samples(t: torch.Tensor) -> list[int]:
 
 
 class StepWatch:
-    """The non-finite check of one guided call: wrap its models, observe its calls.
+    """The non-finite check of a run's guided calls: wrap its models, observe its calls.
 
-    ``plan`` is the run's plan, ``batch`` the sampler's batch, ``policy`` ``"raise"`` or
-    ``"warn"``; ``warned`` is the run's set of warnings already given (one per kind and run).
+    One per run (``Run.start``): ``plan`` is the run's plan, ``warned`` the run's set of
+    warnings already given (one per kind and run), ``log`` receives every call record;
+    :meth:`begin` starts each guided call with the sampler's ``batch`` and the ``policy``
+    (``"raise"`` or ``"warn"``).
     """
 
-    def __init__(self, plan: Any, batch: int, policy: NonFinite, warned: set[str]) -> None:
+    def __init__(self, plan: Any, warned: set[str], log: Callable[[CallRecord], None]) -> None:
         self.plan = plan
-        self.schedule: tuple[float, ...] | None = None  # the run's, for scheduled scales
-        self.batch = batch
-        self.policy = policy
         self.warned = warned
+        self.log = log
+        self.schedule: tuple[float, ...] | None = None  # the run's, for scheduled scales
+        self.batch = 1
+        self.policy: NonFinite = "raise"
         self.records: list[CallRecord] = []
         self.bad_model = False
         self._last: Any = None
+        self._given: tuple[tuple[str, Callable[..., Any]], ...] | None = None
+        self._wrapped: dict[str, Callable[..., Any]] = {}
+
+    def begin(self, batch: int, schedule: tuple[float, ...] | None, policy: NonFinite) -> None:
+        """Start one guided call."""
+        self.batch, self.schedule, self.policy = batch, schedule, policy
+        self.records = []
+        self.bad_model = False
+        self._last = None
 
     # -- model outputs --------------------------------------------------------------------
     def models(self, models: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
-        """``models`` with each output kept for :meth:`observer`'s check."""
-        return {name: self._keep(fn) for name, fn in models.items()}
+        """``models`` with each output kept for :meth:`on_call`'s check (the wrappers made
+        once while the caller hands over the same models, as a guided model does)."""
+        given = tuple(models.items())  # compared by identity of each model: no stale wrapper
+        if given != self._given:
+            self._given = given
+            self._wrapped = {name: self._keep(fn) for name, fn in models.items()}
+        return self._wrapped
 
     def _keep(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def model(*args: Any, **kwargs: Any) -> Any:
@@ -107,18 +124,14 @@ class StepWatch:
 
         return model
 
-    def observer(self, log: Callable[[CallRecord], None]) -> Callable[[CallRecord], None]:
-        """An ``on_call`` for ``plan.step``: logs the call, then checks its output."""
-
-        def on_call(record: CallRecord) -> None:
-            log(record)
-            self.records.append(record)
-            out, self._last = self._last, None
-            if isinstance(out, torch.Tensor) and not all_finite(out):
-                self.bad_model = True
-                self._report("model", self._describe_call(record, out))
-
-        return on_call
+    def on_call(self, record: CallRecord) -> None:
+        """The ``on_call`` of ``plan.step``: logs the call, then checks its output."""
+        self.log(record)
+        self.records.append(record)
+        out, self._last = self._last, None
+        if isinstance(out, torch.Tensor) and not all_finite(out):
+            self.bad_model = True
+            self._report("model", self._describe_call(record, out))
 
     def _offset(self, record: CallRecord) -> tuple[tuple[Branch, ...], int]:
         """The failing call's group branches and its first row within that group."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
-from contextlib import nullcontext
 from typing import Any
 
 import attrs
@@ -39,7 +38,7 @@ ModelFn = Callable[..., torch.Tensor]
 
 def group_key(group: ForwardGroup) -> str:
     """The name a splitter keys its decisions by: the model and its active branches."""
-    return f"{group.model} [{group.labels}]"
+    return group.split_key
 
 
 def _x_rows(
@@ -91,7 +90,7 @@ def run_groups(
                 f"{', '.join(b.label for b in group.branches)}): pass "
                 f"models={{{group.model!r}: ...}}"
             )
-        parts = share([b.cond for b in group.branches], conds, tokens)
+        parts = share(group.conds, conds, tokens)
         for part in parts:
             sub = group if len(parts) == 1 else attrs.evolve(
                 group, branches=tuple(group.branches[i] for i in part.indices)
@@ -125,41 +124,61 @@ def _run_group(
 ) -> torch.Tensor:
     """One forward group's rows through the model, in the splitter's calls."""
     batch = x.shape[0]
-    deciding = getattr(split, "deciding", None)
-    measure = getattr(split, "measure", None)
-    clock = getattr(split, "clock", now)
     rows = len(group.branches) * batch
-    key = group_key(group)
+    key = group.split_key
     x_rows = _x_rows(group, x, sigma, native, forward_state, prediction, noise)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     sig_rows = torch.full((rows,), sigma, dtype=dtype, device=x.device)
-    cond_rows = concat_conds([b.cond for b in group.branches], conds, batch)
-    with measure(key, rows, batch, x.device) if measure is not None else nullcontext():
-        chunk = split.chunk(key, rows, batch)
-        timed = deciding(key, rows, batch) if deciding is not None else split.timing
-        how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
-        start = clock() if timed else 0.0
-        outs = []
-        for lo in range(0, rows, chunk):
-            hi = min(lo + chunk, rows)
-            whole = (lo, hi) == (0, rows)
-            sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
-            xs = x_rows if whole else x_rows[lo:hi]
-            sig = sig_rows if whole else sig_rows[lo:hi]
-            if around_call is None:
+    cond_rows = concat_conds(group.conds, conds, batch)
+    measure = getattr(split, "measure", None)
+    # the memory budget's measurement, while it has none for this group (a context to
+    # enter); once it has, nothing: the steady step enters no context manager here
+    meter = measure(key, rows, batch, x.device) if measure is not None else None
+    if meter is None:
+        return _calls(group, model, x_rows, sig_rows, cond_rows, split, key, batch, sigma,
+                      tokens, on_call, level, around_call, forward_state)
+    with meter:
+        return _calls(group, model, x_rows, sig_rows, cond_rows, split, key, batch, sigma,
+                      tokens, on_call, level, around_call, forward_state)
+
+
+def _calls(
+    group: ForwardGroup, model: ModelFn, x_rows: torch.Tensor, sig_rows: torch.Tensor,
+    cond_rows: dict[str, Any], split: Splitter, key: str, batch: int, sigma: float,
+    tokens: str, on_call: Callable[[CallRecord], None] | None, level: int,
+    around_call: Callable[[RowLayout], ContextManager[Any]] | None,
+    forward_state: ForwardState | None,
+) -> torch.Tensor:
+    """The group's rows in the splitter's chunks, each call recorded; timed on trial."""
+    rows = x_rows.shape[0]
+    chunk = split.chunk(key, rows, batch)
+    deciding = getattr(split, "deciding", None)
+    timed = deciding(key, rows, batch) if deciding is not None else split.timing
+    if timed:
+        clock = getattr(split, "clock", now)
+        start = clock()
+    how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
+    outs = []
+    for lo in range(0, rows, chunk):
+        hi = min(lo + chunk, rows)
+        whole = (lo, hi) == (0, rows)
+        sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
+        xs = x_rows if whole else x_rows[lo:hi]
+        sig = sig_rows if whole else sig_rows[lo:hi]
+        if around_call is None:
+            out = model(xs, sig, **sub)
+        else:
+            with around_call(layout_rows(group, batch, lo, hi, forward_state)):
                 out = model(xs, sig, **sub)
-            else:
-                with around_call(layout_rows(group, batch, lo, hi, forward_state)):
-                    out = model(xs, sig, **sub)
-            check_output(out, group.model, hi - lo, xs)
-            outs.append(out)
-            if on_call is not None:
-                labels = group.branch_labels if whole else group.branch_labels[
-                    lo // batch : (hi - 1) // batch + 1
-                ]
-                on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
-        full = outs[0] if len(outs) == 1 else torch.cat(outs)
-        if timed:
-            sync(full)
-            split.observe(key, rows, batch, chunk, clock() - start)
+        check_output(out, group.model, hi - lo, xs)
+        outs.append(out)
+        if on_call is not None:
+            labels = group.branch_labels if whole else group.branch_labels[
+                lo // batch : (hi - 1) // batch + 1
+            ]
+            on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
+    full = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if timed:
+        sync(full)
+        split.observe(key, rows, batch, chunk, clock() - start)
     return full

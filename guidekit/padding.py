@@ -288,11 +288,15 @@ def share(
     where they cannot, each ``how`` saying so. Conditionings are never changed in place.
     """
     unique = list(dict.fromkeys(names))
-    if len(unique) == 1 or any(
-        type(conds.get(n)) is not dict and not isinstance(conds.get(n), Mapping) for n in unique
-    ):
-        return [Shared(tuple(range(len(names))), conds)]  # concat_conds refuses a bad one
-    if not tokens and _same_shapes([conds[n] for n in unique]):
+    if len(unique) == 1:
+        return [Shared(tuple(range(len(names))), conds)]
+    given = []
+    for n in unique:  # a loop, not a generator: this runs at every model call
+        d = conds.get(n)
+        if type(d) is not dict and not isinstance(d, Mapping):
+            return [Shared(tuple(range(len(names))), conds)]  # concat_conds refuses it
+        given.append(d)
+    if not tokens and _same_shapes(given):
         # the usual step (equal keys and shapes, no rules): what the classes below find
         # for it, without building them at every call
         return [Shared(tuple(range(len(names))), dict(conds))]

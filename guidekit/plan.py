@@ -71,6 +71,8 @@ class Plan:
     breakpoints: tuple[float, ...]
     _programs: dict[int, Program] = attrs.field(factory=dict, repr=False)
     _policy: Any = attrs.field(default=None, repr=False)
+    #: (program, no around_call, no native) that passed check_engine (programs hash by id)
+    _checked: set[tuple[Program, bool, bool]] = attrs.field(factory=set, init=False, repr=False)
     #: guidekit/parallel.py: the ranks that share each call's rows (None: this process)
     parallel: Any = None
     #: guidekit/fixed.py: every step runs every branch (one shape per run)
@@ -100,7 +102,7 @@ class Plan:
         names += [m.negative for m in self.attention if m.negative is not None]
         return tuple(dict.fromkeys(names))
 
-    @property
+    @functools.cached_property  # per plan (read at every step by check_engine)
     def attention(self) -> tuple[Any, ...]:
         """Attention modifiers (PLADIS, GAG, NAG): applied inside the forward by the
         attention engine (:func:`guidekit.attention.install`), in pipe order."""
@@ -147,7 +149,17 @@ class Plan:
     def perturbation_inputs(self, inputs: Mapping[str, Any]) -> dict[Any, Any]:
         """Each stateful perturbation's input state, from the step's inputs by name (a
         perturbation that keeps no state, SAG, gets ``None``)."""
+        if not self._state_names:
+            return {}
         return {p: (inputs.get(n) if n is not None else None) for p, n in self._state_names.items()}
+
+    @functools.cached_property  # read at every step
+    def _post_names(self) -> tuple[str | None, ...]:
+        return tuple(n for n, _ in self._parts[: len(self.post)])
+
+    @functools.cached_property  # read at every step
+    def _pools(self) -> tuple[str, ...]:
+        return pool_names(self.left)
 
     @functools.cached_property  # read at every step
     def _state_names(self) -> dict[Any, str | None]:
@@ -155,7 +167,9 @@ class Plan:
         return {p: n for n, p in self._parts[len(self.post) + len(self.modifiers):]}
 
     def region(self, sigma: float) -> int:
-        sigma = snap(sigma, self.breakpoints)  # float32 sigmas select the float64 steps
+        return self._region(snap(sigma, self.breakpoints))  # float32 sigmas: the float64 steps
+
+    def _region(self, sigma: float) -> int:
         if sigma <= 0:
             return -1  # gates are (lo, hi] with lo >= 0: sigma 0 is its own region
         return bisect.bisect_left(self.breakpoints, sigma)
@@ -164,7 +178,7 @@ class Plan:
         """The program for noise level ``sigma`` (cached per interval between breakpoints;
         with scheduled scales per noise level of the run whose schedule is ``sigmas``)."""
         sigma = snap(sigma, self.breakpoints)
-        key: Any = (sigma, sigmas) if self.scheduled else self.region(sigma)
+        key: Any = (sigma, sigmas) if self.scheduled else self._region(sigma)
         prog = self._programs.get(key)
         if prog is None:
             prog = self._build_program(sigma, sigmas)
@@ -172,6 +186,7 @@ class Plan:
                 prog = fixed_program(prog, self.groups)
             if len(self._programs) > 4096:  # one per noise level of each scheduled run
                 self._programs.clear()
+                self._checked.clear()
             self._programs[key] = prog
         return prog
 
@@ -308,7 +323,10 @@ class Plan:
             where = level_at(s, state.schedule)
         prog = self.program(s, state.schedule)
         stateful = self.stateful
-        check_engine(self, prog, around_call, native)
+        checked = (prog, around_call is None, native is None)
+        if checked not in self._checked:  # a property of the program and the call's kind
+            check_engine(self, prog, around_call, native)
+            self._checked.add(checked)
         ctx = StepContext(
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={}, where=where,
@@ -316,7 +334,6 @@ class Plan:
         if native is not None:
             check_native(self, prog, native, s)
             ctx.native = dict(native)
-        post_names = [n for n, _ in self._parts[: len(self.post)]]
         forward_state = ForwardState(
             batch=x.shape[0], level=level, inputs=self.perturbation_inputs(inputs),
             seed=state.seed, keyed=self.keyed,
@@ -324,7 +341,8 @@ class Plan:
         if where is not None and self.dynamic:  # gated / scheduled attention modifiers
             forward_state.modifiers = {m: modifier_at(m, where) for m in self.dynamic}
         if native is None:
-            conds = self._modified(conds, ctx)
+            if self.modifiers or self._pools:
+                conds = self._modified(conds, ctx)
             forward_state.conds = conds  # NAG reads its negative conditioning from here
             if self.parallel is not None:  # the ranks share each call's rows (parallel.py)
                 models, around_call = self.parallel.wrap(self, models, around_call)
@@ -355,8 +373,8 @@ class Plan:
         # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself:
         # a processor working in another space can change nothing, and x0 cannot be turned
         # back into noise or a velocity. Skip it there; its state carries over.
-        noiseless = self.noise.coefficients(s)[1] == 0.0
-        for name, proc in zip(post_names, self.post):
+        noiseless = bool(self.post) and ctx.coefficients()[1] == 0.0
+        for name, proc in zip(self._post_names, self.post):
             if where is not None:
                 proc = resolve(proc, where)
             target = ctx.space_of(proc.space)
@@ -389,7 +407,8 @@ class Plan:
         self, conds: Mapping[str, Mapping[str, Any]], ctx: StepContext
     ) -> Mapping[str, Mapping[str, Any]]:
         # pooled conditionings (ICG) draw this step's rows first: modifiers see B rows
-        conds = draw_pools(conds, pool_names(self.left), ctx.x.shape[0], ctx.seed, ctx.level)
+        if self._pools:
+            conds = draw_pools(conds, self._pools, ctx.x.shape[0], ctx.seed, ctx.level)
         for mod in self.modifiers:
             conds = mod.modify(conds, ctx)
         return conds

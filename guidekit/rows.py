@@ -44,6 +44,16 @@ class ForwardGroup:
         return " ".join(self.branch_labels)
 
     @functools.cached_property
+    def conds(self) -> tuple[str, ...]:
+        """Each branch's conditioning name, in layout order."""
+        return tuple(b.cond for b in self.branches)
+
+    @functools.cached_property
+    def split_key(self) -> str:
+        """The name a splitter keys its decisions by: the model and its active branches."""
+        return f"{self.model} [{self.labels}]"
+
+    @functools.cached_property
     def title(self) -> str:
         """``main [c u]``, or ``main (2nd call) [u[SAG...]]`` for a dependent group."""
         return f"{self.model}{' (2nd call)' if self.stage else ''} [{self.labels}]"

@@ -118,6 +118,7 @@ class Run:
         # (level, state before the call that started that step), for "retreat"
         self._history: list[tuple[float, State]] = []
         self._warned: set[str] = set()  # nonfinite="warn": one warning per kind and run
+        self._watch = StepWatch(self.plan, self._warned, self.calls.append)
         self._levels: list[float] = []  # every level this run called, midpoints included
         self._seen: list[float] | None = None  # see reset(): the levels a kept schedule allows
         self.runs += 1
@@ -135,6 +136,7 @@ class Run:
         seen = list(self._levels) if kept else None
         self.start(sigmas, seed)
         self.calls = []
+        self._watch.log = self.calls.append
         self._seen = seen
 
     @property
@@ -228,18 +230,20 @@ class Run:
         check_cond_tensors(conds, self.plan.conditionings, x)
         before = self.state
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
-        watch = StepWatch(self.plan, batch, self.nonfinite, self._warned)
-        watch.schedule = before.schedule
+        watch = self._watch
+        watch.begin(batch, before.schedule, self.nonfinite)
         y, after = self.plan.step(
             before, x, sigma, conds, watch.models(models),
-            splitter=self.splitter, on_call=watch.observer(self.calls.append), output=output,
+            splitter=self.splitter, on_call=watch.on_call, output=output,
             around_call=self.around_call if around_call is ... else around_call,
             native=native, tokens=self.tokens, keep=keep,
         )
-        if s is None:
-            s = level_of(sigma)
-        step = watch.records[-1].step if watch.records else after.level
-        watch.native(native, step, s)
+        records = watch.records
+        if s is None:  # the level plan.step read (each call record holds it)
+            s = records[-1].sigma if records else level_of(sigma)
+        step = records[-1].step if records else after.level
+        if native is not None:
+            watch.native(native, step, s)
         watch.output(y, step, s)
         self.state = after  # after the check: a refused step leaves the state as it was
         self.last_sigma = s

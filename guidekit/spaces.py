@@ -121,16 +121,26 @@ def as_noise(noise: Any) -> Noise:
 
 
 def to_x0(pred: torch.Tensor, space: str, x: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    # each conversion as x + c pred (one operator: add with alpha) and one scale, skipped
+    # where it is 1 (VE's a, flow's a + b): on a few rows each operator is a kernel launch
+    # that costs more than its arithmetic
     if space == "x0":
         return pred
     if space == "eps":
         if a == 0:
             raise GuidanceValueError("cannot turn an eps prediction into x0 at pure noise (a = 0)")
-        return (x - b * pred) / a
+        return _scaled(torch.add(x, pred, alpha=-b), a)
     if space == "v":
         r2 = a * a + b * b
-        return (a * x - b * math.sqrt(r2) * pred) / r2
-    return (x - b * pred) / (a + b)
+        if a == 0:
+            return pred * (-b * math.sqrt(r2) / r2)
+        return torch.add(x, pred, alpha=-b * math.sqrt(r2) / a).mul_(a / r2)
+    return _scaled(torch.add(x, pred, alpha=-b), a + b)
+
+
+def _scaled(t: torch.Tensor, d: float) -> torch.Tensor:
+    """``t / d`` in place on a fresh ``t`` (nothing to do for ``d = 1``)."""
+    return t if d == 1.0 else t.div_(d)
 
 
 def from_x0(x0: torch.Tensor, space: str, x: torch.Tensor, a: float, b: float) -> torch.Tensor:
@@ -140,12 +150,12 @@ def from_x0(x0: torch.Tensor, space: str, x: torch.Tensor, a: float, b: float) -
         raise GuidanceValueError(
             f"cannot express an x0 prediction in {space!r} space at sigma = 0 (no noise left)"
         )
-    n = (x - a * x0) / b
+    n = _scaled(torch.add(x, x0, alpha=-a), b)
     if space == "eps":
         return n
     if space == "v":
-        return (a * n - b * x0) / math.sqrt(a * a + b * b)
-    return n - x0
+        return torch.add(n.mul_(a), x0, alpha=-b).div_(math.sqrt(a * a + b * b))
+    return n.sub_(x0)
 
 
 def convert(

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import attrs
@@ -194,7 +194,8 @@ class AutoSplit:
     def chunk(self, model: str, rows: int, batch: int) -> int:
         """The chosen chunk, or during the trial the candidate whose turn it is."""
         key = (model, rows, batch)
-        cap = self._cap(key)
+        memory, device = self.memory, self.device.get(key)
+        cap = None if memory is None or device is None else memory.cap(key, device)
         if key in self.chosen:
             chunk = self.chosen[key] if cap is None else min(self.chosen[key], cap)
         else:
@@ -220,17 +221,17 @@ class AutoSplit:
         # Round-robin: the contenders alternate, so drift of the machine hits all alike.
         return min(contenders(seen, self.drop), key=lambda c: (len(seen[c]), -c))
 
-    @contextmanager
-    def measure(self, model: str, rows: int, batch: int, device: torch.device) -> Iterator[None]:
-        """Around a group's calls (entered before :meth:`chunk`): the device for the memory
-        cap, and the memory budget's per-row measurement while it has none."""
+    def measure(
+        self, model: str, rows: int, batch: int, device: torch.device
+    ) -> AbstractContextManager[None] | None:
+        """Called before a group's calls (before :meth:`chunk`): notes the device for the
+        memory cap, and returns the memory budget's per-row measurement to enter around
+        the calls while it has none (``None`` once it has: nothing to enter)."""
         key = (model, rows, batch)
         self.device[key] = device
         if self.memory is None or not self.memory.measuring(key):
-            yield
-            return
-        with self.memory.measure(key, device, lambda: self.last.get(key, rows)):
-            yield
+            return None
+        return self.memory.measure(key, device, lambda: self.last.get(key, rows))
 
     def deciding(self, model: str, rows: int, batch: int) -> bool:
         """Whether this group is still on trial (only then is it timed)."""

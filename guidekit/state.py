@@ -181,10 +181,13 @@ class State:
         """The state once a call of ``kind`` at ``sigma`` produced ``results`` (by name)."""
         if kind is CallKind.MIDPOINT:
             return self
-        missing = [n for n in self.components if n not in results]
-        if missing:
-            raise GuidanceValueError(f"no next state for the component(s) {', '.join(missing)}")
-        values = tuple(results[n] for n in self.components)
+        try:
+            values = tuple([results[n] for n in self.components])
+        except KeyError:
+            missing = [n for n in self.components if n not in results]
+            raise GuidanceValueError(
+                f"no next state for the component(s) {', '.join(missing)}"
+            ) from None
         # the constructor itself: attrs.evolve reads every field's definition at each call,
         # and this runs once per model call
         if kind is CallKind.NEW:

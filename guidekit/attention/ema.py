@@ -190,7 +190,7 @@ class MovingAverage(AttentionPerturbation):
         rows = current.shape[0]
         lo, hi = scope.sample, scope.sample + rows
         shape = (fs.batch, *current.shape[1:])
-        check_batch(repr(self), scope.path, fs.inputs[self].ema.get(scope.path), shape)
+        check_batch(self, scope.path, fs.inputs[self].ema.get(scope.path), shape)
         buf = memo.observed.get(scope.path)
         dtype = storage_dtype(self.state_dtype, current.dtype)
         if buf is None and lo == 0 and rows == fs.batch and current.dtype == dtype \
@@ -324,7 +324,7 @@ class Observe(AttentionPerturbation):
     stateful: ClassVar[bool] = True
     joint: ClassVar[bool] = True
 
-    @property
+    @property  # (a cached_property breaks torch.compile's graph here)
     def needs_map(self) -> bool:
         return any(w.averages == "map" for w in self.watchers)
 

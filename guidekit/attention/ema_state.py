@@ -143,20 +143,24 @@ def blend(previous: torch.Tensor | None, current: torch.Tensor, beta: float) -> 
 
 def spread(average: torch.Tensor, current: torch.Tensor) -> float:
     """``mean |E - A|``: each sample's mean, averaged over the finite ones (NaN if none)."""
-    per_sample = (average - current.to(average.dtype)).abs().flatten(1).mean(dim=1)
-    # one sample (B = 1): its own value, without a mean over one number (an operator)
-    whole = float(per_sample.mean() if per_sample.numel() > 1 else per_sample)
-    if math.isfinite(whole):  # every sample finite (the usual case): no mask to build
+    current = current.to(average.dtype)
+    # every sample has as many entries, so the mean of the per-sample means is the mean over
+    # all entries: one fused |E - A| sum (one operator, where sub, abs and a per-sample mean
+    # are four) is the usual case; the per-sample means only when some sample is not finite
+    whole = float(torch.dist(average, current, p=1)) / max(1, average.numel())
+    if math.isfinite(whole):
         return whole
+    per_sample = (average - current).abs().flatten(1).mean(dim=1)
     finite = per_sample[torch.isfinite(per_sample)]
     return float(finite.mean()) if finite.numel() else float("nan")
 
 
-def check_batch(what: str, path: str, held: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    """Refuse a step whose maps (or queries) do not match the averages held."""
+def check_batch(owner: Any, path: str, held: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """Refuse a step whose maps (or queries) do not match the averages held (``owner``:
+    the perturbation, named in the message)."""
     if held is not None and tuple(held.shape) != shape:
         raise GuidanceValueError(
-            f"{what}: layer {path!r} gives {list(shape)} (batch, heads, tokens...) at this "
+            f"{owner!r}: layer {path!r} gives {list(shape)} (batch, heads, tokens...) at this "
             f"step, but the average held has {list(held.shape)}: the batch or image size "
             f"changed within one run; start a new run (plan.init() / reset())"
         )

@@ -64,7 +64,6 @@ from guidekit.branch import COND, MAIN
 from guidekit.compiled import original_module
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.plan import Plan, RowLayout
-from guidekit.rows import stateless
 
 
 class AttentionEngine:
@@ -239,13 +238,14 @@ class AttentionEngine:
 
     def activate(self, layout: RowLayout) -> None:
         """Make ``layout``'s routes the active ones (called with the engine's lock held)."""
-        selection = self._selection(layout)
-        routes = self._routes.get((layout, selection))
+        selection = self._selection(layout) if self._stateful else ()
+        # the layout's fields, not the layout: a key without its step state (which would keep
+        # that step's observations, EMAG's maps, alive as long as the engine), and a tuple
+        # whose hash is C-level (branches hash by identity, guidekit.branch)
+        key = (layout.model, layout.rows, layout.blocks, layout.offset, layout.batch, selection)
+        routes = self._routes.get(key)
         if routes is None:
-            routes = self._routes_for(layout, dict(selection))
-            # kept under the layout WITHOUT its step state: a key holding the ForwardState
-            # would keep that step's observations (EMAG's maps) alive as long as the engine
-            self._routes[(stateless(layout), selection)] = routes
+            routes = self._routes[key] = self._routes_for(layout, dict(selection))
         self._active, self._state = routes, layout.state
 
     def active_routes(self) -> tuple[Any, Any]:
@@ -287,13 +287,17 @@ class AttentionEngine:
         return {"size": self.input_size.size} if getattr(op, "needs_grid", False) else {}
 
     def op_kwargs(
-        self, op: AttentionPerturbation, path: str, route: Route, start: int
+        self, op: AttentionPerturbation, path: str, route: Route, start: int,
+        scale: float | None = None,
     ) -> dict[str, Any]:
-        """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`)."""
+        """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`;
+        with ``scale``, the layer's softmax scale that a stateful op's explicit maps use)."""
         # the two of them inline: this runs for every perturbed segment of every call
         kwargs: dict[str, Any] = {}
         if getattr(op, "stateful", False):
             kwargs["scope"] = Scope(path, self._state, route.sample(start))
+            if scale is not None:
+                kwargs["scale"] = scale
         if getattr(op, "needs_grid", False):
             kwargs["size"] = self.input_size.size
         return kwargs

@@ -58,7 +58,9 @@ def close_output(
         out = out.transpose(-1, -2).reshape(image_shape)
     if attn.residual_connection:
         out = out + residual
-    return out / attn.rescale_output_factor  # type: ignore[no-any-return]
+    factor = attn.rescale_output_factor
+    # x / 1.0 is x exactly: the division (an operator per layer and call) only where it scales
+    return out if factor == 1.0 else out / factor  # type: ignore[no-any-return]
 
 
 def _op_kwargs(attn: Any, op: AttentionPerturbation, attend_kwargs: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from guidekit.attention.hooks import rows_of as _rows_of
 from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import is_joint_attention
 from guidekit.attention.maths import (
-    _op_kwargs,
     modified_attention,
     modified_joint_attention,
     perturbed_joint_attention,
@@ -112,9 +111,10 @@ class _RowAware(_Routed):
                 f"the perturbations here are defined for self-attention only"
             )
         if self.fusable and not args and kwargs.get("attention_mask") is None:
+            scale = getattr(attn, "scale", None)  # the explicit maps of stateful ops use it
             return fused_self_attention(
                 attn, hidden_states, route.segments,
-                lambda op, a: _op_kwargs(attn, op, self.owner.op_kwargs(op, self.path, route, a)),
+                lambda op, a: self.owner.op_kwargs(op, self.path, route, a, scale),
                 temb=kwargs.get("temb"),
             )
 

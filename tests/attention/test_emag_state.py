@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import weakref
 from typing import Any
 
@@ -189,3 +190,20 @@ def test_the_engine_keeps_no_step_state_once_the_run_is_gone(expr: Any) -> None:
         gc.collect()
         assert len(seen) == len(SIGMAS) - 1
         assert all(ref() is None for ref in seen)
+
+
+def test_spread_is_the_mean_of_the_finite_samples_means() -> None:
+    """EMAG's per-layer ``delta``: ``mean |E - A|`` per sample, averaged over the finite
+    samples (one fused |E - A| sum when all are finite)."""
+    from guidekit.attention.ema_state import spread
+
+    g = torch.Generator().manual_seed(0)
+    a, c = torch.rand(3, 2, 4, 4, generator=g), torch.rand(3, 2, 4, 4, generator=g)
+    per = (a - c).abs().flatten(1).mean(dim=1)
+    assert spread(a, c) == pytest.approx(float(per.mean()), rel=1e-6)
+    c[1, 0, 0, 0] = float("nan")
+    assert spread(a, c) == pytest.approx(float(per[[0, 2]].mean()), rel=1e-6)
+    c[0, 0, 0, 0] = c[2, 0, 0, 0] = float("inf")
+    assert math.isnan(spread(a, c))
+    d = torch.rand(3, 2, 4, 4, generator=g)
+    assert spread(a.half(), d) == spread(a.half(), d.half())  # in the average's dtype

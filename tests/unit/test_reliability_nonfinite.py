@@ -232,3 +232,19 @@ def test_a_non_finite_branch_output_handed_in_is_named_by_its_branch() -> None:
         run.step(x, SIGMAS[0], {}, {}, native=native)
     assert "every model output was finite" not in str(info.value)
     assert run.state.level == -1
+
+
+def test_a_model_replaced_between_steps_is_the_one_called_and_checked():
+    """The run wraps its models once and keeps the wrappers while the caller hands over the
+    same models: a model replaced in the same mapping is wrapped (and checked) anew."""
+    good = faulty("uncond", at_step=10**6)
+    g = guidekit.guide(
+        guidekit.compile(CFG(3)), good,
+        cond={"y": torch.ones(B, dtype=torch.long)}, uncond={"y": torch.zeros(B, dtype=torch.long)},
+        sigmas=SIGMAS,
+    )
+    x = torch.ones(B, 3)
+    x = g(x, SIGMAS[0])
+    g.models["main"] = faulty("uncond", at_step=0)
+    with pytest.raises(NonFiniteError, match="branch u"):
+        g(x, SIGMAS[1])
