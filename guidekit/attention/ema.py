@@ -328,6 +328,28 @@ class Observe(AttentionPerturbation):
     def needs_map(self) -> bool:
         return any(w.averages == "map" for w in self.watchers)
 
+    #: its rows' output is the layer's own attention: the fused path runs them with the
+    #: layer's other plain rows and calls :meth:`watch` only (guidekit.attention.fused)
+    observes_only: ClassVar[bool] = True
+
+    def watch(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        scale: float | None = None,
+        scope: Scope | None = None,
+        image: tuple[int, int] | None = None,
+    ) -> torch.Tensor | None:
+        """Record these rows for the watchers (their map, made explicitly, where one is
+        averaged); returns the map (``None`` where only queries are averaged)."""
+        assert scope is not None
+        probs = attention_probs(query, key, scale=scale, mask=mask) if self.needs_map else None
+        for w in self.watchers:
+            w.observe(scope, probs, query, image=image)  # type: ignore[attr-defined]
+        return probs
+
     def attend(
         self,
         query: torch.Tensor | None,
@@ -340,12 +362,7 @@ class Observe(AttentionPerturbation):
         image: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         assert query is not None and key is not None and scope is not None
-        probs = None
-        if self.needs_map:
-            probs = attention_probs(query, key, scale=scale, mask=mask)
-            out = apply_probs(probs, value, query.shape[-3] if query.ndim >= 4 else None)
-        else:
-            out = fused(query, key, value, scale=scale, mask=mask)
-        for w in self.watchers:
-            w.observe(scope, probs, query, image=image)  # type: ignore[attr-defined]
-        return out
+        probs = self.watch(query, key, mask=mask, scale=scale, scope=scope, image=image)
+        if probs is not None:
+            return apply_probs(probs, value, query.shape[-3] if query.ndim >= 4 else None)
+        return fused(query, key, value, scale=scale, mask=mask)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from guidekit.attention.maths import close_output, merge_heads, open_input, split_heads
 from guidekit.attention.ops import AttentionPerturbation
+from guidekit.attention.route import watched_as_plain, watches_only
 
 
 def is_stock_processor(original: Any) -> bool:
@@ -52,11 +53,26 @@ def fused_self_attention(
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
+    cores_of: Sequence[tuple[int, int, Any]] = segments
+    for a, b, op in segments:
+        if watches_only(op):
+            # rows an op only watches (EMAG's observed conditional rows) keep the layer's
+            # own attention, with the other plain rows: the op sees their queries and keys
+            # (before any perturbed rows of the layer read what it recorded)
+            op.watch(query[a:b], key[a:b], mask=None, **op_kwargs(op, a))
+            cores_of = watched_as_plain(segments)
     # one split per tensor (one operator) rather than a slice per segment and tensor
-    sizes = [b - a for a, b, _ in segments]
-    qs, ks, vs = query.split_with_sizes(sizes), key.split_with_sizes(sizes), value.split_with_sizes(sizes)
+    qs: Sequence[torch.Tensor]
+    ks: Sequence[torch.Tensor]
+    vs: Sequence[torch.Tensor]
+    if len(cores_of) == 1:  # every row plain (an observed layer EMAG did not select)
+        qs, ks, vs = (query,), (key,), (value,)
+    else:
+        sizes = [b - a for a, b, _ in cores_of]
+        qs, ks, vs = (query.split_with_sizes(sizes), key.split_with_sizes(sizes),
+                      value.split_with_sizes(sizes))
     cores = []
-    for (a, _, op), q, k, v in zip(segments, qs, ks, vs):
+    for (a, _, op), q, k, v in zip(cores_of, qs, ks, vs):
         if op is None:
             cores.append(F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False))
         elif op.needs_qk:
@@ -65,3 +81,4 @@ def fused_self_attention(
             cores.append(op.attend(None, None, v, mask=None, **op_kwargs(op, a)))
     core = cores[0] if len(cores) == 1 else torch.cat(cores)
     return close_output(attn, merge_heads(core, query.dtype), hidden_states, image_shape)
+

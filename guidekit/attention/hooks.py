@@ -10,6 +10,7 @@ do with the rows differs; the plumbing below does not.
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -82,10 +83,16 @@ def _advertising(cls: type, sig: inspect.Signature) -> type:
     sub = _ADVERTISING.get(key)
     if sub is None:
         base = cls.__call__  # type: ignore[operator]
-
-        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return base(self, *args, **kwargs)
-
+        # a copy of the function (same code, its own attributes), not a wrapper that calls
+        # it: one Python frame less in every hooked layer's call
+        call: Any
+        if isinstance(base, types.FunctionType):
+            call = types.FunctionType(base.__code__, base.__globals__, base.__name__,
+                                      base.__defaults__, base.__closure__)
+            call.__kwdefaults__ = base.__kwdefaults__
+        else:
+            def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+                return base(self, *args, **kwargs)
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
         call.__signature__ = sig.replace(  # type: ignore[attr-defined]
             parameters=[self_param, *sig.parameters.values()])

@@ -70,6 +70,24 @@ def _op_kwargs(attn: Any, op: AttentionPerturbation, attend_kwargs: dict[str, An
     return extra
 
 
+def _queries_keys(
+    attn: Any, h: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The heads' queries and keys of tokens ``h`` (q / k norms applied) and the
+    processor's attention mask for them."""
+    b, n, _ = h.shape
+    query, key = split_heads(attn, attn.to_q(h)), split_heads(attn, attn.to_k(h))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    mask = None
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, n, b)
+        mask = mask.view(b, attn.heads, -1, mask.shape[-1])
+    return query, key, mask
+
+
 def perturbed_self_attention(
     attn: Any,
     hidden_states: torch.Tensor,
@@ -82,20 +100,28 @@ def perturbed_self_attention(
     """Self-attention of a diffusers ``Attention`` module with ``op`` as the attention core
     (queries and keys only computed when ``op.needs_qk``)."""
     h, image_shape = open_input(attn, hidden_states, temb)
-    b, n, _ = h.shape
     value = split_heads(attn, attn.to_v(h))
     query = key = mask = None
     if op.needs_qk:
-        query, key = split_heads(attn, attn.to_q(h)), split_heads(attn, attn.to_k(h))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, n, b)
-            mask = mask.view(b, attn.heads, -1, mask.shape[-1])
+        query, key, mask = _queries_keys(attn, h, attention_mask)
     out = op.attend(query, key, value, mask=mask, **_op_kwargs(attn, op, attend_kwargs))
     return close_output(attn, merge_heads(out, value.dtype), hidden_states, image_shape)
+
+
+def watched_self_attention(
+    attn: Any,
+    hidden_states: torch.Tensor,
+    op: Any,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temb: torch.Tensor | None = None,
+    attend_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """Show ``op`` (one that only watches, EMAG's ``Observe``) the queries and keys of these
+    rows of a diffusers ``Attention`` module; their output is the layer's own."""
+    h, _ = open_input(attn, hidden_states, temb)
+    query, key, mask = _queries_keys(attn, h, attention_mask)
+    op.watch(query, key, mask=mask, **_op_kwargs(attn, op, attend_kwargs))
 
 
 def perturbed_joint_attention(

@@ -25,9 +25,10 @@ from guidekit.attention.maths import (
     modified_joint_attention,
     perturbed_joint_attention,
     perturbed_self_attention,
+    watched_self_attention,
 )
 from guidekit.attention.ops import AttentionPerturbation
-from guidekit.attention.route import LayerOps, assemble
+from guidekit.attention.route import LayerOps, assemble, watched_as_plain, watches_only
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
 #: Keyword arguments of a diffusers attention call whose first axis is the call's rows.
@@ -72,7 +73,8 @@ class _Routed(ProcessorWrapper):
         route = self.routing()
         if route is None:
             return self.original(attn, hidden_states, *args, **kwargs)
-        check_rows(self.path, hidden_states.shape[0], route.rows, self.lost)
+        if hidden_states.shape[0] != route.rows:
+            check_rows(self.path, hidden_states.shape[0], route.rows, self.lost)  # refuses
         return self.dispatch(route, attn, hidden_states, args, kwargs)
 
     def routing(self) -> Any:
@@ -96,7 +98,8 @@ class _RowAware(_Routed):
         self.fusable = not self.joint and is_stock_processor(original)
 
     def routing(self) -> Any:
-        return self.owner.route(self.path)
+        active = self.owner._active  # the engine's route(path), inlined: every layer call
+        return None if active is None else active.get(self.path)
 
     def dispatch(self, route: Any, attn: Any, hidden_states: torch.Tensor,
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -138,7 +141,20 @@ class _RowAware(_Routed):
                 attend_kwargs=self.owner.op_kwargs(op, self.path, route, a),
             )
 
-        return assemble(route.segments, plain, perturbed)  # type: ignore[no-any-return]
+        segments = route.segments
+        if not joint and any(watches_only(op) for _, _, op in segments):
+            # EMAG's observed rows: the op sees their queries and keys, and they go through
+            # the layer's own processor with the other plain rows (as the fused path does)
+            for a, b, op in segments:
+                if watches_only(op):
+                    watched_self_attention(
+                        attn, hidden_states[a:b], op,
+                        attention_mask=_row_slice(kwargs.get("attention_mask"), rows, a, b),
+                        temb=_row_slice(kwargs.get("temb"), rows, a, b),
+                        attend_kwargs=self.owner.op_kwargs(op, self.path, route, a),
+                    )
+            segments = tuple(watched_as_plain(segments))
+        return assemble(segments, plain, perturbed)  # type: ignore[no-any-return]
 
 
 class RowAwareProcessor(_RowAware):

@@ -33,6 +33,21 @@ def add_block(segments: list[Segment], start: int, stop: int, op: Any) -> None:
         segments.append((start, stop, op))
 
 
+def watches_only(op: Any) -> bool:
+    """Whether ``op`` only watches its rows (EMAG's observed conditional rows): their output
+    is the layer's own attention."""
+    return op is not None and getattr(op, "observes_only", False)
+
+
+def watched_as_plain(segments: Sequence[Segment]) -> list[Segment]:
+    """``segments`` with the rows an op only watches as plain rows (adjacent ones merged):
+    what the layer's own attention computes once their op has seen them."""
+    out: list[Segment] = []
+    for a, b, op in segments:
+        add_block(out, a, b, None if watches_only(op) else op)
+    return out
+
+
 def _rows(out: Any, a: int, b: int) -> Any:
     return tuple(t[a:b] for t in out) if isinstance(out, tuple) else out[a:b]
 

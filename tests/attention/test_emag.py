@@ -283,3 +283,52 @@ def test_headline_expression_is_one_call_of_four_row_blocks() -> None:
     assert len(split_calls) == 4 * (len(SIGMAS) - 1)
     for a, b in zip(one, split):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unfused", [False, True], ids=["fused", "segments"])
+def test_conditional_rows_keep_the_layers_own_attention(
+    unfused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMAG watches the conditional rows of its candidate layers (their map, made
+    explicitly) but does not compute them: they go through the layer's own attention with
+    the other plain rows, so the guided call's conditional rows are the unhooked model's
+    conditional prediction (checked at a step where EMAG holds averages and perturbs)."""
+    model = tiny_dit()
+    plan = guidekit.compile(CFG(3) + EMAG(1.5), prediction="eps", noise="ve")
+    x = torch.randn(BATCH, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    rows: list[torch.Tensor] = []
+    fn = dit_fn(model)
+
+    def recorded(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        rows.append(out := fn(x, sigma, class_labels))
+        return out
+
+    import guidekit.attention.ema as ema
+
+    products: list[int] = []  # the explicit map x value products of a step's calls
+    explicit = ema.apply_probs
+
+    def counted(probs: torch.Tensor, value: torch.Tensor, heads: int | None) -> torch.Tensor:
+        products.append(probs.shape[0])
+        return explicit(probs, value, heads)
+
+    monkeypatch.setattr(ema, "apply_probs", counted)
+    with torch.no_grad(), guidekit.attention.install(model, plan) as around:
+        if unfused:
+            for m in model.modules():
+                if hasattr(getattr(m, "processor", None), "fusable"):
+                    m.processor.fusable = False  # type: ignore[union-attr]
+        g = guidekit.guide(plan, recorded, cond={"class_labels": LABELS},
+                           uncond={"class_labels": NULL}, around_call=around, sigmas=SIGMAS)
+        for s in SIGMAS[:3]:
+            products.clear()
+            g(x, s)
+    # only the EMAG rows of the selected layer take the explicit product (the observed
+    # conditional rows of every candidate layer do not)
+    assert products == [BATCH]
+    with torch.no_grad():
+        plain_c = fn(x, torch.full((BATCH,), SIGMAS[2]), LABELS)
+    assert rows[-1].shape[0] == 3 * BATCH  # c, u and the EMAG rows in one call
+    # equal up to the round-off of a batch of 3 B rows against one of B (the same kernels)
+    torch.testing.assert_close(rows[-1][:BATCH], plain_c, rtol=1e-6, atol=1e-6)
+    assert (rows[-1][2 * BATCH:] - rows[-1][:BATCH]).abs().max() > 1e-4
