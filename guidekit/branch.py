@@ -7,6 +7,7 @@ tensors. Equal branches are one row block in the batched forward, however many t
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any
 
@@ -18,6 +19,7 @@ UNCOND = "uncond"
 
 
 #: every branch made so far, by value: equal branches are ONE object (see Branch)
+_LOCK = threading.Lock()
 _INTERNED: weakref.WeakValueDictionary[tuple[str, str, Any], Branch] = weakref.WeakValueDictionary()
 
 
@@ -42,7 +44,10 @@ class Branch:
         key = (model, cond, perturbation)
         found = _INTERNED.get(key)
         if found is None:
-            found = _INTERNED[key] = super().__new__(cls)
+            with _LOCK:  # two threads making the same branch get one object
+                found = _INTERNED.get(key)
+                if found is None:
+                    found = _INTERNED[key] = super().__new__(cls)
         return found
 
     def __reduce__(self) -> tuple[Any, tuple[str, str, Any]]:

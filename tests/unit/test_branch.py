@@ -47,3 +47,21 @@ def test_a_branch_is_still_a_frozen_value() -> None:
     else:  # pragma: no cover
         raise AssertionError("a branch must be frozen")
     assert b.cond == COND and b.label == "c" and repr(uncond("weak")) == "u@weak"
+
+
+def test_threads_making_one_branch_get_one_object() -> None:
+    import threading
+
+    made: list[Branch] = []
+    start = threading.Barrier(8)
+
+    def make() -> None:
+        start.wait()
+        made.append(Branch("threaded", COND, ("x", 1)))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 8 and all(b is made[0] for b in made)
