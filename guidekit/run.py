@@ -94,8 +94,21 @@ class Run:
         self.runs = 0
         self._sigmas = sigmas
         self._seed = seed
-        self.calls: list[CallRecord] = []
+        self._calls: list[CallRecord] = []
         self.reset()
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """Every model call of the run so far (:class:`~guidekit.rows.CallRecord`)."""
+        return self._calls
+
+    @calls.setter
+    def calls(self, calls: list[CallRecord]) -> None:
+        # the run's non-finite watch logs into the list the run holds now
+        self._calls = calls
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.log = calls.append
 
     # -- starting runs --------------------------------------------------------------------------
     def start(self, sigmas: Any = ..., seed: int | None = None, plan: Plan | None = None) -> None:
@@ -118,7 +131,7 @@ class Run:
         # (level, state before the call that started that step), for "retreat"
         self._history: list[tuple[float, State]] = []
         self._warned: set[str] = set()  # nonfinite="warn": one warning per kind and run
-        self._watch = StepWatch(self.plan, self._warned, self.calls.append)
+        self._watch = StepWatch(self.plan, self._warned, self._calls.append)
         self._levels: list[float] = []  # every level this run called, midpoints included
         self._seen: list[float] | None = None  # see reset(): the levels a kept schedule allows
         self.runs += 1
@@ -136,7 +149,6 @@ class Run:
         seen = list(self._levels) if kept else None
         self.start(sigmas, seed)
         self.calls = []
-        self._watch.log = self.calls.append
         self._seen = seen
 
     @property

@@ -248,3 +248,11 @@ def test_a_model_replaced_between_steps_is_the_one_called_and_checked():
     g.models["main"] = faulty("uncond", at_step=0)
     with pytest.raises(NonFiniteError, match="branch u"):
         g(x, SIGMAS[1])
+
+
+def test_a_call_log_assigned_by_hand_receives_the_calls():
+    g, _ = run_guide(CFG(3), faulty("uncond", at_step=10**6), steps=1)
+    assert len(g.calls) == 1
+    g.calls = []
+    g(torch.ones(B, 3), SIGMAS[1])
+    assert [c.rows for c in g.calls] == [2 * B]
