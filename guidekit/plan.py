@@ -26,18 +26,17 @@ from guidekit.checks import check_sigmas, snap
 from guidekit.context import StepContext
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.explain import describe, explain
-from guidekit.expr import Entry, Expr, atom_branches
+from guidekit.expr import Entry, Expr
 from guidekit.fixed import fixed_program
 from guidekit.forward import ModelFn, group_key, run_groups
-from guidekit.linear import linear_at
 from guidekit.padding import Tokens
 from guidekit.pools import draw_pools, pool_names
 from guidekit.processor import AttentionModifier
-from guidekit.program import Program, atom_label, fmt_term
+from guidekit.program import Program, build_program
 from guidekit.renoise import check_keep, sampler_term
 from guidekit.requires import check_engine, check_native
 from guidekit.rows import CallRecord, ForwardGroup, RowLayout, concat_conds, slice_conds
-from guidekit.schedule import resolve, value_at
+from guidekit.schedule import resolve
 from guidekit.schedules.steps import check_progress, level_at, modifier_at
 from guidekit.spaces import Noise, check_prediction
 from guidekit.split import Splitter, calls_for, make_splitter, per_run, planned_chunk
@@ -181,7 +180,7 @@ class Plan:
         key: Any = (sigma, sigmas) if self.scheduled else self._region(sigma)
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._build_program(sigma, sigmas)
+            prog = build_program(self, sigma, sigmas)
             if self.fixed_shapes:
                 prog = fixed_program(prog, self.groups)
             if len(self._programs) > 4096:  # one per noise level of each scheduled run
@@ -189,45 +188,6 @@ class Plan:
                 self._checked.clear()
             self._programs[key] = prog
         return prog
-
-    def _build_program(self, sigma: float, sigmas: tuple[float, ...] | None = None) -> Program:
-        # scheduled scales take their value at this level; with no run (print(plan)) a
-        # progress shape reads r = 1/2 (guidekit/schedules/steps.py)
-        where = level_at(sigma, sigmas, sigmas is None) if self.scheduled else None
-        coefs: dict[Any, float] = {}
-        for e in self.entries:
-            if e.active(sigma):
-                atom, coef = e.atom, e.coef
-                if where is not None:
-                    coef = value_at(coef, where)
-                    atom = atom if isinstance(atom, Branch) else resolve(atom, where)
-                # a nonlinear term a zero scale makes linear here (PerpNeg(0) is u) reads
-                # only the branches of that form
-                form = None if isinstance(atom, Branch) else linear_at(atom)
-                for a, k in ({atom: 1.0} if form is None else form).items():
-                    coefs[a] = coefs.get(a, 0.0) + coef * k
-        # cancelled terms leave round-off residues (3.3 - 1.1 - 2.2); they need no rows
-        coefs = {a: c for a, c in coefs.items() if abs(c) > 1e-12}
-        needed: dict[Branch, None] = {}
-        for atom in coefs:
-            needed.update(dict.fromkeys(atom_branches(atom)))
-        for proc in self.post:
-            needed.update(dict.fromkeys(proc.requires(coefs)))
-        # a dependent branch's input is made from its source branch (SAG: u), which must run
-        # in the first call even where its own coefficient cancels
-        for b in list(needed):
-            if getattr(b.perturbation, "dependent", False):
-                needed.setdefault(Branch(model=b.model, cond=b.perturbation.source), None)
-        groups = []
-        for g in self.groups:
-            active = tuple(b for b in g.branches if b in needed)
-            if active:
-                groups.append(attrs.evolve(g, branches=active))
-        parts = [fmt_term(c, atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
-        formula = "out = " + " ".join(parts)
-        if self.post or self.modifiers:
-            formula += " | " + " | ".join(repr(p) for p in self.post + self.modifiers)
-        return Program(tuple(coefs.items()), tuple(groups), formula)
 
     def regions(self) -> list[tuple[float, float, Program]]:
         """``(lo, hi, program)`` for each interval ``lo < sigma <= hi``, noisiest first."""

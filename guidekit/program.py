@@ -9,7 +9,11 @@ from typing import Any
 import attrs
 
 from guidekit.branch import Branch
+from guidekit.expr import atom_branches
+from guidekit.linear import linear_at
 from guidekit.rows import ForwardGroup
+from guidekit.schedule import resolve, value_at
+from guidekit.schedules.steps import level_at
 from guidekit.text import fmt_number
 
 
@@ -43,3 +47,46 @@ def fmt_term(coef: float, label: str, first: bool) -> str:
 
 def atom_label(atom: Any) -> str:
     return atom.label if isinstance(atom, Branch) else repr(atom)
+
+
+def build_program(plan: Any, sigma: float, sigmas: tuple[float, ...] | None = None) -> Program:
+    """The program of ``plan`` at noise level ``sigma`` (scheduled scales read on the run's
+    schedule ``sigmas``): the active atoms' coefficients, the branches they need in their
+    forward groups, and the combine formula. ``Plan.program`` caches it."""
+    # scheduled scales take their value at this level; with no run (print(plan)) a
+    # progress shape reads r = 1/2 (guidekit/schedules/steps.py)
+    where = level_at(sigma, sigmas, sigmas is None) if plan.scheduled else None
+    coefs: dict[Any, float] = {}
+    for e in plan.entries:
+        if e.active(sigma):
+            atom, coef = e.atom, e.coef
+            if where is not None:
+                coef = value_at(coef, where)
+                atom = atom if isinstance(atom, Branch) else resolve(atom, where)
+            # a nonlinear term a zero scale makes linear here (PerpNeg(0) is u) reads
+            # only the branches of that form
+            form = None if isinstance(atom, Branch) else linear_at(atom)
+            for a, k in ({atom: 1.0} if form is None else form).items():
+                coefs[a] = coefs.get(a, 0.0) + coef * k
+    # cancelled terms leave round-off residues (3.3 - 1.1 - 2.2); they need no rows
+    coefs = {a: c for a, c in coefs.items() if abs(c) > 1e-12}
+    needed: dict[Branch, None] = {}
+    for atom in coefs:
+        needed.update(dict.fromkeys(atom_branches(atom)))
+    for proc in plan.post:
+        needed.update(dict.fromkeys(proc.requires(coefs)))
+    # a dependent branch's input is made from its source branch (SAG: u), which must run
+    # in the first call even where its own coefficient cancels
+    for b in list(needed):
+        if getattr(b.perturbation, "dependent", False):
+            needed.setdefault(Branch(model=b.model, cond=b.perturbation.source), None)
+    groups = []
+    for g in plan.groups:
+        active = tuple(b for b in g.branches if b in needed)
+        if active:
+            groups.append(attrs.evolve(g, branches=active))
+    parts = [fmt_term(c, atom_label(a), i == 0) for i, (a, c) in enumerate(coefs.items())]
+    formula = "out = " + " ".join(parts)
+    if plan.post or plan.modifiers:
+        formula += " | " + " | ".join(repr(p) for p in plan.post + plan.modifiers)
+    return Program(tuple(coefs.items()), tuple(groups), formula)
