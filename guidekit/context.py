@@ -9,7 +9,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch
-from guidekit.spaces import Noise, from_x0, to_x0
+from guidekit.spaces import Noise, convert
 
 
 @attrs.define(eq=False)
@@ -56,11 +56,7 @@ class StepContext:
         return out
 
     def convert(self, pred: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-        # space_of inlined: this runs for every converted value of every step
-        p = self.prediction
-        src = p if src == "native" else src
-        dst = p if dst == "native" else dst
+        src, dst = self.space_of(src), self.space_of(dst)
         if src == dst:
             return pred
-        a, b = self.coefficients()
-        return from_x0(to_x0(pred, src, self.x, a, b), dst, self.x, a, b)
+        return convert(pred, src, dst, self.x, self.sigma, self.noise, self.coefficients())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from typing import Any
 
 import attrs
@@ -132,53 +133,36 @@ def _run_group(
     cond_rows = concat_conds(group.conds, conds, batch)
     measure = getattr(split, "measure", None)
     # the memory budget's measurement, while it has none for this group (a context to
-    # enter); once it has, nothing: the steady step enters no context manager here
+    # enter; None once it has one)
     meter = measure(key, rows, batch, x.device) if measure is not None else None
-    if meter is None:
-        return _calls(group, model, x_rows, sig_rows, cond_rows, split, key, batch, sigma,
-                      tokens, on_call, level, around_call, forward_state)
-    with meter:
-        return _calls(group, model, x_rows, sig_rows, cond_rows, split, key, batch, sigma,
-                      tokens, on_call, level, around_call, forward_state)
-
-
-def _calls(
-    group: ForwardGroup, model: ModelFn, x_rows: torch.Tensor, sig_rows: torch.Tensor,
-    cond_rows: dict[str, Any], split: Splitter, key: str, batch: int, sigma: float,
-    tokens: str, on_call: Callable[[CallRecord], None] | None, level: int,
-    around_call: Callable[[RowLayout], ContextManager[Any]] | None,
-    forward_state: ForwardState | None,
-) -> torch.Tensor:
-    """The group's rows in the splitter's chunks, each call recorded; timed on trial."""
-    rows = x_rows.shape[0]
-    chunk = split.chunk(key, rows, batch)
-    deciding = getattr(split, "deciding", None)
-    timed = deciding(key, rows, batch) if deciding is not None else split.timing
-    if timed:
+    with meter if meter is not None else nullcontext():
+        chunk = split.chunk(key, rows, batch)
+        deciding = getattr(split, "deciding", None)
+        timed = deciding(key, rows, batch) if deciding is not None else split.timing
+        how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
         clock = getattr(split, "clock", now)
-        start = clock()
-    how = split_label(rows, batch, chunk) + (" (trial)" if timed else "")
-    outs = []
-    for lo in range(0, rows, chunk):
-        hi = min(lo + chunk, rows)
-        whole = (lo, hi) == (0, rows)
-        sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
-        xs = x_rows if whole else x_rows[lo:hi]
-        sig = sig_rows if whole else sig_rows[lo:hi]
-        if around_call is None:
-            out = model(xs, sig, **sub)
-        else:
-            with around_call(layout_rows(group, batch, lo, hi, forward_state)):
+        start = clock() if timed else 0.0
+        outs = []
+        for lo in range(0, rows, chunk):
+            hi = min(lo + chunk, rows)
+            whole = (lo, hi) == (0, rows)
+            sub = cond_rows if whole else slice_conds(cond_rows, lo, hi)
+            xs = x_rows if whole else x_rows[lo:hi]
+            sig = sig_rows if whole else sig_rows[lo:hi]
+            if around_call is None:
                 out = model(xs, sig, **sub)
-        check_output(out, group.model, hi - lo, xs)
-        outs.append(out)
-        if on_call is not None:
-            labels = group.branch_labels if whole else group.branch_labels[
-                lo // batch : (hi - 1) // batch + 1
-            ]
-            on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
-    full = outs[0] if len(outs) == 1 else torch.cat(outs)
-    if timed:
-        sync(full)
-        split.observe(key, rows, batch, chunk, clock() - start)
-    return full
+            else:
+                with around_call(layout_rows(group, batch, lo, hi, forward_state)):
+                    out = model(xs, sig, **sub)
+            check_output(out, group.model, hi - lo, xs)
+            outs.append(out)
+            if on_call is not None:
+                labels = group.branch_labels if whole else group.branch_labels[
+                    lo // batch : (hi - 1) // batch + 1
+                ]
+                on_call(CallRecord(group.model, hi - lo, labels, sigma, level, how, tokens))
+        full = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if timed:
+            sync(full)
+            split.observe(key, rows, batch, chunk, clock() - start)
+        return full

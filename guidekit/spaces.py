@@ -159,10 +159,12 @@ def from_x0(x0: torch.Tensor, space: str, x: torch.Tensor, a: float, b: float) -
 
 
 def convert(
-    pred: torch.Tensor, src: str, dst: str, x: torch.Tensor, sigma: float, noise: Noise
+    pred: torch.Tensor, src: str, dst: str, x: torch.Tensor, sigma: float, noise: Noise,
+    ab: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Express ``pred`` (a ``src``-space prediction at ``x``, ``sigma``) in ``dst`` space."""
+    """Express ``pred`` (a ``src``-space prediction at ``x``, ``sigma``) in ``dst`` space
+    (``ab``: ``noise.coefficients(sigma)``, where the caller already has them)."""
     if src == dst:
         return pred
-    a, b = noise.coefficients(sigma)
+    a, b = noise.coefficients(sigma) if ab is None else ab
     return from_x0(to_x0(pred, src, x, a, b), dst, x, a, b)

@@ -194,8 +194,7 @@ class AutoSplit:
     def chunk(self, model: str, rows: int, batch: int) -> int:
         """The chosen chunk, or during the trial the candidate whose turn it is."""
         key = (model, rows, batch)
-        memory, device = self.memory, self.device.get(key)
-        cap = None if memory is None or device is None else memory.cap(key, device)
+        cap = self._cap(key)
         if key in self.chosen:
             chunk = self.chosen[key] if cap is None else min(self.chosen[key], cap)
         else:

@@ -31,7 +31,7 @@ class EngineCall:
     def __enter__(self) -> None:
         engine = self.engine
         engine._lock.acquire()
-        self.previous = (engine._active, engine._state)  # engine.active_routes(), inlined
+        self.previous = engine.active_routes()
         try:
             engine.activate(self.layout)
             if engine.modifiers.layers:

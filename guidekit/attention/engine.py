@@ -287,17 +287,13 @@ class AttentionEngine:
         return {"size": self.input_size.size} if getattr(op, "needs_grid", False) else {}
 
     def op_kwargs(
-        self, op: AttentionPerturbation, path: str, route: Route, start: int,
-        scale: float | None = None,
+        self, op: AttentionPerturbation, path: str, route: Route, start: int
     ) -> dict[str, Any]:
-        """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`;
-        with ``scale``, the layer's softmax scale that a stateful op's explicit maps use)."""
+        """Every extra ``attend`` argument of ``op`` (:meth:`scope_kwargs`, :meth:`size_kwargs`)."""
         # the two of them inline: this runs for every perturbed segment of every call
         kwargs: dict[str, Any] = {}
         if getattr(op, "stateful", False):
             kwargs["scope"] = Scope(path, self._state, route.sample(start))
-            if scale is not None:
-                kwargs["scale"] = scale
         if getattr(op, "needs_grid", False):
             kwargs["size"] = self.input_size.size
         return kwargs

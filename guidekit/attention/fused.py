@@ -54,13 +54,14 @@ def fused_self_attention(
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     cores_of: Sequence[tuple[int, int, Any]] = segments
-    for a, b, op in segments:
-        if watches_only(op):
-            # rows an op only watches (EMAG's observed conditional rows) keep the layer's
-            # own attention, with the other plain rows: the op sees their queries and keys
-            # (before any perturbed rows of the layer read what it recorded)
+    watched = [(a, b, op) for a, b, op in segments if watches_only(op)]
+    if watched:
+        # rows an op only watches (EMAG's observed conditional rows) keep the layer's own
+        # attention, with the other plain rows: the op sees their queries and keys (before
+        # any perturbed rows of the layer read what it recorded)
+        for a, b, op in watched:
             op.watch(query[a:b], key[a:b], mask=None, **op_kwargs(op, a))
-            cores_of = watched_as_plain(segments)
+        cores_of = watched_as_plain(segments)
     # one split per tensor (one operator) rather than a slice per segment and tensor
     qs: Sequence[torch.Tensor]
     ks: Sequence[torch.Tensor]
@@ -81,4 +82,3 @@ def fused_self_attention(
             cores.append(op.attend(None, None, v, mask=None, **op_kwargs(op, a)))
     core = cores[0] if len(cores) == 1 else torch.cat(cores)
     return close_output(attn, merge_heads(core, query.dtype), hidden_states, image_shape)
-

@@ -21,6 +21,7 @@ from guidekit.attention.hooks import rows_of as _rows_of
 from guidekit.attention.hooks import slice_kwargs as _slice_kwargs
 from guidekit.attention.layers import is_joint_attention
 from guidekit.attention.maths import (
+    _op_kwargs,
     modified_attention,
     modified_joint_attention,
     perturbed_joint_attention,
@@ -98,8 +99,7 @@ class _RowAware(_Routed):
         self.fusable = not self.joint and is_stock_processor(original)
 
     def routing(self) -> Any:
-        active = self.owner._active  # the engine's route(path), inlined: every layer call
-        return None if active is None else active.get(self.path)
+        return self.owner.route(self.path)
 
     def dispatch(self, route: Any, attn: Any, hidden_states: torch.Tensor,
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -114,10 +114,9 @@ class _RowAware(_Routed):
                 f"the perturbations here are defined for self-attention only"
             )
         if self.fusable and not args and kwargs.get("attention_mask") is None:
-            scale = getattr(attn, "scale", None)  # the explicit maps of stateful ops use it
             return fused_self_attention(
                 attn, hidden_states, route.segments,
-                lambda op, a: self.owner.op_kwargs(op, self.path, route, a, scale),
+                lambda op, a: _op_kwargs(attn, op, self.owner.op_kwargs(op, self.path, route, a)),
                 temb=kwargs.get("temb"),
             )
 
