@@ -74,8 +74,11 @@ def run_groups(
     forward_state: ForwardState | None = None,
     tokens: Sequence[Tokens] = (),
     shared: dict[str, str] | None = None,
+    whole: list[torch.Tensor] | None = None,
 ) -> dict[Branch, torch.Tensor]:
-    """Every forward group of ``prog`` in order; returns each branch's output rows.
+    """Every forward group of ``prog`` in order; returns each branch's output rows (and
+    appends each group's output, all its rows in layout order, to ``whole`` where the group
+    ran as one part).
 
     A group whose conditionings cannot share one call (token lengths differ, and ``tokens``
     declares no padding or exact repetition that brings them together) runs as one call per
@@ -108,6 +111,8 @@ def run_groups(
             )
             # one split (one operator) gives every branch's rows, the same views as slices
             # (split_with_sizes itself: Tensor.split is a Python wrapper around it)
+            if whole is not None and len(parts) == 1:
+                whole.append(full)
             k = len(sub.branches)
             rows = full.split_with_sizes([batch] * k) if k > 1 else (full,)
             for branch, rows_of in zip(sub.branches, rows):

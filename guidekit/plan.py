@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 
+#: dtypes whose weights hold a scale as the scalar multiply does (no half precision)
+_EXACT_WEIGHTS = (torch.float32, torch.float64)
+
+
 @attrs.define(eq=False)
 class Plan:
     """The result of :func:`guidekit.compile`. Immutable apart from an internal cache.
@@ -306,13 +310,14 @@ class Plan:
             forward_state.conds = conds  # NAG reads its negative conditioning from here
             if self.parallel is not None:  # the ranks share each call's rows (parallel.py)
                 models, around_call = self.parallel.wrap(self, models, around_call)
+            whole: list[torch.Tensor] = []
             ctx.native = run_groups(
                 prog, x, s, conds, models, splitter if splitter is not None else self.splitter(),
                 prediction=self.prediction, noise=self.noise, on_call=on_call, level=level,
                 around_call=around_call, forward_state=forward_state, tokens=tokens,
-                shared=self.shared,
+                shared=self.shared, whole=whole,
             )
-        y = self._combine(prog, ctx)
+        y = self._combine(prog, ctx, whole if native is None else ())
         if keep is not None:
             keep.update(ctx.native)
         results = dict(inputs)
@@ -387,7 +392,27 @@ class Plan:
         self.noise.check_sigma(s)
         return s
 
-    def _combine(self, prog: Program, ctx: StepContext) -> torch.Tensor:
+    def _combine(
+        self, prog: Program, ctx: StepContext, whole: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor:
+        """The program's linear combination of this step's atoms (in the model's space).
+
+        Where the combine is one weight per row block of the step's only call (``whole``:
+        that call's output), it is one matrix product of the weights and the rows: one
+        kernel where a multiply and an add per branch are several; two weights that sum to
+        one are one ``lerp``. Float32 / float64 only: a half-precision weight would round
+        the scales."""
+        weights = prog.row_weights
+        full = whole[0] if len(whole) == 1 else None
+        if weights is not None and full is not None and full.dtype in _EXACT_WEIGHTS:
+            k = len(weights)
+            if k == 2 and abs(weights[0] + weights[1] - 1.0) < 1e-9:
+                # a + b = 1: a r0 + b r1 = r1 + a (r0 - r1), one kernel (CFG: u + w' (c - u))
+                b0, b1 = prog.groups[0].branches
+                return torch.lerp(ctx.native[b1], ctx.native[b0], weights[0])
+            if k > 2 and full.is_contiguous():
+                out = torch.mm(prog.weights(full), full.view(k, -1))
+                return out.view(full.shape[0] // k, *full.shape[1:])
         y: torch.Tensor | None = None
         for atom, coef in prog.coefs:
             if isinstance(atom, Branch):

@@ -7,6 +7,7 @@ import functools
 from typing import Any
 
 import attrs
+import torch
 
 from guidekit.branch import Branch
 from guidekit.expr import atom_branches
@@ -34,6 +35,36 @@ class Program:
     @functools.cached_property
     def branches(self) -> tuple[Branch, ...]:
         return tuple(b for g in self.groups for b in g.branches)
+
+    @functools.cached_property
+    def row_weights(self) -> tuple[float, ...] | None:
+        """The combine as one weight per row block of the only forward group, in its row
+        order, where the combine is exactly that: every atom a branch of the one group and
+        every branch of the group an atom (``None`` otherwise: more groups, a nonlinear
+        term, or rows the combine skips, as fixed shapes' inactive branches)."""
+        if len(self.groups) != 1:
+            return None
+        branches = self.groups[0].branches
+        coefs = self.coef_map
+        if len(coefs) != len(branches) or any(b not in coefs for b in branches):
+            return None
+        return tuple(coefs[b] for b in branches)
+
+    def weights(self, like: torch.Tensor) -> torch.Tensor:
+        """:attr:`row_weights` as a ``[1, k]`` tensor of ``like``'s dtype and device (made once
+        per dtype and device)."""
+        key = (like.dtype, like.device)
+        cached = self._weights.get(key)
+        if cached is None:
+            assert self.row_weights is not None
+            cached = self._weights[key] = torch.tensor(
+                [self.row_weights], dtype=like.dtype, device=like.device
+            )
+        return cached
+
+    @functools.cached_property
+    def _weights(self) -> dict[tuple[torch.dtype, torch.device], torch.Tensor]:
+        return {}
 
 
 def fmt_term(coef: float, label: str, first: bool) -> str:

@@ -42,6 +42,25 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*a.shape[:-2], *out.shape[-2:])
 
 
+_ZERO: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q k^T scale``: for equal batch shapes one ``baddbmm`` that scales as it multiplies
+    (its ignored ``beta = 0`` input a zero kept per dtype and device), otherwise a product
+    and a multiply."""
+    if query.ndim < 3 or query.shape[:-2] != key.shape[:-2]:
+        return _matmul(query, key.transpose(-1, -2)) * scale
+    zero = _ZERO.get((query.dtype, query.device))
+    if zero is None:
+        zero = _ZERO[(query.dtype, query.device)] = query.new_zeros(())
+    out = torch.baddbmm(
+        zero, query.reshape(-1, *query.shape[-2:]),
+        key.reshape(-1, *key.shape[-2:]).transpose(-1, -2), beta=0.0, alpha=scale,
+    )
+    return out.view(*query.shape[:-2], *out.shape[-2:])
+
+
 def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -58,7 +77,7 @@ def attention_probs(
     key = share_heads(key, query.shape[-3]) if query.ndim >= 3 and key.ndim >= 3 else key
     s = query.shape[-1] ** -0.5 if scale is None else scale
     dtype = compute_dtype(query.dtype)
-    logits = _matmul(query.to(dtype), key.to(dtype).transpose(-1, -2)) * s
+    logits = _scores(query.to(dtype), key.to(dtype), s)
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))

@@ -80,5 +80,11 @@ def fused_self_attention(
             cores.append(op.attend(q, k, v, mask=None, **op_kwargs(op, a)))
         else:
             cores.append(op.attend(None, None, v, mask=None, **op_kwargs(op, a)))
-    core = cores[0] if len(cores) == 1 else torch.cat(cores)
-    return close_output(attn, merge_heads(core, query.dtype), hidden_states, image_shape)
+    if len(cores) == 1:
+        merged = merge_heads(cores[0], query.dtype)
+    else:
+        # joined in token-major order ([rows, tokens, heads, d]): the fused cores are laid out
+        # so already (their transpose is free), and the heads then merge as a view where a
+        # join in head-major order would need one more copy
+        merged = torch.cat([c.transpose(1, 2) for c in cores]).flatten(2).to(query.dtype)
+    return close_output(attn, merged, hidden_states, image_shape)

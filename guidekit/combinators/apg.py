@@ -106,16 +106,17 @@ class APGProjection(Processor):
             norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
             diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
         # D_par = (<D, X> / <X, X>) X, and out = X + (w - 1) (D - (1 - eta) D_par) =
-        # X (1 - k <D, X> / <X, X>) + (w - 1) D with k = (w - 1) (1 - eta): per sample one
-        # scalar times X, so few whole-map operations (each is a kernel launch; at a few
-        # rows they, not the arithmetic, are the cost). A sample whose X is exactly zero has
-        # <D, X> = 0, so clamping <X, X> away from 0 gives it D_par = 0 (not 0/0 = NaN).
+        # X + (w - 1) D - k (<D, X> / <X, X>) X with k = (w - 1) (1 - eta): per sample one
+        # scalar times X, two whole-map operations (an add, a multiply-add; each is a kernel
+        # launch, and at a few rows they, not the arithmetic, are the cost). A sample whose X
+        # is exactly zero has <D, X> = 0, so clamping <X, X> away from 0 gives it D_par = 0
+        # (not 0/0 = NaN).
         flat = cond_like.flatten(1)
         dot = (diff.flatten(1) * flat).sum(dim=1)
         gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
         k = (w - 1.0) * (1.0 - self.eta)
-        scale = dot.div_(gram).mul_(-k).add_(1.0).view(-1, *([1] * (diff.ndim - 1)))
-        out = (cond_like * scale).add_(diff, alpha=w - 1.0)
+        ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
+        out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(cond_like, ratio, value=-k)
         return out.to(dtype), new_state
 
     def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:

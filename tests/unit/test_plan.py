@@ -167,3 +167,51 @@ def test_around_call_sees_each_calls_row_layout():
         ("main", 2, [("u", 0, 2)]),
         ("weak", 3, [("c@weak", 0, 3)]),
     ]
+
+
+class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operators dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _by_terms(plan, sigma, native):
+    """The combine term by term, each coefficient times its branch (the definition)."""
+    prog = plan.program(sigma)
+    return sum(coef * native[b].double() for b, coef in prog.coefs)
+
+
+@pytest.mark.parametrize(("expr", "kernel"), [
+    (CFG(3), "lerp"),  # two weights summing to one
+    (CFG(3) + (CFG(2, negative="neg") - CFG(2)), "mm"),  # three rows: one product
+])
+def test_one_kernel_combines_the_rows_of_one_call(expr, kernel):
+    plan = gk.compile(expr)
+    prog = plan.program(1.0)
+    assert prog.row_weights == tuple(dict(prog.coefs)[b] for b in prog.groups[0].branches)
+    def model(x, sigma, tag):  # distinct rows per conditioning, no add / mul of its own
+        return x.pow(tag.view(-1, 1)).sin()
+
+    x = torch.randn(B, 2)
+    cs = {**conds(), "neg": {"tag": torch.full((B,), 2.0)}}
+    keep = {}
+    with _Kernels() as seen:
+        y, _ = plan.step(plan.init(), x, 1.0, cs, {"main": model}, keep=keep)
+    combine = [n for n in seen.names if n in ("lerp", "mm", "mul", "add")]
+    assert combine == [kernel]
+    assert torch.allclose(y.double(), _by_terms(plan, 1.0, keep), rtol=1e-6, atol=1e-6)
+
+
+def test_rows_the_combine_skips_keep_it_term_by_term():
+    # fixed shapes run an inactive branch's rows; a NaN there must not reach the output
+    # through a zero weight, so that program has no row weights
+    plan = gk.compile(CFG(3) + (CFG(2, negative="neg") - CFG(2)).between(5, 10),
+                      fixed_shapes=True)
+    assert plan.program(1.0).row_weights is None
+    assert gk.compile(CFG(3) + Autoguidance(1)).program(1.0).row_weights is None  # two groups
