@@ -3,13 +3,18 @@
 A non-finite value in one branch's rows (an fp16 overflow in the unconditional rows, a
 perturbation that breaks the attention at one step) would otherwise flow through the combine,
 the processors and every later step, and the sampler would return NaN images without a word.
-:class:`StepWatch` checks each model call's output with one ``isfinite().all()`` (one device
-synchronisation per call) and, only when that fails, works out which rows, branches, samples
-and terms are concerned. The guided output (after the processors) is checked once per call.
+:class:`StepWatch` keeps each model call's output and, once the guided output exists, checks
+them all with the guided output in ONE reduction read by the host (one device
+synchronisation per guided call: the combine's kernels are queued while the model still
+runs). Only when that sum is not finite does it work out which call, rows, branches, samples
+and terms are concerned -- a model output first (the model produced it), else the guided
+output (the combine or a processor). Where the combine or a processor raises, the model
+outputs are checked before the error goes on: a NaN they hold is reported as such.
 
-``nonfinite="raise"`` (default) raises :class:`NonFiniteError` at the call where the value
-appears; ``"warn"`` emits one :class:`NonFiniteWarning` per run (the run goes on, as a user
-who wants to see the damaged samples asks). See docs/reliability.md.
+``nonfinite="raise"`` (default) raises :class:`NonFiniteError` in the guided call where the
+value appears (before the run's state moves on); ``"warn"`` emits one
+:class:`NonFiniteWarning` per run (the run goes on, as a user who wants to see the damaged
+samples asks). See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -73,6 +78,18 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
+def _sum_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether the sum of every entry of ``tensors`` is finite (then every entry is: a NaN or
+    inf makes any sum it enters NaN or inf), read with one device synchronisation; ``False``
+    also where it cannot say (complex values, a finite sum that overflowed)."""
+    if any(t.is_complex() for t in tensors):
+        return False
+    total = tensors[0].sum()
+    for t in tensors[1:]:
+        total = total + t.sum()
+    return math.isfinite(total.item())
+
+
 def _bad_samples(t: torch.Tensor) -> list[int]:
     flat = t.reshape(t.shape[0], -1) if t.ndim > 1 else t.reshape(-1, 1)
     return torch.nonzero(~torch.isfinite(flat).all(dim=1)).flatten().tolist()
@@ -97,6 +114,8 @@ class StepWatch:
         self.records: list[CallRecord] = []
         self.bad_model = False
         self._last: Any = None
+        #: (index in records, output) of this guided call's model calls, not yet checked
+        self._pending: list[tuple[int, torch.Tensor]] = []
         self._given: tuple[tuple[str, Callable[..., Any]], ...] | None = None
         self._wrapped: dict[str, Callable[..., Any]] = {}
 
@@ -106,6 +125,7 @@ class StepWatch:
         self.records = []
         self.bad_model = False
         self._last = None
+        self._pending = []
 
     # -- model outputs --------------------------------------------------------------------
     def models(self, models: Mapping[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
@@ -125,27 +145,37 @@ class StepWatch:
         return model
 
     def on_call(self, record: CallRecord) -> None:
-        """The ``on_call`` of ``plan.step``: logs the call, then checks its output."""
+        """The ``on_call`` of ``plan.step``: logs the call and keeps its output for the
+        check (:meth:`output`, or :meth:`settle` where the step fails)."""
         self.log(record)
         self.records.append(record)
         out, self._last = self._last, None
-        if isinstance(out, torch.Tensor) and not all_finite(out):
-            self.bad_model = True
-            self._report("model", self._describe_call(record, out))
+        if isinstance(out, torch.Tensor):
+            self._pending.append((len(self.records) - 1, out))
 
-    def _offset(self, record: CallRecord) -> tuple[tuple[Branch, ...], int]:
-        """The failing call's group branches and its first row within that group."""
+    def settle(self) -> None:
+        """Check the model outputs kept so far, each on its own (reports the first bad one)."""
+        pending, self._pending = self._pending, []
+        for index, out in pending:
+            if not all_finite(out):
+                self.bad_model = True
+                self._report("model", self._describe_call(index, out))
+
+    def _offset(self, index: int) -> tuple[tuple[Branch, ...], int]:
+        """Call ``index``'s group branches and its first row within that group."""
+        record = self.records[index]
         groups = self.plan.program(record.sigma, self.schedule).groups
         g, lo = 0, 0
-        for r in self.records[:-1]:  # this guided call's earlier model calls, in group order
+        for r in self.records[:index]:  # this guided call's earlier model calls, in group order
             lo += r.rows
             if g < len(groups) and lo >= len(groups[g].branches) * self.batch:
                 g, lo = g + 1, 0
         branches = groups[g].branches if g < len(groups) else ()
         return branches, lo
 
-    def _describe_call(self, record: CallRecord, out: torch.Tensor) -> str:
-        branches, lo = self._offset(record)
+    def _describe_call(self, index: int, out: torch.Tensor) -> str:
+        record = self.records[index]
+        branches, lo = self._offset(index)
         per: dict[Branch, list[int]] = {}
         for row in _bad_samples(out):
             i = (lo + row) // self.batch
@@ -182,7 +212,12 @@ class StepWatch:
 
     # -- the guided output ------------------------------------------------------------------
     def output(self, y: torch.Tensor, step: int, sigma: float) -> None:
-        """Check the guided output of the call (skipped when a model output already failed)."""
+        """Check the call's model outputs and its guided output: one reduction over all of
+        them, read once; only where it is not finite, each on its own (a model output first)."""
+        if self._pending and _sum_finite([out for _, out in self._pending] + [y]):
+            self._pending = []
+            return
+        self.settle()
         if self.bad_model or all_finite(y):
             return
         post = ", ".join(repr(p) for p in self.plan.post) or "none"

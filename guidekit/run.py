@@ -36,7 +36,7 @@ import torch
 
 from guidekit.branch import Branch
 from guidekit.checks import check_cond_tensors, check_sigmas
-from guidekit.errors import GuidanceValueError
+from guidekit.errors import GuidanceValueError, NonFiniteError
 from guidekit.finite import NonFinite, StepWatch, check_policy
 from guidekit.padding import Tokens, as_tokens
 from guidekit.plan import CallRecord, ModelFn, Plan
@@ -244,12 +244,21 @@ class Run:
         batch = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 1
         watch = self._watch
         watch.begin(batch, before.schedule, self.nonfinite)
-        y, after = self.plan.step(
-            before, x, sigma, conds, watch.models(models),
-            splitter=self.splitter, on_call=watch.on_call, output=output,
-            around_call=self.around_call if around_call is ... else around_call,
-            native=native, tokens=self.tokens, keep=keep,
-        )
+        try:
+            y, after = self.plan.step(
+                before, x, sigma, conds, watch.models(models),
+                splitter=self.splitter, on_call=watch.on_call, output=output,
+                around_call=self.around_call if around_call is ... else around_call,
+                native=native, tokens=self.tokens, keep=keep,
+            )
+        except Exception as err:
+            # the model outputs are checked with the guided output; where the step fails
+            # before that, a NaN in them (often the cause) is reported first
+            try:
+                watch.settle()
+            except NonFiniteError as bad:
+                raise bad from err
+            raise
         records = watch.records
         if s is None:  # the level plan.step read (each call record holds it)
             s = records[-1].sigma if records else level_of(sigma)

@@ -8,12 +8,15 @@ import math
 import warnings
 from typing import Any
 
+import attrs
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import guidekit
 from guidekit import APG, CFG, PAG, Autoguidance, GuidanceValueError
 from guidekit.errors import NonFiniteError, NonFiniteWarning
+from guidekit.processor import Processor
 
 pytestmark = pytest.mark.outcome("error")
 
@@ -256,3 +259,59 @@ def test_a_call_log_assigned_by_hand_receives_the_calls():
     g.calls = []
     g(torch.ones(B, 3), SIGMAS[1])
     assert [c.rows for c in g.calls] == [2 * B]
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the operators that read a device value on the host (a synchronisation each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket is torch.ops.aten._local_scalar_dense:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.outcome("correct")
+@pytest.mark.parametrize("max_rows", [None, 1])
+def test_one_host_read_per_guided_call_checks_every_model_output(max_rows):
+    # the model outputs and the guided output are checked in one reduction read once, however
+    # many calls the step made (max_rows=1: six), so the combine queues behind the model
+    g = guidekit.guide(guidekit.compile(CFG(3) + (CFG(2, negative="neg") - CFG(2)),
+                                        max_rows=max_rows),
+                       lambda x, sigma, y: 0.5 * x + y.view(-1, 1).to(x.dtype),  # reads nothing
+                       cond={"y": torch.ones(B, dtype=torch.long)},
+                       uncond={"y": torch.zeros(B, dtype=torch.long)},
+                       conds={"neg": {"y": torch.full((B,), 2, dtype=torch.long)}})
+    g(torch.ones(B, 3), 4.0)
+    with _HostReads() as count:
+        g(torch.ones(B, 3), 2.0)
+    assert count.reads == 1 and len(g.calls) == (2 if max_rows is None else 12)
+
+
+@attrs.frozen
+class _Strict(Processor):
+    """A processor that refuses a non-finite input (as an SVD or a solver may)."""
+
+    def apply(self, y: torch.Tensor, ctx: Any, state: Any) -> tuple[torch.Tensor, Any]:
+        if not bool(torch.isfinite(y).all()):
+            raise RuntimeError("strict: the input is not finite")
+        return y, state
+
+
+def test_a_step_that_fails_on_the_nan_reports_the_models_nan():
+    # the check of the model outputs waits for the guided output; where the combine or a
+    # processor fails first (on the NaN itself), the model's NaN is still what is reported
+    with pytest.raises(NonFiniteError, match=r"returned NaN at step 1.*branch u") as info:
+        run_guide(CFG(3) | _Strict(), faulty("uncond", at_step=1))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    def huge(x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(y.view(-1, 1) == 1, 3e38, -3e38).expand_as(x).to(torch.float32)
+
+    # finite model outputs, a combine that overflows: the processor's own error goes on as is
+    with pytest.raises(RuntimeError, match="strict") as failed:
+        run_guide(CFG(3) | _Strict(), huge)
+    assert not isinstance(failed.value, NonFiniteError)
