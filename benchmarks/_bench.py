@@ -277,13 +277,23 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def thread_timed(fn: Callable[[], Any]) -> float:
+    """The CPU seconds this thread spent in ``fn`` (with one torch thread, all of the
+    work): a thread descheduled by other load adds wall time but no CPU time."""
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
+
+
 def interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+    clock: Callable[[Callable[[], Any]], float] = timed,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant, ``repeats`` times, order rotated every repeat.
 
     Rotating the order means slow drift of the machine (other load, thermal state) hits
     every variant alike, so ratios taken from one repeat are fair even when times move.
+    ``clock`` times one call (wall time; :func:`thread_timed` for the thread's CPU time).
     """
     names = list(variants)
     for _ in range(warmup):
@@ -293,7 +303,7 @@ def interleaved(
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:
-            out[n].append(timed(variants[n]))
+            out[n].append(clock(variants[n]))
     return out
 
 

@@ -21,6 +21,7 @@ samples (relative 1e-4); the largest difference from the diffusers guider is pri
     python benchmarks/default_split.py --quick            # a few minutes on one thread
     python benchmarks/default_split.py --write split.md   # the whole table
     python benchmarks/default_split.py --models dit256 --batches 4 16 64 --exprs CFG
+    python benchmarks/default_split.py --models dit64 --batches 4 16 --cpu-time  # CPU clock
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def deciding(plan: Any) -> bool:
 
 
 def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | None = None,
-            warm_runs: int = 12) -> list[dict[str, Any]]:
+            warm_runs: int = 12, clock: Callable[[Callable[[], Any]], float] = bench.timed,
+            ) -> list[dict[str, Any]]:
     sigmas = m.schedule(steps)
     torch.manual_seed(batch)
     x0 = torch.randn(batch, *m.shape) * sigmas[0]
@@ -187,7 +189,7 @@ def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | N
         peer = outs.pop("diffusers")
         bench.check_agree(outs, 1e-4, f"{m.name} B={batch} {ename}")
         peer_diff = float((peer - outs["one call"]).abs().max() / outs["one call"].abs().max())
-        t = bench.interleaved(variants, repeats, warmup=0)  # the run above was the warm-up
+        t = bench.interleaved(variants, repeats, warmup=0, clock=clock)  # warmed up above
         one, branch = bench.median(t["one call"]), bench.median(t["per branch"])
         best = "one call" if one <= branch else "per branch"
         chosen = plans["default"]["plan"].policy.chosen
@@ -232,22 +234,27 @@ def main() -> None:
     p.add_argument("--batches", nargs="*", type=int, default=None,
                    help="batch sizes (default: the grid's per model)")
     p.add_argument("--exprs", nargs="*", default=None, choices=["CFG", "PAG", "SLG", "APG"])
+    p.add_argument("--cpu-time", action="store_true", help="time the thread's CPU time, not "
+                   "wall time (with one torch thread all of the work; other load on the "
+                   "machine then adds no time)")
     args = p.parse_args()
+    clock = bench.thread_timed if args.cpu_time else bench.timed
     grid = QUICK if args.quick else FULL
     steps = args.steps or (4 if args.quick else 10)
     repeats = args.repeats or (3 if args.quick else 9)
     session = bench.Session(args)
     models = [Model(n) for n in (args.models or grid)]
+    clock_line = f"clock: {'thread CPU' if args.cpu_time else 'wall'} time"
     session.intro(*(m.line for m in models),
-                  f"{steps} steps per run, {repeats} interleaved repeats, w={W}, s={S}")
+                  f"{steps} steps per run, {repeats} interleaved repeats, w={W}, s={S}", clock_line)
     rows: list[dict[str, Any]] = []
     for m in models:
         for batch in args.batches or grid[m.name]:
-            rows += measure(m, batch, steps, repeats, args.exprs)
+            rows += measure(m, batch, steps, repeats, args.exprs, clock=clock)
     table = bench.markdown(HEADER, [cells(r) for r in rows])
     print("\n" + bench.text_table(HEADER, [cells(r) for r in rows]))
     session.finish([table], notes=[m.line for m in models] + [
-        f"{steps} steps per run, {repeats} interleaved repeats, w={W}, s={S}"])
+        f"{steps} steps per run, {repeats} interleaved repeats, w={W}, s={S}", clock_line])
 
 
 if __name__ == "__main__":
