@@ -23,6 +23,7 @@ outputs are the same up to float rounding.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -130,10 +131,11 @@ class AutoSplit:
       call is dominated by per-call overhead, where one call per branch lost by 1.4-2.2x in
       every measurement (docs/benchmarks.md), and a cheap model never pays a trial;
     * **trial**: otherwise the open candidates (at first one call and one call per branch)
-      take turns, and a candidate's estimate is the **minimum** of its times (noise of a
-      shared machine only adds time; the first call at a new shape pays lazy
-      initialisation). A candidate more than ``drop`` times slower than the fastest is a
-      clear loser: it is not timed again;
+      take turns, and a candidate's estimate is the **lower median** of its times
+      (:func:`estimate`: its fastest of two, since noise of a shared machine only adds time
+      and the first call at a new shape pays lazy initialisation; its second fastest of
+      three or four, so a lucky call does not decide a close race). A candidate more than
+      ``drop`` times slower than the fastest is a clear loser: it is not timed again;
     * **descent**: once every contender has ``trials`` times, if the smallest open
       candidate is the fastest by more than ``margin``, the next rung (half its rows) is
       opened and timed. On one CPU thread a compute-bound DiT ran fastest at 4-16 rows per
@@ -259,7 +261,7 @@ class AutoSplit:
         live = contenders(seen, self.drop)
         if any(len(seen[c]) < self.trials for c in live):
             return None
-        est = {c: min(ts) for c, ts in seen.items() if ts}
+        est = {c: estimate(ts) for c, ts in seen.items() if ts}
         # Fastest first; on a tie the larger chunk (fewer calls) wins.
         best = min(live, key=lambda c: (est[c], -c))
         runner_up = min((t for c, t in est.items() if c != best), default=math.inf)
@@ -273,10 +275,20 @@ class AutoSplit:
         return None
 
 
+def estimate(times: list[float]) -> float:
+    """A candidate's time per step from its trial timings: their lower median -- its fastest
+    when timed twice (noise only adds time; the first call at a shape pays lazy
+    initialisation), the second fastest when timed three or four times, so that one
+    lucky call does not win a close race (one call at dit64, B = 16 timed 289, 247, 230
+    and 248 ms against one call per branch's 232, 234, 231 and 245: its fastest won, its
+    typical call lost; docs/benchmarks.md)."""
+    return statistics.median_low(times)
+
+
 def contenders(seen: dict[int, list[float]], drop: float) -> list[int]:
     """The candidates still in the running: untimed, or within ``drop`` times the fastest
-    estimate (a candidate's fastest time), largest first."""
-    est = {c: min(ts) for c, ts in seen.items() if ts}
+    estimate (:func:`estimate`), largest first."""
+    est = {c: estimate(ts) for c, ts in seen.items() if ts}
     fastest = min(est.values(), default=math.inf)
     return sorted((c for c in seen if c not in est or est[c] <= drop * fastest), reverse=True)
 
