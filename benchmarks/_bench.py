@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -287,22 +288,28 @@ def thread_timed(fn: Callable[[], Any]) -> float:
 
 def interleaved(
     variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
-    clock: Callable[[Callable[[], Any]], float] = timed,
+    clock: Callable[[Callable[[], Any]], float] = timed, shuffle: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant, ``repeats`` times, order rotated every repeat.
 
     Rotating the order means slow drift of the machine (other load, thermal state) hits
     every variant alike, so ratios taken from one repeat are fair even when times move.
     ``clock`` times one call (wall time; :func:`thread_timed` for the thread's CPU time).
+    ``shuffle``: a fresh random order every repeat (seeded) instead. A rotation keeps the
+    cyclic order, so each variant always follows the same one; with small steps what that
+    neighbour leaves behind (caches, allocator) biases the pair (3-6 % on the digits model
+    at B = 1, docs/benchmarks.md).
     """
     names = list(variants)
     for _ in range(warmup):
         for n in names:
             variants[n]()
     out: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(0)
     for r in range(repeats):
         k = r % len(names)
-        for n in names[k:] + names[:k]:
+        order = rng.sample(names, len(names)) if shuffle else names[k:] + names[:k]
+        for n in order:
             out[n].append(clock(variants[n]))
     return out
 

@@ -1,8 +1,9 @@
 """guidekit's default split vs one call vs one call per branch vs diffusers' guiders.
 
 Re-measures issue 14's table in one interleaved run (1 torch thread by default): per model,
-batch ``B`` and expression, one Euler run per variant, the order rotated every repeat, and
-each ratio the median over repeats of the ratio of neighbouring timings.
+batch ``B`` and expression, one Euler run per variant, in a random order every repeat (a
+rotation would have each variant always follow the same one), and each ratio the median
+over repeats of the ratio of timings in the same repeat.
 
 Variants: ``default`` (``guidekit.compile(expr)``: the auto split; one plan for all
 repeats, run before the timing until its trials have decided, up to 12 runs), ``fresh``
@@ -189,7 +190,8 @@ def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | N
         peer = outs.pop("diffusers")
         bench.check_agree(outs, 1e-4, f"{m.name} B={batch} {ename}")
         peer_diff = float((peer - outs["one call"]).abs().max() / outs["one call"].abs().max())
-        t = bench.interleaved(variants, repeats, warmup=0, clock=clock)  # warmed up above
+        # warmed up above; a random order per repeat: no variant always follows the same one
+        t = bench.interleaved(variants, repeats, warmup=0, clock=clock, shuffle=True)
         one, branch = bench.median(t["one call"]), bench.median(t["per branch"])
         best = "one call" if one <= branch else "per branch"
         chosen = plans["default"]["plan"].policy.chosen
