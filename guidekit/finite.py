@@ -86,7 +86,9 @@ def _sum_finite(tensors: list[torch.Tensor]) -> bool:
         return False
     total = tensors[0].sum()
     for t in tensors[1:]:
-        total = total + t.sum()
+        part = t.sum()
+        # (a model of its own on another device: its sum joins the others on theirs)
+        total = total + (part if part.device == total.device else part.to(total.device))
     return math.isfinite(total.item())
 
 
