@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,12 +61,6 @@ def runner(net: torch.nn.Module, expr: Any) -> Callable[[torch.nn.Module], torch
     return run
 
 
-def cpu_time(fn: Callable[[], Any]) -> float:
-    start = time.thread_time()
-    fn()
-    return time.thread_time() - start
-
-
 def measure(net: torch.nn.Module, expr: Any, backend: str, repeats: int) -> list[str]:
     """First compiled run (s), frames compiled in it and in the later runs, eager and
     compiled ms per run, their paired ratio, and the compiled samples' largest deviation."""
@@ -80,8 +73,8 @@ def measure(net: torch.nn.Module, expr: Any, backend: str, repeats: int) -> list
     frames = counters["frames"]["ok"]
     eager, comp = [], []
     for _ in range(repeats):
-        eager.append(cpu_time(lambda: run(net)))
-        comp.append(cpu_time(lambda: run(compiled)))
+        eager.append(bench.thread_timed(lambda: run(net)))
+        comp.append(bench.thread_timed(lambda: run(compiled)))
     diff = float((run(compiled) - eager_out).abs().max())
     later = counters["frames"]["ok"] - frames
     return [f"{first:.1f}", str(frames), str(later), f"{bench.median(eager) * 1e3:.1f}",

@@ -27,7 +27,6 @@ import copy
 import cProfile
 import pstats
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,14 +115,6 @@ def unfuse(model: torch.nn.Module) -> None:
         proc = getattr(m, "processor", None)
         if hasattr(proc, "fusable"):
             proc.fusable = False  # type: ignore[union-attr]
-
-
-def cpu_timed(fn: Callable[[], Any]) -> float:
-    """The CPU seconds this thread spent in ``fn``: on a shared machine a descheduled thread
-    adds wall time but no CPU time, so the paired differences stay readable under load."""
-    start = time.thread_time()
-    fn()
-    return time.thread_time() - start
 
 
 class _Count(TorchDispatchMode):
@@ -222,7 +213,7 @@ def main() -> None:
                 s()
         ops = {n: op_count(s) for n, s in steps.items()}
         calls = {n: call_count(s) for n, s in steps.items()}
-        clock = bench.timed if args.wall else cpu_timed
+        clock = bench.timed if args.wall else bench.thread_timed
         times = paired(steps, pairs, repeats, clock)
     finally:
         for engine in engines:

@@ -70,12 +70,11 @@ def _kinds(t: torch.Tensor) -> str:
 
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite: a finite sum proves it in one reduction (a NaN
-    or inf makes the sum NaN or inf); only a sum that overflowed needs the full check."""
+    or inf makes the sum NaN or inf); only a sum that overflowed, or complex values, need
+    the full check."""
     # the sum read as a Python number: two operators (the reduction, the read) where
     # isfinite on the device and a bool of it dispatch six
-    if t.is_complex():
-        return bool(torch.isfinite(t).all())
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+    return _sum_finite([t]) or bool(torch.isfinite(t).all())
 
 
 def _sum_finite(tensors: list[torch.Tensor]) -> bool:

@@ -295,6 +295,7 @@ class Plan:
             x=x, sigma=s, level=level, seed=state.seed, prediction=self.prediction,
             noise=self.noise, coefs=prog.coef_map, native={}, where=where,
         )
+        whole: list[torch.Tensor] = []  # the call's output, for a one-kernel combine
         if native is not None:
             check_native(self, prog, native, s)
             ctx.native = dict(native)
@@ -310,14 +311,13 @@ class Plan:
             forward_state.conds = conds  # NAG reads its negative conditioning from here
             if self.parallel is not None:  # the ranks share each call's rows (parallel.py)
                 models, around_call = self.parallel.wrap(self, models, around_call)
-            whole: list[torch.Tensor] = []
             ctx.native = run_groups(
                 prog, x, s, conds, models, splitter if splitter is not None else self.splitter(),
                 prediction=self.prediction, noise=self.noise, on_call=on_call, level=level,
                 around_call=around_call, forward_state=forward_state, tokens=tokens,
                 shared=self.shared, whole=whole,
             )
-        y = self._combine(prog, ctx, whole if native is None else ())
+        y = self._combine(prog, ctx, whole)
         if keep is not None:
             keep.update(ctx.native)
         results = dict(inputs)
