@@ -156,7 +156,7 @@ class AutoSplit:
     """
 
     trials: int = attrs.field(default=2, validator=_positive_int)
-    max_trials: int = attrs.field(default=4, validator=_positive_int)
+    max_trials: int = attrs.field(default=8, validator=_positive_int)
     margin: float = attrs.field(default=0.05, validator=_at_least(0.0))
     drop: float = attrs.field(default=1.5, validator=_at_least(1.0))
     min_seconds: float = attrs.field(default=0.05, validator=_at_least(0.0))
@@ -220,7 +220,16 @@ class AutoSplit:
         if len(seen[ladder[0]]) < self.trials:
             return ladder[0]  # the gate's calls: one call first
         # Round-robin: the contenders alternate, so drift of the machine hits all alike.
-        return min(contenders(seen, self.drop), key=lambda c: (len(seen[c]), -c))
+        return min(self._racing(seen), key=lambda c: (len(seen[c]), -c))
+
+    def _racing(self, seen: dict[int, list[float]]) -> list[int]:
+        """The candidates still timed: every contender until it has ``trials`` timings,
+        then only those within ``margin`` of the fastest (a clearly slower one is done)."""
+        live = contenders(seen, self.drop)
+        if any(len(seen[c]) < self.trials for c in live):
+            return live
+        fastest = min(estimate(seen[c]) for c in live)
+        return [c for c in live if estimate(seen[c]) <= (1.0 + self.margin) * fastest]
 
     def measure(
         self, model: str, rows: int, batch: int, device: torch.device
@@ -270,7 +279,7 @@ class AutoSplit:
         if clear and best == min(seen) and lower:
             seen[lower[0]] = []  # the smallest rung won: try half its rows
             return None
-        if clear or all(len(seen[c]) >= self.max_trials for c in live):
+        if clear or all(len(seen[c]) >= self.max_trials for c in self._racing(seen)):
             return best
         return None
 

@@ -154,7 +154,7 @@ def test_auto_lets_no_lucky_call_win_a_close_race():
     split = AutoSplit()
     cost = {32: [0.289, 0.247, 0.230, 0.248], 16: [0.232, 0.234, 0.231, 0.245],
             8: [0.242, 0.238, 0.240, 0.252], 4: 0.3, 2: 0.4, 1: 0.5}
-    drive(split, cost, 20, key=key)
+    drive(split, cost, 40, key=key)
     assert split.chosen[key] == 16
     assert estimate([0.3, 0.2]) == 0.2 and estimate([0.3, 0.2, 0.25, 0.21]) == 0.21
 
@@ -237,7 +237,7 @@ def test_auto_drops_a_clear_loser_after_one_call():
 
 def test_auto_ties_go_to_the_larger_chunk():
     split = AutoSplit()
-    drive(split, {8: 1.0, 4: 1.0}, 12)
+    drive(split, {8: 1.0, 4: 1.0}, 16)
     assert split.chosen[("main", 8, 4)] == 8
 
 
@@ -279,9 +279,12 @@ def test_auto_descends_while_halving_wins_and_stops_where_it_loses():
     assert 1 not in split.timings[("main", 8, 4)]
     # a rung within `margin` of the one above ends the descent too (no clear win)
     split = AutoSplit(margin=0.05)
-    chunks = drive(split, {8: 1.0, 4: 0.8, 2: 0.79}, 16)
+    chunks = drive(split, {8: 1.0, 4: 0.8, 2: 0.79}, 20)
     assert 1 not in split.timings[("main", 8, 4)]
     assert split.chosen[("main", 8, 4)] == 2
+    # the close race is timed to max_trials; the clearly slower one call only twice
+    timings = split.timings[("main", 8, 4)]
+    assert len(timings[8]) == 2 and len(timings[4]) == len(timings[2]) == split.max_trials
 
 
 def test_auto_one_branch_group_above_the_gate_tries_halves_of_it():
