@@ -207,7 +207,19 @@ def measure(m: Model, batch: int, steps: int, repeats: int, names: list[str] | N
             "peer": peer_diff,
         })
         print(fmt_row(rows[-1]), flush=True)
+        print(trial_times(plans["default"]["plan"].policy), flush=True)
     return rows
+
+
+def trial_times(policy: Any) -> str:
+    """The default plan's trial timings (ms per timed group, per candidate chunk): why it
+    chose what it chose."""
+    parts = []
+    for (group, rows, batch), seen in getattr(policy, "timings", {}).items():
+        cands = "; ".join(f"{split_label(rows, batch, c)}: "
+                          + " ".join(f"{t * 1e3:.0f}" for t in ts) for c, ts in seen.items())
+        parts.append(f"  trial {group} at {rows} rows: {cands}")
+    return "\n".join(parts) or "  (no trial)"
 
 
 HEADER = ["model", "tokens", "B", "expr", "one call ms/step", "per branch ms/step",

@@ -4,6 +4,7 @@ same rows, on the benchmark DiT at B = 1.
     OMP_NUM_THREADS=1 python benchmarks/engine_cost.py [--threads 1] [--repeats 40]
     OMP_NUM_THREADS=1 python benchmarks/engine_cost.py --segments  # + the per-segment path
     OMP_NUM_THREADS=1 python benchmarks/engine_cost.py --profile   # the top Python hot spots
+    OMP_NUM_THREADS=1 python benchmarks/engine_cost.py --cold      # hot vs cold, stub model
 
 The model is diffusers' ``DiTTransformer2DModel`` of ``_bench.py`` (16 tokens, 6 layers,
 2.12M parameters). Each expression's step is one guided step in steady state (the run has
@@ -107,6 +108,53 @@ def paired(
     return out
 
 
+#: the expressions ``--cold`` times with a stub model (no attention term: nothing to hook)
+STUB_EXPRESSIONS: dict[str, Any] = {"CFG(7)": CFG(7), "CFG(7) | APG(eta=0)": CFG(7) | APG(eta=0)}
+
+
+def stub_step(expr: Any) -> tuple[Callable[[], Any], int]:
+    """One steady guided step of ``expr`` around a stub model (it returns fixed rows), and
+    its row count."""
+    plan = guidekit.compile(expr, prediction="eps", noise="vp")
+    rows = plan.rows(SIGMAS[1], B)
+    fixed = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    c, u = bench.labels(B)
+    x = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def model(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return fixed
+
+    guided = guidekit.guide(plan, model, cond={"class_labels": c},
+                            uncond={"class_labels": u}, sigmas=SIGMAS)
+    with torch.no_grad():
+        guided(x, SIGMAS[0])
+
+    def step() -> Any:
+        with torch.no_grad():
+            return guided(x, SIGMAS[1])
+
+    return step, rows
+
+
+def cold_and_hot(net: torch.nn.Module, repeats: int) -> list[list[str]]:
+    """guidekit's own step without the model's work (:func:`stub_step`), timed hot (steps
+    back to back) and cold (each right after a bare forward of ``net``, which evicts the
+    CPU caches as the real model call inside a guided step does)."""
+    out = []
+    for name, expr in STUB_EXPRESSIONS.items():
+        step, rows = stub_step(expr)
+        evict = bare_step(net, rows)
+        hot: list[float] = []
+        cold: list[float] = []
+        for _ in range(repeats):
+            hot.append(bench.thread_timed(step))
+            evict()
+            cold.append(bench.thread_timed(step))
+        out.append([name, str(rows), f"{bench.median(hot) * 1e6:.0f}",
+                    f"{bench.median(cold) * 1e6:.0f}", f"{bench.paired_ratio(cold, hot):.2f}"])
+    return out
+
+
 def unfuse(model: torch.nn.Module) -> None:
     """Send every hooked layer of ``model`` down the per-segment path (projections per
     segment, guidekit.attention.route.assemble) instead of the fused one: the engine as it
@@ -176,10 +224,19 @@ def main() -> None:
     p.add_argument("--wall", action="store_true", help="time wall clock instead of the "
                    "thread's CPU time")
     p.add_argument("--top", type=int, default=25, help="rows of the profile summary")
+    p.add_argument("--cold", action="store_true", help="time guidekit's step with a stub "
+                   "model instead, back to back (hot) and right after a bare forward (cold)")
     args = p.parse_args()
     session = bench.Session(args)
     net = bench.diffusers_dit()
     session.intro(bench.describe(net, "diffusers DiTTransformer2DModel", 6) + f"; B = {B}")
+    if args.cold:
+        header = ["expression (stub model)", "rows", "hot us/step", "cold us/step",
+                  "cold / hot"]
+        table = cold_and_hot(net, args.repeats or 300)
+        print(bench.text_table(header, table))
+        session.finish([bench.markdown(header, table)], ["thread CPU time, medians"])
+        return
     if args.profile:
         name = list(EXPRESSIONS)[-1]
         step, engine, _ = guided_step(copy.deepcopy(net), EXPRESSIONS[name])
