@@ -58,14 +58,17 @@ def _forward(net: torch.nn.Module) -> Callable[..., torch.Tensor]:
     return model
 
 
-def guided_step(net: torch.nn.Module, expr: Any) -> tuple[Callable[[], Any], Any, int]:
-    """One steady-state guided step of ``expr`` on ``net``, its engine, and its row count."""
+def guided_step(
+    net: torch.nn.Module, expr: Any, model: Callable[..., torch.Tensor] | None = None,
+) -> tuple[Callable[[], Any], Any, int]:
+    """One steady-state guided step of ``expr`` on ``net`` (or around ``model``, with the
+    engine still installed on ``net``), its engine, and its row count."""
     plan = guidekit.compile(expr, prediction="eps", noise="vp")
     c, u = bench.labels(B)
     x = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     engine = guidekit.attention.install(net, plan)
     around = engine.__enter__()
-    guided = guidekit.guide(plan, _forward(net), cond={"class_labels": c},
+    guided = guidekit.guide(plan, model or _forward(net), cond={"class_labels": c},
                             uncond={"class_labels": u}, sigmas=SIGMAS, around_call=around)
     with torch.no_grad():
         guided(x, SIGMAS[0])
@@ -112,44 +115,26 @@ def paired(
 STUB_EXPRESSIONS: dict[str, Any] = {"CFG(7)": CFG(7), "CFG(7) | APG(eta=0)": CFG(7) | APG(eta=0)}
 
 
-def stub_step(expr: Any) -> tuple[Callable[[], Any], int]:
-    """One steady guided step of ``expr`` around a stub model (it returns fixed rows), and
-    its row count."""
-    plan = guidekit.compile(expr, prediction="eps", noise="vp")
-    rows = plan.rows(SIGMAS[1], B)
-    fixed = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    c, u = bench.labels(B)
-    x = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def model(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return fixed
-
-    guided = guidekit.guide(plan, model, cond={"class_labels": c},
-                            uncond={"class_labels": u}, sigmas=SIGMAS)
-    with torch.no_grad():
-        guided(x, SIGMAS[0])
-
-    def step() -> Any:
-        with torch.no_grad():
-            return guided(x, SIGMAS[1])
-
-    return step, rows
-
-
 def cold_and_hot(net: torch.nn.Module, repeats: int) -> list[list[str]]:
-    """guidekit's own step without the model's work (:func:`stub_step`), timed hot (steps
-    back to back) and cold (each right after a bare forward of ``net``, which evicts the
-    CPU caches as the real model call inside a guided step does)."""
+    """guidekit's own step (the engine installed, as in the main table) around a stub model
+    that returns fixed rows, timed hot (steps back to back) and cold (each right after a
+    bare forward of ``net``, which evicts the CPU caches as the real model call inside a
+    guided step does)."""
     out = []
     for name, expr in STUB_EXPRESSIONS.items():
-        step, rows = stub_step(expr)
+        rows = guidekit.compile(expr).rows(SIGMAS[1], B)
+        fixed = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        step, engine, _ = guided_step(copy.deepcopy(net), expr, lambda *a, out=fixed, **k: out)
         evict = bare_step(net, rows)
         hot: list[float] = []
         cold: list[float] = []
-        for _ in range(repeats):
-            hot.append(bench.thread_timed(step))
-            evict()
-            cold.append(bench.thread_timed(step))
+        try:
+            for _ in range(repeats):
+                hot.append(bench.thread_timed(step))
+                evict()
+                cold.append(bench.thread_timed(step))
+        finally:
+            engine.__exit__(None, None, None)
         out.append([name, str(rows), f"{bench.median(hot) * 1e6:.0f}",
                     f"{bench.median(cold) * 1e6:.0f}", f"{bench.paired_ratio(cold, hot):.2f}"])
     return out
