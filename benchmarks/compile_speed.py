@@ -21,6 +21,17 @@ of a compiled run and every compiled ratio reads above its eager one; the engine
 nothing extra under compile when an engine row's compiled ratio is no worse than plain
 CFG's. The third row runs the gated expression with
 ``compile(..., fixed_shapes=True)``: three rows at every step, one graph.
+
+Both runners also clock the thread CPU time spent inside the model calls alone (the
+compiled wrapper's call, dynamo's guard check and the engine's traced processors
+included): "in the calls" compiled, guided / bare, is what the engine adds to the compiled
+call itself, and "outside the calls" is the rest of a step (guidekit's plan, or the bare
+loop's few ops) in ms per run. "bare: compiled / eager" is what compiling gains on the
+bare partner's calls alone: the same row counts, so the workload's own ratio. Last, in
+``--repeats`` more compiled runs each model call is also made on the compiled bare copy
+with the very same inputs (the engine active for the guided one), the order alternating:
+"same inputs, compiled: guided call / bare call" (median over runs of the summed times) is
+the engine's cost inside the compiled call alone, with plain CFG (no engine) as the control.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,9 +69,47 @@ def _plan(expr: Any, fixed: bool) -> Any:
     return guidekit.compile(expr, prediction="eps", noise="ve", fixed_shapes=fixed)
 
 
-def runner(net: torch.nn.Module, expr: Any, fixed: bool = False) -> Callable[[torch.nn.Module], torch.Tensor]:
+class Clock:
+    """Thread CPU seconds spent inside the model calls of the current run; with a
+    ``partner`` (the compiled bare copy), each call is also made on it with the same
+    inputs, the two in alternating order, and its seconds kept apart."""
+
+    def __init__(self) -> None:
+        self.inside = 0.0
+        self.partner: torch.nn.Module | None = None
+        self.partner_inside = 0.0
+        self._flip = False
+
+    def call(self, m: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._flip = not self._flip
+        if self.partner is not None and self._flip:
+            self.partner_inside += _seconds(self.partner, args, kwargs)[1]
+        out, took = _seconds(m, args, kwargs)
+        self.inside += took
+        if self.partner is not None and not self._flip:
+            self.partner_inside += _seconds(self.partner, args, kwargs)[1]
+        return out
+
+
+def _seconds(m: torch.nn.Module, args: Any, kwargs: Any) -> tuple[Any, float]:
+    start = time.thread_time()
+    out = m(*args, **kwargs)
+    return out, time.thread_time() - start
+
+
+def clocked(run: Callable[[torch.nn.Module], torch.Tensor], m: torch.nn.Module,
+            clock: Clock, total: list[float], inside: list[float]) -> None:
+    """One timed run: its thread CPU time, and the part of it spent in the model calls."""
+    clock.inside = 0.0
+    total.append(bench.thread_timed(lambda: run(m)))
+    inside.append(clock.inside)
+
+
+def runner(net: torch.nn.Module, expr: Any, fixed: bool = False,
+           clock: Clock | None = None) -> Callable[[torch.nn.Module], torch.Tensor]:
     """One sampling run of ``expr`` through ``guidekit.guide()`` on a given module (the
     eager net or its compiled wrapper), the engine installed on ``net`` if needed."""
+    call = (clock or Clock()).call
     plan = _plan(expr, fixed)
     c, u = bench.labels(1)
     sigmas = bench.schedule(STEPS)
@@ -68,7 +118,7 @@ def runner(net: torch.nn.Module, expr: Any, fixed: bool = False) -> Callable[[to
 
     def run(m: torch.nn.Module) -> torch.Tensor:
         def fn(x: torch.Tensor, s: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-            return m(x, timestep=1000.0 * s / (1.0 + s), class_labels=class_labels).sample
+            return call(m, x, timestep=1000.0 * s / (1.0 + s), class_labels=class_labels).sample
 
         engine = install(net, plan) if uses_engine else contextlib.nullcontext()
         with torch.no_grad(), engine as around:
@@ -79,10 +129,12 @@ def runner(net: torch.nn.Module, expr: Any, fixed: bool = False) -> Callable[[to
     return run
 
 
-def bare_runner(expr: Any, fixed: bool = False) -> Callable[[torch.nn.Module], torch.Tensor]:
+def bare_runner(expr: Any, fixed: bool = False,
+                clock: Clock | None = None) -> Callable[[torch.nn.Module], torch.Tensor]:
     """The same steps without guidekit: the model called on as many rows per step as the
     plan's one call (x repeated, the labels built once per row count), row 0 the step's
     prediction."""
+    call = (clock or Clock()).call
     plan = _plan(expr, fixed)
     c, u = bench.labels(1)
     sigmas = bench.schedule(STEPS)
@@ -96,7 +148,7 @@ def bare_runner(expr: Any, fixed: bool = False) -> Callable[[torch.nn.Module], t
         def predict(x: torch.Tensor, s: float) -> torch.Tensor:
             k = next(step)
             t = torch.full((k,), 1000.0 * s / (1.0 + s))
-            return m(torch.cat([x] * k), timestep=t, class_labels=labels[k]).sample[:1]
+            return call(m, torch.cat([x] * k), timestep=t, class_labels=labels[k]).sample[:1]
 
         with torch.no_grad():
             return bench.euler(predict, x0, sigmas)
@@ -109,9 +161,11 @@ def measure(
 ) -> list[str]:
     """First compiled run (s), frames compiled in it and in the later runs, eager and
     compiled ms per run, their paired ratio, guided / bare eager and compiled, and the
-    compiled samples' largest deviation."""
-    run = runner(net, expr, fixed)
-    bare, bare_net = bare_runner(expr, fixed), copy.deepcopy(net)
+    compiled samples' largest deviation; then, compiled, the ms per run spent in the model
+    calls and outside them, guided / bare."""
+    clock, clock_bare = Clock(), Clock()
+    run = runner(net, expr, fixed, clock)
+    bare, bare_net = bare_runner(expr, fixed, clock_bare), copy.deepcopy(net)
     torch._dynamo.reset()
     counters.clear()
     compiled: Any = torch.compile(net, backend=backend)
@@ -123,17 +177,31 @@ def measure(
         bare(compiled_bare)
     frames_bare = counters["frames"]["ok"]
     eager, comp, eager_bare, comp_bare = [], [], [], []
+    inside: dict[str, list[float]] = {k: [] for k in ("eager", "comp", "eager_bare", "comp_bare")}
     for _ in range(repeats):
-        eager.append(bench.thread_timed(lambda: run(net)))
-        comp.append(bench.thread_timed(lambda: run(compiled)))
-        eager_bare.append(bench.thread_timed(lambda: bare(bare_net)))
-        comp_bare.append(bench.thread_timed(lambda: bare(compiled_bare)))
+        clocked(run, net, clock, eager, inside["eager"])
+        clocked(run, compiled, clock, comp, inside["comp"])
+        clocked(bare, bare_net, clock_bare, eager_bare, inside["eager_bare"])
+        clocked(bare, compiled_bare, clock_bare, comp_bare, inside["comp_bare"])
+    ms = lambda xs: bench.median(xs) * 1e3  # noqa: E731
+    same: list[float] = []  # the engine inside a compiled call: the same inputs, A/B
+    clock.partner = compiled_bare
+    for _ in range(repeats):
+        clock.inside = clock.partner_inside = 0.0
+        run(compiled)
+        same.append(clock.inside / clock.partner_inside)
+    clock.partner = None
+    outside = [t - i for t, i in zip(comp, inside["comp"])]
+    outside_bare = [t - i for t, i in zip(comp_bare, inside["comp_bare"])]
     diff = float((run(compiled) - eager_out).abs().max())
     later = counters["frames"]["ok"] - frames_bare
     return [f"{first:.1f}", str(frames), str(later), f"{bench.median(eager) * 1e3:.1f}",
             f"{bench.median(comp) * 1e3:.1f}", f"{bench.paired_ratio(comp, eager):.2f}",
+            f"{bench.paired_ratio(comp_bare, eager_bare):.2f}",
             f"{bench.paired_ratio(eager, eager_bare):.3f}",
-            f"{bench.paired_ratio(comp, comp_bare):.3f}", f"{diff:.1e}"]
+            f"{bench.paired_ratio(comp, comp_bare):.3f}", f"{diff:.1e}",
+            f"{ms(inside['comp']):.1f} / {ms(inside['comp_bare']):.1f}",
+            f"{ms(outside):.2f} / {ms(outside_bare):.2f}", f"{bench.median(same):.3f}"]
 
 
 def main() -> None:
@@ -155,8 +223,10 @@ def main() -> None:
         print(rows[-1], flush=True)
     header = ["expression", "first compiled run s", "frames (1st run)",
               f"frames ({repeats + 1} later runs)", "eager ms/run", "compiled ms/run",
-              "compiled / eager", "guided / bare, eager", "guided / bare, compiled",
-              "max |compiled - eager|"]
+              "compiled / eager", "bare: compiled / eager", "guided / bare, eager", "guided / bare, compiled",
+              "max |compiled - eager|", "in the calls, compiled: guided / bare ms/run",
+              "outside the calls, compiled: guided / bare ms/run",
+              "same inputs, compiled: guided call / bare call"]
     print(bench.text_table(header, rows))
     session.finish([bench.markdown(header, rows)],
                    [f"{repeats} interleaved repeats, medians, thread CPU time"])
