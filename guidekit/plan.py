@@ -335,15 +335,18 @@ class Plan:
             if name is not None:  # the step's observations -> the next state, by name
                 results[name] = p.commit(inputs[name], memo)
         space = self.prediction
-        # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself:
-        # a processor working in another space can change nothing, and x0 cannot be turned
-        # back into noise or a velocity. Skip it there; its state carries over.
+        # With no noise left (b(sigma) = 0, flow at sigma = 0) every branch's x0 is x itself
+        # and x0 cannot be turned back into noise or a velocity: a processor working in
+        # another space acts there as its limit as b -> 0, in the model's own space (APG's
+        # is a projection onto x; see Processor.at_noiseless). Its state carries over.
         noiseless = bool(self.post) and ctx.coefficients()[1] == 0.0
         for name, proc in zip(self._post_names, self.post):
             if where is not None:
                 proc = resolve(proc, where)
             target = ctx.space_of(proc.space)
             if noiseless and target != self.prediction:
+                # (y is in the model's space here: only x0-space processors come this way)
+                y, _ = proc.at_noiseless(y, ctx, inputs.get(name) if name is not None else None)
                 continue
             y = ctx.convert(y, space, target)
             space = target

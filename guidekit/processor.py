@@ -109,6 +109,18 @@ class Processor(PipeStep):
     ) -> tuple[torch.Tensor, Any]:
         return y, state
 
+    def at_noiseless(
+        self, y: torch.Tensor, ctx: StepContext, state: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """The processor at a level with no noise left (``b(sigma) = 0``: flow time
+        ``t = 1``), for one whose ``space`` the model's prediction cannot be recovered from
+        there: ``y`` and the result are in the model's own space, ``state`` carries over.
+
+        Every branch's x0 is ``x`` itself there, so an x0-space processor is the limit of
+        its map as ``b -> 0``; the default is the identity (a processor that cannot change
+        an x0 which is ``x``). One whose limit is infinite raises, naming the fix."""
+        return y, state
+
     # -- text ----------------------------------------------------------------------------------
     def pipe_steps(self) -> tuple[Processor, ...]:
         return (self,)

@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from guidekit.branch import Branch, uncond
-from guidekit.errors import GuidanceTypeError
+from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.expr import Expr
 from guidekit.fields import Examples, Range, finite, finite_or_schedule, positive_or_none, to_float
 from guidekit.processor import Processor
@@ -118,6 +118,42 @@ class APGProjection(Processor):
         ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
         out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(cond_like, ratio, value=-k)
         return out.to(dtype), new_state
+
+    def at_noiseless(
+        self, y: torch.Tensor, ctx: StepContext, state: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """The limit of Algorithm 1 as ``b(sigma) -> 0``, in the model's own space.
+
+        Each branch's x0 is ``P + q y`` there with ``q -> 0`` (``P = x / a``), so ``D = q
+        (X - u)``, the threshold stops clipping and the projection direction tends to ``P``:
+        ``out = X + (w - 1) (X - u) - (w - 1) (1 - eta) (<X - u, P> / <P, P>) P``. With
+        momentum from earlier steps the x0 update no longer vanishes and no prediction of
+        the model's kind gives it (the limit is infinite): refused, naming the fix."""
+        alpha_u = ctx.coefs.get(_UNCOND, 0.0)
+        w = 1.0 - alpha_u
+        if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
+            return y, state
+        held = None if state is None else state.momentum
+        if self.momentum != 0.0 and held is not None and bool(held.any()):
+            raise GuidanceValueError(
+                f"{self!r} at sigma = 0 (flow time t = 1): with no noise left every x0 is x, "
+                f"and the momentum carried from earlier steps moves it, which no prediction "
+                f"of the model's kind can express (its velocity or noise would be infinite). "
+                f"Use a solver that never evaluates at t = 1 (euler, midpoint, heun3), end "
+                f"the time grid below 1, or use momentum=0"
+            )
+        dtype = y.dtype
+        u = ctx.value(_UNCOND).double()
+        cond_like = torch.add(y.double(), u, alpha=-alpha_u).div_(w)
+        diff = cond_like - u
+        flat = ctx.value(_UNCOND, self.space).double().flatten(1)  # P: every branch's x0
+        dot = (diff.flatten(1) * flat).sum(dim=1)
+        gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
+        ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
+        k = (w - 1.0) * (1.0 - self.eta)
+        p = flat.view_as(diff)
+        out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(p, ratio, value=-k)
+        return out.to(dtype), state
 
     def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:
         return ()

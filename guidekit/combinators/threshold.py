@@ -62,6 +62,22 @@ class DynamicThreshold(Processor):
         "percentile": (0.995, Range(0.5, 1)), "max_value": (None, Range(1, 4)),
     }
 
+    def at_noiseless(
+        self, y: torch.Tensor, ctx: StepContext, state: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """At ``b(sigma) = 0`` the guided x0 is ``x`` itself: left as it is when the
+        thresholding leaves ``x`` unchanged; otherwise the limit is infinite, refused."""
+        x0 = ctx.convert(y, ctx.prediction, self.space)
+        if torch.equal(self.apply(x0, ctx, state)[0], x0):
+            return y, state
+        raise GuidanceValueError(
+            f"{self!r} at sigma = 0 (flow time t = 1): with no noise left the guided x0 is the "
+            f"sample x itself, which the thresholding would clip, and no prediction of the "
+            f"model's kind can express that (its velocity or noise would be infinite). Use a "
+            f"solver that never evaluates at t = 1 (euler, midpoint, heun3) or end the time "
+            f"grid below 1"
+        )
+
     def apply(self, y: torch.Tensor, ctx: StepContext, state: Any) -> tuple[torch.Tensor, Any]:
         flat = y.reshape(y.shape[0], -1)
         s = quantile(flat.abs(), self.percentile).clamp_min(1.0)

@@ -111,27 +111,38 @@ class FDGTerm(NonlinearPrediction):
             )
         noiseless = ctx.noise.coefficients(ctx.sigma)[1] == 0.0
         project = self.eta != 1.0 and (ctx.prediction == "x0" or not noiseless)
+        # With no noise left every x0 is x and cannot be turned back: each band's x0 is
+        # P_l + q Y_l with q -> 0, so the limit projects the prediction-space difference
+        # onto the bands of P = x0 (the same for every branch) instead of c's.
+        limit = self.eta != 1.0 and not project
         if project:
             c, u = ctx.convert(c, "native", "x0"), ctx.convert(u, "native", "x0")
         flat = (-1, c.shape[-2], c.shape[-1])
         bands_c = pyramid(c.reshape(flat), self.levels)
         bands_u = pyramid(u.reshape(flat), self.levels)
+        bands_p: list[torch.Tensor | None] = [None] * self.levels
+        if limit:
+            bands_p = list(pyramid(ctx.convert(u, "native", "x0").reshape(flat), self.levels))
         scales = [self.high] * (self.levels - 1) + [self.low]
         batch = c.shape[0]
         out = [
             bc + (w - 1.0) * (
-                self._shift(bc.reshape(batch, -1), bu.reshape(batch, -1)).reshape(bc.shape)
-                if project else bc - bu
+                self._shift(bc.reshape(batch, -1), bu.reshape(batch, -1),
+                            None if bp is None else bp.reshape(batch, -1)).reshape(bc.shape)
+                if project or limit else bc - bu
             )
-            for bc, bu, w in zip(bands_c, bands_u, scales)
+            for bc, bu, bp, w in zip(bands_c, bands_u, bands_p, scales)
         ]
         y = rebuild(out).reshape(c.shape)
         return ctx.convert(y, "x0", "native") if project else y
 
-    def _shift(self, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``eta d_par + d_perp`` per sample (rows of ``[B, D]``), in float64."""
+    def _shift(
+        self, c: torch.Tensor, u: torch.Tensor, along_of: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``eta d_par + d_perp`` per sample (rows of ``[B, D]``), in float64; ``d_par``
+        along ``along_of`` where given (the noiseless limit), else along ``c``."""
         d = c - u
-        c64, d64 = c.double(), d.double()
+        c64, d64 = (c if along_of is None else along_of).double(), d.double()
         norm2 = c64.square().sum(1, keepdim=True)
         # a band of c that is exactly zero has no direction: its parallel part is zero
         along = (d64 * c64).sum(1, keepdim=True) / norm2.clamp_min(1e-300)

@@ -137,18 +137,21 @@ def test_one_call_per_step_through_guide() -> None:
     assert [c["rows"] for c in model.calls] == [2 * BATCH] * 3
 
 
-def test_no_noise_left_skips_the_projection_as_x0_processors_do() -> None:
+def test_no_noise_left_projects_in_the_limit() -> None:
     """At sigma 0 an eps model's x0 is ``x`` for every branch and cannot be turned back: the
-    projection (``eta != 1``) is left out there, not an error; an x0 model still projects."""
+    projection (``eta != 1``) acts as its limit as sigma -> 0 (the oracle at a tiny sigma,
+    VE), not an error and not left out; an x0 model still projects as at any level."""
     c, u = _pair((2, 8, 8), seed=4)
-    x = t64(np.random.default_rng(5).standard_normal(c.shape))
-    for prediction, eta, want in (
-        ("eps", 0.3, fdg_oracle(c, u, 2.0, 6.0)), ("x0", 0.3, fdg_oracle(c, u, 2.0, 6.0, eta=0.3)),
-    ):
-        plan = guidekit.compile(FDG(2, 6, eta=eta), prediction=prediction)
+    xn = np.random.default_rng(5).standard_normal(c.shape)
+    tiny = 1e-7
+    near = (xn - fdg_oracle(xn - tiny * c, xn - tiny * u, 2.0, 6.0, eta=0.3)) / tiny
+    for prediction, want, tol in (("eps", near, 1e-5),
+                                  ("x0", fdg_oracle(c, u, 2.0, 6.0, eta=0.3), 1e-9)):
+        plan = guidekit.compile(FDG(2, 6, eta=0.3), prediction=prediction, noise="ve")
         out = guidekit.guide(plan, _fixed_model(c, u), cond=conditioning("cond"),
-                             uncond=conditioning("uncond"))(x, 0.0)
-        np.testing.assert_allclose(np64(out), want, rtol=1e-9, atol=1e-9)
+                             uncond=conditioning("uncond"))(t64(xn), 0.0)
+        np.testing.assert_allclose(np64(out), want, rtol=tol, atol=tol)
+    assert not np.allclose(near, fdg_oracle(c, u, 2.0, 6.0), atol=1e-3)  # not the old skip
 
 
 def test_text_round_trip_and_refusals() -> None:
