@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 
@@ -72,4 +76,37 @@ def cfgpp_settings(fn: Callable[..., Any], call: Mapping[str, Any], term: Any) -
     return sampler, eta
 
 
-__all__ = ["FUNCTIONS", "bind", "cfgpp_settings", "function_name"]
+def sampler_sigmas(depth: int = 32) -> tuple[str, list[float]] | None:
+    """``(sampler name, its sigmas)`` of the ``k_diffusion.sampling`` sampler calling the
+    model now, or ``None`` when none is on the stack (``sample_dpm_fast`` and
+    ``sample_dpm_adaptive`` have no schedule to read).
+
+    A denoiser handed to a sampler never sees the sampler's schedule; read from the
+    sampler's frame once per run, it lets the adapter refuse a schedule whose levels the
+    sampler does not step on (a refined schedule's extra levels would otherwise read as
+    DPM-2 midpoints, and the state advance on a subset of the steps)."""
+    frame: Any = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if (code.co_name.startswith("sample_") and frame.f_globals.get("__name__") == MODULE
+                and "sigmas" in code.co_varnames[: code.co_argcount]):
+            sigmas = frame.f_locals.get("sigmas")
+            if isinstance(sigmas, torch.Tensor):
+                return code.co_name, [float(v) for v in sigmas.detach().flatten().tolist()]
+            return None
+        frame = frame.f_back
+    return None
+
+
+def off_schedule(sampler: list[float], schedule: tuple[float, ...]) -> list[float]:
+    """The sampler's levels above 0 that are not in ``schedule`` (relative 1e-5)."""
+    def known(s: float) -> bool:
+        return any(math.isclose(s, t, rel_tol=1e-5, abs_tol=1e-8) for t in schedule)
+
+    return [s for s in sampler if s > 0 and not known(s)]
+
+
+__all__ = ["FUNCTIONS", "bind", "cfgpp_settings", "function_name", "off_schedule",
+           "sampler_sigmas"]

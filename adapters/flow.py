@@ -51,8 +51,36 @@ _wrapper_class: type | None = None
 
 
 def sigmas_from_time_grid(time_grid: Sequence[float] | torch.Tensor) -> list[float]:
-    """``flow_matching`` time points -> guidekit noise levels, ``sigma = 1 - t``."""
-    values = time_grid.detach().flatten().tolist() if isinstance(time_grid, torch.Tensor) else time_grid
+    """``flow_matching`` time points -> guidekit noise levels, ``sigma = 1 - t``; refuses,
+    as ``time_grid``, a point outside ``[0, 1]`` or a grid that runs backwards."""
+    if isinstance(time_grid, torch.Tensor):
+        values = time_grid.detach().flatten().tolist()
+    elif isinstance(time_grid, (str, bytes)):
+        values = None
+    else:
+        try:
+            values = [float(t) for t in time_grid]
+        except (TypeError, ValueError):
+            values = None
+    if values is None:
+        raise GuidanceTypeError(
+            f"FlowGuided(time_grid=...) must be the solver's time points (a 1-d tensor or a "
+            f"sequence of numbers in [0, 1]), got {time_grid!r}"
+        )
+    for i, t in enumerate(values):
+        if not 0.0 <= float(t) <= 1.0:  # (NaN fails this too)
+            raise GuidanceValueError(
+                f"FlowGuided(time_grid=...): time_grid[{i}] = {float(t):g} lies outside [0, 1], "
+                f"flow time from noise (t = 0) to data (t = 1); pass the solver's grid in t, "
+                f"e.g. torch.linspace(0, 1, steps + 1)"
+            )
+        if i and float(t) < float(values[i - 1]):
+            raise GuidanceValueError(
+                f"FlowGuided(time_grid=...): time_grid[{i - 1}] = {float(values[i - 1]):g} > "
+                f"time_grid[{i}] = {float(t):g}: sampling integrates from noise (t = 0) to data "
+                f"(t = 1), so the grid must increase; a backward integration (likelihood) "
+                f"cannot be guided"
+            )
     # the same float arithmetic as FlowGuided.__call__, so grid points match exactly
     return [1.0 - float(t) for t in values]
 

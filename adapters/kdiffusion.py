@@ -49,7 +49,7 @@ from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
 from guidekit.renoise import sampler_term
 
-from ._kdiffusion_sample import bind, cfgpp_settings, function_name
+from ._kdiffusion_sample import bind, cfgpp_settings, function_name, off_schedule, sampler_sigmas
 from ._renoise import renoised, renoiser
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
@@ -227,6 +227,7 @@ class KDiffusionGuided(SamplerAdapter):
         """The guided ``x0`` at ``(x, sigma)``; ``extra_args`` name conditionings."""
         if self.run.state.level_sigma is None and self.run.state.schedule is not None:
             check_first_level(level_of(sigma), self.run.state.schedule, "KDiffusionGuided", CHURN)
+            self._check_sampler(self.run.state.schedule)
         if self._renoise is None:
             if self._unstepped:
                 raise GuidanceValueError(
@@ -240,6 +241,26 @@ class KDiffusionGuided(SamplerAdapter):
         return renoised(
             self._renoise, lambda keep: self.run(x, sigma, extra_args, "x0", keep),
             x, level_of(sigma), "x0",
+        )
+
+    def _check_sampler(self, schedule: tuple[float, ...]) -> None:
+        """At a run's first call: refuse a schedule the calling k-diffusion sampler does not
+        step on (its levels read from the sampler's frame, see ``sampler_sigmas``)."""
+        found = sampler_sigmas()
+        if found is None:
+            return
+        name, levels = found
+        extra = off_schedule(levels, schedule)
+        if not extra:
+            return
+        shown = ", ".join(f"{s:.4g}" for s in extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise GuidanceValueError(
+            f"KDiffusionGuided: {name} steps on {len(levels)} sigmas, but {len(extra)} of its "
+            f"levels ({shown}) are not in the schedule the adapter was given ({len(schedule)} "
+            f"levels as sigmas=): they would read as midpoints of a step and guidance state "
+            f"(APG momentum, EMAG, CADS, gates) would advance on the wrong steps. Give the "
+            f"adapter the sampler's own sigmas (KDiffusionGuided(..., sigmas=sigmas)), or "
+            f"sample through guided.sample({name}, x, sigmas), which reads them from the call"
         )
 
     def sample(self, fn: Callable[..., Any], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

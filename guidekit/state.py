@@ -197,6 +197,19 @@ class State:
                      self.level, self.level_sigma)
 
 
+def check_order(schedule: tuple[float, ...]) -> tuple[float, ...]:
+    """``schedule`` if its levels never rise; else an error naming the first rise (a
+    sampler steps from high noise to low, and state follows it step by step)."""
+    for i in range(len(schedule) - 1):
+        if schedule[i + 1] > schedule[i]:
+            raise GuidanceValueError(
+                f"sigmas[{i}] = {schedule[i]:g} < sigmas[{i + 1}] = {schedule[i + 1]:g}: a "
+                f"schedule runs from high noise to low, as the sampler steps; pass the "
+                f"sampler's sigmas in its own order (a reversed schedule: flip it)"
+            )
+    return schedule
+
+
 def new_state(
     seed: int, components: Sequence[tuple[str, Any]], sigmas: Sequence[float] | None
 ) -> State:
@@ -205,7 +218,7 @@ def new_state(
         raise GuidanceValueError(f"seed must be an int, got {seed!r}")
     schedule = None
     if sigmas is not None:
-        schedule = check_sigmas(sigmas, "sigmas")
+        schedule = check_order(check_sigmas(sigmas, "sigmas"))
     names = tuple(n for n, _ in components)
     if len(set(names)) != len(names):
         raise GuidanceValueError(f"state component names must be unique, got {names}")

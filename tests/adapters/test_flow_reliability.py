@@ -76,3 +76,23 @@ def test_torchdiffeq_in_sigma_time_is_checked_too():
     g.reset()
     odeint(g.odeint_func("sigma"), torch.zeros(B, 3, dtype=F64), sig, method="euler")
     assert g.steps == 10
+
+
+@pytest.mark.parametrize(("grid", "match"), [
+    (torch.linspace(0, 1, 5).flip(0), r"time_grid\[0\] = 1 > time_grid\[1\] = 0.75: .* must "
+                                      r"increase"),
+    (torch.linspace(0, 2, 5), r"time_grid\[3\] = 1.5 lies outside \[0, 1\]"),
+    (torch.tensor([0.0, float("nan"), 1.0]), r"time_grid\[1\] = nan lies outside"),
+])
+def test_a_time_grid_that_is_no_sampling_grid_is_named(grid, match):
+    # before the fix: accepted, then "the noise level rose ..., call reset()" at the first
+    # call, or "sigmas[3] = -0.5" for a point the user passed as time_grid = 1.5
+    with pytest.raises(GuidanceValueError, match=match):
+        FlowGuided(CFG(3), velocity, time_grid=grid, cond=torch.ones(B), uncond=torch.zeros(B))
+
+
+def test_a_rising_sigma_schedule_is_named():
+    with pytest.raises(GuidanceValueError, match=r"sigmas\[0\] = 0 < sigmas\[1\] = 0.25: a "
+                                                 r"schedule runs from high noise to low"):
+        FlowGuided(CFG(3), velocity, sigmas=torch.linspace(0, 1, 5), cond=torch.ones(B),
+                   uncond=torch.zeros(B))

@@ -56,3 +56,31 @@ def test_euler_with_churn_and_no_schedule_steps_once_per_call():
     g = adapter(None)
     ks.sample_euler(g, torch.zeros(B, 3, dtype=torch.float64), sig, disable=True, s_churn=1.0)
     assert g.steps == 8 and len(g.calls) == 8
+
+
+@pytest.mark.outcome("error")
+@pytest.mark.parametrize("sampler", ["sample_euler", "sample_heun", "sample_dpmpp_2m"])
+def test_a_refined_schedule_is_refused_at_the_first_call(sampler):
+    # karras(7) holds every level of karras(4) (its ramp points include 1/3 and 2/3): the
+    # extra levels would read as DPM-2 midpoints, the state advance on 4 of the 7 steps
+    import k_diffusion.sampling as ks
+
+    g = adapter(ks.get_sigmas_karras(4, 0.1, 10.0).double())
+    fine = ks.get_sigmas_karras(7, 0.1, 10.0).double()
+    with pytest.raises(GuidanceValueError) as info:
+        getattr(ks, sampler)(g, torch.zeros(B, 3, dtype=torch.float64), fine, disable=True)
+    text = str(info.value)
+    assert f"{sampler} steps on 8 sigmas, but 3 of its levels" in text
+    assert "sigmas=sigmas" in text and f"guided.sample({sampler}, x, sigmas)" in text
+    assert g.calls == []
+
+
+@pytest.mark.outcome("correct")
+def test_a_sampler_on_the_tail_of_the_schedule_runs():
+    # img2img-style: the sampler starts part-way down the schedule the adapter was given
+    import k_diffusion.sampling as ks
+
+    sig = ks.get_sigmas_karras(8, 0.1, 10.0).double()
+    g = adapter(sig)
+    ks.sample_euler(g, torch.zeros(B, 3, dtype=torch.float64), sig[3:], disable=True)
+    assert g.steps == 5 and len(g.calls) == 5

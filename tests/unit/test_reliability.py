@@ -129,6 +129,19 @@ def test_schedule_with_non_finite_levels_is_refused(sigmas, fragment):
 
 
 @pytest.mark.outcome("error")
+@pytest.mark.parametrize("sigmas", [[0.0, 0.5, 1.0], [2.0, 1.0, 1.5, 0.0]])
+def test_a_schedule_that_rises_is_refused_by_name(sigmas):
+    # before: accepted, then "the noise level rose ... call reset()" at the sampler's call
+    i = next(i for i in range(len(sigmas) - 1) if sigmas[i + 1] > sigmas[i])
+    fragment = rf"sigmas\[{i}\] = {sigmas[i]:g} < sigmas\[{i + 1}\] = {sigmas[i + 1]:g}"
+    with pytest.raises(GuidanceValueError, match=fragment + ".*high noise to low"):
+        _guided(sigmas=sigmas)
+    g = _guided(sigmas=[1.0, 0.5, 0.0])
+    with pytest.raises(GuidanceValueError, match=fragment):
+        g.reset(sigmas=sigmas)
+
+
+@pytest.mark.outcome("error")
 @pytest.mark.parametrize("sigma", [inf, -inf, math.nan])
 def test_call_at_a_non_finite_sigma_is_refused(sigma):
     import torch
