@@ -48,6 +48,11 @@ def conventions(scheduler: Any) -> tuple[str, Noise]:
             f"prediction=... and noise=... to name the model's conventions yourself"
         )
     abar = getattr(scheduler, "alphas_cumprod", None)
+    if callable(getattr(scheduler, "precondition_outputs", None)):
+        # EDM's schedulers (EDMEuler, EDMDPMSolverMultistep, CosineDPMSolverMultistep) read
+        # the model's output as Karras et al.'s preconditioned F, with their own sigma_data:
+        # neither eps nor v, so nothing may be converted (Noise("edm") refuses it by name)
+        return _PREDICTION_TYPES[kind], Noise("edm")
     return _PREDICTION_TYPES[kind], Noise("vp", alphas_cumprod=abar)
 
 
@@ -63,6 +68,93 @@ def _alphas_sigma(abar: torch.Tensor, t: float) -> float:
     return math.exp((1 - frac) * math.log(float(table[lo])) + frac * math.log(float(table[lo + 1])))
 
 
+# Second-order schedulers whose model calls alternate between the step's level (first order)
+# and a level of their own (second order): how each names the second call's level, read from
+# diffusers' scale_model_input and step (``i`` is the scheduler's step_index at the call).
+_SECOND_ORDER = {
+    "KDPM2DiscreteScheduler": "interpol",  # sigmas_interpol[i], between two steps' levels
+    "DPMSolverSDEScheduler": "midpoint",  # mid_point_sigma = sqrt(sigmas[i - 1] * sigmas[i])
+    "HeunDiscreteScheduler": "sigmas",  # sigmas[i]: the next step's level (the table repeats it)
+    "FlowMatchHeunDiscreteScheduler": "sigmas",
+    # sigmas_interpol[i - 1] = sqrt(sigma * sigma_down) with sigma_down = sigma_next^2 / sigma:
+    # exactly the next level, sigmas[i]. The table's own value is off by float32 cancellation
+    # in sigma_down (up to 1e-3 at a few steps), which would look like a level below the next.
+    "KDPM2AncestralDiscreteScheduler": "sigmas",
+}
+
+
+def _second_order_rule(scheduler: Any) -> str | None:
+    """The rule of ``_SECOND_ORDER`` for ``scheduler`` (by its class or a diffusers base)."""
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in _SECOND_ORDER:
+            return _SECOND_ORDER[cls.__name__]
+    if hasattr(scheduler, "sigmas_interpol") or hasattr(type(scheduler), "state_in_first_order"):
+        # a two-stage scheduler guidekit has not read: its second call's level is its own
+        raise GuidanceValueError(
+            f"{type(scheduler).__name__} calls the model at levels of its own between its "
+            f"steps, which guidekit cannot read from it: pass sigma_fn=lambda t: ... to "
+            f"guided(...) (the noise level of model timestep t), or use a scheduler guidekit "
+            f"knows ({', '.join(sorted(_SECOND_ORDER))}, Euler, DPM-Solver, UniPC, DDIM, ...)"
+        )
+    return None
+
+
+def _level_at(scheduler: Any, sigmas: torch.Tensor, i: int, first_order: bool) -> float | None:
+    """The level the scheduler scales the model input with at step index ``i``."""
+    if not 0 <= i < len(sigmas):
+        return None
+    rule = _second_order_rule(scheduler)
+    if first_order or rule in (None, "sigmas"):
+        return float(sigmas[i])
+    if rule == "midpoint":
+        mid = getattr(scheduler, "mid_point_sigma", None)
+        if mid is not None:
+            return float(mid)
+        return math.sqrt(float(sigmas[i - 1]) * float(sigmas[i])) if i > 0 else None
+    table = getattr(scheduler, "sigmas_interpol", None)
+    if not isinstance(table, torch.Tensor) or not i < len(table):
+        return None
+    return float(table[i])
+
+
+def _matches(timesteps: torch.Tensor, timestep: float) -> list[int]:
+    """The indices of ``timesteps`` equal to ``timestep`` (up to a pipeline's rescaling)."""
+    gaps = (timesteps.detach().double().cpu().flatten() - timestep).abs()
+    return [int(k) for k in (gaps <= 1e-4 * max(1.0, abs(timestep))).nonzero().flatten()]
+
+
+def _table_level(scheduler: Any, timestep: float) -> float | None:
+    """The level of the model call at ``timestep`` from the scheduler's state at the call.
+
+    Between ``scale_model_input`` and ``step`` a diffusers scheduler's ``step_index`` (and,
+    for the two-stage ones, ``state_in_first_order``) say which level it scales the model
+    input with and converts the output at. Looking the timestep up instead would give the
+    wrong level where the timesteps interleave levels of another table (KDPM2) or repeat.
+    """
+    timesteps = getattr(scheduler, "timesteps", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if not (isinstance(timesteps, torch.Tensor) and isinstance(sigmas, torch.Tensor)):
+        return None
+    if not 0 < len(timesteps) <= len(sigmas):
+        return None
+    matches = _matches(timesteps, timestep)
+    if not matches:
+        return None
+    index = getattr(scheduler, "step_index", None)
+    first = bool(getattr(scheduler, "state_in_first_order", True))
+    if index is None:
+        # before the scheduler's first step: the index its _init_step_index will take
+        begin = getattr(scheduler, "begin_index", None)
+        index = begin if begin is not None else matches[1 if len(matches) > 1 else 0]
+        first = True
+    elif int(index) not in matches:
+        # a model call the scheduler's state does not describe (a custom loop): the first
+        # step with this timestep, first order on the even entries of an interleaved table
+        index = matches[0]
+        first = _second_order_rule(scheduler) is None or index % 2 == 0
+    return _level_at(scheduler, sigmas, int(index), first)
+
+
 def timestep_schedule(scheduler: Any) -> list[float] | None:
     """The noise levels of the scheduler's ``timesteps`` (a scheduler without a sigma table:
     DDIM, DDPM), for a scale by the run's progress (:mod:`guidekit.schedules`)."""
@@ -74,23 +166,16 @@ def timestep_schedule(scheduler: Any) -> list[float] | None:
 
 
 def sigma_for(scheduler: Any, timestep: float) -> tuple[float, bool]:
-    """guidekit's noise level for the model timestep ``timestep`` (in scheduler units).
+    """guidekit's noise level for a model call at ``timestep`` (in scheduler units).
 
     Returns ``(sigma, exact)``. ``exact`` is True when the value came from the scheduler's own
-    ``sigmas`` table (the timestep is one of ``scheduler.timesteps``), which is then a valid
+    tables at its current step (see :func:`_table_level`), whose ``sigmas`` are then a valid
     schedule for ``plan.init``. Otherwise sigma is computed from ``alphas_cumprod`` (DDIM and
     DDPM have no sigma table) or, for flows, as ``timestep / num_train_timesteps``.
     """
-    timesteps = getattr(scheduler, "timesteps", None)
-    sigmas = getattr(scheduler, "sigmas", None)
-    if (
-        isinstance(timesteps, torch.Tensor) and isinstance(sigmas, torch.Tensor)
-        and 0 < len(timesteps) <= len(sigmas)
-    ):
-        gaps = (timesteps.detach().double().cpu() - timestep).abs()
-        i = int(gaps.argmin())
-        if float(gaps[i]) <= 1e-4 * max(1.0, abs(timestep)):
-            return float(sigmas[i]), True
+    level = _table_level(scheduler, timestep)
+    if level is not None:
+        return level, True
     config = getattr(scheduler, "config", {}) or {}
     if is_flow(scheduler):
         return timestep / float(config.get("num_train_timesteps", 1000)), False

@@ -339,12 +339,11 @@ class Plan:
         # and x0 cannot be turned back into noise or a velocity: a processor working in
         # another space acts there as its limit as b -> 0, in the model's own space (APG's
         # is a projection onto x; see Processor.at_noiseless). Its state carries over.
-        noiseless = bool(self.post) and ctx.coefficients()[1] == 0.0
         for name, proc in zip(self._post_names, self.post):
             if where is not None:
                 proc = resolve(proc, where)
             target = ctx.space_of(proc.space)
-            if noiseless and target != self.prediction:
+            if target != self.prediction and ctx.coefficients()[1] == 0.0:
                 # (y is in the model's space here: only x0-space processors come this way)
                 y, _ = proc.at_noiseless(y, ctx, inputs.get(name) if name is not None else None)
                 continue

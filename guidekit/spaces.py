@@ -31,7 +31,7 @@ import torch
 from guidekit.errors import GuidanceValueError
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
-NOISE_KINDS = ("ve", "vp", "flow")
+NOISE_KINDS = ("ve", "vp", "flow", "edm")
 
 
 def check_prediction(space: Any, what: str = "prediction") -> str:
@@ -69,12 +69,27 @@ class Noise:
             )
 
     def coefficients(self, sigma: float) -> tuple[float, float]:
-        """``(a, b)`` with ``x = a x0 + b n``."""
+        """``(a, b)`` with ``x = a x0 + b n``.
+
+        ``"edm"`` (a model behind diffusers' EDM schedulers: its output is Karras et al.'s
+        preconditioned ``F``, ``x0 = c_skip x + c_out F`` with the scheduler's ``sigma_data``)
+        has no such form in guidekit's spaces: terms that combine predictions linearly
+        (CFG, PAG, ...) and gates are exact, and whatever needs x0 or noise is refused here.
+        """
         if self.kind == "ve":
             return 1.0, sigma
         if self.kind == "vp":
             a = 1.0 / math.sqrt(1.0 + sigma * sigma)
             return a, sigma * a
+        if self.kind == "edm":
+            raise GuidanceValueError(
+                "this model is EDM-preconditioned (diffusers' EDM schedulers: x0 = c_skip x + "
+                "c_out F with the scheduler's sigma_data), which guidekit cannot turn into x0 "
+                "or noise, and a term of this expression works there (APG, DynamicThreshold, "
+                "FDG with eta != 1, CFG++, SAG). Use terms that combine the model's predictions "
+                "linearly (CFG, PAG, SEG, EMAG, Autoguidance, ...) with this scheduler, or a "
+                "scheduler of the standard eps / v conventions"
+            )
         return 1.0 - sigma, sigma
 
     def check_sigma(self, sigma: float) -> None:

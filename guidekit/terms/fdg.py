@@ -109,8 +109,10 @@ class FDGTerm(NonlinearPrediction):
                 f"{self!r}: FDG splits a latent grid [B, C, H, W] into frequency bands, got a "
                 f"prediction of shape {list(c.shape)} (packed tokens, e.g. Flux, have no grid)"
             )
-        noiseless = ctx.noise.coefficients(ctx.sigma)[1] == 0.0
-        project = self.eta != 1.0 and (ctx.prediction == "x0" or not noiseless)
+        # (the coefficients only where a projection needs them: a noise of no x0 form refuses)
+        project = self.eta != 1.0 and (
+            ctx.prediction == "x0" or ctx.noise.coefficients(ctx.sigma)[1] != 0.0
+        )
         # With no noise left every x0 is x and cannot be turned back: each band's x0 is
         # P_l + q Y_l with q -> 0, so the limit projects the prediction-space difference
         # onto the bands of P = x0 (the same for every branch) instead of c's.

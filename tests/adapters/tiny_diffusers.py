@@ -129,15 +129,17 @@ def flux_transformer(seed: int = 0) -> Any:
     ).eval()
 
 
-def unet(seed: int = 0) -> Any:
+def unet(seed: int = 0, in_channels: int = 4, **extra: Any) -> Any:
+    """The tiny SD UNet; ``in_channels`` > 4 takes conditioning channels after the latents
+    (inpainting: 4 latent + 1 mask + 4 masked-image channels), ``extra`` more config."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(4, 8),
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(4, 8),
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, norm_num_groups=2,
+        attention_head_dim=2, norm_num_groups=2, **extra,
     ).eval()
 
 
@@ -264,6 +266,21 @@ def sdxl_unet(seed: int = 0) -> Any:
         attention_head_dim=2, norm_num_groups=2, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
     ).eval()
+
+
+@pytest.fixture(scope="module", name="sd")
+def sd_fixture() -> Any:
+    """The tiny SD pipeline in float64, one per test module (import it to use ``sd``)."""
+    return sd_pipeline().to(torch.float64)
+
+
+def run_sd(pipe: Any, steps: int = 3, prompt: Any = ("a cat", "a photo of a dog"),
+           **kwargs: Any) -> torch.Tensor:
+    """``steps`` steps of the tiny SD pipeline at 16 x 16, seeded, its latents."""
+    return pipe(  # type: ignore[no-any-return]
+        prompt=list(prompt), height=IMAGE, width=IMAGE, num_inference_steps=steps,
+        output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs,
+    ).images
 
 
 @pytest.fixture(scope="module")

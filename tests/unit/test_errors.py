@@ -155,7 +155,7 @@ def test_unknown_output_space() -> None:
 
 
 def test_unknown_noise_convention() -> None:
-    raises(GuidanceValueError, lambda: guidekit.compile(CFG(7), noise="edm"), "'edm'", "'ve'")
+    raises(GuidanceValueError, lambda: guidekit.compile(CFG(7), noise="subvp"), "'subvp'", "'ve'")
 
 
 def test_max_rows_zero() -> None:
