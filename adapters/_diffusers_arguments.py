@@ -11,8 +11,12 @@ So an argument of the pipeline call that asks for guidance would be ignored; non
   prepare the unconditional rows;
 * ``guidance_rescale=phi`` (> 0) is honoured as ``expr | Rescale(phi)`` for that call;
 * every other guidance argument (``pag_scale``, ``skip_guidance_layers``, ``cfg_*``,
-  ``image_guidance_scale``, ...) passed with a value other than its default or "off" is
-  refused, naming it and the term to write instead.
+  ``image_guidance_scale``, ...) that is on is refused, naming it and the fix. An argument
+  the adapter knows (:data:`KNOWN`) is judged by its value in the call, passed or the
+  signature's default: ``StableDiffusionPAGPipeline``'s ``pag_scale`` defaults to 3, which is
+  on, so leaving it out is refused too (equal to the default is not off). Any other
+  guidance-looking argument is refused when passed with a value that is neither off nor its
+  default (what its default does is not known here).
 
 An argument counts as passed when the call names it; :func:`wrap_call` tells those from the
 defaults by binding each call to the pipeline's ``__call__`` signature.
@@ -43,12 +47,6 @@ NOT_GUIDANCE = frozenset({
 })
 _GUIDANCE = re.compile(r"guidance|cfg|^pag_|^sld_|^sag_")
 _HINTS = {
-    "pag_scale": "write PAG(scale) in the expression",
-    "pag_adaptive_scale": "write PAG(scale) in the expression (gate it with .between(...))",
-    "skip_guidance_layers": "write SLG(scale, layers=...) in the expression",
-    "skip_layer_guidance_scale": "write SLG(scale, layers=...) in the expression",
-    "skip_layer_guidance_start": "gate SLG(...) with .between(...) in the expression",
-    "skip_layer_guidance_stop": "gate SLG(...) with .between(...) in the expression",
     "do_classifier_free_guidance": "write CFG(w) in the expression, or leave CFG out of it",
 }
 
@@ -95,10 +93,57 @@ def cfg_term_scales(node: Any) -> list[float]:
     return [w for kid in kids for w in cfg_term_scales(kid)]
 
 
-def _off(value: Any, default: Any) -> bool:
+@attrs.frozen
+class Known:
+    """A guidance argument the adapter knows: the fix to name, and the argument it needs on."""
+
+    fix: str  # "{value}" is the call's value
+    switch: str | None = None  # it acts only while this one is on (SD3's SLG scale)
+
+
+#: The guidance arguments whose "off" the adapter knows (None, False, 0 or empty), judged by
+#: the call's value, passed or the default: a default that is on (``pag_scale=3``, SAG's
+#: ``sag_scale=0.75``, InstructPix2Pix's ``image_guidance_scale=1.5``) is refused by name.
+KNOWN: dict[str, Known] = {
+    "pag_scale": Known(
+        "pass pag_scale=0 (guidekit's PAG(s) replaces it: write PAG(scale) in the expression, "
+        "here PAG({value}))"
+    ),
+    "pag_adaptive_scale": Known(
+        "pass pag_adaptive_scale=0 and write PAG(scale) in the expression (gate it with "
+        ".between(...))", "pag_scale",
+    ),
+    "sag_scale": Known(
+        "pass sag_scale=0 (guidekit's SAG(s) replaces it: write SAG(scale) in the expression, "
+        "here SAG({value}))"
+    ),
+    "image_guidance_scale": Known(
+        "run this pipeline outside guided(...): guidekit cannot lay out its three-way image "
+        "guidance batch [text and image, image, none]"
+    ),
+    "skip_guidance_layers": Known(
+        "pass skip_guidance_layers=None and write SLG(scale, layers=...) in the expression"
+    ),
+    **{
+        name: Known(
+            "pass skip_guidance_layers=None and write SLG(scale, layers=...) in the expression "
+            "(gate it with .between(...))", "skip_guidance_layers",
+        )
+        for name in ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+    },
+}
+
+
+def _is_off(value: Any) -> bool:
+    """Whether ``value`` turns a guidance argument off: None, False, 0 or empty."""
     if value is None or value is False or (isinstance(value, (list, tuple, str)) and not value):
         return True
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def _off(value: Any, default: Any) -> bool:
+    """An unknown argument's passed value: off, or its default (whose effect is not known)."""
+    if _is_off(value):
         return True
     try:
         return bool(value == default)
@@ -106,10 +151,44 @@ def _off(value: Any, default: Any) -> bool:
         return False
 
 
+def call_value(name: str, passed: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter]) -> Any:
+    """The call's value of ``name``: passed, else the signature's default (``None``: neither)."""
+    if name in passed:
+        return passed[name]
+    param = parameters.get(name)
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return param.default
+
+
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GuidanceValueError(f"the pipeline call's {name}={value!r}: expected a finite number")
-    return float(value)
+    """``value`` as a float: any finite real scalar diffusers accepts (a Python or numpy
+    number, a 0-d or one-element real tensor or array), never a bool or a complex."""
+    v = _real_scalar(value)
+    if v is None or not math.isfinite(v):
+        raise GuidanceValueError(
+            f"the pipeline call's {name}={value!r}: expected a finite real number (a Python "
+            f"or numpy number, or a one-element real tensor)"
+        )
+    return v
+
+
+def _real_scalar(value: Any) -> float | None:
+    """The float of a real scalar, or None for anything else (bools count as flags)."""
+    if isinstance(value, bool):  # numpy's and torch's bools are refused by their dtype
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    size = getattr(value, "size", None)
+    count = value.numel() if callable(getattr(value, "numel", None)) else size
+    if dtype is None or count != 1:
+        return None  # not an array-like scalar, or several values: no one scale
+    kind = str(dtype)
+    if "bool" in kind or "complex" in kind or not callable(getattr(value, "item", None)):
+        return None
+    item = value.item()
+    return float(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else None
 
 
 def check_scale(plan: Plan, name: str, value: Any) -> None:
@@ -152,9 +231,10 @@ def check_scale(plan: Plan, name: str, value: Any) -> None:
     )
 
 
-def rescaled(plan: Plan, phi: Any) -> Any:
+def rescaled(plan: Plan, phi: Any, *, passed: bool = True) -> Any:
     """The expression for a call with ``guidance_rescale=phi``: ``expr | Rescale(phi)``
-    (``None``: ``plan`` already does exactly that, or ``phi`` is 0)."""
+    (``None``: ``plan`` already does exactly that, or ``phi`` is 0); ``passed=False``: ``phi``
+    is the pipeline's default, which rescales as much as a passed one."""
     phi = _number("guidance_rescale", phi)
     if phi == 0:
         return None
@@ -162,10 +242,11 @@ def rescaled(plan: Plan, phi: Any) -> Any:
     if own:
         if len(own) == 1 and math.isclose(own[0].phi, phi):
             return None
+        fix = "leave guidance_rescale out" if passed else f"pass guidance_rescale=0 (its default is {phi:g})"
         raise GuidanceValueError(
             f"the pipeline call's guidance_rescale={phi:g} would rescale {plan.expr!r} a "
-            f"second time: leave guidance_rescale out (the expression already has "
-            f"{own[0]!r}) or drop Rescale from the expression"
+            f"second time: {fix} (the expression already has {own[0]!r}) or drop Rescale "
+            f"from the expression"
         )
     try:
         rescale = CFGRescale(phi)
@@ -178,10 +259,23 @@ def rescaled(plan: Plan, phi: Any) -> Any:
 
 
 def refuse_unowned(passed: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter]) -> None:
-    """Refuse every other guidance argument passed with a value that is not off/default."""
+    """Refuse every other guidance argument that is on: a known one by its value in the call
+    (passed or default), any other when passed with a value that is not off/default."""
     owned = {scale_argument(parameters), "guidance_rescale", "guidance_scale"}
+    for name, known in KNOWN.items():
+        if name not in parameters and name not in passed:
+            continue
+        value = call_value(name, passed, parameters)
+        if _is_off(value) or (known.switch and _is_off(call_value(known.switch, passed, parameters))):
+            continue
+        said = (f"the pipeline call's {name}={value!r}" if name in passed else
+                f"the pipeline call leaves {name} at its default {value!r}, and that")
+        raise GuidanceValueError(
+            f"{said} asks the pipeline for guidance of its own, which guided(...) would "
+            f"ignore (the expression alone guides): {known.fix.format(value=value)}"
+        )
     for name, value in passed.items():
-        if name in owned or name in NOT_GUIDANCE or not _GUIDANCE.search(name):
+        if name in owned or name in KNOWN or name in NOT_GUIDANCE or not _GUIDANCE.search(name):
             continue
         if name.startswith("guidance_keyframe"):
             continue  # conditioning frames of video pipelines, not a guidance scale

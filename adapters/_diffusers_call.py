@@ -10,6 +10,7 @@ back into the structure the pipeline reads.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,53 @@ class DenoiserCall:
     @property
     def rows(self) -> int:
         return int(self.x.shape[0])
+
+
+def _pipeline_classes() -> tuple[type, ...]:
+    """diffusers' pipeline base classes (none when diffusers was never imported)."""
+    diffusers = sys.modules.get("diffusers")
+    if diffusers is None:
+        return ()
+    names = ("DiffusionPipeline", "ModularPipeline")
+    return tuple(c for c in (getattr(diffusers, n, None) for n in names) if isinstance(c, type))
+
+
+def calling_pipeline(pipe: Any) -> Any:
+    """The diffusers pipeline other than ``pipe`` whose code is calling the denoiser now: the
+    nearest pipeline up the stack (``None``: ``pipe`` itself, or a loop of the user's own).
+
+    Pipelines sharing a denoiser (``from_pipe``, the same components) reach its guided
+    forward too; only the stack tells whose call it is, so it is read, nearest frame first.
+    """
+    kinds = _pipeline_classes()
+    frame = sys._getframe(1) if kinds else None
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames:
+            owner = frame.f_locals.get("self")
+            if owner is pipe:
+                return None
+            if isinstance(owner, kinds):
+                return owner
+        frame = frame.f_back
+    return None
+
+
+def refuse_other_callers(pipe: Any, denoiser: Any, expr: Any) -> None:
+    """Refuse a call of the guided denoiser that another pipeline sharing it makes: its own
+    guidance arguments would be ignored, and run unguided it would ignore the block's."""
+    other = calling_pipeline(pipe)
+    if other is None:
+        return
+    mine, theirs = type(pipe).__name__, type(other).__name__
+    if mine == theirs:
+        theirs = f"another {theirs}"
+    raise GuidanceValueError(
+        f"{theirs} called the {type(denoiser).__name__} that guided({mine}, {expr!r}) guides "
+        f"(the pipelines share it: from_pipe(...) or the same components), and inside the "
+        f"block it guides only that {mine}'s own calls: call the other pipeline outside the "
+        f"with block (it then runs exactly as diffusers runs it), or guide it in a block of "
+        f"its own, with guided(other_pipe, expr)"
+    )
 
 
 def _timestep(t: Any) -> float:

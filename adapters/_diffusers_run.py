@@ -25,9 +25,19 @@ from guidekit.plan import CallRecord, Plan, RowLayout
 from guidekit.run import Run
 from guidekit.state import State
 
-from ._diffusers_arguments import check_scale, refuse_unowned, rescaled, scale_argument
+from ._diffusers_arguments import call_value, check_scale, refuse_unowned, rescaled, scale_argument
 from ._diffusers_cads import ClassEmbeddingCADS
-from ._diffusers_call import DenoiserCall, Split, like, read_call, sample_of, split_rows, tile
+from ._diffusers_call import (
+    DenoiserCall,
+    Split,
+    like,
+    read_call,
+    refuse_other_callers,
+    sample_of,
+    split_rows,
+    tile,
+)
+from ._diffusers_channels import check_shared, latent_channels, strip_channels, with_channels
 from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
 from ._diffusers_pools import example, plan_pools
@@ -93,6 +103,7 @@ class GuidedPipeline:
         # offloading hook, say) may take just *args, **kwargs.
         params = list(inspect.signature(forward_class(denoiser).forward).parameters.values())
         self._signature = inspect.Signature(params[1:])
+        self._channels = latent_channels(denoiser)  # (in, out) where conditioning is concatenated
         self._new_run = True
         self._batch: int | None = None  # the pipeline's sample batch, from prepare_latents
         self._encodes = 0  # encode_prompt calls before this run's latents (Flux: 2 = CFG on)
@@ -142,8 +153,10 @@ class GuidedPipeline:
         if scale in passed:
             check_scale(shown, scale, passed[scale])
         refuse_unowned(passed, parameters)
-        if "guidance_rescale" in passed:
-            expr = rescaled(shown, passed["guidance_rescale"])
+        # a default rescale (LTX-2's 0.7) rescales as much as a passed one
+        phi = call_value("guidance_rescale", passed, parameters)
+        if phi is not None:
+            expr = rescaled(shown, phi, passed="guidance_rescale" in passed)
             if expr is not None:
                 shown, step = self._replan(expr)
         self.plan, self._step_plan = shown, step
@@ -184,7 +197,8 @@ class GuidedPipeline:
     # -- the denoiser's replacement forward ---------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Stands in for ``denoiser.forward`` inside the ``with`` block."""
-        call = read_call(self._signature, args, kwargs)
+        refuse_other_callers(self.pipe, self.denoiser, self.plan.expr)
+        call = strip_channels(self._channels, read_call(self._signature, args, kwargs))
         if self.layout.order == "sequential":
             return self._forward_sequential(call)
         return self._forward_batched(call)
@@ -225,6 +239,7 @@ class GuidedPipeline:
                     "the two halves of the pipeline's CFG batch carry different latents; "
                     "guided(...) expects the batch [x, x] that classic pipelines build"
                 )
+            check_shared(call, lo, hi)
             first, second = (COND, UNCOND) if self.layout.order == "cond_first" else (UNCOND, COND)
             split = split_rows(call, {first: lo, second: hi})
         else:
@@ -251,6 +266,7 @@ class GuidedPipeline:
                 "expected the pipeline's unconditional call at the same step as its conditional "
                 "one (same latents and timestep)"
             )
+        check_shared(cond_call, slice(None), slice(None), call)
         b = call.rows
         cond_split = split_rows(cond_call, {COND: slice(0, b)})
         uncond_split = split_rows(call, {UNCOND: slice(0, b)})
@@ -321,7 +337,7 @@ class GuidedPipeline:
                 k = x_rows.shape[0] // batch
                 values = {name: tile(v, k) for name, v in split.shared.items()}
                 kwargs = fill(split.template, {**values, **cond_rows})
-                kwargs[call.x_name] = x_rows
+                kwargs[call.x_name] = with_channels(call, x_rows, batch)
                 out = fn(**kwargs)
                 if found["proto"] is None:
                     found["proto"] = out

@@ -22,25 +22,13 @@ from guidekit.adapters.diffusers import Layout, guided
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_diffusers as tiny  # noqa: E402
-from tiny_diffusers import one_thread  # noqa: E402,F401  (a fixture)
+from tiny_diffusers import one_thread, run_sd, sd_fixture  # noqa: E402,F401  (fixtures)
 
 F64 = torch.float64
 W = 4.0
 PROMPTS = ["a cat", "a photo of a dog"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd() -> Any:
-    return tiny.sd_pipeline().to(F64)
-
-
-def run_sd(pipe: Any, **kwargs: Any) -> torch.Tensor:
-    return pipe(
-        prompt=PROMPTS, height=16, width=16, num_inference_steps=3, output_type="latent",
-        generator=torch.Generator().manual_seed(0), **kwargs,
-    ).images
 
 
 @torch.no_grad()
@@ -171,7 +159,7 @@ def test_fluxs_guidance_scale_is_a_model_input_and_true_cfg_scale_the_scale() ->
         ({"models": ["weak"]}, GuidanceTypeError, r"guided\(models=\.\.\.\) must map model names"),
         ({"prediction": "score"}, GuidanceValueError, r"guided\(prediction=\.\.\.\) space 'score'"),
         ({"noise": 3}, GuidanceValueError, r"noise must be 've', 'vp', 'flow' or a guidekit.Noise"),
-        ({"noise": "edm"}, GuidanceValueError, r"noise convention 'edm'"),
+        ({"noise": "subvp"}, GuidanceValueError, r"noise convention 'subvp'"),
         ({"max_rows": 0}, GuidanceValueError, r"max_rows must be None"),
         ({"sigma_fn": 1.0}, GuidanceTypeError, r"guided\(sigma_fn=\.\.\.\) must be callable"),
         ({"around_call": "engine"}, GuidanceTypeError, r"guided\(around_call=\.\.\.\) must be callable"),
