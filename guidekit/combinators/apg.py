@@ -155,6 +155,10 @@ class APGProjection(Processor):
         out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(p, ratio, value=-k)
         return out.to(dtype), state
 
+    def branches(self) -> tuple[Branch, ...]:
+        # u, which its left side has (check): named so a NaN report in u names APG too
+        return (_UNCOND,)
+
     def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:
         return ()
 

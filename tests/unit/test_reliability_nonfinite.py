@@ -231,7 +231,8 @@ def test_a_non_finite_branch_output_handed_in_is_named_by_its_branch() -> None:
     branches = {b.label: b for b in plan.program(SIGMAS[0]).branches}
     native = {branches["c"]: torch.zeros(B, 3), branches["u"]: bad}
     with pytest.raises(NonFiniteError, match=r"branch u handed in \(native=\) holds NaN at step "
-                       r"0 \(sigma=4, sample\(s\) 1\), used by CFG\(3\)") as info:
+                       r"0 \(sigma=4, sample\(s\) 1\), used by CFG\(3\), "
+                       r"APG\(momentum=-0.5\)") as info:
         run.step(x, SIGMAS[0], {}, {}, native=native)
     assert "every model output was finite" not in str(info.value)
     assert run.state.level == -1
