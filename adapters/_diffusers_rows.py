@@ -171,6 +171,25 @@ def _has_leaf(value: Any) -> bool:
     return False
 
 
+def broadcast_rows(
+    a: dict[str, Any], b: dict[str, Any], rows: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two calls' arguments with each one-row tensor expanded to ``rows`` where the other
+    call holds ``rows`` rows under the same name: a pipeline that encodes ONE negative
+    prompt for several prompts (Flux's ``negative_prompt="..."``) hands the model one row,
+    which the model broadcasts; guidekit's rows are per sample."""
+    def expand(mine: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+        out = dict(mine)
+        for k, v in mine.items():
+            w = other.get(k)
+            if (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.ndim >= 1
+                    and v.shape[0] == 1 and w.shape[0] == rows and v.shape[1:] == w.shape[1:]):
+                out[k] = v.expand(rows, *v.shape[1:])
+        return out
+
+    return (a, b) if rows <= 1 else (expand(a, b), expand(b, a))
+
+
 def first_difference(a: Any, b: Any, path: str = "") -> str | None:
     """The path of the first place two templates differ in a tensor or structure, if any."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):

@@ -42,7 +42,7 @@ from ._diffusers_controlnet import ControlNetRows
 from ._diffusers_layout import Layout
 from ._diffusers_pools import example, plan_pools
 from ._diffusers_prompts import NamedPrompts, named_conds
-from ._diffusers_rows import fill, first_difference
+from ._diffusers_rows import broadcast_rows, fill, first_difference
 from ._diffusers_schedule import schedule_of, sigma_for, timestep_schedule
 from ._renoise import Renoiser, renoised, scheduler_renoiser
 
@@ -268,6 +268,7 @@ class GuidedPipeline:
             )
         check_shared(cond_call, slice(None), slice(None), call)
         b = call.rows
+        call.arguments, cond_call.arguments = broadcast_rows(call.arguments, cond_call.arguments, b)
         cond_split = split_rows(cond_call, {COND: slice(0, b)})
         uncond_split = split_rows(call, {UNCOND: slice(0, b)})
         name = first_difference(cond_split.template, uncond_split.template)

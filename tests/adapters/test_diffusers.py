@@ -75,6 +75,19 @@ def test_plain_cfg_equals_the_pipelines_own_output(kind: str, pipes: Any) -> Non
     assert pipe_untouched(pipe, before_pipe)
 
 
+@torch.no_grad()
+def test_flux_with_one_negative_prompt_for_several_prompts(pipes: Any) -> None:
+    # diffusers encodes the one negative prompt as ONE row and the transformer broadcasts
+    # it; guidekit's rows are per sample (before: refused as a token-length difference)
+    pipe = pipes("flux")
+    kwargs = {**call_kwargs("flux"), "negative_prompt": "a blur"}
+    ref = sample(pipe, **kwargs)
+    with guided(pipe, CFG(W)) as run:
+        out = sample(pipe, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert [c.rows for c in run.calls] == [4] * STEPS
+
+
 @pytest.mark.parametrize("kind", ["dit", "sd3", "flux"])
 @torch.no_grad()
 def test_an_explicit_pipeline_scale_must_be_the_expressions(kind: str, pipes: Any) -> None:
