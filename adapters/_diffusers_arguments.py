@@ -51,10 +51,35 @@ _HINTS = {
 }
 
 
-def scale_argument(parameters: Mapping[str, inspect.Parameter]) -> str:
+def scale_argument(parameters: Mapping[str, inspect.Parameter], denoiser: Any = None) -> str | None:
     """The name of the pipeline's CFG scale: ``true_cfg_scale`` where it has one (Flux's
-    ``guidance_scale`` is the distilled-guidance input), else ``guidance_scale``."""
-    return "true_cfg_scale" if "true_cfg_scale" in parameters else "guidance_scale"
+    ``guidance_scale`` is the distilled-guidance input), else ``guidance_scale``; ``None``
+    where ``guidance_scale`` only feeds the denoiser's guidance embedding and no CFG exists
+    (LatentConsistencyModelPipeline: a ``time_cond_proj_dim`` UNet, no negative prompt)."""
+    if "true_cfg_scale" in parameters:
+        return "true_cfg_scale"
+    config = getattr(denoiser, "config", None)
+    embedded = getattr(config, "time_cond_proj_dim", None) is not None if config else False
+    if embedded and not any(n.startswith("negative_prompt") for n in parameters):
+        return None
+    return "guidance_scale"
+
+
+def refuse_missing_rows(expr: Any, missing: list[str], sigma: float, scale: str | None) -> None:
+    """Refuse a step whose pipeline call prepared no unconditional rows the plan needs."""
+    what = f"{expr!r} needs the {' and '.join(missing)} conditioning at sigma={sigma:g}"
+    if scale is None:
+        raise GuidanceValueError(
+            f"{what}, but this pipeline has no unconditional rows: its guidance_scale feeds "
+            f"the model's guidance embedding (a distilled model, no CFG). Guide it with terms "
+            f"that need no unconditional branch, e.g. Cond() + PAG(2), and pass guidance_scale "
+            f"as the pipeline's own"
+        )
+    raise GuidanceValueError(
+        f"{what}, but the pipeline sent only conditional rows: call it with {scale} > 1 "
+        f"(Flux: true_cfg_scale > 1 and a negative prompt) so it prepares the unconditional "
+        f"batch"
+    )
 
 
 def cfg_scales(plan: Plan) -> set[float]:
@@ -261,7 +286,7 @@ def rescaled(plan: Plan, phi: Any, *, passed: bool = True) -> Any:
 def refuse_unowned(passed: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter]) -> None:
     """Refuse every other guidance argument that is on: a known one by its value in the call
     (passed or default), any other when passed with a value that is not off/default."""
-    owned = {scale_argument(parameters), "guidance_rescale", "guidance_scale"}
+    owned = {scale_argument(parameters) or "guidance_scale", "guidance_rescale", "guidance_scale"}
     for name, known in KNOWN.items():
         if name not in parameters and name not in passed:
             continue

@@ -25,7 +25,14 @@ from guidekit.plan import CallRecord, Plan, RowLayout
 from guidekit.run import Run
 from guidekit.state import State
 
-from ._diffusers_arguments import call_value, check_scale, refuse_unowned, rescaled, scale_argument
+from ._diffusers_arguments import (
+    call_value,
+    check_scale,
+    refuse_missing_rows,
+    refuse_unowned,
+    rescaled,
+    scale_argument,
+)
 from ._diffusers_cads import ClassEmbeddingCADS
 from ._diffusers_call import (
     DenoiserCall,
@@ -89,6 +96,7 @@ class GuidedPipeline:
         self.controlnet: ControlNetRows | None = None  # their ControlNet rows, where one runs
         self._at: tuple[torch.Tensor, float] | None = None  # (x, sigma) of the step
         self.denoiser = denoiser
+        self._scale: str | None = "guidance_scale"  # the call's CFG scale (None: it has none)
         self.layout = layout
         self.models = dict(models)
         self.seed = seed
@@ -149,8 +157,8 @@ class GuidedPipeline:
     ) -> Iterator[None]:
         """Around one ``pipe(...)`` call: its guidance arguments honoured or refused, a new run."""
         shown, step = self._block_plans
-        scale = scale_argument(parameters)
-        if scale in passed:
+        scale = self._scale = scale_argument(parameters, self.denoiser)
+        if scale is not None and scale in passed:
             check_scale(shown, scale, passed[scale])
         refuse_unowned(passed, parameters)
         # a default rescale (LTX-2's 0.7) rescales as much as a passed one
@@ -323,12 +331,7 @@ class GuidedPipeline:
                 f"as {how}"
             )
         if missing:
-            raise GuidanceValueError(
-                f"{self.plan.expr!r} needs the {' and '.join(missing)} conditioning at sigma="
-                f"{sigma:g}, but the pipeline sent only conditional rows: call it with "
-                f"guidance_scale > 1 (Flux: true_cfg_scale > 1 and a negative prompt) so it "
-                f"prepares the unconditional batch"
-            )
+            refuse_missing_rows(self.plan.expr, missing, sigma, self._scale)
         batch = split.batch
         c = int(split.x.shape[1]) if split.x.ndim > 1 else 0
         found: dict[str, Any] = {"proto": None, "extra": []}

@@ -68,3 +68,34 @@ def test_a_non_scalar_guidance_scale_is_refused_naming_it(sd: Any, scale: Any) -
         GuidanceValueError, match=r"guidance_scale=.*expected a finite real number"
     ):
         run_sd(sd, guidance_scale=scale)
+
+
+def _lcm() -> Any:
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    pipe = LatentConsistencyModelPipeline(
+        vae=tiny._vae(), text_encoder=tiny.clip_encoder(), tokenizer=tiny.clip_tokenizer(),
+        unet=tiny.unet(0, time_cond_proj_dim=8), scheduler=LCMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).to(F64)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_an_lcm_guidance_scale_is_the_models_embedding_not_cfg() -> None:
+    # LatentConsistencyModelPipeline feeds guidance_scale to the UNet's timestep_cond and has
+    # no CFG: guidekit leaves it to the pipeline (before: refused as a CFG scale under
+    # Cond(), and "call it with guidance_scale > 1" under CFG(3), which it was)
+    from guidekit import Cond
+
+    pipe = _lcm()
+    ref = tiny.run_sd(pipe, steps=2, guidance_scale=3.0)
+    with guided(pipe, Cond()) as run:
+        out = tiny.run_sd(pipe, steps=2, guidance_scale=3.0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert [c.rows for c in run.calls] == [2, 2]
+    with pytest.raises(GuidanceValueError, match="no unconditional rows: its guidance_scale "
+                                                 "feeds the model's guidance embedding"):
+        with guided(pipe, CFG(3)):
+            tiny.run_sd(pipe, steps=2, guidance_scale=3.0)
