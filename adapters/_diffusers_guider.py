@@ -43,6 +43,7 @@ from ._diffusers_cads import for_guider as cads_for_guider
 from ._diffusers_guider_args import (
     cfg_scale,
     check_guidance_scale,
+    check_models,
     refuse_setting,
     refuse_unknown,
     with_rescale,
@@ -241,8 +242,7 @@ class GuidekitGuidance(BaseGuidance):
             self._scheduler = scheduler
             self._plan = self._compile()
             self._run = Run(self._plan, seed=self._seed, on_rise="restart")
-        self._models.update(models or {})
-        self._models.update(named_models)
+        self._models.update(check_models(self._plan, {**(models or {}), **named_models}))
         if around_call is not None:
             self._around_call = around_call
         return self

@@ -81,6 +81,21 @@ def refuse_unknown(cls: type, keys: Iterable[str]) -> None:
         )
 
 
+def check_models(plan: Plan, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (``attach``'s models) if the plan reads every one; a misspelt keyword
+    (``schedular=...``) would otherwise land there as a model nobody reads."""
+    reads = {b.model for b in plan.branches}
+    unread = [n for n in given if n not in reads]
+    if unread:
+        raise GuidanceValueError(
+            f"GuidekitGuidance.attach({unread[0]}=...): {plan.expr!r} reads no model named "
+            f"{unread[0]!r} (it reads {', '.join(map(repr, sorted(reads)))}); the keywords are "
+            f"scheduler, models, around_call, conds, eta and the names of the extra models the "
+            f"expression reads (Autoguidance(..., model='weak'): weak=...)"
+        )
+    return given
+
+
 def refuse_setting(name: str, value: Any, fix: str) -> GuidanceValueError:
     """The error for assigning a guidance setting on a built guider."""
     return GuidanceValueError(

@@ -9,7 +9,7 @@ import attrs
 
 from guidekit.branch import COND, MAIN, UNCOND, Branch
 from guidekit.errors import GuidanceTypeError
-from guidekit.expr import Entry, Expr, atom_branches, class_instead_of_instance
+from guidekit.expr import PRODUCT, Entry, Expr, atom_branches, class_instead_of_instance
 from guidekit.fixed import check_fixed_shapes
 from guidekit.linear import reads
 from guidekit.parallel import as_parallel
@@ -70,7 +70,8 @@ def compile(
     if left.weight != 1:
         raise GuidanceTypeError(
             f"compile({expr!r}): a plan computes a prediction, but {left!r} is a direction. "
-            f"Add it to a prediction, e.g. CFG(7) + {left!r} or Cond() + {left!r}"
+            f"Add it to a prediction, e.g. CFG(7) + {left.fmt_at(PRODUCT)} or Cond() + "
+            f"{left.fmt_at(PRODUCT)}"
         )
     sampler_term(left)  # CFG++: one term, as the prediction (refuses the rest by name)
     prediction = check_prediction(prediction)

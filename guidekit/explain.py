@@ -134,4 +134,9 @@ def explain(plan: Plan, sigmas: Sequence[float] | torch.Tensor, batch: int = 1) 
         f"  total: {len(levels)} steps, {calls_total} model calls, {rows_total} rows"
 
     )
+    if isinstance(plan.policy, AutoSplit):
+        lines.append(
+            "  (auto split: its calls as decided so far, one call where undecided; the steps "
+            "that time it may differ)"
+        )
     return "\n".join(lines)

@@ -319,7 +319,9 @@ def scale(k: Any, e: Any) -> Expr:
     e = operand(e, "multiply", k)
     k = float(k)
     if not math.isfinite(k):
-        raise GuidanceValueError(f"{fmt_number(k)} * {e!r}: the scale must be finite")
+        raise GuidanceValueError(
+            f"{fmt_number(k)} * {e.fmt_at(PRODUCT)}: the scale of {e!r} must be finite"
+        )
     if e.weight != 0 and k != 1:
         raise scaled_prediction(k, e)
     return scaled(k, e)

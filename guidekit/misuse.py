@@ -15,6 +15,7 @@ from typing import Any
 from guidekit.branch import Branch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.text import (
+    PRODUCT,
     class_instead_of_instance,
     display_name,
     fmt_number,
@@ -100,8 +101,8 @@ def prediction_from_direction(a: Any, b: Any) -> GuidanceTypeError:
     """The error for ``a - b`` with a direction ``a`` and a prediction ``b``."""
     return GuidanceTypeError(
         f"{a!r} - {b!r} subtracts a prediction from a direction: the result is neither a "
-        f"prediction nor a direction. Probably meant: {b!r} - ({a!r}) reversed, or "
-        f"a prediction minus a prediction"
+        f"prediction nor a direction. Probably meant: {b!r} - {a.fmt_at(PRODUCT)} (the "
+        f"prediction minus the direction), or a prediction minus a prediction"
     )
 
 

@@ -25,7 +25,7 @@ from guidekit.expr import Entry, Expr, _AlgebraMeta, not_a_processor, operand
 from guidekit.expr import pipe as pipe
 from guidekit.fields import Examples
 from guidekit.misuse import gate_bounds
-from guidekit.text import ATOM, PIPE, SUM, fmt_call, fmt_number
+from guidekit.text import ATOM, PIPE, PRODUCT, SUM, fmt_call, fmt_number
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,8 @@ class PipeStep(metaclass=_AlgebraMeta):
         if base.weight != 1:
             raise GuidanceTypeError(
                 f"{base!r} | {steps[0]!r}: post-processors act on a prediction, but {base!r} is "
-                f"a direction. Add it to a prediction first, e.g. CFG(7) + {base!r} | {steps[0]!r}"
+                f"a direction. Add it to a prediction first, e.g. CFG(7) + "
+                f"{base.fmt_at(PRODUCT)} | {steps[0]!r}"
             )
         for step in steps:
             step.check(base)

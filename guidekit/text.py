@@ -21,6 +21,8 @@ def fmt_number(value: float) -> str:
     value = float(value)
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
+    if math.isnan(value):  # (an error message about a NaN scale prints it)
+        return "nan"
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return repr(value)

@@ -115,6 +115,8 @@ class DemoRow:
     seconds: float = math.nan
     accuracy: float = math.nan
     fd: float = math.nan
+    #: the split the auto policy kept where it measured smaller calls faster ("" if none)
+    split: str = ""
 
     @property
     def rows_text(self) -> str:
@@ -160,6 +162,7 @@ def run_entry(entry: Entry, models: ModelCache, labels: torch.Tensor, *, steps: 
         entry, images=result.images, labels=labels, calls=len(result.calls),
         rows=tuple(rows_per_step(plan, sigmas, batch)), seconds=result.seconds,
         accuracy=metrics.accuracy, fd=metrics.fd,
+        split=result.calls[-1].split if split and result.calls else "",
     )
 
 
@@ -283,9 +286,12 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
     say(result.table())
     if negative is not None:
         say(f"negative 'neg' = digit {negative} for every sample")
+    one = max_rows in (None, "auto", "one call", "all")
+    split = [f"{r.entry.label} ({r.split})" for r in rows if r.split]
     say("check: every step ran plan.rows(sigma, N) rows"
-        + (", one model call per forward group" if max_rows in (None, "auto", "one call", "all")
-           else ""))
+        + (", one model call per forward group" if one else "")
+        + (f" except where the auto split measured smaller calls faster and kept them: "
+           f"{'; '.join(split)}" if one and split else ""))
     if grid is not None:
         say(f"wrote {grid} (rows: expressions; columns: digits 0-9, first sample of each)")
     say(f"total {result.seconds:.1f} s, {steps} Euler steps, {torch.get_num_threads()} torch thread(s)")

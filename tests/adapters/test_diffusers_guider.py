@@ -122,3 +122,13 @@ def test_modular_sd3_with_the_guider_matches_the_classic_pipelines(
         assert log == expected * STEPS
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
         assert "forward" not in vars(pipe.transformer)
+
+
+@pytest.mark.parametrize("kwargs", [{"schedular": object()}, {"weakk": lambda *a, **k: None},
+                                    {"models": {"weak": lambda *a, **k: None}}])
+def test_attach_refuses_a_keyword_no_term_reads(kwargs: dict[str, Any]) -> None:
+    # before: a misspelt scheduler (or a model CFG never reads) was kept as an extra model
+    name = next(iter(kwargs["models"])) if "models" in kwargs else next(iter(kwargs))
+    with pytest.raises(GuidanceValueError, match=rf"attach\({name}=\.\.\.\): CFG\(4\) reads no "
+                                                 rf"model named '{name}'.* scheduler, models"):
+        GuidekitGuidance(CFG(W)).attach(**kwargs)

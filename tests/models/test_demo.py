@@ -144,3 +144,21 @@ def test_cli_runs_given_expressions(tmp_path: Path) -> None:
     assert any(ln.startswith("CFG(2) ") and " flow " in ln for ln in lines)
     assert any(ln.startswith("CFG(2) + PAG(1) | APG(eta=0) ") for ln in lines)
     assert Image.open(out).size[1] == HEADER + 2 * (8 * ZOOM + PAD) + PAD
+
+
+def test_the_check_line_names_a_split_the_auto_policy_kept(monkeypatch) -> None:
+    # before: "one model call per forward group" also where the auto split had measured
+    # smaller calls faster and kept them (44 calls for 20 steps of one group)
+    import guidekit.models.demo as demo_module
+
+    def fake(entry, *args, **kwargs):
+        return DemoRow(entry, calls=2 * STEPS, rows=(10,) * STEPS,
+                       split="5-row calls" if entry.text == "Cond()" else "")
+
+    monkeypatch.setattr(demo_module, "run_entry", fake)
+    lines: list[str] = []
+    run_model_demo(ENTRIES[:2], per_digit=1, steps=STEPS, out=None, progress=False,
+                   echo=lines.append)
+    check = next(line for line in lines if line.startswith("check:"))
+    assert "one model call per forward group except where the auto split" in check
+    assert "Cond() (5-row calls)" in check and "PAG" not in check

@@ -113,7 +113,25 @@ def test_scalar_times_prediction() -> None:
 
 def test_direction_minus_prediction() -> None:
     raises(GuidanceTypeError, lambda: Autoguidance(1) - CFG(7), "Autoguidance(1) - CFG(7)",
-           "Probably meant", "CFG(7) - (Autoguidance(1))")
+           "Probably meant", "CFG(7) - Autoguidance(1) (the prediction")
+
+
+@pytest.mark.parametrize("build", [
+    lambda: Autoguidance(1) - CFG(7), lambda: (CFG(3) - Cond()) - CFG(7),
+    lambda: Autoguidance(1) | APG(), lambda: (CFG(7) - Cond()) | APG(),
+])
+def test_the_suggested_fix_is_a_valid_expression(build: Callable[[], Any]) -> None:
+    # before: "CFG(7) + CFG(7) - Cond() | APG()" (two predictions) and "... reversed"
+    message = raises(GuidanceTypeError, build)
+    fix = message.split("Probably meant: ")[-1].split(" (the prediction")[0]
+    fix = fix.split("e.g. ")[-1] if "e.g. " in message else fix
+    guidekit.parse(fix)  # parses, and builds
+
+
+def test_nan_times_a_direction_names_the_term() -> None:
+    # before: a bare ValueError from printing the message (int(nan))
+    raises(GuidanceValueError, lambda: float("nan") * (CFG(7) - Cond()),
+           "nan * (CFG(7) - Cond())", "must be finite")
 
 
 def test_pipe_on_the_left_of_plus() -> None:
