@@ -46,6 +46,7 @@ from ._diffusers_guider_args import (
     check_models,
     refuse_setting,
     refuse_unknown,
+    run_conditions,
     with_rescale,
 )
 from ._diffusers_guider_attention import (
@@ -145,6 +146,7 @@ class GuidekitGuidance(BaseGuidance):
         self._input_predictions = [batches_.identifier(b) for b in self._plan.branches]
         super().__init__(start, stop, enabled)
         self._sigma: float | None = None
+        self._ended = False  # the last step's combine ran: a pipeline call may start anew
         self._batches: list[batches_.Unit] = []
         self._x: torch.Tensor | None = None
         self._conds: dict[str, dict[str, Any]] = {}
@@ -259,6 +261,7 @@ class GuidekitGuidance(BaseGuidance):
 
     def set_state(self, step: int, num_inference_steps: int, timestep: Any) -> None:
         super().set_state(step, num_inference_steps, timestep)
+        self._ended = False
         sigma = step_level(self._plan, self._scheduler, step, num_inference_steps, timestep)
         # step 0 is a new pipeline call; a level above the last one is a new run too. Each
         # starts with an empty call log, so a guider reused for many calls holds one run's.
@@ -282,6 +285,10 @@ class GuidekitGuidance(BaseGuidance):
 
     @property
     def num_conditions(self) -> int:
+        if self._step is None or self._ended:
+            # between runs: a modular pipeline's encoders ask whether to prepare the negative
+            # embeddings (> 1) before the loop's first step, so say what the whole run reads
+            return run_conditions(self._plan) if self._enabled else 1
         groups = self._groups()
         return len(groups) if self._batched else sum(len(g.branches) for g in groups)
 
@@ -387,6 +394,7 @@ class GuidekitGuidance(BaseGuidance):
 
     def __call__(self, data: list[Any]) -> GuiderOutput:
         preds = batches_.predictions(self._batches, data)
+        self._ended = self._step is not None and self._step + 1 >= (self._num_inference_steps or 0)
         cond = preds.get(Branch(MAIN, COND))
         uncond = preds.get(Branch(MAIN, UNCOND))
         if not self._active():

@@ -81,6 +81,11 @@ def refuse_unknown(cls: type, keys: Iterable[str]) -> None:
         )
 
 
+def run_conditions(plan: Plan) -> int:
+    """The conditionings (cond, uncond, named) the plan reads at any level of a run."""
+    return len({b.cond for _, _, p in plan.regions() for b in p.branches})
+
+
 def check_models(plan: Plan, given: dict[str, Any]) -> dict[str, Any]:
     """``given`` (``attach``'s models) if the plan reads every one; a misspelt keyword
     (``schedular=...``) would otherwise land there as a model nobody reads."""

@@ -275,3 +275,32 @@ def test_batched_input_missing_for_one_conditioning_is_refused_by_name() -> None
     c = torch.randn(2, 3)
     with pytest.raises(GuidanceValueError, match="'time_ids'"):
         guider.prepare_inputs({"encoder_hidden_states": (c, c), "time_ids": (c, None)})
+
+
+@pytest.mark.parametrize("expr", [CFG(5), CFG(5).between(0, 5), CFG(5).between(5, 100)],
+                         ids=repr)
+@pytest.mark.parametrize("batched", [False, True])
+@torch.no_grad()
+def test_the_full_sdxl_modular_pipeline_equals_the_classic_adapter(expr: Any, batched: bool) -> None:
+    # SDXL's text-encoder blocks prepare the negative embeddings only where the guider's
+    # num_conditions > 1 BEFORE the loop: batched it read 1 (one forward group), and a
+    # gated CFG read 1 at its first level, so the loop got no negative embeddings
+    from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (  # noqa: E501
+        StableDiffusionXLAutoBlocks,
+    )
+
+    pipe = tiny.sdxl_pipeline().to(torch.float64)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+    call = {"prompt": ["a cat", "a dog"], "height": 16, "width": 16, "num_inference_steps": 3}
+    with guided(pipe, expr):
+        classic = pipe(**call, output_type="latent", latents=latents.clone()).images
+    modular = StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in pipe.components.items() if v is not None})
+    modular.set_progress_bar_config(disable=True)
+    guider = GuidekitGuidance(expr, batched=batched).attach(scheduler=modular.scheduler)
+    modular.update_components(guider=guider)
+    for _ in range(2):  # a second call starts from the first one's last step
+        assert guider.num_conditions == 2
+        out = modular(**call, output="latents", latents=latents.clone())
+        torch.testing.assert_close(out, classic, rtol=1e-10, atol=1e-10)
