@@ -40,10 +40,16 @@ def _ddim_levels(scheduler: Any, where: str, term: Any) -> list[float]:
     steps = [int(t) for t in scheduler.timesteps]
     ratio = config.num_train_timesteps // scheduler.num_inference_steps
     if any(a - b != ratio for a, b in zip(steps, steps[1:])):
+        spacing = config.get("timestep_spacing")
+        n, total = scheduler.num_inference_steps, config.num_train_timesteps
+        # leading spacing always steps by total // n; trailing only where n divides total
+        fix = (f"use timestep_spacing='leading', or a step count that divides {total}"
+               if spacing == "trailing" else "use timestep_spacing='leading'"
+               + (f" (or 'trailing' with a step count that divides {total})"))
         raise GuidanceValueError(
-            f"{where}: {term!r} under DDIMScheduler(timestep_spacing="
-            f"{config.get('timestep_spacing')!r}): DDIM steps from t to t - {ratio}, which are "
-            f"not its consecutive timesteps here; use timestep_spacing='leading' or 'trailing'"
+            f"{where}: {term!r} under DDIMScheduler(timestep_spacing={spacing!r}) at {n} "
+            f"steps: DDIM steps from t to t - {ratio}, which are not its consecutive "
+            f"timesteps here ({steps[:3]}...); {fix}"
         )
     abar = scheduler.alphas_cumprod.double()
     last = steps[-1] - ratio

@@ -161,3 +161,23 @@ def test_other_schedulers_and_the_modular_guider_refuse() -> None:
     pipe.scheduler.set_timesteps(2)
     with pytest.raises(GuidanceValueError, match="GuidekitGuidance: CFGpp.*runs DPMSolverMultistepScheduler"):
         guider.set_state(0, 2, pipe.scheduler.timesteps[0])
+
+
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
+def test_ddim_trailing_runs_where_its_steps_are_consecutive_and_says_so_where_not() -> None:
+    # trailing spacing at N steps lands on t - 1000 // N only where N divides 1000: at 3
+    # steps [999, 666, 332] it does not (the message used to suggest 'trailing' itself)
+    from diffusers import DDIMScheduler
+
+    pipe = tiny.sd_pipeline().to(F64)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    kwargs = {"height": 16, "width": 16, "output_type": "latent"}
+    with guided(pipe, CFGpp(LAM)), pytest.raises(
+        GuidanceValueError, match=r"trailing'\) at 3 steps: .* use timestep_spacing='leading', "
+                                  r"or a step count that divides 1000"
+    ):
+        pipe(PROMPTS, num_inference_steps=3, **kwargs)
+    with guided(pipe, CFGpp(LAM)) as run:
+        out = pipe(PROMPTS, num_inference_steps=4, **kwargs).images
+    assert torch.isfinite(out).all() and run.steps == 4
