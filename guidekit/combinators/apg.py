@@ -88,15 +88,10 @@ class APGProjection(Processor):
         return APGState()
 
     def apply(self, y: torch.Tensor, ctx: StepContext, state: Any) -> tuple[torch.Tensor, Any]:
-        alpha_u = ctx.coefs.get(_UNCOND, 0.0)
-        w = 1.0 - alpha_u
-        if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
+        form = _cfg_form(y, ctx, self.space)
+        if form is None:
             return y, state  # no CFG update at this noise level: nothing to project
-        dtype = y.dtype
-        u = ctx.value(_UNCOND, self.space).double()
-        y64 = y.double()
-        cond_like = torch.add(y64, u, alpha=-alpha_u).div_(w)  # X: c for plain CFG
-        diff = cond_like - u
+        w, cond_like, diff = form
         new_state = state
         if self.momentum != 0.0:
             m = diff if state.momentum is None else diff + self.momentum * state.momentum
@@ -105,19 +100,7 @@ class APGProjection(Processor):
         if self.norm_threshold is not None:
             norm = diff.flatten(1).norm(dim=1).view(-1, *([1] * (diff.ndim - 1)))
             diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
-        # D_par = (<D, X> / <X, X>) X, and out = X + (w - 1) (D - (1 - eta) D_par) =
-        # X + (w - 1) D - k (<D, X> / <X, X>) X with k = (w - 1) (1 - eta): per sample one
-        # scalar times X, two whole-map operations (an add, a multiply-add; each is a kernel
-        # launch, and at a few rows they, not the arithmetic, are the cost). A sample whose X
-        # is exactly zero has <D, X> = 0, so clamping <X, X> away from 0 gives it D_par = 0
-        # (not 0/0 = NaN).
-        flat = cond_like.flatten(1)
-        dot = (diff.flatten(1) * flat).sum(dim=1)
-        gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
-        k = (w - 1.0) * (1.0 - self.eta)
-        ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
-        out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(cond_like, ratio, value=-k)
-        return out.to(dtype), new_state
+        return _project(cond_like, diff, cond_like, w, self.eta).to(y.dtype), new_state
 
     def at_noiseless(
         self, y: torch.Tensor, ctx: StepContext, state: Any
@@ -129,9 +112,8 @@ class APGProjection(Processor):
         ``out = X + (w - 1) (X - u) - (w - 1) (1 - eta) (<X - u, P> / <P, P>) P``. With
         momentum from earlier steps the x0 update no longer vanishes and no prediction of
         the model's kind gives it (the limit is infinite): refused, naming the fix."""
-        alpha_u = ctx.coefs.get(_UNCOND, 0.0)
-        w = 1.0 - alpha_u
-        if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
+        form = _cfg_form(y, ctx, "native")
+        if form is None:
             return y, state
         held = None if state is None else state.momentum
         if self.momentum != 0.0 and held is not None and bool(held.any()):
@@ -142,18 +124,9 @@ class APGProjection(Processor):
                 f"Use a solver that never evaluates at t = 1 (euler, midpoint, heun3), end "
                 f"the time grid below 1, or use momentum=0"
             )
-        dtype = y.dtype
-        u = ctx.value(_UNCOND).double()
-        cond_like = torch.add(y.double(), u, alpha=-alpha_u).div_(w)
-        diff = cond_like - u
-        flat = ctx.value(_UNCOND, self.space).double().flatten(1)  # P: every branch's x0
-        dot = (diff.flatten(1) * flat).sum(dim=1)
-        gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
-        ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
-        k = (w - 1.0) * (1.0 - self.eta)
-        p = flat.view_as(diff)
-        out = torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(p, ratio, value=-k)
-        return out.to(dtype), state
+        w, cond_like, diff = form
+        along = ctx.value(_UNCOND, self.space).double()  # P: every branch's x0 here
+        return _project(cond_like, diff, along, w, self.eta).to(y.dtype), state
 
     def branches(self) -> tuple[Branch, ...]:
         # u, which its left side has (check): named so a NaN report in u names APG too
@@ -161,6 +134,39 @@ class APGProjection(Processor):
 
     def requires(self, coefs: Mapping[Any, float]) -> tuple[Branch, ...]:
         return ()
+
+
+def _cfg_form(
+    y: torch.Tensor, ctx: StepContext, space: str
+) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """``(w, X, X - u)`` of ``y = u + w (X - u)`` in ``space``, float64 (``None``: no CFG
+    update at this noise level)."""
+    alpha_u = ctx.coefs.get(_UNCOND, 0.0)
+    w = 1.0 - alpha_u
+    if abs(alpha_u) <= 1e-12 or abs(w) <= 1e-12:
+        return None
+    u = ctx.value(_UNCOND, space).double()
+    cond_like = torch.add(y.double(), u, alpha=-alpha_u).div_(w)  # X: c for plain CFG
+    return w, cond_like, cond_like - u
+
+
+def _project(
+    cond_like: torch.Tensor, diff: torch.Tensor, along: torch.Tensor, w: float, eta: float
+) -> torch.Tensor:
+    """``X + (w - 1) (D_perp + eta D_par)`` with ``D_par`` the part of ``D`` along ``along``
+    (``X`` itself in Algorithm 1; the noiseless limit's direction otherwise)."""
+    # D_par = (<D, A> / <A, A>) A, and out = X + (w - 1) (D - (1 - eta) D_par) =
+    # X + (w - 1) D - k (<D, A> / <A, A>) A with k = (w - 1) (1 - eta): per sample one
+    # scalar times A, two whole-map operations (an add, a multiply-add; each is a kernel
+    # launch, and at a few rows they, not the arithmetic, are the cost). A sample whose A
+    # is exactly zero has <D, A> = 0, so clamping <A, A> away from 0 gives it D_par = 0
+    # (not 0/0 = NaN).
+    flat = along.flatten(1)
+    dot = (diff.flatten(1) * flat).sum(dim=1)
+    gram = (flat * flat).sum(dim=1).clamp_min_(_TINY)
+    ratio = dot.div_(gram).view(-1, *([1] * (diff.ndim - 1)))
+    k = (w - 1.0) * (1.0 - eta)
+    return torch.add(cond_like, diff, alpha=w - 1.0).addcmul_(along, ratio, value=-k)
 
 
 APG = APGProjection
