@@ -286,7 +286,7 @@ def rescaled(plan: Plan, phi: Any, *, passed: bool = True) -> Any:
 def refuse_unowned(passed: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter]) -> None:
     """Refuse every other guidance argument that is on: a known one by its value in the call
     (passed or default), any other when passed with a value that is not off/default."""
-    owned = {scale_argument(parameters) or "guidance_scale", "guidance_rescale", "guidance_scale"}
+    owned = {scale_argument(parameters), "guidance_rescale", "guidance_scale"}
     for name, known in KNOWN.items():
         if name not in parameters and name not in passed:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any
 
 import attrs
@@ -20,6 +21,7 @@ import torch
 from guidekit.errors import GuidanceValueError
 
 from ._diffusers_rows import take_apart
+from ._frames import calling_frame
 
 
 @attrs.define(eq=False)
@@ -53,16 +55,18 @@ def calling_pipeline(pipe: Any) -> Any:
     forward too; only the stack tells whose call it is, so it is read, nearest frame first.
     """
     kinds = _pipeline_classes()
-    frame = sys._getframe(1) if kinds else None
-    while frame is not None:
-        if "self" in frame.f_code.co_varnames:
-            owner = frame.f_locals.get("self")
-            if owner is pipe:
-                return None
-            if isinstance(owner, kinds):
-                return owner
-        frame = frame.f_back
-    return None
+    if not kinds:
+        return None
+
+    def owned_by_a_pipeline(frame: FrameType) -> bool:
+        if "self" not in frame.f_code.co_varnames:
+            return False
+        owner = frame.f_locals.get("self")
+        return owner is pipe or isinstance(owner, kinds)
+
+    frame = calling_frame(owned_by_a_pipeline)
+    owner = None if frame is None else frame.f_locals.get("self")
+    return None if owner is pipe else owner
 
 
 def refuse_other_callers(pipe: Any, denoiser: Any, expr: Any) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import sys
 from collections.abc import Callable, Mapping
+from types import FrameType
 from typing import Any
 
 import torch
 
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
+
+from ._frames import calling_frame
 
 #: k-diffusion's sampler functions whose step guidekit makes a CFG++ step, by name
 FUNCTIONS = {
@@ -85,19 +87,16 @@ def sampler_sigmas(depth: int = 32) -> tuple[str, list[float]] | None:
     sampler's frame once per run, it lets the adapter refuse a schedule whose levels the
     sampler does not step on (a refined schedule's extra levels would otherwise read as
     DPM-2 midpoints, and the state advance on a subset of the steps)."""
-    frame: Any = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return None
+    def is_sampler(frame: FrameType) -> bool:
         code = frame.f_code
-        if (code.co_name.startswith("sample_") and frame.f_globals.get("__name__") == MODULE
-                and "sigmas" in code.co_varnames[: code.co_argcount]):
-            sigmas = frame.f_locals.get("sigmas")
-            if isinstance(sigmas, torch.Tensor):
-                return code.co_name, [float(v) for v in sigmas.detach().flatten().tolist()]
-            return None
-        frame = frame.f_back
-    return None
+        return (code.co_name.startswith("sample_") and frame.f_globals.get("__name__") == MODULE
+                and "sigmas" in code.co_varnames[: code.co_argcount])
+
+    frame = calling_frame(is_sampler, depth)
+    sigmas = None if frame is None else frame.f_locals.get("sigmas")
+    if frame is None or not isinstance(sigmas, torch.Tensor):
+        return None
+    return frame.f_code.co_name, [float(v) for v in sigmas.detach().flatten().tolist()]
 
 
 def off_schedule(sampler: list[float], schedule: tuple[float, ...]) -> list[float]:

@@ -34,8 +34,8 @@ step, and a rejected trial step's evaluations are undone when the solver retreat
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ import torch
 from guidekit.errors import GuidanceTypeError, GuidanceValueError
 from guidekit.finite import check_policy
 
+from ._frames import calling_frame
 from ._renoise import renoised, renoiser
 from ._sampling import ModelFn, SamplerAdapter, as_plan, level_of
 
@@ -94,18 +95,18 @@ def solver_grid(depth: int = 48) -> list[float] | None:
     ``integrate`` frame (its ``time_grid`` local) once per run, it lets FlowGuided refuse a
     schedule the solver does not step on instead of advancing state on half the steps.
     """
-    frame: Any = sys._getframe(1)
-    for _ in range(depth):
-        if frame is None:
-            return None
+    def is_solver(frame: FrameType) -> bool:
+        if frame.f_code.co_name != "integrate":
+            return False
         local = frame.f_locals
-        if (frame.f_code.co_name == "integrate" and "time_grid" in local
-                and hasattr(local.get("self"), "grid_constructor")):
-            grid = local["time_grid"]
-            return [float(v) for v in (grid.detach().flatten().tolist()
-                                       if isinstance(grid, torch.Tensor) else grid)]
-        frame = frame.f_back
-    return None
+        return "time_grid" in local and hasattr(local.get("self"), "grid_constructor")
+
+    frame = calling_frame(is_solver, depth)
+    if frame is None:
+        return None
+    grid = frame.f_locals["time_grid"]
+    return [float(v) for v in (grid.detach().flatten().tolist()
+                               if isinstance(grid, torch.Tensor) else grid)]
 
 
 class FlowGuided(SamplerAdapter):
