@@ -115,7 +115,7 @@ class DemoRow:
     seconds: float = math.nan
     accuracy: float = math.nan
     fd: float = math.nan
-    #: the split the auto policy kept where it measured smaller calls faster ("" if none)
+    #: where the auto policy timed smaller calls, the split it kept ("" where it timed none)
     split: str = ""
 
     @property
@@ -290,7 +290,7 @@ def _run_model_demo(entries: Sequence[Entry] | None, *, per_digit: int, steps: i
     split = [f"{r.entry.label} ({r.split})" for r in rows if r.split]
     say("check: every step ran plan.rows(sigma, N) rows"
         + (", one model call per forward group" if one else "")
-        + (f" except where the auto split measured smaller calls faster and kept them: "
+        + (f" except where the auto split timed smaller calls (the split it kept): "
            f"{'; '.join(split)}" if one and split else ""))
     if grid is not None:
         say(f"wrote {grid} (rows: expressions; columns: digits 0-9, first sample of each)")

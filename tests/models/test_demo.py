@@ -147,8 +147,8 @@ def test_cli_runs_given_expressions(tmp_path: Path) -> None:
 
 
 def test_the_check_line_names_a_split_the_auto_policy_kept(monkeypatch) -> None:
-    # before: "one model call per forward group" also where the auto split had measured
-    # smaller calls faster and kept them (44 calls for 20 steps of one group)
+    # before: "one model call per forward group" also where the auto split had timed
+    # smaller calls, and kept them (44 calls for 20 steps of one group)
     import guidekit.models.demo as demo_module
 
     def fake(entry, *args, **kwargs):
@@ -160,5 +160,5 @@ def test_the_check_line_names_a_split_the_auto_policy_kept(monkeypatch) -> None:
     run_model_demo(ENTRIES[:2], per_digit=1, steps=STEPS, out=None, progress=False,
                    echo=lines.append)
     check = next(line for line in lines if line.startswith("check:"))
-    assert "one model call per forward group except where the auto split" in check
+    assert "one model call per forward group except where the auto split timed" in check
     assert "Cond() (5-row calls)" in check and "PAG" not in check
